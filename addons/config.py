@@ -1,0 +1,264 @@
+"""wakeproxy's YAML configuration, turned into frozen dataclasses.
+
+Every error names the file, the line and the dotted key, so a user who made a
+typo sees exactly where it is.  Nothing is half-applied: `load_config` either
+returns a complete `Config` or raises `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased for the user (file:line: key: what)."""
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    http: Address | None = Address("0.0.0.0", 80)
+    https: Address | None = Address("0.0.0.0", 443)
+
+
+@dataclass(frozen=True)
+class DockerConfig:
+    url: str | None = None
+    networks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SourcesConfig:
+    """Which label conventions declare routes; each can be switched off."""
+
+    wakeproxy: bool = True
+    docksal: bool = True
+    nginx_proxy: bool = True
+    traefik: bool = True
+
+
+@dataclass(frozen=True)
+class ForwardedConfig:
+    # Peers whose X-Forwarded-* headers are believed (CIDRs). Empty: nobody.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def trusts(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.trusted_proxies)
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    docker: DockerConfig = field(default_factory=DockerConfig)
+    state_dir: Path = Path("/var/lib/wakeproxy")
+    default_host: str | None = None
+    sources: SourcesConfig = field(default_factory=SourcesConfig)
+    forwarded: ForwardedConfig = field(default_factory=ForwardedConfig)
+    source: str = "<defaults>"
+
+
+# --- value parsers -----------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """`30s`, `5m`, `2h`, `1d`, `250ms` or plain seconds → seconds (float)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 30s, 5m, 2h or a number of seconds")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"{value!r} is not a duration (write 30s, 5m, 2h or a number of seconds)")
+
+
+def parse_address(value: Any) -> Address | None:
+    """`host:port`, `[v6]:port` or a bare port → Address; null disables the listener."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        host, port_s = "0.0.0.0", str(value)
+    elif isinstance(value, str):
+        m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", value) or re.match(r"^([^:\[\]]*):(\d+)$", value)
+        if not m:
+            raise ValueError(f"{value!r} is not host:port (e.g. \"0.0.0.0:80\")")
+        host, port_s = m.group(1) or "0.0.0.0", m.group(2)
+    else:
+        raise ValueError("expected \"host:port\" or null")
+    port = int(port_s)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} is out of range 1-65535")
+    return Address(host, port)
+
+
+def _hostname(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.match(r"^[A-Za-z0-9*]([A-Za-z0-9.*-]*[A-Za-z0-9])?$", value):
+        raise ValueError(f"{value!r} is not a hostname")
+    return value.lower()
+
+
+def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if not isinstance(value, str):
+        raise ValueError("expected a CIDR string such as \"10.0.0.0/8\"")
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP network (CIDR)") from None
+
+
+# --- YAML walking with line numbers --------------------------------------------
+
+
+class _Reader:
+    """Walks a composed YAML node tree, remembering lines for error messages."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, node: yaml.Node | None, key: str, msg: str) -> ConfigError:
+        line = f":{node.start_mark.line + 1}" if node is not None else ""
+        return ConfigError(f"{self.source}{line}: {key}: {msg}")
+
+    def mapping(self, node: yaml.Node, key: str, allowed: set[str]) -> dict[str, yaml.Node]:
+        if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
+            return {}
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(node, key or "(top level)", "expected a mapping of keys")
+        out: dict[str, yaml.Node] = {}
+        for knode, vnode in node.value:
+            name = str(knode.value)
+            full = f"{key}.{name}" if key else name
+            if name not in allowed:
+                known = ", ".join(sorted(allowed))
+                raise self.fail(knode, full, f"unknown key (known here: {known})")
+            if name in out:
+                raise self.fail(knode, full, "key given twice")
+            out[name] = vnode
+        return out
+
+    def value(self, node: yaml.Node, key: str, parse: Callable[[Any], Any]) -> Any:
+        raw = yaml.safe_load(yaml.serialize(node)) if not isinstance(node, yaml.ScalarNode) else _scalar(node)
+        try:
+            return parse(raw)
+        except (ValueError, TypeError) as e:
+            raise self.fail(node, key, str(e)) from None
+
+    def list_of(self, node: yaml.Node, key: str, parse: Callable[[Any], Any]) -> tuple[Any, ...]:
+        if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
+            return ()
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.fail(node, key, "expected a list")
+        return tuple(self.value(item, f"{key}[{i}]", parse) for i, item in enumerate(node.value))
+
+
+def _scalar(node: yaml.ScalarNode) -> Any:
+    return yaml.safe_load(yaml.serialize(node))
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else _str(value)
+
+
+def _section(r: _Reader, node: yaml.Node | None, key: str, cls: type, parsers: dict[str, Callable[..., Any]]) -> Any:
+    """Build dataclass `cls` from mapping `node`; `parsers` maps field → (reader, node, key) → value."""
+    if node is None:
+        return cls()
+    fields = r.mapping(node, key, set(parsers))
+    kwargs = {name: parsers[name](r, fields[name], f"{key}.{name}") for name in fields}
+    return cls(**kwargs)
+
+
+def _scalar_field(parse: Callable[[Any], Any]) -> Callable[[_Reader, yaml.Node, str], Any]:
+    return lambda r, n, k: r.value(n, k, parse)
+
+
+def _list_field(parse: Callable[[Any], Any]) -> Callable[[_Reader, yaml.Node, str], Any]:
+    return lambda r, n, k: r.list_of(n, k, parse)
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    r = _Reader(source)
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if root is None:
+        return Config(source=source)
+    top = r.mapping(root, "", {"listen", "docker", "state_dir", "default_host", "sources", "forwarded"})
+    kwargs: dict[str, Any] = {"source": source}
+    if "listen" in top:
+        kwargs["listen"] = _section(r, top["listen"], "listen", ListenConfig,
+                                    {"http": _scalar_field(parse_address), "https": _scalar_field(parse_address)})
+        if kwargs["listen"].http is None and kwargs["listen"].https is None:
+            raise r.fail(top["listen"], "listen", "at least one of http and https must be set")
+    if "docker" in top:
+        kwargs["docker"] = _section(r, top["docker"], "docker", DockerConfig,
+                                    {"url": _scalar_field(_opt_str), "networks": _list_field(_str)})
+    if "state_dir" in top:
+        kwargs["state_dir"] = Path(r.value(top["state_dir"], "state_dir", _str)).expanduser()
+    if "default_host" in top:
+        kwargs["default_host"] = r.value(top["default_host"], "default_host", _hostname)
+    if "sources" in top:
+        kwargs["sources"] = _section(r, top["sources"], "sources", SourcesConfig,
+                                     {f.name: _scalar_field(_bool) for f in dataclasses.fields(SourcesConfig)})
+    if "forwarded" in top:
+        kwargs["forwarded"] = _section(r, top["forwarded"], "forwarded", ForwardedConfig,
+                                       {"trusted_proxies": _list_field(_network)})
+    return Config(**kwargs)
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config file: {e.strerror or e}") from None
+    cfg = parse_config(text, str(p))
+    if not cfg.state_dir.is_absolute():
+        cfg = dataclasses.replace(cfg, state_dir=(p.parent / cfg.state_dir).resolve())
+    return cfg

@@ -1,0 +1,115 @@
+"""The bundle's root addon: loads the config, sets mitmproxy up as a reverse proxy,
+and runs the Docker view.
+
+The same addon instances serve the lean `wakeproxy` command and
+`mitmdump`/`mitmweb -s addons/wakeproxy.py`: everything that makes the proxy
+what it is (listeners, lazy upstream connections, kept Host header, our
+default certificate) is set here from the config, not on a command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Optional
+
+from mitmproxy import ctx, exceptions
+
+from .config import Config, ConfigError, load_config
+from .docker_view import DockerView
+from .runtime import Runtime
+from .snapshot import Snapshot
+from .tls import ensure_default_cert
+
+logger = logging.getLogger(__name__)
+
+# Placeholder reverse target: we route per request, so it is never contacted.
+_PLACEHOLDER = "http://127.0.0.1:1"
+
+
+def proxy_options(config: Config, default_cert: str, known: set[str]) -> dict[str, Any]:
+    """The mitmproxy options that make a reverse proxy out of mitmproxy for `config`."""
+    listeners = [a for a in (config.listen.http, config.listen.https) if a is not None]
+    opts: dict[str, Any] = {
+        "mode": [f"reverse:{_PLACEHOLDER}@{a}" for a in listeners],
+        # Eager would connect to the placeholder as soon as a client connects.
+        "connection_strategy": "lazy",
+        "keep_host_header": True,
+        # Our default certificate answers every SNI, so mitmproxy's CA never signs anything we serve.
+        "certs": [f"*={default_cert}"],
+        "confdir": str(config.state_dir / "mitmproxy"),
+        "upstream_cert": False,
+        # Sandboxes behind wakeproxy.scheme=https use self-signed certificates on private networks.
+        "ssl_insecure": True,
+        "stream_large_bodies": "1m",
+        "http2": True,
+        "websocket": True,
+        # Options of stock mitmdump/mitmweb addons that would get in a reverse proxy's way:
+        "block_global": False,
+        "showhost": True,
+        "onboarding": False,
+    }
+    return {k: v for k, v in opts.items() if k in known}
+
+
+class WakeProxy:
+    """Owns the config and the Docker view; publishes snapshots into the runtime."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.view: DockerView | None = None
+        self._ready_logged = False
+        self._running = False
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "wakeproxy_config", Optional[str], None,
+            "Path of wakeproxy's YAML config (listeners, Docker, state directory).",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "wakeproxy_config" not in updated or not ctx.options.wakeproxy_config:
+            return
+        try:
+            config = load_config(ctx.options.wakeproxy_config)
+        except ConfigError as e:
+            raise exceptions.OptionsError(str(e)) from None
+        try:
+            cert = ensure_default_cert(config.state_dir)
+        except OSError as e:
+            raise exceptions.OptionsError(
+                f"state_dir {config.state_dir}: cannot write the default certificate: {e}"
+            ) from None
+        self.runtime.config = config
+        known = set(ctx.options.keys())
+        ctx.options.update(**proxy_options(config, str(cert), known))
+        if self._running:
+            self._restart_view()
+
+    def running(self) -> None:
+        self._running = True
+        self._restart_view()
+
+    def done(self) -> None:
+        self._running = False
+        if self.view is not None:
+            self.view.stop()
+            self.view = None
+
+    def _restart_view(self) -> None:
+        if self.view is not None:
+            self.view.stop()
+        self._ready_logged = False
+        self.view = DockerView(self.runtime.config, asyncio.get_running_loop(), self._publish)
+        self.view.start()
+
+    def _publish(self, snapshot: Snapshot) -> None:
+        self.runtime.snapshot = snapshot
+        if not self._ready_logged:
+            self._ready_logged = True
+            listen = self.runtime.config.listen
+            urls = [f"http://{listen.http}" if listen.http else "", f"https://{listen.https}" if listen.https else ""]
+            logger.info(
+                f"wakeproxy ready: {' '.join(u for u in urls if u)}; "
+                f"{len(snapshot.containers)} containers, {len(snapshot.exact) + len(snapshot.wildcards)} hosts"
+            )

@@ -1,0 +1,273 @@
+"""DockerView: one listing plus the event stream → a fresh Snapshot after every change.
+
+All blocking Docker SDK calls happen in one daemon thread owned by this class.
+The event loop only receives finished `Snapshot` values through
+`loop.call_soon_threadsafe`, so the request path never waits for Docker.
+
+When the event stream breaks (daemon restart, socket gone) the thread
+reconnects with backoff and resyncs from a full listing; until then the last
+snapshot keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import docker
+import docker.errors
+
+from .config import Config
+from .labels import ContainerInfo
+from .snapshot import Snapshot, build_snapshot
+
+logger = logging.getLogger(__name__)
+
+# Container actions that can change routing; others (exec_*, attach, top, …) are ignored.
+_CONTAINER_ACTIONS = {
+    "create", "start", "restart", "die", "stop", "kill", "pause", "unpause",
+    "destroy", "rename", "update", "oom", "health_status",
+}
+
+
+@dataclass(frozen=True)
+class _Static:
+    """The parts of a container that never change after `docker create`."""
+
+    env: dict[str, str]
+    exposed_ports: tuple[int, ...]
+
+
+def _parse_env(env: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in env or ():
+        key, sep, value = item.partition("=")
+        if sep:
+            out[key] = value
+    return out
+
+
+def _parse_exposed(exposed: dict[str, Any] | None) -> tuple[int, ...]:
+    ports: list[int] = []
+    for spec in exposed or {}:
+        num, _, proto = spec.partition("/")
+        if proto in ("", "tcp") and num.isdigit():
+            ports.append(int(num))
+    return tuple(sorted(set(ports)))
+
+
+def info_from_inspect(data: dict[str, Any]) -> ContainerInfo:
+    """`docker inspect` output → ContainerInfo."""
+    cfg = data.get("Config") or {}
+    state = data.get("State") or {}
+    nets = (data.get("NetworkSettings") or {}).get("Networks") or {}
+    health = (state.get("Health") or {}).get("Status") or None
+    status = state.get("Status") or "unknown"
+    return ContainerInfo(
+        id=data["Id"],
+        name=(data.get("Name") or data["Id"][:12]).lstrip("/"),
+        state=status,
+        labels=dict(cfg.get("Labels") or {}),
+        env=_parse_env(cfg.get("Env")),
+        exposed_ports=_parse_exposed(cfg.get("ExposedPorts")),
+        networks={name: (n or {}).get("IPAddress") or "" for name, n in nets.items()},
+        health=health if status == "running" else None,
+        exit_code=state.get("ExitCode") if status in ("exited", "dead") else None,
+    )
+
+
+def _health_from_status(status: str) -> str | None:
+    for word in ("healthy", "unhealthy", "health: starting"):
+        if f"({word})" in status:
+            return "starting" if word == "health: starting" else word
+    return None
+
+
+def info_from_listing(entry: dict[str, Any], static: _Static) -> ContainerInfo:
+    """One entry of the low-level container listing (plus cached static parts) → ContainerInfo."""
+    nets = (entry.get("NetworkSettings") or {}).get("Networks") or {}
+    state = entry.get("State") or "unknown"
+    names = entry.get("Names") or []
+    return ContainerInfo(
+        id=entry["Id"],
+        name=(names[0] if names else entry["Id"][:12]).lstrip("/"),
+        state=state,
+        labels=dict(entry.get("Labels") or {}),
+        env=static.env,
+        exposed_ports=static.exposed_ports,
+        networks={name: (n or {}).get("IPAddress") or "" for name, n in nets.items()},
+        health=_health_from_status(entry.get("Status") or "") if state == "running" else None,
+    )
+
+
+class DockerView:
+    """Keeps a `Snapshot` of the Docker engine current and hands each new one to `publish`."""
+
+    def __init__(
+        self,
+        config: Config,
+        loop: asyncio.AbstractEventLoop,
+        publish: Callable[[Snapshot], None],
+    ) -> None:
+        self.config = config
+        self.loop = loop
+        self.publish = publish
+        self._containers: dict[str, ContainerInfo] = {}
+        self._static: dict[str, _Static] = {}
+        self._drivers: dict[str, str] = {}
+        self._route_cache: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._events: Any = None
+        self._client: docker.DockerClient | None = None
+        self._thread = threading.Thread(target=self._run, name="wakeproxy-docker", daemon=True)
+        self.resyncs = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        events = self._events
+        if events is not None:
+            try:
+                events.close()
+            except Exception:  # closing a half-broken stream may raise; we are leaving anyway
+                pass
+        self._thread.join(timeout=5)
+
+    # --- the thread -----------------------------------------------------------
+
+    def _connect(self) -> docker.DockerClient:
+        if self.config.docker.url:
+            return docker.DockerClient(base_url=self.config.docker.url, timeout=30)
+        return docker.from_env(timeout=30)
+
+    def _run(self) -> None:
+        backoff = 0.25
+        outage_logged = False
+        while not self._stop.is_set():
+            try:
+                client = self._connect()
+                self._client = client
+                # Subscribe first, then list: nothing that happens in between is missed.
+                self._events = client.api.events(
+                    decode=True, filters={"type": ["container", "network"]}
+                )
+                t0 = time.monotonic()
+                self._resync(client)
+                self.resyncs += 1
+                logger.info(
+                    f"docker: synced {len(self._containers)} containers in "
+                    f"{(time.monotonic() - t0) * 1000:.0f} ms"
+                    + (" (after reconnecting)" if outage_logged else "")
+                )
+                backoff, outage_logged = 0.25, False
+                for event in self._events:
+                    if self._stop.is_set():
+                        return
+                    self._handle(client, event)
+                if not self._stop.is_set():
+                    raise ConnectionError("the event stream ended")
+            except Exception as e:
+                if self._stop.is_set():
+                    return
+                if not outage_logged:
+                    logger.warning(
+                        f"docker: lost the engine ({type(e).__name__}: {e}); serving the last known "
+                        "routes and reconnecting"
+                    )
+                    outage_logged = True
+                else:
+                    logger.debug(f"docker: still unreachable: {e}")
+            finally:
+                events, self._events = self._events, None
+                if events is not None:
+                    try:
+                        events.close()
+                    except Exception:
+                        pass
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def _resync(self, client: docker.DockerClient) -> None:
+        api = client.api
+        self._drivers = {n["Name"]: n.get("Driver") or "" for n in api.networks()}
+        listing = api.containers(all=True)
+        missing = [e["Id"] for e in listing if e["Id"] not in self._static]
+        if missing:
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                for cid, data in zip(missing, pool.map(lambda i: self._inspect(api, i), missing)):
+                    if data is not None:
+                        self._static[cid] = _Static(
+                            _parse_env((data.get("Config") or {}).get("Env")),
+                            _parse_exposed((data.get("Config") or {}).get("ExposedPorts")),
+                        )
+        containers: dict[str, ContainerInfo] = {}
+        for entry in listing:
+            static = self._static.get(entry["Id"])
+            if static is not None:
+                containers[entry["Id"]] = info_from_listing(entry, static)
+        self._containers = containers
+        for gone in set(self._static) - set(containers):
+            del self._static[gone]
+        self._publish()
+
+    @staticmethod
+    def _inspect(api: Any, cid: str) -> dict[str, Any] | None:
+        try:
+            return api.inspect_container(cid)
+        except docker.errors.NotFound:
+            return None  # removed between the listing and now
+
+    def _handle(self, client: docker.DockerClient, event: dict[str, Any]) -> None:
+        kind = event.get("Type")
+        action = (event.get("Action") or event.get("status") or "").split(":", 1)[0]
+        actor = event.get("Actor") or {}
+        if kind == "network":
+            if action in ("create", "destroy"):
+                self._drivers = {n["Name"]: n.get("Driver") or "" for n in client.api.networks()}
+                self._publish()
+                return
+            if action not in ("connect", "disconnect"):
+                return
+            cid = (actor.get("Attributes") or {}).get("container")
+        elif kind == "container" and action in _CONTAINER_ACTIONS:
+            cid = actor.get("ID") or event.get("id")
+        else:
+            return
+        if not cid:
+            return
+        if action == "destroy" and kind == "container":
+            changed = self._containers.pop(cid, None) is not None
+            self._static.pop(cid, None)
+        else:
+            data = self._inspect(client.api, cid)
+            if data is None:
+                changed = self._containers.pop(cid, None) is not None
+            else:
+                info = info_from_inspect(data)
+                self._static[cid] = _Static(dict(info.env), info.exposed_ports)
+                changed = self._containers.get(cid) != info
+                self._containers[cid] = info
+        if changed:
+            self._publish()
+
+    def _publish(self) -> None:
+        snap = build_snapshot(
+            self._containers.values(),
+            self.config.sources,
+            self.config.docker.networks,
+            self._drivers,
+            synced=True,
+            route_cache=self._route_cache,
+        )
+        try:
+            self.loop.call_soon_threadsafe(self.publish, snap)
+        except RuntimeError:
+            pass  # the loop is closed: the proxy is shutting down

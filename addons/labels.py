@@ -1,0 +1,239 @@
+"""One container's labels and environment → the routes it declares.
+
+Pure functions, no Docker calls: `docker_view` feeds them a `ContainerInfo`
+and they answer with `Route`s or raise `LabelError` with a message that names
+the offending label.  Four conventions are understood so that users can move
+over without relabelling: ours (`wakeproxy.*`), Docksal's
+(`io.docksal.virtual-*`), nginx-proxy's (`VIRTUAL_*` environment variables)
+and Traefik's Host rules.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .config import SourcesConfig
+
+
+class LabelError(ValueError):
+    """A container's routing labels cannot be understood; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """What the proxy knows about one container: a plain value, built from the Docker API."""
+
+    id: str
+    name: str
+    state: str  # created | running | paused | restarting | removing | exited | dead
+    labels: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    exposed_ports: tuple[int, ...] = ()  # TCP ports from the image/container config
+    networks: Mapping[str, str] = field(default_factory=dict)  # network name → IP ("" when stopped)
+    health: str | None = None  # starting | healthy | unhealthy | None (no HEALTHCHECK)
+    exit_code: int | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    @property
+    def group(self) -> str:
+        """The unit that is woken and put to sleep together."""
+        return (
+            self.labels.get("wakeproxy.group")
+            or self.labels.get("com.docker.compose.project")
+            or self.name
+        )
+
+
+@dataclass(frozen=True)
+class Route:
+    """One hostname (or `*.suffix` wildcard) a container answers for, and how to reach it."""
+
+    host: str
+    port: int
+    scheme: str = "http"
+    network: str | None = None  # a network the container must be reached on (label), else any allowed
+    source: str = "wakeproxy"
+
+
+_LABEL_HOST = re.compile(r"^(\*\.)?([a-z0-9_]([a-z0-9_-]*[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?$")
+_TRAEFIK_HOST_CALL = re.compile(r"\bHost\s*\(([^)]*)\)")
+_TRAEFIK_ARG = re.compile(r"`([^`]*)`|\"([^\"]*)\"")
+_FALSE = {"false", "0", "no", "off"}
+_TRUE = {"true", "1", "yes", "on"}
+
+
+def normalize_host(host: str) -> str:
+    """Lower-case, drop a trailing dot and any `:port`; IPv6 literals keep their brackets."""
+    h = host.strip().lower()
+    if h.startswith("["):
+        end = h.find("]")
+        return h[: end + 1] if end != -1 else h
+    h = h.split(":", 1)[0]
+    return h.rstrip(".")
+
+
+def parse_hosts(value: str, what: str) -> list[str]:
+    """A comma/space separated host list → validated, normalised hostnames."""
+    hosts: list[str] = []
+    for part in re.split(r"[,\s]+", value):
+        if not part:
+            continue
+        h = normalize_host(part)
+        if not _LABEL_HOST.match(h):
+            raise LabelError(f"{what}: {part!r} is not a hostname or a *.domain wildcard")
+        if h not in hosts:
+            hosts.append(h)
+    if not hosts:
+        raise LabelError(f"{what}: no hostname given")
+    return hosts
+
+
+def parse_port(value: str, what: str) -> int:
+    try:
+        port = int(value.strip())
+    except ValueError:
+        raise LabelError(f"{what}: {value!r} is not a port number") from None
+    if not 0 < port < 65536:
+        raise LabelError(f"{what}: port {port} is out of range 1-65535")
+    return port
+
+
+def parse_scheme(value: str, what: str) -> str:
+    scheme = value.strip().lower()
+    if scheme not in ("http", "https"):
+        raise LabelError(f"{what}: {value!r} is not a supported backend scheme (use http or https)")
+    return scheme
+
+
+def _default_port(info: ContainerInfo) -> int:
+    """The container's only exposed TCP port, else 80 (the nginx-proxy rule)."""
+    return info.exposed_ports[0] if len(info.exposed_ports) == 1 else 80
+
+
+def _flag(value: str | None, what: str) -> bool | None:
+    if value is None:
+        return None
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise LabelError(f"{what}: {value!r} is not true or false")
+
+
+def _ours(info: ContainerInfo) -> list[Route]:
+    labels = info.labels
+    if "wakeproxy.host" not in labels:
+        return []
+    hosts = parse_hosts(labels["wakeproxy.host"], "label wakeproxy.host")
+    port = parse_port(labels["wakeproxy.port"], "label wakeproxy.port") if "wakeproxy.port" in labels else _default_port(info)
+    scheme = parse_scheme(labels["wakeproxy.scheme"], "label wakeproxy.scheme") if "wakeproxy.scheme" in labels else "http"
+    network = labels.get("wakeproxy.network") or None
+    return [Route(h, port, scheme, network, "wakeproxy") for h in hosts]
+
+
+def _docksal(info: ContainerInfo) -> list[Route]:
+    labels = info.labels
+    if "io.docksal.virtual-host" not in labels:
+        return []
+    hosts = parse_hosts(labels["io.docksal.virtual-host"], "label io.docksal.virtual-host")
+    port = (
+        parse_port(labels["io.docksal.virtual-port"], "label io.docksal.virtual-port")
+        if "io.docksal.virtual-port" in labels
+        else 80
+    )
+    return [Route(h, port, "http", None, "docksal") for h in hosts]
+
+
+def _nginx_proxy(info: ContainerInfo) -> list[Route]:
+    env = info.env
+    if not env.get("VIRTUAL_HOST"):
+        return []
+    raw = env["VIRTUAL_HOST"]
+    if "~" in raw or re.search(r"(^|,)\s*[^,]*\.\*", raw):
+        raise LabelError(
+            f"env VIRTUAL_HOST: {raw!r} uses a regular expression or a trailing wildcard, "
+            "which wakeproxy does not support (use exact names or *.domain)"
+        )
+    hosts = parse_hosts(raw, "env VIRTUAL_HOST")
+    port = parse_port(env["VIRTUAL_PORT"], "env VIRTUAL_PORT") if env.get("VIRTUAL_PORT") else _default_port(info)
+    scheme = parse_scheme(env["VIRTUAL_PROTO"], "env VIRTUAL_PROTO") if env.get("VIRTUAL_PROTO") else "http"
+    return [Route(h, port, scheme, None, "nginx-proxy") for h in hosts]
+
+
+def _traefik_hosts(rule: str, what: str) -> list[str]:
+    hosts: list[str] = []
+    for call in _TRAEFIK_HOST_CALL.finditer(rule):
+        args = [a or b for a, b in _TRAEFIK_ARG.findall(call.group(1))]
+        if not args:
+            raise LabelError(f"{what}: Host() without a quoted hostname in {rule!r}")
+        for a in args:
+            hosts.extend(h for h in parse_hosts(a, what) if h not in hosts)
+    return hosts
+
+
+def _traefik(info: ContainerInfo) -> list[Route]:
+    labels = info.labels
+    if _flag(labels.get("traefik.enable"), "label traefik.enable") is False:
+        return []
+    routers = {
+        k[len("traefik.http.routers."): -len(".rule")]: v
+        for k, v in labels.items()
+        if k.startswith("traefik.http.routers.") and k.endswith(".rule")
+    }
+    if not routers:
+        return []
+    services = {
+        k.split(".")[3]
+        for k in labels
+        if k.startswith("traefik.http.services.") and len(k.split(".")) > 4
+    }
+    network = labels.get("traefik.docker.network") or None
+    routes: list[Route] = []
+    for router, rule in sorted(routers.items()):
+        what = f"label traefik.http.routers.{router}.rule"
+        hosts = _traefik_hosts(rule, what)
+        if not hosts:
+            continue  # a rule without Host() (PathPrefix only, HostRegexp…) is not ours to route
+        service = labels.get(f"traefik.http.routers.{router}.service")
+        if service is None and len(services) == 1:
+            service = next(iter(services))
+        port = _default_port(info)
+        scheme = "http"
+        if service is not None:
+            base = f"traefik.http.services.{service}.loadbalancer.server"
+            if f"{base}.port" in labels:
+                port = parse_port(labels[f"{base}.port"], f"label {base}.port")
+            if f"{base}.scheme" in labels:
+                scheme = parse_scheme(labels[f"{base}.scheme"], f"label {base}.scheme")
+        routes.extend(Route(h, port, scheme, network, "traefik") for h in hosts)
+    return routes
+
+
+_SOURCES = (("wakeproxy", _ours), ("docksal", _docksal), ("nginx_proxy", _nginx_proxy), ("traefik", _traefik))
+
+
+def routes_for(info: ContainerInfo, sources: SourcesConfig) -> list[Route]:
+    """Every route `info` declares through the enabled conventions.
+
+    A host declared by several conventions keeps the first (ours, Docksal,
+    nginx-proxy, Traefik).  Raises LabelError for a malformed declaration, so
+    the caller can skip this one container and keep every other site up.
+    """
+    if _flag(info.labels.get("wakeproxy.enable"), "label wakeproxy.enable") is False:
+        return []
+    routes: list[Route] = []
+    seen: set[str] = set()
+    for name, parse in _SOURCES:
+        if not getattr(sources, name):
+            continue
+        for route in parse(info):
+            if route.host not in seen:
+                seen.add(route.host)
+                routes.append(route)
+    return routes

@@ -1,0 +1,47 @@
+"""Error and status pages: HTML for browsers, one plain line for everything else."""
+
+from __future__ import annotations
+
+import html
+from functools import cache
+from importlib import resources
+from string import Template
+
+from mitmproxy import http
+
+_REASONS = {404: "Not Found", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+@cache
+def _template(name: str) -> Template:
+    return Template(resources.files(__package__).joinpath(name).read_text(encoding="utf-8"))
+
+
+def wants_html(request: http.Request) -> bool:
+    """Browsers ask for text/html; API clients, curl and webhooks do not."""
+    return "text/html" in request.headers.get("accept", "")
+
+
+def error_response(
+    request: http.Request,
+    status: int,
+    title: str,
+    message: str,
+    hint: str,
+    host: str,
+    headers: dict[str, str] | None = None,
+) -> http.Response:
+    """A response that says what happened and what to do, in the form the client reads."""
+    extra = {"Cache-Control": "no-store", "X-Wakeproxy": "error", **(headers or {})}
+    if wants_html(request):
+        body = _template("page.html").substitute(
+            status=status,
+            reason=_REASONS.get(status, ""),
+            title=html.escape(title),
+            message=html.escape(message),
+            hint=html.escape(hint),
+            host=html.escape(host or "(none)"),
+        )
+        return http.Response.make(status, body, {"Content-Type": "text/html; charset=utf-8", **extra})
+    line = f"wakeproxy: {status} {title}: {message} {hint}\n"
+    return http.Response.make(status, line, {"Content-Type": "text/plain; charset=utf-8", **extra})

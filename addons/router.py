@@ -1,0 +1,151 @@
+"""Router addon: Host header → a backend container, forwarded headers, error pages.
+
+Runs in `requestheaders` (not `request`): with streamed uploads mitmproxy opens
+the upstream connection before the `request` hook, so the destination must be
+known as soon as the headers are in.  It reads only the current snapshot —
+never Docker.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import http
+
+from . import pages
+from .labels import normalize_host
+from .runtime import Runtime
+from .snapshot import Backend, Site
+
+logger = logging.getLogger(__name__)
+
+# How many WebSocket messages a flow keeps for mitmweb; mitmproxy would keep all of them
+# for the life of the connection.
+WEBSOCKET_HISTORY = 100
+
+
+def _client_ip(flow: http.HTTPFlow) -> str:
+    ip = str(flow.client_conn.peername[0]) if flow.client_conn.peername else ""
+    return ip[7:] if ip.startswith("::ffff:") else ip
+
+
+class Router:
+    """Chooses the upstream for every request from the runtime's snapshot."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self._turn: dict[str, int] = {}
+
+    # --- hooks ------------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return  # already answered by an earlier addon (e.g. an ACME challenge)
+        host_header = flow.request.host_header or ""
+        host = normalize_host(host_header)
+        site = self.lookup(host)
+        if site is None:
+            flow.response = self._no_site(flow, host)
+            return
+        backends = site.ready_backends
+        if not backends:
+            flow.response = self._unavailable(flow, host, site)
+            return
+        backend = self._pick(site, backends)
+        self.route_to(flow, backend, host_header)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        # Stream what must arrive as it is produced: server-sent events, and responses
+        # whose app asked proxies not to buffer (the X-Accel-Buffering convention).
+        resp = flow.response
+        if resp is None or resp.stream:
+            return
+        if resp.headers.get("content-type", "").startswith("text/event-stream") or (
+            resp.headers.get("x-accel-buffering", "").lower() == "no"
+        ):
+            resp.stream = True
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        assert flow.websocket is not None
+        if len(flow.websocket.messages) > WEBSOCKET_HISTORY:
+            del flow.websocket.messages[:-WEBSOCKET_HISTORY]
+
+    # --- routing ----------------------------------------------------------------
+
+    def lookup(self, host: str) -> Site | None:
+        snapshot = self.runtime.snapshot
+        site = snapshot.lookup(host) if host else None
+        default = self.runtime.config.default_host
+        if site is None and default:
+            site = snapshot.lookup(default)
+        return site
+
+    def _pick(self, site: Site, backends: tuple[Backend, ...]) -> Backend:
+        if len(backends) == 1:
+            return backends[0]
+        turn = self._turn.get(site.host, 0)
+        self._turn[site.host] = turn + 1
+        return backends[turn % len(backends)]
+
+    def route_to(self, flow: http.HTTPFlow, backend: Backend, host_header: str) -> None:
+        """Point `flow` at `backend`, keeping the client's Host and adding X-Forwarded-*."""
+        assert backend.address is not None
+        self._forwarded_headers(flow, host_header)
+        req = flow.request
+        req.scheme = backend.scheme
+        req.host = backend.address  # this setter rewrites Host/:authority …
+        req.port = backend.port
+        req.host_header = host_header or None  # … so put the client's back
+        flow.metadata["wakeproxy.container"] = backend.container_name
+        flow.metadata["wakeproxy.group"] = backend.group
+
+    def _forwarded_headers(self, flow: http.HTTPFlow, host_header: str) -> None:
+        headers = flow.request.headers
+        client_ip = _client_ip(flow)
+        trusted = self.runtime.config.forwarded.trusts(client_ip)
+        prior_xff = headers.get("x-forwarded-for", "") if trusted else ""
+        headers["X-Forwarded-For"] = f"{prior_xff}, {client_ip}" if prior_xff else client_ip
+        own = {
+            "X-Forwarded-Proto": "https" if flow.client_conn.tls_established else "http",
+            "X-Forwarded-Host": host_header,
+            "X-Forwarded-Port": str(flow.client_conn.sockname[1]) if flow.client_conn.sockname else "",
+            "X-Real-IP": client_ip,
+        }
+        for name, value in own.items():
+            if not (trusted and headers.get(name)):
+                headers[name] = value
+
+    # --- answers without a backend ------------------------------------------------
+
+    def _no_site(self, flow: http.HTTPFlow, host: str) -> http.Response:
+        if not self.runtime.snapshot.synced:
+            return pages.error_response(
+                flow.request, 503, "Starting up",
+                "wakeproxy has not finished reading the Docker engine's containers yet.",
+                "Try again in a moment.", host, {"Retry-After": "1"},
+            )
+        return pages.error_response(
+            flow.request, 404, "Unknown site",
+            f"No container declares the host '{host or '(no Host header)'}'.",
+            "Label a container with wakeproxy.host (or VIRTUAL_HOST, io.docksal.virtual-host, "
+            "a Traefik Host rule) and start it; routes update without a restart.",
+            host,
+        )
+
+    def _unavailable(self, flow: http.HTTPFlow, host: str, site: Site) -> http.Response:
+        problems = [b.problem for b in site.backends if b.problem]
+        if problems:
+            logger.debug(f"{host}: {'; '.join(problems)}")
+            return pages.error_response(
+                flow.request, 503, "Site unreachable", "; ".join(problems) + ".",
+                "Connect the container to a network the proxy uses (docker.networks in the config, "
+                "or the wakeproxy.network label).",
+                host,
+            )
+        names = ", ".join(f"{b.container_name} ({b.state})" for b in site.backends)
+        return pages.error_response(
+            flow.request, 503, "Site asleep",
+            f"The containers behind '{host}' are not running: {names}.",
+            "Start them (docker start, docker compose up) and reload this page.",
+            host, {"Retry-After": "5"},
+        )

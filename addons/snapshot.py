@@ -1,0 +1,172 @@
+"""The routing table: an immutable value built from Docker's state.
+
+`build_snapshot` turns the containers the Docker view knows into a `Snapshot`;
+the request path only ever calls `Snapshot.lookup`, which costs one dict probe
+for an exact name plus one per label of the name for wildcards — independent
+of how many sites exist.  Snapshots are plain frozen data, so a later control
+plane could ship them to other processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from .labels import ContainerInfo, LabelError, Route, normalize_host, routes_for
+from .config import SourcesConfig
+
+logger = logging.getLogger(__name__)
+
+# Network drivers whose container IPs the host can reach directly through a local bridge.
+# Overlay (Swarm) IPs are not local: traffic to them would leave the machine.
+ROUTABLE_DRIVERS = frozenset({"bridge", "host"})
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One container behind a site."""
+
+    container_id: str
+    container_name: str
+    group: str
+    state: str
+    scheme: str
+    port: int
+    address: str | None  # where to connect; None when not running or not reachable
+    problem: str | None = None  # why `address` is None although the container runs
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "running" and self.address is not None
+
+
+@dataclass(frozen=True)
+class Site:
+    """Everything the proxy needs to answer one declared host (or wildcard)."""
+
+    host: str
+    backends: tuple[Backend, ...]
+
+    @property
+    def ready_backends(self) -> tuple[Backend, ...]:
+        return tuple(b for b in self.backends if b.ready)
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(b.group for b in self.backends))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    exact: Mapping[str, Site] = field(default_factory=dict)
+    wildcards: Mapping[str, Site] = field(default_factory=dict)  # "example.com" for "*.example.com"
+    containers: Mapping[str, ContainerInfo] = field(default_factory=dict)
+    skipped: Mapping[str, str] = field(default_factory=dict)  # container name → why it was skipped
+    synced: bool = False  # False until the first full listing has been read
+
+    def lookup(self, host: str) -> Site | None:
+        """Exact name first; else the longest `*.suffix` that matches (any depth)."""
+        h = normalize_host(host)
+        site = self.exact.get(h)
+        if site is not None or not self.wildcards:
+            return site
+        i = h.find(".")
+        while i != -1:
+            site = self.wildcards.get(h[i + 1:])
+            if site is not None:
+                return site
+            i = h.find(".", i + 1)
+        return None
+
+    @property
+    def hosts(self) -> list[str]:
+        return sorted(self.exact) + sorted(f"*.{w}" for w in self.wildcards)
+
+
+def _choose_address(
+    info: ContainerInfo,
+    route: Route,
+    allowed: tuple[str, ...],
+    drivers: Mapping[str, str],
+) -> tuple[str | None, str | None]:
+    """(address, problem): the container's IP on a network the proxy may use."""
+    if not info.running:
+        return None, None
+    if route.network:
+        candidates = [route.network]
+    elif allowed:
+        candidates = [n for n in allowed if n in info.networks]
+    else:
+        candidates = sorted(info.networks)
+    for net in candidates:
+        ip = info.networks.get(net)
+        driver = drivers.get(net, "bridge" if net == "bridge" else "")
+        if net == "host" or driver == "host":
+            return "127.0.0.1", None
+        if ip and driver in ROUTABLE_DRIVERS:
+            return ip, None
+    on = ", ".join(sorted(info.networks)) or "no network"
+    if route.network:
+        why = f"it asks to be reached on network '{route.network}' but is on: {on}"
+        if route.network in info.networks and drivers.get(route.network) not in ROUTABLE_DRIVERS:
+            why = f"network '{route.network}' ({drivers.get(route.network) or 'unknown'} driver) is not reachable from this host"
+    elif allowed:
+        why = f"it is on {on}, and the proxy may only use: {', '.join(allowed)}"
+    else:
+        why = f"it has no IP on a local bridge network (it is on: {on})"
+    return None, f"container '{info.name}' cannot be reached: {why}"
+
+
+def build_snapshot(
+    containers: Iterable[ContainerInfo],
+    sources: SourcesConfig,
+    allowed_networks: tuple[str, ...],
+    network_drivers: Mapping[str, str],
+    synced: bool = True,
+    route_cache: dict[str, tuple[ContainerInfo, list[Route] | str]] | None = None,
+) -> Snapshot:
+    """Index every container's routes by host.
+
+    `route_cache` (id → (info, routes or error)) lets the Docker view skip
+    re-parsing labels of containers whose labels and env did not change; label
+    errors are logged only when first seen.
+    """
+    by_host: dict[str, list[Backend]] = {}
+    all_containers: dict[str, ContainerInfo] = {}
+    skipped: dict[str, str] = {}
+    for info in containers:
+        all_containers[info.id] = info
+        cached = route_cache.get(info.id) if route_cache is not None else None
+        if cached is not None and cached[0].labels == info.labels and cached[0].env == info.env \
+                and cached[0].exposed_ports == info.exposed_ports:
+            parsed = cached[1]
+        else:
+            try:
+                parsed = routes_for(info, sources)
+            except LabelError as e:
+                parsed = str(e)
+                logger.warning(f"container '{info.name}' skipped: {e}")
+            if route_cache is not None:
+                route_cache[info.id] = (info, parsed)
+        if isinstance(parsed, str):
+            skipped[info.name] = parsed
+            continue
+        for route in parsed:
+            address, problem = _choose_address(info, route, allowed_networks, network_drivers)
+            by_host.setdefault(route.host, []).append(
+                Backend(info.id, info.name, info.group, info.state, route.scheme, route.port, address, problem)
+            )
+    exact: dict[str, Site] = {}
+    wildcards: dict[str, Site] = {}
+    for host, backends in by_host.items():
+        backends.sort(key=lambda b: b.container_name)
+        site = Site(host, tuple(backends))
+        if host.startswith("*."):
+            wildcards[host[2:]] = site
+        else:
+            exact[host] = site
+    if route_cache is not None:
+        for gone in set(route_cache) - set(all_containers):
+            del route_cache[gone]
+    return Snapshot(exact, wildcards, all_containers, skipped, synced)

@@ -1,0 +1,37 @@
+"""Entry script for stock mitmproxy tools:
+
+    mitmdump -s addons/wakeproxy.py --set wakeproxy_config=config/wakeproxy.yaml
+    mitmweb  -s addons/wakeproxy.py --set wakeproxy_config=config/wakeproxy.yaml
+
+gives the same proxy as the `wakeproxy` command (same listeners, same routes),
+with mitmweb's live view of every flow.
+
+mitmproxy puts this file's folder first on sys.path while loading it, where
+`wakeproxy` would resolve to this very file; so the package is bound to this
+folder explicitly (unless it is already imported, e.g. by `wakeproxy web`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+
+def _package() -> None:
+    mod = sys.modules.get("wakeproxy")
+    if mod is not None and hasattr(mod, "__path__"):
+        return
+    here = Path(__file__).resolve().parent
+    spec = importlib.util.spec_from_file_location(
+        "wakeproxy", here / "__init__.py", submodule_search_locations=[str(here)]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["wakeproxy"] = module
+    spec.loader.exec_module(module)
+
+
+_package()
+addons = importlib.import_module("wakeproxy.bundle").make_addons()
