@@ -53,6 +53,9 @@ async def _serve(config_path: str, verbosity: str) -> None:
     logging.getLogger().setLevel(logging.DEBUG)
     for noisy in ("hpack", "urllib3", "docker"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if verbosity != "debug":
+        # "client connect"/"client disconnect" for every connection: noise on a busy proxy.
+        logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
     m = build_master(config_path, verbosity)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
