@@ -1,0 +1,425 @@
+"""Helpers shared by the integration tests and their fixtures (no fixtures here)."""
+
+from __future__ import annotations
+
+import copy
+import glob
+import importlib.util
+import ipaddress
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import docker
+import docker.errors
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+BACKEND_PY = HERE / "backend.py"
+READY_LINE = "wakeproxy ready"
+
+
+# --------------------------------------------------------------------------
+# small helpers
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05,
+             message: str = "") -> Any:
+    """Poll `predicate` until it returns a truthy value; return that value.
+
+    Exceptions raised by the predicate count as "not yet"; on timeout the last
+    value or exception is part of the AssertionError.
+    """
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+            last = value
+        except Exception as e:  # noqa: BLE001 - polled condition
+            last = e
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate!r}; last: {last!r}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (override or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+_ROUTE_DEV = re.compile(r"\bdev (docker0|br-[0-9a-f]+)\b")
+
+
+def assert_bridge_route(ip: str) -> None:
+    """Refuse to contact `ip` unless the host routes it via a Docker bridge."""
+    addr = ipaddress.ip_address(ip)
+    if addr.is_loopback:
+        return
+    out = subprocess.run(["ip", "route", "get", ip], capture_output=True, text=True, check=True).stdout
+    assert _ROUTE_DEV.search(out), f"refusing to contact {ip}: route is not via a docker bridge: {out!r}"
+
+
+def container_ip(container, network: str) -> str:
+    """The container's IP on `network`, after checking it is routed via a Docker bridge."""
+    container.reload()
+    nets = container.attrs["NetworkSettings"]["Networks"]
+    assert network in nets, f"{container.name} is not on {network}: {list(nets)}"
+    ip = nets[network]["IPAddress"]
+    assert ip, f"{container.name} has no IP on {network} (not running?)"
+    assert_bridge_route(ip)
+    return ip
+
+
+def _load_backend_module():
+    spec = importlib.util.spec_from_file_location("wptest_backend", BACKEND_PY)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+backend_module = _load_backend_module()
+pattern_sha256 = backend_module.pattern_sha256
+
+
+# --------------------------------------------------------------------------
+# the host Python, bind-mounted read-only into FROM-scratch containers
+
+
+def _ldd_paths(files: list[str]) -> set[str]:
+    """Absolute library paths (as the loader names them) that `files` need."""
+    out = subprocess.run(["ldd", *files], capture_output=True, text=True).stdout
+    paths = set()
+    for line in out.splitlines():
+        line = line.strip()
+        m = re.match(r"\S+ => (/\S+) \(", line)
+        if m:
+            paths.add(m.group(1))
+            continue
+        m = re.match(r"(/\S+) \(", line)  # the loader itself
+        if m:
+            paths.add(m.group(1))
+    return paths
+
+
+def _link_chain_dirs(path: str) -> set[str]:
+    """Directories of `path` and of every symlink hop it takes (literal paths)."""
+    dirs = set()
+    cur = path
+    for _ in range(40):
+        dirs.add(os.path.dirname(cur))
+        if not os.path.islink(cur):
+            break
+        cur = os.path.normpath(os.path.join(os.path.dirname(cur), os.readlink(cur)))
+    return dirs
+
+
+def python_runtime() -> tuple[str, list[str]]:
+    """(interpreter path, directories to bind-mount read-only at the same path).
+
+    Derived from the running interpreter: its base prefix, libdir, stdlib and
+    lib-dynload, plus the directories of every shared library that `ldd`
+    names for the interpreter and its extension modules (following symlink
+    hops such as /lib64/ld-linux-x86-64.so.2 -> /lib/x86_64-linux-gnu/...).
+    Directories under an already-mounted one are dropped.
+    """
+    exe = os.path.realpath(sys.executable)
+    candidates = {os.path.realpath(sys.base_prefix)}
+    for var in ("LIBDIR", "DESTSHARED"):
+        v = sysconfig.get_config_var(var)
+        if v and os.path.isdir(v):
+            candidates.add(os.path.realpath(v))
+    paths = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_prefix})
+    for key in ("stdlib", "platstdlib"):
+        if os.path.isdir(paths[key]):
+            candidates.add(os.path.realpath(paths[key]))
+    candidates.add(os.path.dirname(exe))
+    dynload = sysconfig.get_config_var("DESTSHARED") or ""
+    binaries = [exe] + sorted(glob.glob(os.path.join(dynload, "*.so")))
+    for lib in _ldd_paths(binaries):
+        candidates |= _link_chain_dirs(lib)
+    # Keep the minimal set: a dir mounted at its own path covers its subtree.
+    result: list[str] = []
+    for d in sorted(candidates, key=len):
+        if d in ("/", "") or not os.path.isdir(d):
+            continue
+        if any(d == r or d.startswith(r.rstrip("/") + "/") for r in result):
+            continue
+        result.append(d)
+    return exe, sorted(result)
+
+
+
+# --------------------------------------------------------------------------
+# Docker objects
+
+
+def sweep_prefix(client, run_id: str) -> None:
+    for c in client.containers.list(all=True, filters={"name": run_id}):
+        if c.name.startswith(run_id):
+            try:
+                c.remove(force=True, v=True)
+            except docker.errors.APIError:
+                pass
+    for n in client.networks.list():
+        if n.name.startswith(run_id):
+            try:
+                n.remove()
+            except docker.errors.APIError:
+                pass
+    for img in client.images.list():
+        for tag in img.tags:
+            if tag.startswith(run_id):
+                try:
+                    client.images.remove(tag, force=True)
+                except docker.errors.APIError:
+                    pass
+
+
+def _busybox_binary() -> str:
+    for cand in ("/bin/busybox", "/usr/bin/busybox", shutil.which("busybox") or ""):
+        if cand and os.path.exists(cand):
+            return cand
+    pytest.fail("busybox not found: install busybox-static (scripts/test does)", pytrace=False)
+
+
+def build_busybox_image(client, tag: str) -> str:
+    """Build a FROM-scratch image holding Debian's static busybox."""
+    with tempfile.TemporaryDirectory(prefix="wptest-bb-") as ctx:
+        shutil.copy2(_busybox_binary(), os.path.join(ctx, "busybox"))
+        Path(ctx, "Dockerfile").write_text(
+            "FROM scratch\n"
+            "COPY busybox /bin/busybox\n"
+            'RUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
+        )
+        client.images.build(path=ctx, tag=tag, rm=True, forcerm=True)
+    return tag
+
+
+def build_pyback_image(client, tag: str, busybox_tag: str) -> str:
+    """busybox image + tests/integration/backend.py at /app/backend.py."""
+    with tempfile.TemporaryDirectory(prefix="wptest-py-") as ctx:
+        shutil.copy2(BACKEND_PY, os.path.join(ctx, "backend.py"))
+        Path(ctx, "Dockerfile").write_text(
+            f"FROM {busybox_tag}\n"
+            "COPY backend.py /app/backend.py\n"
+        )
+        client.images.build(path=ctx, tag=tag, rm=True, forcerm=True)
+    return tag
+
+
+@dataclass
+class PyBack:
+    image: str
+    python: str
+    mounts: list[str]
+
+    def volumes(self) -> dict:
+        return {d: {"bind": d, "mode": "ro"} for d in self.mounts}
+
+    def command(self) -> list[str]:
+        return [self.python, "-u", "/app/backend.py"]
+
+
+def remove_network(net) -> None:
+    try:
+        net.reload()
+        for c in net.containers:
+            try:
+                net.disconnect(c, force=True)
+            except docker.errors.APIError:
+                pass
+        net.remove()
+    except docker.errors.NotFound:
+        pass
+
+
+# --------------------------------------------------------------------------
+# containers
+
+
+class ContainerFactory:
+    """Creates `<prefix>-<suffix>` containers and force-removes them on cleanup()."""
+
+    def __init__(self, client, run_id: str, pyback: PyBack, busybox: str, default_network: str):
+        self.client = client
+        self.run_id = run_id
+        self.pyback = pyback
+        self.busybox = busybox
+        self.default_network = default_network
+        self.created: list = []
+
+    def __call__(self, name_suffix: str, labels: dict | None = None, env: dict | None = None,
+                 network: str | None | bool = True, image: str | None = None, start: bool = True,
+                 command: list[str] | str | None = None, wait_ready: bool = True,
+                 ready_timeout: float = 15.0, **kwargs):
+        """Create (and by default start) a container.
+
+        image=None means the Python backend (backend.py); `network=True` means
+        the session's test network, a string names another network, None/False
+        leaves Docker's default. With the Python backend and start=True the call
+        returns once the backend logs that it listens (unless wait_ready=False).
+        """
+        name = f"{self.run_id}-{name_suffix}"
+        env = dict(env or {})
+        is_pyback = image is None or image == self.pyback.image
+        create_kw: dict[str, Any] = dict(kwargs)
+        if is_pyback:
+            image = self.pyback.image
+            env.setdefault("BACKEND_NAME", name_suffix)
+            create_kw.setdefault("volumes", self.pyback.volumes())
+            if command is None:
+                command = self.pyback.command()
+        if network is True:
+            network = self.default_network
+        if network:
+            create_kw["network"] = network
+        container = self.client.containers.create(
+            image, command=command, name=name, labels=labels or {}, environment=env,
+            detach=True, **create_kw)
+        self.created.append(container)
+        if start:
+            container.start()
+            if is_pyback and wait_ready:
+                self.wait_listening(container, ready_timeout)
+        return container
+
+    @staticmethod
+    def wait_listening(container, timeout: float = 15.0) -> None:
+        def ready():
+            container.reload()
+            if container.status == "exited":
+                raise AssertionError(f"{container.name} exited: {container.logs().decode(errors='replace')}")
+            return b"listening on" in container.logs()
+        wait_for(ready, timeout, 0.05, f"{container.name} to listen")
+
+    def cleanup(self) -> None:
+        for c in reversed(self.created):
+            try:
+                c.remove(force=True, v=True)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as e:
+                print(f"warning: could not remove {c.name}: {e}", file=sys.stderr)
+        self.created.clear()
+
+
+# --------------------------------------------------------------------------
+# the proxy process
+
+
+@dataclass
+class ProxyProcess:
+    cmd: list[str]
+    config: dict
+    config_path: Path
+    log_path: Path
+    http_port: int
+    https_port: int
+    proc: subprocess.Popen | None = None
+    _log_file: Any = field(default=None, repr=False)
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def https_url(self) -> str:
+        return f"https://127.0.0.1:{self.https_port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def start(self, ready_timeout: float = 20.0) -> "ProxyProcess":
+        self._log_file = open(self.log_path, "ab")
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, cwd=REPO, env=env,
+                                     start_new_session=True)
+        deadline = time.monotonic() + ready_timeout
+        while READY_LINE not in self.log():
+            if self.proc.poll() is not None:
+                self._close_log()
+                pytest.fail(f"proxy exited with {self.proc.returncode} before '{READY_LINE}':\n"
+                            f"cmd: {self.cmd}\n--- log ---\n{self.log()}", pytrace=False)
+            if time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"proxy not ready within {ready_timeout}s (no '{READY_LINE}'):\n"
+                            f"cmd: {self.cmd}\n--- log ---\n{self.log()}", pytrace=False)
+            time.sleep(0.05)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.kill(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(10)
+        self._close_log()
+        return self.proc.returncode
+
+    def _close_log(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+
+def venv_bin(name: str) -> Path | None:
+    p = REPO / ".venv" / "bin" / name
+    return p if p.exists() else None
+
+
+def proxy_command(launcher: str, cfg_path: Path) -> list[str]:
+    if launcher == "module":
+        py = venv_bin("python") or Path(sys.executable)
+        return [str(py), "-m", "wakeproxy", "--config", str(cfg_path)]
+    if launcher == "mitmdump":
+        mitmdump = venv_bin("mitmdump") or Path(sys.executable).with_name("mitmdump")
+        return [str(mitmdump), "-s", str(REPO / "addons" / "wakeproxy.py"),
+                "--set", f"wakeproxy_config={cfg_path}"]
+    raise ValueError(f"unknown launcher {launcher!r}")
