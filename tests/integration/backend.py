@@ -8,6 +8,7 @@ Environment:
   PORT                 port to listen on (default 80)
   BACKEND_NAME         name echoed in JSON answers (default: hostname)
   SLEEP_BEFORE_LISTEN  seconds to sleep before binding (default 0)
+  TLS_CERT, TLS_KEY    PEM files: serve HTTPS instead of plain HTTP
 
 Endpoints (HTTP/1.1, keep-alive):
   GET  /                 200 JSON {"backend", "method", "path", "headers"}
@@ -302,6 +303,7 @@ async def handle_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                     "method": method,
                     "path": target,
                     "headers": hdrs,
+                    "tls": writer.get_extra_info("ssl_object") is not None,
                 }, keep_alive=keep_alive)
             if not keep_alive:
                 return
@@ -326,8 +328,15 @@ async def main() -> None:
     if delay > 0:
         log(f"sleeping {delay}s before listening")
         await asyncio.sleep(delay)
-    server = await asyncio.start_server(handle_conn, host="0.0.0.0", port=port, reuse_address=True)
-    log(f"backend {NAME} listening on {port}")
+    ssl_ctx = None
+    if os.environ.get("TLS_CERT"):
+        import ssl
+        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_ctx.load_cert_chain(os.environ["TLS_CERT"], os.environ.get("TLS_KEY") or None)
+        ssl_ctx.set_alpn_protocols(["http/1.1"])
+    server = await asyncio.start_server(handle_conn, host="0.0.0.0", port=port,
+                                        reuse_address=True, ssl=ssl_ctx)
+    log(f"backend {NAME} listening on {port}{' (tls)' if ssl_ctx else ''}")
     # As PID 1 in a container SIGTERM has no default action: handle it so
     # `docker stop` is quick.
     stop = asyncio.Event()

@@ -19,19 +19,17 @@ from typing import Callable
 import docker
 import docker.errors
 import pytest
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (  # noqa: E402
     PyBack,
     ContainerFactory,
+    ProxyLauncher,
     ProxyProcess,
     build_busybox_image,
     build_pyback_image,
-    deep_merge,
-    free_port,
-    proxy_command,
+    make_self_signed,
     python_runtime,
     sweep_prefix,
     remove_network,
@@ -133,6 +131,17 @@ def module_containers(docker_client, run_id, pyback_image, busybox_image, test_n
 
 
 @pytest.fixture(scope="session")
+def tls_backend_files(tmp_path_factory) -> dict:
+    """Cert/key for TLS backends: {"volumes": …, "env": …} to pass to the factory."""
+    d = tmp_path_factory.mktemp("backend-tls")
+    make_self_signed(d / "certs")
+    return {
+        "volumes": {str(d / "certs"): {"bind": "/certs", "mode": "ro"}},
+        "env": {"TLS_CERT": "/certs/cert.pem", "TLS_KEY": "/certs/key.pem"},
+    }
+
+
+@pytest.fixture(scope="session")
 def host(run_id) -> Callable[[str], str]:
     """host("app") -> "app.<run id>.test": host names unique to this run."""
     return lambda name: f"{name}.{run_id}.test"
@@ -148,40 +157,37 @@ def proxy(request, tmp_path, test_network):
 
     Writes the contract config (deep-merged with `overrides`) and starts the
     real proxy; stopped (SIGTERM, SIGKILL after 5 s) at teardown. On a test
-    failure the proxy log is attached to the report.
+    failure the proxy log is attached to the report (and printed).
     """
-    started: list[ProxyProcess] = []
-    request.node._wakeproxy_procs = started
-
-    def start(overrides: dict | None = None, launcher: str = "module",
-              ready_timeout: float = 20.0) -> ProxyProcess:
-        n = len(started)
-        workdir = tmp_path / f"proxy{n}"
-        workdir.mkdir()
-        http_port, https_port = free_port(), free_port()
-        while https_port == http_port:
-            https_port = free_port()
-        config = {
-            "listen": {"http": f"127.0.0.1:{http_port}", "https": f"127.0.0.1:{https_port}"},
-            "docker": {"url": None, "networks": [test_network]},
-            "state_dir": str(workdir / "state"),
-            "default_host": None,
-        }
-        config = deep_merge(config, overrides or {})
-        cfg_path = workdir / "wakeproxy.yaml"
-        cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        p = ProxyProcess(proxy_command(launcher, cfg_path), config, cfg_path,
-                         workdir / "proxy.log", http_port, https_port)
-        started.append(p)
-        return p.start(ready_timeout)
-
-    yield start
+    launcher = ProxyLauncher(tmp_path, [test_network])
+    request.node._wakeproxy_procs = launcher.started
+    yield launcher
     failed = any(getattr(request.node, f"rep_{ph}", None) is not None
                  and getattr(request.node, f"rep_{ph}").failed for ph in ("setup", "call"))
-    for p in started:
-        p.stop()
-        if failed:
-            print(f"\n--- wakeproxy log (pid {p.pid}, {p.cmd[-1]}) ---\n{p.log()}", file=sys.stderr)
+    launcher.stop_all(print_logs=failed)
+
+
+@pytest.fixture(scope="module")
+def module_proxy(tmp_path_factory, test_network):
+    """Module-scoped variant of `proxy`, for a proxy shared by a module's tests."""
+    launcher = ProxyLauncher(tmp_path_factory.mktemp("mproxy"), [test_network])
+    yield launcher
+    launcher.stop_all()
+
+
+def _procs_of(item) -> list[ProxyProcess]:
+    procs: list[ProxyProcess] = list(getattr(item, "_wakeproxy_procs", []))
+    for value in getattr(item, "funcargs", {}).values():
+        if isinstance(value, ProxyProcess):
+            procs.append(value)
+        elif isinstance(value, ProxyLauncher):
+            procs.extend(value.started)
+    seen, out = set(), []
+    for p in procs:
+        if id(p) not in seen and p.proc is not None:
+            seen.add(id(p))
+            out.append(p)
+    return out
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -189,7 +195,6 @@ def pytest_runtest_makereport(item, call):
     report = yield
     setattr(item, f"rep_{report.when}", report)
     if report.when == "call" and report.failed:
-        for p in getattr(item, "_wakeproxy_procs", []):
-            if p.proc is not None:
-                report.sections.append((f"wakeproxy log (pid {p.pid})", p.log()[-20000:]))
+        for p in _procs_of(item):
+            report.sections.append((f"wakeproxy log (pid {p.pid}, {p.config_path})", p.log()[-20000:]))
     return report

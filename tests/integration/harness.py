@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import docker
+import httpx
 import docker.errors
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -291,7 +293,7 @@ class ContainerFactory:
         if is_pyback:
             image = self.pyback.image
             env.setdefault("BACKEND_NAME", name_suffix)
-            create_kw.setdefault("volumes", self.pyback.volumes())
+            create_kw["volumes"] = {**self.pyback.volumes(), **create_kw.get("volumes", {})}
             if command is None:
                 command = self.pyback.command()
         if network is True:
@@ -423,3 +425,94 @@ def proxy_command(launcher: str, cfg_path: Path) -> list[str]:
         return [str(mitmdump), "-s", str(REPO / "addons" / "wakeproxy.py"),
                 "--set", f"wakeproxy_config={cfg_path}"]
     raise ValueError(f"unknown launcher {launcher!r}")
+
+
+class ProxyLauncher:
+    """Starts proxies with the contract config under `workdir`; stop_all() ends them."""
+
+    def __init__(self, workdir: Path, networks: list[str]):
+        self.workdir = Path(workdir)
+        self.networks = list(networks)
+        self.started: list[ProxyProcess] = []
+
+    def base_config(self, workdir: Path, http_port: int, https_port: int) -> dict:
+        return {
+            "listen": {"http": f"127.0.0.1:{http_port}", "https": f"127.0.0.1:{https_port}"},
+            "docker": {"url": None, "networks": list(self.networks)},
+            "state_dir": str(workdir / "state"),
+            "default_host": None,
+        }
+
+    def __call__(self, overrides: dict | None = None, launcher: str = "module",
+                 ready_timeout: float = 20.0) -> ProxyProcess:
+        workdir = self.workdir / f"proxy{len(self.started)}"
+        workdir.mkdir(parents=True)
+        http_port = free_port()
+        https_port = free_port()
+        while https_port == http_port:
+            https_port = free_port()
+        config = deep_merge(self.base_config(workdir, http_port, https_port), overrides or {})
+        cfg_path = workdir / "wakeproxy.yaml"
+        cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        p = ProxyProcess(proxy_command(launcher, cfg_path), config, cfg_path,
+                         workdir / "proxy.log", http_port, https_port)
+        self.started.append(p)
+        return p.start(ready_timeout)
+
+    def stop_all(self, print_logs: bool = False) -> None:
+        for p in self.started:
+            p.stop()
+            if print_logs:
+                print(f"\n--- wakeproxy log (pid {p.pid}, {p.config_path}) ---\n{p.log()}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------
+# HTTP through the proxy
+
+
+def proxied(proxy: ProxyProcess, host: str, path: str = "/", *, method: str = "GET",
+            https: bool = False, headers: dict | None = None, http2: bool = False,
+            timeout: float = 10.0, **kwargs) -> httpx.Response:
+    """One request through `proxy` with `Host: host` (and SNI host on https)."""
+    base = proxy.https_url if https else proxy.http_url
+    hdrs = {"Host": host, **(headers or {})}
+    ext = {"sni_hostname": host.split(":")[0]} if https else None
+    with httpx.Client(verify=False, timeout=timeout, http2=http2) as client:
+        return client.request(method, base + path, headers=hdrs, extensions=ext, **kwargs)
+
+
+def backend_of(resp: httpx.Response) -> str | None:
+    """The backend name from a backend.py JSON answer (None for proxy pages)."""
+    if resp.status_code != 200 or not resp.headers.get("content-type", "").startswith("application/json"):
+        return None
+    return resp.json().get("backend")
+
+
+def make_self_signed(directory: Path, cn: str = "backend.test") -> tuple[Path, Path]:
+    """Self-signed cert + key (PEM) for TLS backends; world-readable."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(cn)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    for f in (directory, cert_path, key_path):
+        os.chmod(f, 0o755 if f.is_dir() else 0o644)
+    return cert_path, key_path
+
