@@ -444,7 +444,7 @@ class ProxyLauncher:
         }
 
     def __call__(self, overrides: dict | None = None, launcher: str = "module",
-                 ready_timeout: float = 20.0) -> ProxyProcess:
+                 ready_timeout: float = 20.0, extra_args: list[str] | None = None) -> ProxyProcess:
         workdir = self.workdir / f"proxy{len(self.started)}"
         workdir.mkdir(parents=True)
         http_port = free_port()
@@ -454,7 +454,10 @@ class ProxyLauncher:
         config = deep_merge(self.base_config(workdir, http_port, https_port), overrides or {})
         cfg_path = workdir / "wakeproxy.yaml"
         cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        p = ProxyProcess(proxy_command(launcher, cfg_path), config, cfg_path,
+        cmd = proxy_command(launcher, cfg_path) + list(extra_args or [])
+        if os.environ.get("WPTEST_PROXY_VERBOSE") and launcher == "module":
+            cmd.append("--verbose")
+        p = ProxyProcess(cmd, config, cfg_path,
                          workdir / "proxy.log", http_port, https_port)
         self.started.append(p)
         return p.start(ready_timeout)
@@ -477,7 +480,7 @@ def proxied(proxy: ProxyProcess, host: str, path: str = "/", *, method: str = "G
     base = proxy.https_url if https else proxy.http_url
     hdrs = {"Host": host, **(headers or {})}
     ext = {"sni_hostname": host.split(":")[0]} if https else None
-    with httpx.Client(verify=False, timeout=timeout, http2=http2) as client:
+    with httpx.Client(verify=False, timeout=timeout, http2=http2, trust_env=False) as client:
         return client.request(method, base + path, headers=hdrs, extensions=ext, **kwargs)
 
 
