@@ -7,8 +7,10 @@ from typing import Any
 from .core import WakeProxy
 from .router import Router
 from .runtime import Runtime
+from .waker import Waker
 
 
 def make_addons(runtime: Runtime | None = None) -> list[Any]:
     runtime = runtime or Runtime()
-    return [WakeProxy(runtime), Router(runtime)]
+    waker = Waker(runtime)
+    return [WakeProxy(runtime), waker, Router(runtime, waker)]

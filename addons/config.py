@@ -70,6 +70,19 @@ class ForwardedConfig:
 
 
 @dataclass(frozen=True)
+class WakeConfig:
+    """How a request for a sleeping group is answered while the group starts."""
+
+    strategy: str = "auto"  # auto: page for browser navigations, hold for the rest | hold | page
+    timeout: float = 60.0  # a held request gets 504 after this long
+    retry_after: float = 10.0  # cool-down after a failed wake before another is tried
+    ignore_user_agents: tuple[re.Pattern[str], ...] = ()  # these never wake anything
+
+    def ignores(self, user_agent: str) -> bool:
+        return any(p.search(user_agent) for p in self.ignore_user_agents)
+
+
+@dataclass(frozen=True)
 class Config:
     listen: ListenConfig = field(default_factory=ListenConfig)
     docker: DockerConfig = field(default_factory=DockerConfig)
@@ -77,6 +90,7 @@ class Config:
     default_host: str | None = None
     sources: SourcesConfig = field(default_factory=SourcesConfig)
     forwarded: ForwardedConfig = field(default_factory=ForwardedConfig)
+    wake: WakeConfig = field(default_factory=WakeConfig)
     source: str = "<defaults>"
 
 
@@ -126,6 +140,28 @@ def _hostname(value: Any) -> str | None:
     if not isinstance(value, str) or not re.match(r"^[A-Za-z0-9*]([A-Za-z0-9.*-]*[A-Za-z0-9])?$", value):
         raise ValueError(f"{value!r} is not a hostname")
     return value.lower()
+
+
+def _strategy(value: Any) -> str:
+    if value not in ("auto", "hold", "page"):
+        raise ValueError(f"{value!r} is not one of auto, hold, page")
+    return str(value)
+
+
+def _regex(value: Any) -> re.Pattern[str]:
+    if not isinstance(value, str):
+        raise ValueError("expected a regular expression string")
+    try:
+        return re.compile(value, re.IGNORECASE)
+    except re.error as e:
+        raise ValueError(f"{value!r} is not a valid regular expression: {e}") from None
+
+
+def _positive_duration(value: Any) -> float:
+    d = parse_duration(value)
+    if d <= 0:
+        raise ValueError("must be more than 0")
+    return d
 
 
 def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -229,7 +265,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         raise ConfigError(f"{source}{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
     if root is None:
         return Config(source=source)
-    top = r.mapping(root, "", {"listen", "docker", "state_dir", "default_host", "sources", "forwarded"})
+    top = r.mapping(root, "", {"listen", "docker", "state_dir", "default_host", "sources", "forwarded", "wake"})
     kwargs: dict[str, Any] = {"source": source}
     if "listen" in top:
         kwargs["listen"] = _section(r, top["listen"], "listen", ListenConfig,
@@ -249,6 +285,13 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     if "forwarded" in top:
         kwargs["forwarded"] = _section(r, top["forwarded"], "forwarded", ForwardedConfig,
                                        {"trusted_proxies": _list_field(_network)})
+    if "wake" in top:
+        kwargs["wake"] = _section(r, top["wake"], "wake", WakeConfig, {
+            "strategy": _scalar_field(_strategy),
+            "timeout": _scalar_field(_positive_duration),
+            "retry_after": _scalar_field(parse_duration),
+            "ignore_user_agents": _list_field(_regex),
+        })
     return Config(**kwargs)
 
 

@@ -100,11 +100,11 @@ class WakeProxy:
         if self.view is not None:
             self.view.stop()
         self._ready_logged = False
-        self.view = DockerView(self.runtime.config, asyncio.get_running_loop(), self._publish)
+        self.view = DockerView(self.runtime.config, asyncio.get_running_loop(), self._publish, self.runtime.emit)
         self.view.start()
 
     def _publish(self, snapshot: Snapshot) -> None:
-        self.runtime.snapshot = snapshot
+        self.runtime.publish(snapshot)
         if not self._ready_logged:
             self._ready_logged = True
             listen = self.runtime.config.listen

@@ -25,6 +25,7 @@ import docker.errors
 
 from .config import Config
 from .labels import ContainerInfo
+from .runtime import ContainerEvent
 from .snapshot import Snapshot, build_snapshot
 
 logger = logging.getLogger(__name__)
@@ -114,10 +115,12 @@ class DockerView:
         config: Config,
         loop: asyncio.AbstractEventLoop,
         publish: Callable[[Snapshot], None],
+        emit: Callable[[ContainerEvent], None] | None = None,
     ) -> None:
         self.config = config
         self.loop = loop
         self.publish = publish
+        self.emit = emit
         self._containers: dict[str, ContainerInfo] = {}
         self._static: dict[str, _Static] = {}
         self._drivers: dict[str, str] = {}
@@ -257,6 +260,19 @@ class DockerView:
                 self._containers[cid] = info
         if changed:
             self._publish()
+        if kind == "container" and self.emit is not None:
+            attrs = actor.get("Attributes") or {}
+            code = attrs.get("exitCode")
+            raw_action = event.get("Action") or event.get("status") or ""
+            ev = ContainerEvent(
+                action=action,
+                container_id=cid,
+                name=attrs.get("name") or cid[:12],
+                exit_code=int(code) if code is not None and str(code).lstrip("-").isdigit() else None,
+                health=raw_action.split(":", 1)[1].strip() if action == "health_status" and ":" in raw_action else None,
+            )
+            # Queued after the snapshot above, so listeners see the state this event produced.
+            self._call(self.emit, ev)
 
     def _publish(self) -> None:
         snap = build_snapshot(
@@ -267,7 +283,10 @@ class DockerView:
             synced=True,
             route_cache=self._route_cache,
         )
+        self._call(self.publish, snap)
+
+    def _call(self, fn: Callable[..., None], *args: Any) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.publish, snap)
+            self.loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:
             pass  # the loop is closed: the proxy is shutting down

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .config import SourcesConfig
+from .config import SourcesConfig, parse_duration
 
 
 class LabelError(ValueError):
@@ -47,6 +47,25 @@ class ContainerInfo:
             or self.labels.get("com.docker.compose.project")
             or self.name
         )
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """A Compose `depends_on` entry: start `service` first and wait for `condition`."""
+
+    service: str
+    condition: str  # service_started | service_healthy | service_completed_successfully
+
+
+@dataclass(frozen=True)
+class ContainerSettings:
+    """Per-container wake settings from labels (None: the config's default applies)."""
+
+    wake_strategy: str | None = None
+    wake_timeout: float | None = None
+    ready_path: str | None = None
+    service: str | None = None  # com.docker.compose.service
+    depends_on: tuple[Dependency, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -237,3 +256,50 @@ def routes_for(info: ContainerInfo, sources: SourcesConfig) -> list[Route]:
                 seen.add(route.host)
                 routes.append(route)
     return routes
+
+
+WAKE_STRATEGIES = ("auto", "hold", "page")
+_DEP_CONDITIONS = ("service_started", "service_healthy", "service_completed_successfully")
+
+
+def parse_depends_on(value: str, what: str) -> tuple[Dependency, ...]:
+    """Compose's `service:condition[:restart]` comma list → Dependency values."""
+    deps: list[Dependency] = []
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        parts = item.split(":")
+        service = parts[0]
+        condition = parts[1] if len(parts) > 1 and parts[1] else "service_started"
+        if not service or condition not in _DEP_CONDITIONS:
+            raise LabelError(f"{what}: {item!r} is not service:condition (conditions: {', '.join(_DEP_CONDITIONS)})")
+        deps.append(Dependency(service, condition))
+    return tuple(deps)
+
+
+def settings_for(info: ContainerInfo) -> ContainerSettings:
+    """The container's wake settings; raises LabelError naming a malformed label."""
+    labels = info.labels
+    strategy = labels.get("wakeproxy.wake-strategy")
+    if strategy is not None:
+        strategy = strategy.strip().lower()
+        if strategy not in WAKE_STRATEGIES:
+            raise LabelError(f"label wakeproxy.wake-strategy: {labels['wakeproxy.wake-strategy']!r} is not one of auto, hold, page")
+    timeout = None
+    if "wakeproxy.wake-timeout" in labels:
+        try:
+            timeout = parse_duration(labels["wakeproxy.wake-timeout"].strip())
+        except ValueError as e:
+            raise LabelError(f"label wakeproxy.wake-timeout: {e}") from None
+        if timeout <= 0:
+            raise LabelError("label wakeproxy.wake-timeout: must be more than 0")
+    ready_path = labels.get("wakeproxy.ready-path")
+    if ready_path is not None:
+        ready_path = ready_path.strip()
+        if not ready_path.startswith("/") or any(c.isspace() for c in ready_path):
+            raise LabelError(f"label wakeproxy.ready-path: {ready_path!r} must be a path starting with /")
+    deps: tuple[Dependency, ...] = ()
+    if labels.get("com.docker.compose.depends_on"):
+        deps = parse_depends_on(labels["com.docker.compose.depends_on"], "label com.docker.compose.depends_on")
+    return ContainerSettings(strategy, timeout, ready_path, labels.get("com.docker.compose.service"), deps)

@@ -9,6 +9,8 @@ never Docker.
 from __future__ import annotations
 
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 from mitmproxy import http
 
@@ -16,6 +18,7 @@ from . import pages
 from .labels import normalize_host
 from .runtime import Runtime
 from .snapshot import Backend, Site
+from .waker import CONTROL_PREFIX, Wake, Waker
 
 logger = logging.getLogger(__name__)
 
@@ -32,32 +35,54 @@ def _client_ip(flow: http.HTTPFlow) -> str:
 class Router:
     """Chooses the upstream for every request from the runtime's snapshot."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, waker: Waker) -> None:
         self.runtime = runtime
+        self.waker = waker
         self._turn: dict[str, int] = {}
 
     # --- hooks ------------------------------------------------------------------
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
+        """Route at once; return a coroutine (which mitmproxy awaits) only to hold a request during a wake."""
         if flow.response is not None:
-            return  # already answered by an earlier addon (e.g. an ACME challenge)
+            return None  # already answered by an earlier addon (e.g. an ACME challenge)
         host_header = flow.request.host_header or ""
         host = normalize_host(host_header)
         site = self.lookup(host)
         if site is None:
             flow.response = self._no_site(flow, host)
-            return
+            return None
+        if flow.request.path.startswith(CONTROL_PREFIX):
+            return self.waker.control(flow, site, host)
         backends = site.ready_backends
+        if backends:
+            self.route_to(flow, self._pick(site, backends), host_header)
+            return None
+        if any(b.state != "running" for b in site.backends):
+            return self.waker.asleep(flow, site, host, self._forward_after_wake)
+        flow.response = self._unreachable(flow, host, site)
+        return None
+
+    def _forward_after_wake(self, flow: http.HTTPFlow, site: Site) -> None:
+        host_header = flow.request.host_header or ""
+        fresh = self.lookup(normalize_host(host_header)) or site
+        backends = fresh.ready_backends
         if not backends:
-            flow.response = self._unavailable(flow, host, site)
+            flow.response = pages.error_response(
+                flow.request, 502, "Wake-up failed", f"'{site.host}' started but has no reachable container.",
+                "Check the containers' networks and logs.", site.host)
             return
-        backend = self._pick(site, backends)
-        self.route_to(flow, backend, host_header)
+        self.route_to(flow, self._pick(fresh, backends), host_header)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         # Stream what must arrive as it is produced: server-sent events, and responses
         # whose app asked proxies not to buffer (the X-Accel-Buffering convention).
         resp = flow.response
+        wake: Wake | None = flow.metadata.get("wakeproxy.wake")
+        if wake is not None and not wake.first_byte_logged:
+            wake.first_byte_logged = True
+            wake.mark("first byte")
+            logger.info(f"wake {wake.group}: first response ({wake.timing()})")
         if resp is None or resp.stream:
             return
         if resp.headers.get("content-type", "").startswith("text/event-stream") or (
@@ -132,20 +157,12 @@ class Router:
             host,
         )
 
-    def _unavailable(self, flow: http.HTTPFlow, host: str, site: Site) -> http.Response:
+    def _unreachable(self, flow: http.HTTPFlow, host: str, site: Site) -> http.Response:
         problems = [b.problem for b in site.backends if b.problem]
-        if problems:
-            logger.debug(f"{host}: {'; '.join(problems)}")
-            return pages.error_response(
-                flow.request, 503, "Site unreachable", "; ".join(problems) + ".",
-                "Connect the container to a network the proxy uses (docker.networks in the config, "
-                "or the wakeproxy.network label).",
-                host,
-            )
-        names = ", ".join(f"{b.container_name} ({b.state})" for b in site.backends)
+        logger.debug(f"{host}: {'; '.join(problems)}")
         return pages.error_response(
-            flow.request, 503, "Site asleep",
-            f"The containers behind '{host}' are not running: {names}.",
-            "Start them (docker start, docker compose up) and reload this page.",
-            host, {"Retry-After": "5"},
+            flow.request, 503, "Site unreachable", "; ".join(problems) + ".",
+            "Connect the container to a network the proxy uses (docker.networks in the config, "
+            "or the wakeproxy.network label).",
+            host,
         )

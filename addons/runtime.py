@@ -1,19 +1,56 @@
-"""The state our addons share: the loaded config and the current snapshot.
+"""The state our addons share: the loaded config, the current snapshot, and
+notifications when either Docker's view or a container changes.
 
 One `Runtime` is created per proxy and handed to every addon of the bundle;
 the addons hold a reference to it, not copies, so a new snapshot published by
-the Docker view is seen by the next request at once.
+the Docker view is seen by the next request at once.  Everything here is used
+on the event loop only.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .config import Config
 from .snapshot import Snapshot
 
 
+@dataclass(frozen=True)
+class ContainerEvent:
+    """A Docker event about one container, as far as waking and idling care."""
+
+    action: str  # start | die | health_status | pause | unpause | stop | destroy …
+    container_id: str
+    name: str
+    exit_code: int | None = None  # for die
+    health: str | None = None  # for health_status
+
+
 @dataclass
 class Runtime:
     config: Config = field(default_factory=Config)
     snapshot: Snapshot = field(default_factory=Snapshot)
+    listeners: list[Callable[[ContainerEvent], None]] = field(default_factory=list)
+    _changed: asyncio.Future[None] | None = None
+
+    def publish(self, snapshot: Snapshot) -> None:
+        """Install a new snapshot and wake everyone waiting in `changed()`."""
+        self.snapshot = snapshot
+        fut, self._changed = self._changed, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def emit(self, event: ContainerEvent) -> None:
+        for listener in list(self.listeners):
+            listener(event)
+
+    async def changed(self, timeout: float) -> None:
+        """Return when the next snapshot is published, or after `timeout` seconds."""
+        if self._changed is None or self._changed.done():
+            self._changed = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._changed), timeout)
+        except asyncio.TimeoutError:
+            pass

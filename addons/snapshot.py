@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .labels import ContainerInfo, LabelError, Route, normalize_host, routes_for
+from .labels import ContainerInfo, ContainerSettings, LabelError, Route, normalize_host, routes_for, settings_for
 from .config import SourcesConfig
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class Backend:
     port: int
     address: str | None  # where to connect; None when not running or not reachable
     problem: str | None = None  # why `address` is None although the container runs
+    ready_path: str | None = None  # wakeproxy.ready-path: GET it (< 500) before calling a woken site ready
 
     @property
     def ready(self) -> bool:
@@ -58,10 +59,24 @@ class Site:
 
 
 @dataclass(frozen=True)
+class Group:
+    """Containers that wake and sleep together: a `wakeproxy.group`, a Compose project, or one container."""
+
+    name: str
+    members: tuple[str, ...]  # container ids, by name
+    routed: frozenset[str]  # the members that declare at least one host
+    wake_strategy: str | None = None  # from a member's label; None: the config decides
+    wake_timeout: float | None = None
+
+
+@dataclass(frozen=True)
 class Snapshot:
     exact: Mapping[str, Site] = field(default_factory=dict)
     wildcards: Mapping[str, Site] = field(default_factory=dict)  # "example.com" for "*.example.com"
     containers: Mapping[str, ContainerInfo] = field(default_factory=dict)
+    settings: Mapping[str, ContainerSettings] = field(default_factory=dict)  # container id → its labels' settings
+    groups: Mapping[str, Group] = field(default_factory=dict)  # only groups with a routed member
+    endpoints: Mapping[str, tuple[Backend, ...]] = field(default_factory=dict)  # container id → its backends
     skipped: Mapping[str, str] = field(default_factory=dict)  # container name → why it was skipped
     synced: bool = False  # False until the first full listing has been read
 
@@ -124,7 +139,7 @@ def build_snapshot(
     allowed_networks: tuple[str, ...],
     network_drivers: Mapping[str, str],
     synced: bool = True,
-    route_cache: dict[str, tuple[ContainerInfo, list[Route] | str]] | None = None,
+    route_cache: dict[str, tuple[ContainerInfo, tuple[list[Route], ContainerSettings] | str]] | None = None,
 ) -> Snapshot:
     """Index every container's routes by host.
 
@@ -135,6 +150,9 @@ def build_snapshot(
     by_host: dict[str, list[Backend]] = {}
     all_containers: dict[str, ContainerInfo] = {}
     skipped: dict[str, str] = {}
+    settings: dict[str, ContainerSettings] = {}
+    members: dict[str, list[ContainerInfo]] = {}
+    routed: set[str] = set()
     for info in containers:
         all_containers[info.id] = info
         cached = route_cache.get(info.id) if route_cache is not None else None
@@ -143,7 +161,7 @@ def build_snapshot(
             parsed = cached[1]
         else:
             try:
-                parsed = routes_for(info, sources)
+                parsed = (routes_for(info, sources), settings_for(info))
             except LabelError as e:
                 parsed = str(e)
                 logger.warning(f"container '{info.name}' skipped: {e}")
@@ -152,10 +170,15 @@ def build_snapshot(
         if isinstance(parsed, str):
             skipped[info.name] = parsed
             continue
-        for route in parsed:
+        routes, settings[info.id] = parsed
+        members.setdefault(info.group, []).append(info)
+        if routes:
+            routed.add(info.id)
+        for route in routes:
             address, problem = _choose_address(info, route, allowed_networks, network_drivers)
             by_host.setdefault(route.host, []).append(
-                Backend(info.id, info.name, info.group, info.state, route.scheme, route.port, address, problem)
+                Backend(info.id, info.name, info.group, info.state, route.scheme, route.port, address, problem,
+                        settings[info.id].ready_path)
             )
     exact: dict[str, Site] = {}
     wildcards: dict[str, Site] = {}
@@ -166,7 +189,24 @@ def build_snapshot(
             wildcards[host[2:]] = site
         else:
             exact[host] = site
+    endpoints: dict[str, list[Backend]] = {}
+    for backends in by_host.values():
+        for b in backends:
+            if b not in endpoints.setdefault(b.container_id, []):
+                endpoints[b.container_id].append(b)
+    groups: dict[str, Group] = {}
+    for name, infos in members.items():
+        infos.sort(key=lambda i: i.name)
+        ids = tuple(i.id for i in infos)
+        group_routed = frozenset(i for i in ids if i in routed)
+        if not group_routed:
+            continue  # nothing routes to it, so no request may ever start it
+        strategies = [settings[i].wake_strategy for i in ids if settings[i].wake_strategy]
+        timeouts = [settings[i].wake_timeout for i in ids if settings[i].wake_timeout]
+        groups[name] = Group(name, ids, group_routed, strategies[0] if strategies else None,
+                             max(timeouts) if timeouts else None)
     if route_cache is not None:
         for gone in set(route_cache) - set(all_containers):
             del route_cache[gone]
-    return Snapshot(exact, wildcards, all_containers, skipped, synced)
+    return Snapshot(exact, wildcards, all_containers, settings, groups,
+                    {cid: tuple(bs) for cid, bs in endpoints.items()}, skipped, synced)

@@ -45,3 +45,17 @@ def error_response(
         return http.Response.make(status, body, {"Content-Type": "text/html; charset=utf-8", **extra})
     line = f"wakeproxy: {status} {title}: {message} {hint}\n"
     return http.Response.make(status, line, {"Content-Type": "text/plain; charset=utf-8", **extra})
+
+
+def waking_response(request: http.Request, host: str, groups: str, wait_path: str) -> http.Response:
+    """The "waking up" page: 503 so nothing caches or indexes it; it long-polls `wait_path`
+    and reloads into the app as soon as the proxy says the group is ready."""
+    body = _template("waking.html").substitute(
+        host=html.escape(host), groups=html.escape(groups), wait_path=wait_path,
+    )
+    return http.Response.make(503, body, {
+        "Content-Type": "text/html; charset=utf-8",
+        "Cache-Control": "no-store",
+        "Retry-After": "5",
+        "X-Wakeproxy": "waking",
+    })
