@@ -8,6 +8,7 @@ import importlib.util
 import ipaddress
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -519,3 +520,186 @@ def make_self_signed(directory: Path, cn: str = "backend.test") -> tuple[Path, P
         os.chmod(f, 0o755 if f.is_dir() else 0o644)
     return cert_path, key_path
 
+
+
+# --------------------------------------------------------------------------
+# a private Docker daemon (for daemon-restart tests)
+
+
+def _existing_ipv4_networks(main_client=None) -> list[ipaddress.IPv4Network]:
+    nets = []
+    out = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        first = line.split()[0] if line.split() else ""
+        if first in ("default", "broadcast", "local", "unreachable", "blackhole", "prohibit"):
+            first = line.split()[1] if len(line.split()) > 1 else ""
+        try:
+            nets.append(ipaddress.ip_network(first, strict=False))
+        except ValueError:
+            continue
+    if main_client is not None:
+        for n in main_client.api.networks():
+            for cfg in (n.get("IPAM") or {}).get("Config") or []:
+                try:
+                    nets.append(ipaddress.ip_network(cfg.get("Subnet", ""), strict=False))
+                except ValueError:
+                    pass
+    return [n for n in nets if n.version == 4 and n.prefixlen > 0]
+
+
+def choose_free_block(main_client=None, tries: int = 200) -> ipaddress.IPv4Network:
+    """A /24 in 10.213.0.0/16 that overlaps no route and no Docker network here."""
+    taken = _existing_ipv4_networks(main_client)
+    rng = secrets.SystemRandom()
+    for _ in range(tries):
+        block = ipaddress.ip_network(f"10.213.{rng.randrange(1, 255)}.0/24")
+        if not any(block.overlaps(t) for t in taken):
+            return block
+    raise RuntimeError(f"no free /24 in 10.213.0.0/16 (taken: {taken})")
+
+
+class PrivateDockerd:
+    """A second dockerd with its own roots, socket and bridge, started and
+    stopped by PID. Containers survive its restart (--live-restore).
+
+    Not `--bridge=none`: dockerd then deletes the host's docker0 interface at
+    start (removeDefaultBridgeInterface), breaking the main daemon's default
+    network. It gets its own pre-created bridge `wpb<hex>` instead.
+    """
+
+    def __init__(self, run_id: str, main_client=None):
+        self.run_id = run_id
+        self.dir = Path(f"/tmp/{run_id}")
+        self.sock = self.dir / "docker.sock"
+        self.url = f"unix://{self.sock}"
+        self.bridge = f"wpb{run_id[-8:]}"
+        block = choose_free_block(main_client)
+        hosts = list(block.hosts())
+        self.bridge_cidr = f"{hosts[0]}/29"              # x.x.x.1/29 on the default bridge
+        self.net_subnet = str(ipaddress.ip_network(f"{block.network_address + 16}/28"))
+        self.net_gateway = str(ipaddress.ip_address(block.network_address + 17))
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.dir / "dockerd.log"
+        self._client = None
+        self.starts = 0
+
+    def setup(self) -> None:
+        (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        (self.dir / "exec").mkdir(parents=True, exist_ok=True)
+        (self.dir / "daemon.json").write_text("{}\n")
+        subprocess.run(["ip", "link", "add", "name", self.bridge, "type", "bridge"], check=True)
+        subprocess.run(["ip", "addr", "add", self.bridge_cidr, "dev", self.bridge], check=True)
+        subprocess.run(["ip", "link", "set", self.bridge, "up"], check=True)
+
+    def start(self, timeout: float = 30.0) -> None:
+        dockerd = shutil.which("dockerd")
+        assert dockerd, "dockerd not installed (scripts/test installs docker.io)"
+        cmd = [dockerd,
+               "--config-file", str(self.dir / "daemon.json"),
+               "--data-root", str(self.dir / "data"),
+               "--exec-root", str(self.dir / "exec"),
+               "--pidfile", str(self.dir / "docker.pid"),
+               "-H", self.url,
+               "--bridge", self.bridge,
+               "--iptables=false", "--ip-forward=false", "--ip-masq=false",
+               "--live-restore"]
+        self.starts += 1
+        log = open(self.log_path, "ab")
+        log.write(f"\n=== start #{self.starts}: {' '.join(cmd)}\n".encode())
+        log.flush()
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+
+        def up():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"private dockerd exited {self.proc.returncode}:\n{self.log()}")
+            self.client().ping()
+            return True
+        try:
+            wait_for(up, timeout, 0.1, "private dockerd to answer")
+        except Exception:
+            print(self.log()[-5000:], file=sys.stderr)
+            raise
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def client(self):
+        if self._client is None:
+            self._client = docker.DockerClient(base_url=self.url, timeout=30)
+        return self._client
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def cleanup(self) -> None:
+        """Remove everything, even after a failure half-way."""
+        try:
+            if not self.running() and self.starts:
+                try:
+                    self.start()
+                except Exception as e:  # noqa: BLE001
+                    print(f"warning: could not restart private dockerd for cleanup: {e}", file=sys.stderr)
+            if self.running():
+                client = self.client()
+                for c in client.containers.list(all=True):
+                    try:
+                        c.remove(force=True, v=True)
+                    except docker.errors.APIError as e:
+                        print(f"warning: {e}", file=sys.stderr)
+                for n in client.networks.list():
+                    if n.name.startswith(self.run_id):
+                        try:
+                            n.remove()
+                        except docker.errors.APIError as e:
+                            print(f"warning: {e}", file=sys.stderr)
+        finally:
+            self.stop()
+            self._kill_leftover_shims()
+            self._unmount_all()
+            subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _kill_leftover_shims(self) -> None:
+        """containerd shims of our private daemon (found by our exec-root), by PID."""
+        marker = str(self.dir / "exec")
+        for pid_dir in Path("/proc").iterdir():
+            if not pid_dir.name.isdigit():
+                continue
+            try:
+                cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "containerd" in cmdline and marker in cmdline:
+                print(f"warning: killing leftover {pid_dir.name}: {cmdline[:120]}", file=sys.stderr)
+                try:
+                    os.kill(int(pid_dir.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def _unmount_all(self) -> None:
+        root = str(self.dir)
+        mounts = []
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            mp = line.split()[4].replace("\\040", " ")
+            if mp == root or mp.startswith(root + "/"):
+                mounts.append(mp)
+        for mp in sorted(set(mounts), key=len, reverse=True):
+            subprocess.run(["umount", "-l", mp], capture_output=True)
