@@ -56,6 +56,7 @@ class Wake:
     t0: float = field(default_factory=time.monotonic)
     task: asyncio.Task[None] | None = None
     starting: set[str] = field(default_factory=set)  # members we issued start/unpause for
+    started: set[str] = field(default_factory=set)  # … whose start/unpause event has arrived since
     completed: set[str] = field(default_factory=set)  # one-shot members that exited 0
     port_ready: set[tuple[str, int]] = field(default_factory=set)
     status: dict[str, str] = field(default_factory=dict)  # member name → what it is doing
@@ -373,7 +374,11 @@ class Waker:
         for wake in self._wakes.values():
             if event.container_id not in wake.members:
                 continue
-            if event.action == "die" and event.container_id in wake.starting:
+            if event.action in ("start", "unpause") and event.container_id in wake.starting:
+                wake.started.add(event.container_id)
+            # A `die` counts only after this wake's own start: the event of the stop that put the
+            # group to sleep can still be on its way when the next wake begins.
+            elif event.action == "die" and event.container_id in wake.started:
                 routed = event.container_id in self.runtime.snapshot.groups.get(wake.group, Group("", (), frozenset())).routed
                 if event.exit_code == 0 and not routed:
                     wake.completed.add(event.container_id)
