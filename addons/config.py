@@ -83,6 +83,41 @@ class WakeConfig:
 
 
 @dataclass(frozen=True)
+class IdleConfig:
+    """When an unused group is put to sleep, and how."""
+
+    timeout: float = 1800.0  # seconds without a request in flight, an open stream or a byte moved; 0 = never
+    action: str = "stop"  # stop | pause
+    stop_timeout: float = 10.0  # `docker stop -t`
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    listen: Address | None = Address("127.0.0.1", 8099)  # read-only status endpoint; null turns it off
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    certs_dir: Path | None = None  # <name>.crt + <name>.key; _wildcard.<domain>.crt for *.<domain>
+    default_cert: Path | None = None  # served for names without a certificate of their own
+    default_key: Path | None = None
+    redirect: bool = True  # plain HTTP → 308 to https once the host has a valid certificate
+    hsts: float = 0.0  # Strict-Transport-Security max-age in seconds; 0 = not sent
+
+
+@dataclass(frozen=True)
+class AcmeConfig:
+    enabled: bool = False
+    directory: str = "https://acme-v02.api.letsencrypt.org/directory"
+    email: str | None = None
+    ca_bundle: Path | None = None  # trust this CA for the ACME API (e.g. pebble's)
+    eab_kid: str | None = None
+    eab_hmac_key: str | None = None
+    key_type: str = "ec256"  # ec256 | ec384 | rsa2048 | rsa4096
+    concurrency: int = 2
+
+
+@dataclass(frozen=True)
 class Config:
     listen: ListenConfig = field(default_factory=ListenConfig)
     docker: DockerConfig = field(default_factory=DockerConfig)
@@ -91,6 +126,10 @@ class Config:
     sources: SourcesConfig = field(default_factory=SourcesConfig)
     forwarded: ForwardedConfig = field(default_factory=ForwardedConfig)
     wake: WakeConfig = field(default_factory=WakeConfig)
+    idle: IdleConfig = field(default_factory=IdleConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    acme: AcmeConfig = field(default_factory=AcmeConfig)
     source: str = "<defaults>"
 
 
@@ -162,6 +201,37 @@ def _positive_duration(value: Any) -> float:
     if d <= 0:
         raise ValueError("must be more than 0")
     return d
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return str(value)
+    return parse
+
+
+def _opt_path(value: Any) -> Path | None:
+    return None if value is None else Path(_str(value)).expanduser()
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("expected a whole number of at least 1")
+    return value
+
+
+def _hsts(value: Any) -> float:
+    if value is False or value is None:
+        return 0.0
+    return parse_duration(value)
+
+
+def _url(value: Any) -> str:
+    v = _str(value)
+    if not re.match(r"^https?://[^\s/]+", v):
+        raise ValueError(f"{v!r} is not an http(s) URL")
+    return v
 
 
 def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -265,7 +335,8 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         raise ConfigError(f"{source}{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
     if root is None:
         return Config(source=source)
-    top = r.mapping(root, "", {"listen", "docker", "state_dir", "default_host", "sources", "forwarded", "wake"})
+    top = r.mapping(root, "", {"listen", "docker", "state_dir", "default_host", "sources", "forwarded", "wake",
+                               "idle", "status", "tls", "acme"})
     kwargs: dict[str, Any] = {"source": source}
     if "listen" in top:
         kwargs["listen"] = _section(r, top["listen"], "listen", ListenConfig,
@@ -292,6 +363,37 @@ def parse_config(text: str, source: str = "<string>") -> Config:
             "retry_after": _scalar_field(parse_duration),
             "ignore_user_agents": _list_field(_regex),
         })
+    if "idle" in top:
+        kwargs["idle"] = _section(r, top["idle"], "idle", IdleConfig, {
+            "timeout": _scalar_field(parse_duration),
+            "action": _scalar_field(_choice("stop", "pause")),
+            "stop_timeout": _scalar_field(parse_duration),
+        })
+    if "status" in top:
+        kwargs["status"] = _section(r, top["status"], "status", StatusConfig, {"listen": _scalar_field(parse_address)})
+    if "tls" in top:
+        kwargs["tls"] = _section(r, top["tls"], "tls", TlsConfig, {
+            "certs_dir": _scalar_field(_opt_path),
+            "default_cert": _scalar_field(_opt_path),
+            "default_key": _scalar_field(_opt_path),
+            "redirect": _scalar_field(_bool),
+            "hsts": _scalar_field(_hsts),
+        })
+        if (kwargs["tls"].default_cert is None) != (kwargs["tls"].default_key is None):
+            raise r.fail(top["tls"], "tls.default_cert", "default_cert and default_key must be given together")
+    if "acme" in top:
+        kwargs["acme"] = _section(r, top["acme"], "acme", AcmeConfig, {
+            "enabled": _scalar_field(_bool),
+            "directory": _scalar_field(_url),
+            "email": _scalar_field(_opt_str),
+            "ca_bundle": _scalar_field(_opt_path),
+            "eab_kid": _scalar_field(_opt_str),
+            "eab_hmac_key": _scalar_field(_opt_str),
+            "key_type": _scalar_field(_choice("ec256", "ec384", "rsa2048", "rsa4096")),
+            "concurrency": _scalar_field(_positive_int),
+        })
+        if (kwargs["acme"].eab_kid is None) != (kwargs["acme"].eab_hmac_key is None):
+            raise r.fail(top["acme"], "acme.eab_kid", "eab_kid and eab_hmac_key must be given together")
     return Config(**kwargs)
 
 
