@@ -6,11 +6,14 @@ from typing import Any
 
 from .core import WakeProxy
 from .router import Router
+from .idle import IdleKeeper
 from .runtime import Runtime
+from .status import StatusServer
 from .waker import Waker
 
 
 def make_addons(runtime: Runtime | None = None) -> list[Any]:
     runtime = runtime or Runtime()
     waker = Waker(runtime)
-    return [WakeProxy(runtime), waker, Router(runtime, waker)]
+    idle = IdleKeeper(runtime, waker)
+    return [WakeProxy(runtime), waker, Router(runtime, waker), idle, StatusServer(runtime, waker, idle)]

@@ -2,6 +2,8 @@
 
     wakeproxy [--config FILE]          run the proxy (a lean mitmproxy Master)
     wakeproxy check [--config FILE]    validate the config and exit
+    wakeproxy status [--config FILE] [--json]
+                                       groups, their state and idle clocks, from the running proxy
     wakeproxy web [--config FILE] [MITMWEB ARGS…]
                                        the same proxy inside mitmweb, to watch live traffic
 
@@ -74,13 +76,75 @@ def _check(path: str) -> int:
     return 0
 
 
+def _ago(iso: str | None) -> str:
+    if not iso:
+        return "-"
+    import datetime
+
+    delta = datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(iso)
+    return _duration(delta.total_seconds()) + " ago"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(round(seconds))
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def _status(config_path: str, url: str | None, as_json: bool) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    if url is None:
+        listen = load_config(config_path).status.listen
+        if listen is None:
+            print("wakeproxy: status.listen is null in the config: the status endpoint is off", file=sys.stderr)
+            return 1
+        host = "127.0.0.1" if listen.host in ("0.0.0.0", "") else listen.host
+        url = f"http://{host}:{listen.port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            report = json.load(r)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        print(f"wakeproxy: cannot read {url}: {e}. Is the proxy running with this config?", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(report, indent=1))
+        return 0
+    rows = [("GROUP", "STATE", "HOSTS", "CONTAINERS", "IN FLIGHT", "OPEN", "LAST ACTIVITY", "STOPS IN")]
+    for g in report["groups"]:
+        rows.append((
+            g["group"], g["state"], ",".join(g["hosts"]),
+            ",".join(f"{c['name']}:{c['state']}" for c in g["containers"]),
+            str(g["inflight"]), str(g["open"]), _ago(g["last_activity"]),
+            "never" if g["idle_timeout"] <= 0 else _duration(g["stops_in"]),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if report.get("skipped"):
+        print("\nskipped containers (bad labels):")
+        for name, why in report["skipped"].items():
+            print(f"  {name}: {why}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "run"
-    if argv and argv[0] in ("run", "check", "web"):
+    if argv and argv[0] in ("run", "check", "web", "status"):
         command = argv.pop(0)
     parser = argparse.ArgumentParser(prog=f"wakeproxy {command}" if command != "run" else "wakeproxy")
     parser.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
+    if command == "status":
+        parser.add_argument("--json", action="store_true", help="print the raw JSON")
+        parser.add_argument("--url", help="status endpoint (default: http://<status.listen>/status from the config)")
     if command == "run":
         parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
         parser.add_argument("--quiet", "-q", action="store_true", help="log warnings and errors only")
@@ -97,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if command == "check":
         return _check(args.config)
+    if command == "status":
+        return _status(args.config, args.url, args.json)
     if command == "web":
         script = Path(__file__).resolve().parent / "wakeproxy.py"
         mitmweb = Path(sys.executable).parent / "mitmweb"

@@ -66,6 +66,8 @@ class ContainerSettings:
     ready_path: str | None = None
     service: str | None = None  # com.docker.compose.service
     depends_on: tuple[Dependency, ...] = ()
+    idle_timeout: float | None = None  # wakeproxy.idle-timeout; 0 = never (io.docksal.permanent=true too)
+    idle_action: str | None = None  # wakeproxy.idle-action: stop | pause
 
 
 @dataclass(frozen=True)
@@ -302,4 +304,18 @@ def settings_for(info: ContainerInfo) -> ContainerSettings:
     deps: tuple[Dependency, ...] = ()
     if labels.get("com.docker.compose.depends_on"):
         deps = parse_depends_on(labels["com.docker.compose.depends_on"], "label com.docker.compose.depends_on")
-    return ContainerSettings(strategy, timeout, ready_path, labels.get("com.docker.compose.service"), deps)
+    idle_timeout = None
+    if "wakeproxy.idle-timeout" in labels:
+        try:
+            idle_timeout = parse_duration(labels["wakeproxy.idle-timeout"].strip())
+        except ValueError as e:
+            raise LabelError(f"label wakeproxy.idle-timeout: {e}") from None
+    if _flag(labels.get("io.docksal.permanent"), "label io.docksal.permanent"):
+        idle_timeout = 0.0
+    idle_action = labels.get("wakeproxy.idle-action")
+    if idle_action is not None:
+        idle_action = idle_action.strip().lower()
+        if idle_action not in ("stop", "pause"):
+            raise LabelError(f"label wakeproxy.idle-action: {labels['wakeproxy.idle-action']!r} is not stop or pause")
+    return ContainerSettings(strategy, timeout, ready_path, labels.get("com.docker.compose.service"), deps,
+                             idle_timeout, idle_action)

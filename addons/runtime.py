@@ -33,6 +33,8 @@ class Runtime:
     config: Config = field(default_factory=Config)
     snapshot: Snapshot = field(default_factory=Snapshot)
     listeners: list[Callable[[ContainerEvent], None]] = field(default_factory=list)
+    # Groups being put to sleep by the idle keeper: a request for one waits for the stop, then wakes it.
+    stopping: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     _changed: asyncio.Future[None] | None = None
 
     def publish(self, snapshot: Snapshot) -> None:

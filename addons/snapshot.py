@@ -67,6 +67,31 @@ class Group:
     routed: frozenset[str]  # the members that declare at least one host
     wake_strategy: str | None = None  # from a member's label; None: the config decides
     wake_timeout: float | None = None
+    idle_timeout: float | None = None  # the longest of the members' labels; 0 (any member) = never
+    idle_action: str | None = None
+
+    def stop_order(self, snapshot: "Snapshot") -> list[list[str]]:
+        """Members in layers, dependents before their dependencies (reverse `depends_on`)."""
+        return list(reversed(self.start_order(snapshot)))
+
+    def start_order(self, snapshot: "Snapshot") -> list[list[str]]:
+        """Members in layers: each layer only depends on earlier ones (Compose `depends_on`)."""
+        service_of = {cid: snapshot.settings[cid].service for cid in self.members if cid in snapshot.settings}
+        by_service = {svc: cid for cid, svc in service_of.items() if svc}
+        deps = {
+            cid: {by_service[d.service] for d in snapshot.settings[cid].depends_on
+                  if d.service in by_service and by_service[d.service] != cid}
+            for cid in self.members if cid in snapshot.settings
+        }
+        layers: list[list[str]] = []
+        placed: set[str] = set()
+        while len(placed) < len(deps):
+            layer = [c for c in deps if c not in placed and deps[c] <= placed]
+            if not layer:  # a cycle: put the rest together rather than never
+                layer = [c for c in deps if c not in placed]
+            layers.append(layer)
+            placed.update(layer)
+        return layers
 
 
 @dataclass(frozen=True)
@@ -105,9 +130,11 @@ def _choose_address(
     allowed: tuple[str, ...],
     drivers: Mapping[str, str],
 ) -> tuple[str | None, str | None]:
-    """(address, problem): the container's IP on a network the proxy may use."""
-    if not info.running:
-        return None, None
+    """(address, problem): the container's IP on a network the proxy may use.
+
+    A stopped container has no IP but keeps its network attachments: it is ours
+    to wake (and to put to sleep) only when one of them is a network we may use.
+    """
     if route.network:
         candidates = [route.network]
     elif allowed:
@@ -115,12 +142,14 @@ def _choose_address(
     else:
         candidates = sorted(info.networks)
     for net in candidates:
+        if net not in info.networks:
+            continue
         ip = info.networks.get(net)
         driver = drivers.get(net, "bridge" if net == "bridge" else "")
         if net == "host" or driver == "host":
-            return "127.0.0.1", None
-        if ip and driver in ROUTABLE_DRIVERS:
-            return ip, None
+            return ("127.0.0.1" if info.running else None), None
+        if driver in ROUTABLE_DRIVERS and (ip or not info.running):
+            return (ip if info.running else None), None
     on = ", ".join(sorted(info.networks)) or "no network"
     if route.network:
         why = f"it asks to be reached on network '{route.network}' but is on: {on}"
@@ -172,10 +201,10 @@ def build_snapshot(
             continue
         routes, settings[info.id] = parsed
         members.setdefault(info.group, []).append(info)
-        if routes:
-            routed.add(info.id)
         for route in routes:
             address, problem = _choose_address(info, route, allowed_networks, network_drivers)
+            if problem is None:
+                routed.add(info.id)  # only containers we may reach are ever started or stopped
             by_host.setdefault(route.host, []).append(
                 Backend(info.id, info.name, info.group, info.state, route.scheme, route.port, address, problem,
                         settings[info.id].ready_path)
@@ -203,8 +232,12 @@ def build_snapshot(
             continue  # nothing routes to it, so no request may ever start it
         strategies = [settings[i].wake_strategy for i in ids if settings[i].wake_strategy]
         timeouts = [settings[i].wake_timeout for i in ids if settings[i].wake_timeout]
+        idle = [settings[i].idle_timeout for i in ids if settings[i].idle_timeout is not None]
+        actions = [settings[i].idle_action for i in ids if settings[i].idle_action]
         groups[name] = Group(name, ids, group_routed, strategies[0] if strategies else None,
-                             max(timeouts) if timeouts else None)
+                             max(timeouts) if timeouts else None,
+                             (0.0 if 0.0 in idle else max(idle)) if idle else None,
+                             actions[0] if actions else None)
     if route_cache is not None:
         for gone in set(route_cache) - set(all_containers):
             del route_cache[gone]

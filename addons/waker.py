@@ -150,6 +150,9 @@ class Waker:
             return None
         return self._wait_endpoint(flow, site, host)
 
+    def is_waking(self, group: str) -> bool:
+        return group in self._wakes
+
     def status_of(self, group: str) -> str:
         """asleep | waking | running, for status displays."""
         if group in self._wakes:
@@ -217,6 +220,13 @@ class Waker:
         return wake.deadline - wake.t0
 
     async def _bring_up(self, wake: Wake) -> None:
+        stopping = self.runtime.stopping.get(wake.group)
+        if stopping is not None:
+            # The idle keeper is putting this group to sleep: let it finish, then start it again.
+            wake.status = {"group": "finishing an idle stop before starting again"}
+            await asyncio.wait([stopping])
+            await self.runtime.changed(0.2)  # let the stop's events reach the snapshot
+            wake.status = {}
         snap = self.runtime.snapshot
         infos = [snap.containers[c] for c in wake.members if c in snap.containers]
         by_service = {
@@ -252,13 +262,19 @@ class Waker:
         info = self.runtime.snapshot.containers.get(cid)
         if info is None:
             raise WakeFailed(502, "Wake-up failed", f"container {cid[:12]} was removed while waking")
+        wake.starting.add(cid)
         try:
             if info.state == "paused":
-                wake.starting.add(cid)
                 wake.status[info.name] = "unpausing"
-                await self.ops.unpause(cid, info.name)
-            elif info.state in ("created", "exited", "dead"):
-                wake.starting.add(cid)
+                try:
+                    await self.ops.unpause(cid, info.name)
+                except DockerOpError as e:
+                    if "not paused" not in str(e):
+                        raise
+                    await self.ops.start(cid, info.name)  # someone unpaused it since the snapshot
+            else:
+                # Also when the snapshot says "running": it may lag a stop by a few ms, and
+                # starting a running container is a no-op for Docker.
                 wake.status[info.name] = "starting"
                 await self.ops.start(cid, info.name)
         except DockerOpError as e:
@@ -446,7 +462,7 @@ class Waker:
                 {"Content-Type": "application/json", "Cache-Control": "no-store"},
             )
 
-        if site.ready_backends:
+        if site.ready_backends and not any(g in self.runtime.stopping for g in site.groups):
             return answer("ready")
         groups = self._groups(site)
         failure = self._cooling(groups)
