@@ -17,6 +17,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -279,16 +280,22 @@ class ContainerFactory:
     def __call__(self, name_suffix: str, labels: dict | None = None, env: dict | None = None,
                  network: str | None | bool = True, image: str | None = None, start: bool = True,
                  command: list[str] | str | None = None, wait_ready: bool = True,
-                 ready_timeout: float = 15.0, **kwargs):
+                 ready_timeout: float = 15.0, keep_awake: bool = True, **kwargs):
         """Create (and by default start) a container.
 
         image=None means the Python backend (backend.py); `network=True` means
         the session's test network, a string names another network, None/False
         leaves Docker's default. With the Python backend and start=True the call
         returns once the backend logs that it listens (unless wait_ready=False).
+        keep_awake adds `wakeproxy.idle-timeout=0` unless the labels set one.
         """
         name = f"{self.run_id}-{name_suffix}"
         env = dict(env or {})
+        labels = dict(labels or {})
+        if keep_awake:
+            # No wakeproxy instance on this daemon (ours, or anyone's with a short
+            # idle timeout) may put a test container to sleep behind the test's back.
+            labels.setdefault("wakeproxy.idle-timeout", "0")
         is_pyback = image is None or image == self.pyback.image
         create_kw: dict[str, Any] = dict(kwargs)
         if is_pyback:
@@ -302,7 +309,7 @@ class ContainerFactory:
         if network:
             create_kw["network"] = network
         container = self.client.containers.create(
-            image, command=command, name=name, labels=labels or {}, environment=env,
+            image, command=command, name=name, labels=labels, environment=env,
             detach=True, **create_kw)
         self.created.append(container)
         if start:
@@ -321,13 +328,15 @@ class ContainerFactory:
         wait_for(ready, timeout, 0.05, f"{container.name} to listen")
 
     def cleanup(self) -> None:
-        for c in reversed(self.created):
+        def remove(c):
             try:
                 c.remove(force=True, v=True)
             except docker.errors.NotFound:
                 pass
             except docker.errors.APIError as e:
                 print(f"warning: could not remove {c.name}: {e}", file=sys.stderr)
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(remove, reversed(self.created)))
         self.created.clear()
 
 
@@ -345,6 +354,13 @@ class ProxyProcess:
     https_port: int
     proc: subprocess.Popen | None = None
     _log_file: Any = field(default=None, repr=False)
+    killed: bool = False  # needed SIGKILL at stop()
+    stop_seconds: float | None = None  # how long a graceful stop took
+
+    @property
+    def status_port(self) -> int | None:
+        listen = (self.config.get("status") or {}).get("listen")
+        return int(str(listen).rsplit(":", 1)[1]) if listen else None
 
     @property
     def http_url(self) -> str:
@@ -391,13 +407,18 @@ class ProxyProcess:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
+            t0 = time.monotonic()
             try:
                 os.kill(self.proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
             try:
                 self.proc.wait(timeout)
+                self.stop_seconds = time.monotonic() - t0
             except subprocess.TimeoutExpired:
+                self.killed = True
+                print(f"warning: proxy pid {self.proc.pid} ignored SIGTERM for {timeout}s; SIGKILL",
+                      file=sys.stderr)
                 try:
                     os.kill(self.proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -442,6 +463,9 @@ class ProxyLauncher:
             "docker": {"url": None, "networks": list(self.networks)},
             "state_dir": str(workdir / "state"),
             "default_host": None,
+            # Not part of the routing contract, but its default is a fixed port
+            # (127.0.0.1:8099) that two proxies of one test would share.
+            "status": {"listen": f"127.0.0.1:{free_port()}"},
         }
 
     def __call__(self, overrides: dict | None = None, launcher: str = "module",

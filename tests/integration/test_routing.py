@@ -11,6 +11,7 @@ import re
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +19,12 @@ import httpx
 import pytest
 
 from harness import backend_of, proxied, wait_for
+
+# Stopped containers are woken on request since the Waker landed; the routing
+# tests check the "asleep" answer itself, so their client is one the proxy is
+# configured never to wake for (and the shared stopped containers stay stopped).
+NO_WAKE_UA = "wptest-no-wake/1.0"
+NO_WAKE = {"wake": {"ignore_user_agents": ["^wptest-no-wake"]}}
 
 
 @pytest.fixture(scope="module")
@@ -38,53 +45,57 @@ def exposed_image(docker_client, pyback_image, run_id):
 def sites(module_containers, module_proxy, host, run_id, docker_client, test_network,
           other_network, exposed_image, tls_backend_files):
     """All routing cases as containers, then one proxy that reads them at start."""
-    mk = module_containers
     H = host
     tls = tls_backend_files
-    c = {}
-    c["plain"] = mk("plain", labels={"wakeproxy.host": H("plain")})
-    c["multi"] = mk("multi", labels={"wakeproxy.host": f"{H('m1')},{H('m2')}"})
-    c["wild"] = mk("wild", labels={"wakeproxy.host": f"*.wild.{run_id}.test"})
-    c["exactwild"] = mk("exactwild", labels={"wakeproxy.host": f"exact.wild.{run_id}.test"})
-    c["deepwild"] = mk("deepwild", labels={"wakeproxy.host": f"*.deep.wild.{run_id}.test"})
-    c["port"] = mk("port", labels={"wakeproxy.host": H("port"), "wakeproxy.port": "8081"},
-                   env={"PORT": "8081"})
-    # The exposed-port image is pyback + EXPOSE: give command and mounts explicitly.
-    c["exposed"] = mk("exposed", image=exposed_image, labels={"wakeproxy.host": H("exposed")},
-                      env={"PORT": "8082", "BACKEND_NAME": "exposed"},
-                      command=module_containers.pyback.command(),
-                      volumes=module_containers.pyback.volumes(), wait_ready=False)
-    mk.wait_listening(c["exposed"])
-    c["tls"] = mk("tls", labels={"wakeproxy.host": H("tls"), "wakeproxy.scheme": "https",
-                                 "wakeproxy.port": "8443"},
-                  env={"PORT": "8443", **tls["env"]}, volumes=tls["volumes"])
-    c["nginx"] = mk("nginx", env={"VIRTUAL_HOST": H("nginx"), "VIRTUAL_PORT": "8083", "PORT": "8083"})
-    c["nginxtls"] = mk("nginxtls", env={"VIRTUAL_HOST": H("nginxtls"), "VIRTUAL_PORT": "8444",
-                                        "VIRTUAL_PROTO": "https", "PORT": "8444", **tls["env"]},
-                       volumes=tls["volumes"])
-    c["docksal"] = mk("docksal", labels={"io.docksal.virtual-host": H("docksal"),
-                                         "io.docksal.virtual-port": "8084"}, env={"PORT": "8084"})
-    c["traefik"] = mk("traefik", labels={
-        "traefik.enable": "true",
-        "traefik.http.routers.web.rule": f"Host(`{H('t1')}`, `{H('t2')}`)",
-        "traefik.http.services.web.loadbalancer.server.port": "8085",
-    }, env={"PORT": "8085"})
-    c["disabled"] = mk("disabled", labels={"wakeproxy.host": H("disabled"), "wakeproxy.enable": "false"})
-    c["rr1"] = mk("rr1", labels={"wakeproxy.host": H("rr")})
-    c["rr2"] = mk("rr2", labels={"wakeproxy.host": H("rr")})
-    c["isolated"] = mk("isolated", labels={"wakeproxy.host": H("isolated")}, network=other_network)
-    c["multinet"] = mk("multinet", labels={"wakeproxy.host": H("multinet"),
-                                           "wakeproxy.network": test_network},
-                       network=other_network, start=False)
+    pyback = module_containers.pyback
+    specs = {
+        "plain": dict(labels={"wakeproxy.host": H("plain")}),
+        "multi": dict(labels={"wakeproxy.host": f"{H('m1')},{H('m2')}"}),
+        "wild": dict(labels={"wakeproxy.host": f"*.wild.{run_id}.test"}),
+        "exactwild": dict(labels={"wakeproxy.host": f"exact.wild.{run_id}.test"}),
+        "deepwild": dict(labels={"wakeproxy.host": f"*.deep.wild.{run_id}.test"}),
+        "port": dict(labels={"wakeproxy.host": H("port"), "wakeproxy.port": "8081"}, env={"PORT": "8081"}),
+        # pyback + EXPOSE 8082: command and mounts given explicitly for the derived image.
+        "exposed": dict(image=exposed_image, labels={"wakeproxy.host": H("exposed")},
+                        env={"PORT": "8082", "BACKEND_NAME": "exposed"},
+                        command=pyback.command(), volumes=pyback.volumes()),
+        "tls": dict(labels={"wakeproxy.host": H("tls"), "wakeproxy.scheme": "https", "wakeproxy.port": "8443"},
+                    env={"PORT": "8443", **tls["env"]}, volumes=tls["volumes"]),
+        "nginx": dict(env={"VIRTUAL_HOST": H("nginx"), "VIRTUAL_PORT": "8083", "PORT": "8083"}),
+        "nginxtls": dict(env={"VIRTUAL_HOST": H("nginxtls"), "VIRTUAL_PORT": "8444", "VIRTUAL_PROTO": "https",
+                              "PORT": "8444", **tls["env"]}, volumes=tls["volumes"]),
+        "docksal": dict(labels={"io.docksal.virtual-host": H("docksal"), "io.docksal.virtual-port": "8084"},
+                        env={"PORT": "8084"}),
+        "traefik": dict(labels={
+            "traefik.enable": "true",
+            "traefik.http.routers.web.rule": f"Host(`{H('t1')}`, `{H('t2')}`)",
+            "traefik.http.services.web.loadbalancer.server.port": "8085",
+        }, env={"PORT": "8085"}),
+        "disabled": dict(labels={"wakeproxy.host": H("disabled"), "wakeproxy.enable": "false"}),
+        "rr1": dict(labels={"wakeproxy.host": H("rr")}),
+        "rr2": dict(labels={"wakeproxy.host": H("rr")}),
+        "isolated": dict(labels={"wakeproxy.host": H("isolated")}, network=other_network),
+        "multinet": dict(labels={"wakeproxy.host": H("multinet"), "wakeproxy.network": test_network},
+                         network=other_network, start=False),
+        "exited": dict(labels={"wakeproxy.host": H("exited")}, wait_ready=True),
+        "created": dict(labels={"wakeproxy.host": H("created")}, start=False),
+        "badport": dict(labels={"wakeproxy.host": H("badport"), "wakeproxy.port": "abc"}),
+    }
+
+    def make(item):
+        suffix, kw = item
+        kw.setdefault("wait_ready", False)  # started together, awaited together below
+        return suffix, module_containers(suffix, **kw)
+
+    with ThreadPoolExecutor(4) as pool:
+        c = dict(pool.map(make, specs.items()))
     docker_client.networks.get(test_network).connect(c["multinet"])
     c["multinet"].start()
-    mk.wait_listening(c["multinet"])
-    c["exited"] = mk("exited", labels={"wakeproxy.host": H("exited")})
     c["exited"].stop(timeout=5)
-    c["created"] = mk("created", labels={"wakeproxy.host": H("created")}, start=False)
-    c["badport"] = mk("badport", labels={"wakeproxy.host": H("badport"), "wakeproxy.port": "abc"})
-
-    proxy = module_proxy()
+    for k, spec in specs.items():
+        if spec.get("start", True) and k != "exited":
+            module_containers.wait_listening(c[k])
+    proxy = module_proxy(NO_WAKE)
     # The proxy has read the containers once the plain site answers.
     wait_for(lambda: backend_of(proxied(proxy, H("plain"))) == "plain", 10, 0.1, "plain site via proxy")
     return SimpleNamespace(proxy=proxy, c=c, H=H)
@@ -205,13 +216,15 @@ def test_unknown_host_404_one_plain_line_otherwise(sites, run_id):
 
 
 def test_exited_container_is_asleep_503(sites):
-    r = proxied(sites.proxy, sites.H("exited"))
+    r = proxied(sites.proxy, sites.H("exited"), headers={"User-Agent": NO_WAKE_UA})
     assert r.status_code == 503, r.text
     assert "asleep" in r.text.lower(), r.text
+    sites.c["exited"].reload()
+    assert sites.c["exited"].status == "exited"
 
 
 def test_created_container_is_asleep_503(sites):
-    r = proxied(sites.proxy, sites.H("created"))
+    r = proxied(sites.proxy, sites.H("created"), headers={"User-Agent": NO_WAKE_UA})
     assert r.status_code == 503, r.text
     assert "asleep" in r.text.lower(), r.text
 
@@ -298,12 +311,13 @@ def test_mitmdump_script_gives_same_answers(sites, proxy, run_id):
     if not shutil.which("mitmdump", path=os.pathsep.join([str(Path(__file__).resolve().parents[2] / ".venv" / "bin"),
                                                           os.environ.get("PATH", "")])):
         pytest.fail("mitmdump not installed")
-    m = proxy(launcher="mitmdump")
+    m = proxy(NO_WAKE, launcher="mitmdump")
     wait_for(lambda: name(proxied(m, sites.H("plain"))) == "plain", 10, 0.1)
     cases = [sites.H("plain"), sites.H("m2"), f"x.deep.wild.{run_id}.test", sites.H("t1"),
              sites.H("tls"), sites.H("isolated"), sites.H("exited"), f"nobody.{run_id}.test"]
     for h in cases:
-        a, b = proxied(sites.proxy, h), proxied(m, h)
+        a = proxied(sites.proxy, h, headers={"User-Agent": NO_WAKE_UA})
+        b = proxied(m, h, headers={"User-Agent": NO_WAKE_UA})
         assert (a.status_code, name(a)) == (b.status_code, name(b)), h
     hd = proxied(m, sites.H("plain"), https=True).json()["headers"]
     assert hd["x-forwarded-proto"] == "https"
