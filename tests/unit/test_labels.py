@@ -1,0 +1,510 @@
+"""wakeproxy.labels: container labels / env → routes, for every supported convention."""
+
+from __future__ import annotations
+
+import pytest
+
+from wakeproxy.config import SourcesConfig
+from wakeproxy.labels import (
+    ContainerInfo,
+    ContainerSettings,
+    Dependency,
+    LabelError,
+    Route,
+    normalize_host,
+    parse_depends_on,
+    parse_hosts,
+    routes_for,
+    settings_for,
+)
+
+ALL = SourcesConfig()
+
+
+def info(labels=None, env=None, exposed=(), name="web", state="running", **kw) -> ContainerInfo:
+    return ContainerInfo(
+        id=f"id-{name}", name=name, state=state, labels=labels or {}, env=env or {}, exposed_ports=tuple(exposed), **kw
+    )
+
+
+def routes(labels=None, env=None, exposed=(), sources=ALL) -> list[Route]:
+    return routes_for(info(labels, env, exposed), sources)
+
+
+def hosts_of(rs: list[Route]) -> list[str]:
+    return [r.host for r in rs]
+
+
+def label_error(labels=None, env=None, exposed=(), sources=ALL) -> str:
+    with pytest.raises(LabelError) as exc:
+        routes(labels, env, exposed, sources)
+    return str(exc.value)
+
+
+# --- no declaration ---------------------------------------------------------------------
+
+
+def test_no_labels_no_routes():
+    assert routes() == []
+    assert routes({"com.docker.compose.project": "x", "maintainer": "me"}, {"PATH": "/bin"}) == []
+
+
+# --- ours -------------------------------------------------------------------------------------
+
+
+def test_ours_single_host_defaults():
+    assert routes({"wakeproxy.host": "a.test"}) == [Route("a.test", 80, "http", None, "wakeproxy")]
+
+
+def test_ours_host_list_with_spaces_and_case():
+    rs = routes({"wakeproxy.host": " A.test, b.TEST ,c.test  d.test,,"})
+    assert hosts_of(rs) == ["a.test", "b.test", "c.test", "d.test"]
+    assert {r.source for r in rs} == {"wakeproxy"}
+
+
+def test_ours_duplicate_host_in_one_list_once():
+    assert hosts_of(routes({"wakeproxy.host": "a.test, A.test, a.test."})) == ["a.test"]
+
+
+def test_ours_trailing_dot_and_port_stripped():
+    assert hosts_of(routes({"wakeproxy.host": "a.test., b.test:8080"})) == ["a.test", "b.test"]
+
+
+def test_ours_wildcard():
+    rs = routes({"wakeproxy.host": "*.Example.com, example.com"})
+    assert hosts_of(rs) == ["*.example.com", "example.com"]
+
+
+def test_ours_underscores_and_single_label_are_hostnames():
+    assert hosts_of(routes({"wakeproxy.host": "my_app.test, localhost"})) == ["my_app.test", "localhost"]
+
+
+def test_ours_port_scheme_network():
+    rs = routes(
+        {"wakeproxy.host": "a.test", "wakeproxy.port": " 8443 ", "wakeproxy.scheme": "HTTPS", "wakeproxy.network": "proxy"},
+        exposed=(3000,),
+    )
+    assert rs == [Route("a.test", 8443, "https", "proxy", "wakeproxy")]
+
+
+@pytest.mark.parametrize("exposed, port", [((), 80), ((3000,), 3000), ((80, 443), 80), ((3000, 8080), 80)])
+def test_ours_default_port_is_the_only_exposed_port_else_80(exposed, port):
+    assert routes({"wakeproxy.host": "a.test"}, exposed=exposed)[0].port == port
+
+
+def test_ours_empty_network_label_means_any():
+    assert routes({"wakeproxy.host": "a.test", "wakeproxy.network": ""})[0].network is None
+
+
+@pytest.mark.parametrize("value", ["false", "False", "0", "no", "off", " OFF "])
+def test_wakeproxy_enable_false_disables_every_source(value):
+    labels = {
+        "wakeproxy.enable": value,
+        "wakeproxy.host": "a.test",
+        "io.docksal.virtual-host": "b.test",
+        "traefik.http.routers.r.rule": "Host(`c.test`)",
+    }
+    assert routes(labels, env={"VIRTUAL_HOST": "d.test"}) == []
+
+
+@pytest.mark.parametrize("value", ["true", "1", "yes", "on", "TRUE"])
+def test_wakeproxy_enable_true_is_fine(value):
+    assert hosts_of(routes({"wakeproxy.enable": value, "wakeproxy.host": "a.test"})) == ["a.test"]
+
+
+def test_wakeproxy_enable_false_hides_even_malformed_labels():
+    assert routes({"wakeproxy.enable": "false", "wakeproxy.host": "a..b", "wakeproxy.port": "x"}) == []
+
+
+def test_wakeproxy_enable_garbage_names_the_label():
+    msg = label_error({"wakeproxy.enable": "maybe", "wakeproxy.host": "a.test"})
+    assert "wakeproxy.enable" in msg
+    assert "'maybe'" in msg
+
+
+# --- malformed (ours) -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["a..b", "-x", "x-", "a.-b.test", "a_b$.test", "*", "a.*.test", "**.test", "[::1]", "é.test", "a/b"])
+def test_bad_hostname(host):
+    msg = label_error({"wakeproxy.host": f"ok.test, {host}"})
+    assert "wakeproxy.host" in msg
+    assert "not a hostname" in msg
+
+
+@pytest.mark.parametrize("value", ["", "   ", ",", " , ,"])
+def test_empty_host_list(value):
+    msg = label_error({"wakeproxy.host": value})
+    assert "wakeproxy.host" in msg and "no hostname" in msg
+
+
+@pytest.mark.parametrize("port, fragment", [("http", "not a port"), ("", "not a port"), ("80.5", "not a port"),
+                                            ("0", "out of range"), ("70000", "out of range"), ("65536", "out of range"),
+                                            ("-1", "out of range")])
+def test_bad_port(port, fragment):
+    msg = label_error({"wakeproxy.host": "a.test", "wakeproxy.port": port})
+    assert "wakeproxy.port" in msg and fragment in msg
+
+
+def test_port_edges_accepted():
+    assert routes({"wakeproxy.host": "a.test", "wakeproxy.port": "1"})[0].port == 1
+    assert routes({"wakeproxy.host": "a.test", "wakeproxy.port": "65535"})[0].port == 65535
+
+
+@pytest.mark.parametrize("scheme", ["ftp", "", "h2c", "http://"])
+def test_bad_scheme(scheme):
+    msg = label_error({"wakeproxy.host": "a.test", "wakeproxy.scheme": scheme})
+    assert "wakeproxy.scheme" in msg
+
+
+def test_parse_hosts_direct():
+    assert parse_hosts("a.test b.test\tc.test\n", "x") == ["a.test", "b.test", "c.test"]
+    assert parse_hosts("b.test, a.test, B.TEST., a.test:80", "x") == ["b.test", "a.test"]
+    with pytest.raises(LabelError, match="^what: "):
+        parse_hosts("a..b", "what")
+
+
+# --- Docksal ----------------------------------------------------------------------------------
+
+
+def test_docksal_host_and_port():
+    rs = routes({"io.docksal.virtual-host": "Site.docksal, *.site.docksal", "io.docksal.virtual-port": "8080"})
+    assert rs == [Route("site.docksal", 8080, "http", None, "docksal"), Route("*.site.docksal", 8080, "http", None, "docksal")]
+
+
+def test_docksal_default_port_is_80_even_with_one_exposed_port():
+    assert routes({"io.docksal.virtual-host": "a.test"}, exposed=(3000,))[0].port == 80
+
+
+def test_docksal_bad_port_names_the_label():
+    assert "io.docksal.virtual-port" in label_error({"io.docksal.virtual-host": "a.test", "io.docksal.virtual-port": "x"})
+
+
+def test_docksal_bad_host_names_the_label():
+    assert "io.docksal.virtual-host" in label_error({"io.docksal.virtual-host": "a..test"})
+
+
+# --- nginx-proxy -----------------------------------------------------------------------------
+
+
+def test_nginx_proxy_env():
+    rs = routes(env={"VIRTUAL_HOST": "a.test,B.test", "VIRTUAL_PORT": "3000", "VIRTUAL_PROTO": "https"})
+    assert rs == [Route("a.test", 3000, "https", None, "nginx-proxy"), Route("b.test", 3000, "https", None, "nginx-proxy")]
+
+
+def test_nginx_proxy_labels_are_not_env():
+    assert routes({"VIRTUAL_HOST": "a.test"}) == []
+
+
+def test_nginx_proxy_default_port_follows_exposed_ports():
+    assert routes(env={"VIRTUAL_HOST": "a.test"}, exposed=(5000,))[0].port == 5000
+    assert routes(env={"VIRTUAL_HOST": "a.test"}, exposed=(5000, 5001))[0].port == 80
+
+
+def test_nginx_proxy_empty_values_mean_unset():
+    assert routes(env={"VIRTUAL_HOST": ""}) == []
+    rs = routes(env={"VIRTUAL_HOST": "a.test", "VIRTUAL_PORT": "", "VIRTUAL_PROTO": ""})
+    assert rs == [Route("a.test", 80, "http", None, "nginx-proxy")]
+
+
+def test_nginx_proxy_wildcard_prefix_is_fine():
+    assert hosts_of(routes(env={"VIRTUAL_HOST": "*.a.test"})) == ["*.a.test"]
+
+
+@pytest.mark.parametrize("value", ["~^foo\\.example\\.com$", "a.test,~^x\\..*", "x.*", "a.test, x.*", "foo.example.*"])
+def test_nginx_proxy_regex_and_trailing_wildcards_rejected(value):
+    msg = label_error(env={"VIRTUAL_HOST": value})
+    assert msg.startswith("env VIRTUAL_HOST: ")
+    assert "regular expression" in msg  # says why, not just "not a hostname"
+
+
+def test_nginx_proxy_bad_proto_and_port_name_the_variable():
+    assert "VIRTUAL_PROTO" in label_error(env={"VIRTUAL_HOST": "a.test", "VIRTUAL_PROTO": "uwsgi"})
+    assert "VIRTUAL_PORT" in label_error(env={"VIRTUAL_HOST": "a.test", "VIRTUAL_PORT": "0"})
+
+
+# --- Traefik --------------------------------------------------------------------------------
+
+
+def test_traefik_or_of_hosts_and_multi_arg_host():
+    rs = routes({"traefik.http.routers.r.rule": "Host(`a.test`) || Host(`b.test`, `c.test`)"})
+    assert hosts_of(rs) == ["a.test", "b.test", "c.test"]
+    assert {(r.port, r.scheme, r.network, r.source) for r in rs} == {(80, "http", None, "traefik")}
+
+
+def test_traefik_double_quotes_and_spaces():
+    assert hosts_of(routes({"traefik.http.routers.r.rule": 'Host ( "X.test" )'})) == ["x.test"]
+
+
+def test_traefik_host_with_path_prefix():
+    rs = routes({"traefik.http.routers.api.rule": "Host(`a.test`) && PathPrefix(`/api`)"})
+    assert hosts_of(rs) == ["a.test"]
+
+
+@pytest.mark.parametrize("rule", ["PathPrefix(`/`)", "HostRegexp(`{sub:[a-z]+}.a.test`)", "HostSNI(`*`)", "Header(`X-Host`, `a`)"])
+def test_traefik_rule_without_host_is_ignored(rule):
+    assert routes({"traefik.http.routers.r.rule": rule}) == []
+
+
+def test_traefik_rule_without_host_does_not_hide_another_router():
+    labels = {"traefik.http.routers.a.rule": "PathPrefix(`/`)", "traefik.http.routers.b.rule": "Host(`b.test`)"}
+    assert hosts_of(routes(labels)) == ["b.test"]
+
+
+def test_traefik_host_without_quoted_name_is_an_error():
+    assert "traefik.http.routers.r.rule" in label_error({"traefik.http.routers.r.rule": "Host(a.test)"})
+
+
+def test_traefik_bad_host_names_the_router_rule():
+    assert "traefik.http.routers.web.rule" in label_error({"traefik.http.routers.web.rule": "Host(`a..test`)"})
+
+
+def test_traefik_port_from_the_single_service():
+    labels = {
+        "traefik.http.routers.r.rule": "Host(`a.test`)",
+        "traefik.http.services.svc.loadbalancer.server.port": "8080",
+        "traefik.http.services.svc.loadbalancer.server.scheme": "https",
+    }
+    assert routes(labels) == [Route("a.test", 8080, "https", None, "traefik")]
+
+
+def test_traefik_port_from_the_routers_service():
+    labels = {
+        "traefik.http.routers.r.rule": "Host(`a.test`)",
+        "traefik.http.routers.r.service": "two",
+        "traefik.http.routers.s.rule": "Host(`b.test`)",
+        "traefik.http.routers.s.service": "one",
+        "traefik.http.services.one.loadbalancer.server.port": "1111",
+        "traefik.http.services.two.loadbalancer.server.port": "2222",
+    }
+    by_host = {r.host: r.port for r in routes(labels)}
+    assert by_host == {"a.test": 2222, "b.test": 1111}
+
+
+def test_traefik_two_services_no_router_service_uses_default_port():
+    labels = {
+        "traefik.http.routers.r.rule": "Host(`a.test`)",
+        "traefik.http.services.one.loadbalancer.server.port": "1111",
+        "traefik.http.services.two.loadbalancer.server.port": "2222",
+    }
+    assert routes(labels, exposed=(9000,))[0].port == 9000
+
+
+def test_traefik_default_port_without_service():
+    assert routes({"traefik.http.routers.r.rule": "Host(`a.test`)"}, exposed=(4000,))[0].port == 4000
+
+
+def test_traefik_bad_service_port_names_the_label():
+    labels = {"traefik.http.routers.r.rule": "Host(`a.test`)", "traefik.http.services.s.loadbalancer.server.port": "x"}
+    assert "traefik.http.services.s.loadbalancer.server.port" in label_error(labels)
+
+
+def test_traefik_network():
+    labels = {"traefik.http.routers.r.rule": "Host(`a.test`)", "traefik.docker.network": "web"}
+    assert routes(labels)[0].network == "web"
+
+
+def test_traefik_enable_false():
+    assert routes({"traefik.enable": "false", "traefik.http.routers.r.rule": "Host(`a.test`)"}) == []
+
+
+def test_traefik_enable_false_leaves_other_sources():
+    labels = {"traefik.enable": "false", "traefik.http.routers.r.rule": "Host(`a.test`)", "wakeproxy.host": "b.test"}
+    assert hosts_of(routes(labels)) == ["b.test"]
+
+
+def test_traefik_enable_garbage_names_the_label():
+    labels = {"traefik.enable": "sometimes", "traefik.http.routers.r.rule": "Host(`a.test`)"}
+    assert "traefik.enable" in label_error(labels)
+
+
+def test_traefik_same_host_in_two_routers_once():
+    labels = {"traefik.http.routers.a.rule": "Host(`x.test`)", "traefik.http.routers.b.rule": "Host(`x.test`) && Path(`/b`)"}
+    assert hosts_of(routes(labels)) == ["x.test"]
+
+
+# --- precedence and switching sources off ----------------------------------------------------
+
+EVERYTHING = {
+    "labels": {
+        "wakeproxy.host": "shared.test, ours.test",
+        "wakeproxy.port": "1001",
+        "io.docksal.virtual-host": "shared.test, docksal.test, both.test",
+        "io.docksal.virtual-port": "1002",
+        "traefik.http.routers.r.rule": "Host(`shared.test`, `traefik.test`, `both.test`, `np.test`)",
+        "traefik.http.services.s.loadbalancer.server.port": "1004",
+    },
+    "env": {"VIRTUAL_HOST": "shared.test, np.test", "VIRTUAL_PORT": "1003"},
+}
+
+
+def by_host(sources=ALL) -> dict[str, tuple[int, str]]:
+    rs = routes(EVERYTHING["labels"], EVERYTHING["env"], sources=sources)
+    assert len(rs) == len({r.host for r in rs})  # every host once
+    return {r.host: (r.port, r.source) for r in rs}
+
+
+def test_first_source_wins_for_a_shared_host():
+    assert by_host() == {
+        "shared.test": (1001, "wakeproxy"),
+        "ours.test": (1001, "wakeproxy"),
+        "docksal.test": (1002, "docksal"),
+        "both.test": (1002, "docksal"),
+        "np.test": (1003, "nginx-proxy"),
+        "traefik.test": (1004, "traefik"),
+    }
+
+
+def test_order_of_routes_follows_source_priority():
+    rs = routes(EVERYTHING["labels"], EVERYTHING["env"])
+    assert [r.source for r in rs] == ["wakeproxy", "wakeproxy", "docksal", "docksal", "nginx-proxy", "traefik"]
+
+
+@pytest.mark.parametrize(
+    "off, expected",
+    [
+        ("wakeproxy", {"shared.test": (1002, "docksal"), "docksal.test": (1002, "docksal"), "both.test": (1002, "docksal"),
+                       "np.test": (1003, "nginx-proxy"), "traefik.test": (1004, "traefik")}),
+        ("docksal", {"shared.test": (1001, "wakeproxy"), "ours.test": (1001, "wakeproxy"), "np.test": (1003, "nginx-proxy"),
+                     "traefik.test": (1004, "traefik"), "both.test": (1004, "traefik")}),
+        ("nginx_proxy", {"shared.test": (1001, "wakeproxy"), "ours.test": (1001, "wakeproxy"), "docksal.test": (1002, "docksal"),
+                         "both.test": (1002, "docksal"), "traefik.test": (1004, "traefik"), "np.test": (1004, "traefik")}),
+        ("traefik", {"shared.test": (1001, "wakeproxy"), "ours.test": (1001, "wakeproxy"), "docksal.test": (1002, "docksal"),
+                     "both.test": (1002, "docksal"), "np.test": (1003, "nginx-proxy")}),
+    ],
+)
+def test_each_source_can_be_switched_off(off, expected):
+    assert by_host(SourcesConfig(**{off: False})) == expected
+
+
+def test_all_sources_off():
+    assert by_host(SourcesConfig(False, False, False, False)) == {}
+
+
+@pytest.mark.parametrize(
+    "off, labels, env",
+    [
+        ("wakeproxy", {"wakeproxy.host": "a..b"}, {}),
+        ("docksal", {"io.docksal.virtual-host": "a..b"}, {}),
+        ("nginx_proxy", {}, {"VIRTUAL_HOST": "~regex"}),
+        ("traefik", {"traefik.http.routers.r.rule": "Host(`a..b`)"}, {}),
+    ],
+)
+def test_a_switched_off_source_is_not_even_parsed(off, labels, env):
+    with pytest.raises(LabelError):
+        routes(labels, env)
+    assert routes(labels, env, sources=SourcesConfig(**{off: False})) == []
+
+
+def test_a_malformed_lower_priority_source_still_fails_the_container():
+    # The container is skipped as a whole, rather than half-routed.
+    with pytest.raises(LabelError, match="io.docksal.virtual-port"):
+        routes({"wakeproxy.host": "a.test", "io.docksal.virtual-host": "b.test", "io.docksal.virtual-port": "x"})
+
+
+# --- ContainerInfo ---------------------------------------------------------------------------
+
+
+def test_group_precedence():
+    assert info({"wakeproxy.group": "g", "com.docker.compose.project": "p"}, name="n").group == "g"
+    assert info({"com.docker.compose.project": "p"}, name="n").group == "p"
+    assert info({}, name="n").group == "n"
+    assert info({"wakeproxy.group": "", "com.docker.compose.project": "p"}, name="n").group == "p"
+
+
+@pytest.mark.parametrize("state, running", [("running", True), ("exited", False), ("paused", False), ("restarting", False), ("created", False)])
+def test_running(state, running):
+    assert info(state=state).running is running
+
+
+# --- normalize_host ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw, norm",
+    [
+        ("A.Test", "a.test"),
+        ("a.test.", "a.test"),
+        ("a.test:8080", "a.test"),
+        ("A.TEST.:443", "a.test"),
+        ("  a.test  ", "a.test"),
+        ("[::1]", "[::1]"),
+        ("[::1]:8443", "[::1]"),
+        ("[FE80::1]:80", "[fe80::1]"),
+        ("127.0.0.1:80", "127.0.0.1"),
+        ("", ""),
+    ],
+)
+def test_normalize_host(raw, norm):
+    assert normalize_host(raw) == norm
+
+
+# --- wake settings (settings_for, parse_depends_on) --------------------------------------------
+
+
+def test_settings_defaults():
+    assert settings_for(info()) == ContainerSettings()
+
+
+def test_settings_from_labels():
+    s = settings_for(info({
+        "wakeproxy.wake-strategy": " Page ",
+        "wakeproxy.wake-timeout": "2m",
+        "wakeproxy.ready-path": " /healthz?full=1 ",
+        "com.docker.compose.service": "web",
+        "com.docker.compose.depends_on": "db:service_healthy:false, migrate:service_completed_successfully,cache:",
+    }))
+    assert s == ContainerSettings(
+        wake_strategy="page", wake_timeout=120.0, ready_path="/healthz?full=1", service="web",
+        depends_on=(Dependency("db", "service_healthy"), Dependency("migrate", "service_completed_successfully"),
+                    Dependency("cache", "service_started")),
+    )
+
+
+def test_depends_on_default_condition_and_empty_items():
+    assert parse_depends_on("db, ,redis:service_started", "x") == (Dependency("db", "service_started"),
+                                                                  Dependency("redis", "service_started"))
+    assert parse_depends_on("", "x") == ()
+
+
+@pytest.mark.parametrize(
+    "labels, named",
+    [
+        ({"wakeproxy.wake-strategy": "lazy"}, "wakeproxy.wake-strategy"),
+        ({"wakeproxy.wake-timeout": "soon"}, "wakeproxy.wake-timeout"),
+        ({"wakeproxy.wake-timeout": "0"}, "wakeproxy.wake-timeout"),
+        ({"wakeproxy.wake-timeout": "-1s"}, "wakeproxy.wake-timeout"),
+        ({"wakeproxy.ready-path": "healthz"}, "wakeproxy.ready-path"),
+        ({"wakeproxy.ready-path": "/a b"}, "wakeproxy.ready-path"),
+        ({"com.docker.compose.depends_on": "db:service_ready"}, "com.docker.compose.depends_on"),
+        ({"com.docker.compose.depends_on": ":service_started"}, "com.docker.compose.depends_on"),
+    ],
+)
+def test_settings_errors_name_the_label(labels, named):
+    with pytest.raises(LabelError) as exc:
+        settings_for(info(labels))
+    assert str(exc.value).startswith(f"label {named}: ")
+
+
+def test_idle_settings():
+    s = settings_for(info({"wakeproxy.idle-timeout": " 45m ", "wakeproxy.idle-action": " PAUSE "}))
+    assert (s.idle_timeout, s.idle_action) == (2700.0, "pause")
+    assert settings_for(info({"wakeproxy.idle-timeout": "0"})).idle_timeout == 0.0
+    assert settings_for(info({"io.docksal.permanent": "true", "wakeproxy.idle-timeout": "1h"})).idle_timeout == 0.0
+    assert settings_for(info({"io.docksal.permanent": "false", "wakeproxy.idle-timeout": "1h"})).idle_timeout == 3600.0
+    assert settings_for(info({"io.docksal.permanent": "false"})).idle_timeout is None
+
+
+@pytest.mark.parametrize(
+    "labels, named",
+    [
+        ({"wakeproxy.idle-timeout": "a while"}, "wakeproxy.idle-timeout"),
+        ({"wakeproxy.idle-timeout": "-5m"}, "wakeproxy.idle-timeout"),
+        ({"wakeproxy.idle-action": "kill"}, "wakeproxy.idle-action"),
+        ({"io.docksal.permanent": "forever"}, "io.docksal.permanent"),
+    ],
+)
+def test_idle_settings_errors_name_the_label(labels, named):
+    with pytest.raises(LabelError) as exc:
+        settings_for(info(labels))
+    assert str(exc.value).startswith(f"label {named}: ")

@@ -1,0 +1,605 @@
+"""wakeproxy.router: Host → backend, forwarded headers, error answers, hand-over to the waker,
+streaming, WebSocket history."""
+
+from __future__ import annotations
+
+import asyncio
+from ipaddress import ip_network
+
+import pytest
+from mitmproxy import http, websocket
+from mitmproxy.test import taddons, tflow
+from mitmproxy.test.tutils import treq, tresp
+
+from wakeproxy.config import Config, ForwardedConfig, SourcesConfig, parse_config
+from wakeproxy.labels import ContainerInfo
+from wakeproxy.router import WEBSOCKET_HISTORY, Router
+from wakeproxy.runtime import Runtime
+from wakeproxy.snapshot import Snapshot, build_snapshot
+from wakeproxy.waker import CONTROL_PREFIX, Waker
+
+CLIENT = ("192.0.2.7", 5555)
+TRUSTED = ForwardedConfig(trusted_proxies=(ip_network("192.0.2.0/24"),))
+
+
+def c(name, host, state="running", networks=None, labels=None, project=None) -> ContainerInfo:
+    labels = {"wakeproxy.host": host, **(labels or {})}
+    if project:
+        labels["com.docker.compose.project"] = project
+    if networks is None:
+        networks = {"bridge": "172.17.0.2"} if state == "running" else {"bridge": ""}
+    return ContainerInfo(id=f"id-{name}", name=name, state=state, labels=labels, networks=networks)
+
+
+class FakeWaker:
+    """Stands in for the Waker: records what the router hands over, never touches Docker."""
+
+    def __init__(self, hold=None) -> None:
+        self.calls: list[tuple] = []
+        self.hold = hold  # an async function(flow, site, host, forward) to return from asleep()
+
+    def asleep(self, flow, site, host, forward):
+        self.calls.append(("asleep", flow, site, host, forward))
+        return self.hold(flow, site, host, forward) if self.hold else None
+
+    def control(self, flow, site, host):
+        self.calls.append(("control", flow, site, host))
+        flow.response = http.Response.make(200, b"control")
+        return None
+
+
+def snap(*containers, allowed=(), synced=True, drivers=None) -> Snapshot:
+    return build_snapshot(containers, SourcesConfig(), tuple(allowed), drivers or {}, synced=synced)
+
+
+def make_router(*containers, allowed=(), config=None, synced=True, snapshot=None, waker=None, drivers=None) -> Router:
+    config = config or Config()
+    if snapshot is None:
+        snapshot = snap(*containers, allowed=allowed, synced=synced, drivers=drivers)
+    return Router(Runtime(config=config, snapshot=snapshot), waker or FakeWaker())
+
+
+def plain_router() -> Router:
+    return Router(Runtime(), FakeWaker())
+
+
+def make_flow(host: str | None = "a.test", headers=(), peer=CLIENT, sock=("127.0.0.1", 8080), tls=False,
+              http2=False) -> http.HTTPFlow:
+    hdrs = http.Headers([(k.encode(), v.encode()) for k, v in headers])
+    if http2:
+        req = treq(http_version=b"HTTP/2.0", authority=(host or "").encode(), headers=hdrs, host="placeholder", port=1)
+    else:
+        if host is not None:
+            hdrs.insert(0, "Host", host)
+        req = treq(headers=hdrs, host="placeholder", port=1)
+    f = tflow.tflow(req=req)
+    f.client_conn.peername = peer
+    f.client_conn.sockname = sock
+    f.client_conn.timestamp_tls_setup = 946681201.0 if tls else None
+    return f
+
+
+def route(router: Router, flow: http.HTTPFlow) -> http.HTTPFlow:
+    router.requestheaders(flow)
+    return flow
+
+
+WEB = c("web", "a.test", labels={"wakeproxy.port": "8080"}, project="proj")
+
+
+# --- routing ----------------------------------------------------------------------------------
+
+
+def test_tls_helper_is_what_the_router_reads():
+    assert make_flow(tls=True).client_conn.tls_established
+    assert not make_flow(tls=False).client_conn.tls_established
+
+
+def test_upstream_becomes_the_backend_and_host_is_kept():
+    f = route(make_router(WEB), make_flow("A.test:8080"))
+    assert f.response is None
+    assert (f.request.scheme, f.request.host, f.request.port) == ("http", "172.17.0.2", 8080)
+    assert f.request.headers.get_all("Host") == ["A.test:8080"]
+    assert f.request.host_header == "A.test:8080"
+    assert f.metadata["wakeproxy.container"] == "web"
+    assert f.metadata["wakeproxy.group"] == "proj"
+
+
+def test_https_backend():
+    router = make_router(c("web", "a.test", labels={"wakeproxy.scheme": "https", "wakeproxy.port": "443"}))
+    f = route(router, make_flow("a.test"))
+    assert (f.request.scheme, f.request.host, f.request.port) == ("https", "172.17.0.2", 443)
+    assert f.request.headers["Host"] == "a.test"
+
+
+def test_http2_authority_is_kept_and_no_host_header_added():
+    f = route(make_router(WEB), make_flow("a.test", http2=True))
+    assert f.response is None
+    assert (f.request.host, f.request.port) == ("172.17.0.2", 8080)
+    assert f.request.authority == "a.test"
+    assert "Host" not in f.request.headers
+    assert f.request.host_header == "a.test"
+    assert f.request.headers["X-Forwarded-Host"] == "a.test"
+
+
+def test_http2_with_a_host_header_too():
+    f = make_flow("a.test", http2=True, headers=[("Host", "a.test")])
+    route(make_router(WEB), f)
+    assert f.request.authority == "a.test"
+    assert f.request.headers["Host"] == "a.test"
+
+
+def test_wildcard_site_routes():
+    router = make_router(c("wild", "*.example.com", networks={"bridge": "172.17.0.9"}))
+    f = route(router, make_flow("Deep.Sub.example.com"))
+    assert f.request.host == "172.17.0.9"
+    assert f.request.headers["Host"] == "Deep.Sub.example.com"
+
+
+def test_forwarded_headers_plain_http():
+    f = route(make_router(WEB), make_flow("a.test:8080"))
+    h = f.request.headers
+    assert h["X-Forwarded-For"] == "192.0.2.7"
+    assert h["X-Forwarded-Proto"] == "http"
+    assert h["X-Forwarded-Host"] == "a.test:8080"
+    assert h["X-Forwarded-Port"] == "8080"
+    assert h["X-Real-IP"] == "192.0.2.7"
+
+
+def test_forwarded_headers_tls():
+    f = route(make_router(WEB), make_flow("a.test", tls=True, sock=("10.0.0.1", 443)))
+    assert f.request.headers["X-Forwarded-Proto"] == "https"
+    assert f.request.headers["X-Forwarded-Port"] == "443"
+
+
+def test_ipv4_mapped_client_address():
+    f = route(make_router(WEB), make_flow(peer=("::ffff:192.0.2.7", 5555, 0, 0)))
+    assert f.request.headers["X-Forwarded-For"] == "192.0.2.7"
+    assert f.request.headers["X-Real-IP"] == "192.0.2.7"
+
+
+def test_ipv6_client_address():
+    f = route(make_router(WEB), make_flow(peer=("2001:db8::5", 5555, 0, 0)))
+    assert f.request.headers["X-Forwarded-For"] == "2001:db8::5"
+
+
+SPOOFED = [
+    ("X-Forwarded-For", "198.51.100.1"),
+    ("x-forwarded-for", "198.51.100.2"),
+    ("X-Forwarded-Proto", "https"),
+    ("X-Forwarded-Host", "evil.test"),
+    ("X-Forwarded-Port", "1"),
+    ("X-Real-IP", "198.51.100.9"),
+]
+
+
+def test_untrusted_client_forwarded_headers_are_replaced():
+    f = route(make_router(WEB), make_flow("a.test", headers=SPOOFED))
+    h = f.request.headers
+    assert h.get_all("X-Forwarded-For") == ["192.0.2.7"]
+    assert h.get_all("X-Forwarded-Proto") == ["http"]
+    assert h.get_all("X-Forwarded-Host") == ["a.test"]
+    assert h.get_all("X-Forwarded-Port") == ["8080"]
+    assert h.get_all("X-Real-IP") == ["192.0.2.7"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG (contract): config/wakeproxy.yaml says X-Forwarded-* headers from untrusted peers are "
+    "replaced, but the router only rewrites For/Proto/Host/Port; X-Forwarded-Ssl, X-Forwarded-Scheme, "
+    "X-Forwarded-Prefix … from any client reach the backend untouched (Rack/Rails trust X-Forwarded-Ssl)",
+)
+def test_untrusted_client_cannot_pass_other_x_forwarded_headers():
+    f = route(make_router(WEB), make_flow("a.test", headers=[("X-Forwarded-Ssl", "on"), ("X-Forwarded-Scheme", "https"),
+                                                             ("X-Forwarded-Prefix", "/admin")]))
+    h = f.request.headers
+    assert "X-Forwarded-Ssl" not in h
+    assert "X-Forwarded-Scheme" not in h
+    assert "X-Forwarded-Prefix" not in h
+
+
+def test_trusted_proxy_forwarded_headers_are_kept_and_xff_appended():
+    router = make_router(WEB, config=Config(forwarded=TRUSTED))
+    f = route(router, make_flow("a.test", headers=SPOOFED))
+    h = f.request.headers
+    assert h.get_all("X-Forwarded-For") == ["198.51.100.1, 198.51.100.2, 192.0.2.7"]
+    assert h["X-Forwarded-Proto"] == "https"
+    assert h["X-Forwarded-Host"] == "evil.test"
+    assert h["X-Forwarded-Port"] == "1"
+    assert h["X-Real-IP"] == "198.51.100.9"
+
+
+def test_trusted_proxy_without_forwarded_headers_gets_ours():
+    router = make_router(WEB, config=Config(forwarded=TRUSTED))
+    f = route(router, make_flow("a.test", tls=True, sock=("10.0.0.1", 443)))
+    h = f.request.headers
+    assert h["X-Forwarded-For"] == "192.0.2.7"
+    assert h["X-Forwarded-Proto"] == "https"
+    assert h["X-Forwarded-Host"] == "a.test"
+    assert h["X-Forwarded-Port"] == "443"
+    assert h["X-Real-IP"] == "192.0.2.7"
+
+
+def test_trusted_range_does_not_cover_other_peers():
+    router = make_router(WEB, config=Config(forwarded=TRUSTED))
+    f = route(router, make_flow("a.test", headers=SPOOFED, peer=("198.18.0.1", 1)))
+    assert f.request.headers.get_all("X-Forwarded-For") == ["198.18.0.1"]
+    assert f.request.headers["X-Forwarded-Proto"] == "http"
+
+
+def test_round_robin_over_ready_backends():
+    router = make_router(
+        c("w1", "a.test", networks={"bridge": "10.0.0.1"}),
+        c("w2", "a.test", networks={"bridge": "10.0.0.2"}),
+        c("w0", "a.test", state="exited"),
+    )
+    seen = [route(router, make_flow("a.test")).request.host for _ in range(4)]
+    assert seen == ["10.0.0.1", "10.0.0.2", "10.0.0.1", "10.0.0.2"]
+
+
+def test_round_robin_is_per_site():
+    router = make_router(
+        c("a1", "a.test", networks={"bridge": "10.0.0.1"}),
+        c("a2", "a.test", networks={"bridge": "10.0.0.2"}),
+        c("b1", "b.test", networks={"bridge": "10.0.1.1"}),
+        c("b2", "b.test", networks={"bridge": "10.0.1.2"}),
+    )
+    assert route(router, make_flow("a.test")).request.host == "10.0.0.1"
+    assert route(router, make_flow("b.test")).request.host == "10.0.1.1"
+    assert route(router, make_flow("a.test")).request.host == "10.0.0.2"
+    assert route(router, make_flow("b.test")).request.host == "10.0.1.2"
+
+
+def test_new_snapshot_is_seen_by_the_next_request():
+    router = make_router(WEB)
+    router.runtime.publish(snap(c("web", "a.test", networks={"bridge": "172.17.0.99"})))
+    assert route(router, make_flow("a.test")).request.host == "172.17.0.99"
+
+
+# --- unknown hosts, startup, default host ---------------------------------------------------
+
+
+def body(f: http.HTTPFlow) -> str:
+    return f.response.get_text()
+
+
+def test_unknown_host_plain_text_404():
+    f = route(make_router(WEB), make_flow("nope.test", headers=[("Accept", "*/*")]))
+    assert f.response.status_code == 404
+    assert f.response.headers["Content-Type"].startswith("text/plain")
+    text = body(f)
+    assert text.endswith("\n") and text.count("\n") == 1
+    assert text.startswith("wakeproxy: 404 ")
+    assert "'nope.test'" in text
+    assert f.request.host == "placeholder"  # not routed anywhere
+
+
+def test_unknown_host_html_404():
+    f = route(make_router(WEB), make_flow("nope.test", headers=[("Accept", "text/html,application/xhtml+xml;q=0.9")]))
+    assert f.response.status_code == 404
+    assert f.response.headers["Content-Type"].startswith("text/html")
+    text = body(f)
+    assert text.lstrip().lower().startswith("<!doctype html")
+    assert "Unknown site" in text and "nope.test" in text
+
+
+def test_missing_host_header_404():
+    f = route(make_router(WEB), make_flow(None))
+    assert f.response.status_code == 404
+    assert "(no Host header)" in body(f)
+
+
+def test_not_synced_503_with_retry_after():
+    f = route(make_router(snapshot=Snapshot()), make_flow("a.test"))
+    assert f.response.status_code == 503
+    assert f.response.headers["Retry-After"] == "1"
+    assert body(f).count("\n") == 1
+
+
+def test_not_synced_even_for_known_hosts_of_a_partial_snapshot():
+    router = make_router(c("other", "b.test"), synced=False)
+    f = route(router, make_flow("a.test"))
+    assert f.response.status_code == 503
+    assert "Retry-After" in f.response.headers
+
+
+def test_default_host_answers_unknown_hosts():
+    router = make_router(WEB, c("fb", "fallback.test", networks={"bridge": "172.17.0.50"}),
+                         config=Config(default_host="fallback.test"))
+    f = route(router, make_flow("unknown.test"))
+    assert f.response is None
+    assert f.request.host == "172.17.0.50"
+    assert f.request.headers["Host"] == "unknown.test"
+    assert f.request.headers["X-Forwarded-Host"] == "unknown.test"
+    # a known host still goes to its own site
+    assert route(router, make_flow("a.test")).request.host == "172.17.0.2"
+    # and so does a request without a Host header
+    assert route(router, make_flow(None)).request.host == "172.17.0.50"
+
+
+def test_default_host_that_nobody_declares_is_404():
+    router = make_router(WEB, config=Config(default_host="fallback.test"))
+    assert route(router, make_flow("unknown.test")).response.status_code == 404
+
+
+# --- sites without a usable backend ------------------------------------------------------------
+
+
+ASLEEP = c("web", "a.test", state="exited", labels={"wakeproxy.port": "8080"})
+
+
+def test_asleep_site_is_handed_to_the_waker():
+    waker = FakeWaker()
+    router = make_router(ASLEEP, waker=waker)
+    f = make_flow("A.test:80")
+    assert router.requestheaders(f) is None  # what the waker returned
+    assert len(waker.calls) == 1
+    kind, flow, site, host, forward = waker.calls[0]
+    assert (kind, flow, host) == ("asleep", f, "a.test")
+    assert site is router.runtime.snapshot.lookup("a.test")
+    assert f.response is None
+    assert f.request.host == "placeholder"  # not routed yet
+    assert "X-Forwarded-For" not in f.request.headers
+
+
+def test_the_wakers_coroutine_is_returned_for_mitmproxy_to_await():
+    async def hold(flow, site, host, forward):
+        pass
+
+    router = make_router(ASLEEP, waker=FakeWaker(hold))
+    coro = router.requestheaders(make_flow("a.test"))
+    assert asyncio.iscoroutine(coro)
+    asyncio.run(coro)
+
+
+NETS = {"proxy": "bridge", "other": "bridge"}
+
+
+@pytest.mark.parametrize("state", ["exited", "paused", "created"])
+def test_any_wakeable_backend_goes_to_the_waker(state):
+    waker = FakeWaker()
+    router = make_router(c("web", "a.test", state=state, networks={"proxy": ""}),
+                         c("api", "a.test", networks={"other": "172.20.0.2"}),  # running, but unreachable
+                         allowed=("proxy",), drivers=NETS, waker=waker)
+    router.requestheaders(make_flow("a.test"))
+    assert [call[0] for call in waker.calls] == ["asleep"]
+
+
+def test_stopped_container_on_a_foreign_network_is_unreachable_not_woken():
+    waker = FakeWaker()
+    router = make_router(c("web", "a.test", state="exited", networks={"other": ""}),
+                         allowed=("proxy",), drivers=NETS, waker=waker)
+    f = route(router, make_flow("a.test"))
+    assert waker.calls == []
+    assert f.response.status_code == 503
+    assert "cannot be reached" in body(f) and "other" in body(f)
+
+
+def test_a_group_being_put_to_sleep_goes_to_the_waker_although_ready():
+    waker = FakeWaker()
+    router = make_router(WEB, waker=waker)
+    router.runtime.stopping["proj"] = None  # type: ignore[assignment]  # the idle keeper's task
+    f = make_flow("a.test")
+    router.requestheaders(f)
+    assert [call[0] for call in waker.calls] == ["asleep"]
+    assert f.request.host == "placeholder"
+    router.runtime.stopping.clear()
+    assert route(router, make_flow("a.test")).request.host == "172.17.0.2"
+
+
+def test_forward_after_wake_routes_to_the_fresh_snapshot():
+    waker = FakeWaker()
+    router = make_router(ASLEEP, waker=waker)
+    f = make_flow("a.test")
+    router.requestheaders(f)
+    _, _, site, _, forward = waker.calls[0]
+    router.runtime.publish(snap(c("web", "a.test", labels={"wakeproxy.port": "8080"},
+                                  networks={"bridge": "172.17.0.42"})))
+    forward(f, site)
+    assert f.response is None
+    assert (f.request.host, f.request.port) == ("172.17.0.42", 8080)
+    assert f.request.headers["Host"] == "a.test"
+    assert f.request.headers["X-Forwarded-For"] == "192.0.2.7"
+
+
+def test_forward_after_wake_without_a_ready_backend_is_502():
+    waker = FakeWaker()
+    router = make_router(ASLEEP, waker=waker)
+    f = make_flow("a.test")
+    router.requestheaders(f)
+    _, _, site, _, forward = waker.calls[0]
+    forward(f, site)  # the snapshot still says exited
+    assert f.response.status_code == 502
+    assert "'a.test'" in body(f)
+    assert f.request.host == "placeholder"
+
+
+def test_held_request_is_forwarded_through_mitmproxy():
+    async def hold(flow, site, host, forward):
+        await asyncio.sleep(0)
+        router.runtime.publish(snap(c("web", "a.test", labels={"wakeproxy.port": "8080"},
+                                      networks={"bridge": "172.17.0.43"})))
+        forward(flow, site)
+
+    router = make_router(ASLEEP, waker=FakeWaker(hold))
+    with taddons.context(router) as tctx:
+        f = make_flow("a.test")
+        asyncio.run(tctx.cycle(router, f))
+    assert f.response is None
+    assert (f.request.host, f.request.port) == ("172.17.0.43", 8080)
+
+
+def test_real_waker_refuses_ignored_user_agents_without_docker():
+    config = parse_config('wake:\n  ignore_user_agents: ["bot"]\n')
+    runtime = Runtime(config=config, snapshot=snap(ASLEEP))
+    waker = Waker(runtime)
+    router = Router(runtime, waker)
+    f = make_flow("a.test", headers=[("User-Agent", "Mozilla/5.0 (compatible; Googlebot/2.1)")])
+    assert router.requestheaders(f) is None
+    assert f.response.status_code == 503
+    assert "Retry-After" in f.response.headers
+    assert "'a.test'" in body(f)
+    assert waker.status_of("web") == "asleep"  # no wake was started
+
+
+def test_control_path_goes_to_the_waker_even_for_a_ready_site():
+    waker = FakeWaker()
+    router = make_router(WEB, waker=waker)
+    f = make_flow("a.test")
+    f.request.path = CONTROL_PREFIX + "wait"
+    router.requestheaders(f)
+    assert [call[0] for call in waker.calls] == ["control"]
+    assert waker.calls[0][3] == "a.test"
+    assert f.request.host == "placeholder"
+
+
+def test_control_path_of_an_unknown_host_is_404():
+    waker = FakeWaker()
+    f = make_flow("nope.test")
+    f.request.path = CONTROL_PREFIX + "wait"
+    make_router(WEB, waker=waker).requestheaders(f)
+    assert f.response.status_code == 404
+    assert waker.calls == []
+
+
+def test_unreachable_503_with_the_problem():
+    waker = FakeWaker()
+    router = make_router(c("web", "a.test", networks={"other": "172.20.0.2"}), allowed=("proxy",), waker=waker)
+    f = route(router, make_flow("a.test"))
+    assert waker.calls == []  # running: nothing to wake
+    assert f.response.status_code == 503
+    problem = router.runtime.snapshot.lookup("a.test").backends[0].problem
+    assert problem
+    text = body(f)
+    assert problem in text
+    assert text.count("\n") == 1
+    assert f.request.host == "placeholder"
+
+
+def test_unreachable_html_escapes_the_problem():
+    router = make_router(c("web", "a.test", networks={"other": "172.20.0.2"}), allowed=("proxy",))
+    f = route(router, make_flow("a.test", headers=[("Accept", "text/html")]))
+    assert f.response.status_code == 503
+    assert "container &#x27;web&#x27; cannot be reached" in body(f)
+
+
+# --- a flow that is already answered ------------------------------------------------------------
+
+
+def test_flow_with_a_response_is_left_alone():
+    f = make_flow("a.test")
+    f.response = tresp(status_code=200, content=b"acme")
+    before = (f.request.host, f.request.port, f.request.scheme, f.request.headers.copy())
+    route(make_router(WEB), f)
+    assert f.response.status_code == 200 and f.response.content == b"acme"
+    assert (f.request.host, f.request.port, f.request.scheme, f.request.headers) == before
+    assert "X-Forwarded-For" not in f.request.headers
+
+
+def test_flow_with_a_response_is_left_alone_even_for_unknown_hosts():
+    f = make_flow("nope.test")
+    f.response = tresp(status_code=204)
+    route(make_router(WEB), f)
+    assert f.response.status_code == 204
+
+
+# --- responseheaders: streaming -------------------------------------------------------------------
+
+
+def response_flow(**headers) -> http.HTTPFlow:
+    f = tflow.tflow(resp=True)
+    f.response.headers.clear()
+    for k, v in headers.items():
+        f.response.headers[k.replace("_", "-")] = v
+    return f
+
+
+@pytest.mark.parametrize(
+    "headers, streamed",
+    [
+        ({"Content-Type": "text/event-stream"}, True),
+        ({"Content-Type": "text/event-stream; charset=utf-8"}, True),
+        ({"Content-Type": "text/html", "X-Accel-Buffering": "no"}, True),
+        ({"Content-Type": "text/html", "X-Accel-Buffering": "No"}, True),
+        ({"Content-Type": "text/html", "X-Accel-Buffering": "yes"}, False),
+        ({"Content-Type": "text/html"}, False),
+        ({"Content-Type": "application/json"}, False),
+        ({}, False),
+    ],
+)
+def test_responseheaders_streams_sse_and_unbuffered(headers, streamed):
+    f = response_flow(**headers)
+    plain_router().responseheaders(f)
+    assert f.response.stream is streamed
+
+
+def test_responseheaders_keeps_an_existing_stream_setting():
+    f = response_flow(Content_Type="text/event-stream")
+
+    def chunked(data: bytes) -> bytes:
+        return data
+
+    f.response.stream = chunked
+    plain_router().responseheaders(f)
+    assert f.response.stream is chunked
+
+
+def test_responseheaders_without_response():
+    f = tflow.tflow()
+    plain_router().responseheaders(f)
+    assert f.response is None
+
+
+# --- websocket history ----------------------------------------------------------------------------
+
+
+def ws_messages(n: int) -> list[websocket.WebSocketMessage]:
+    return [websocket.WebSocketMessage(1, i % 2 == 0, f"m{i}".encode()) for i in range(n)]
+
+
+def test_websocket_history_is_trimmed_to_the_last_100():
+    assert WEBSOCKET_HISTORY == 100
+    f = tflow.twebsocketflow()
+    f.websocket.messages = ws_messages(150)
+    plain_router().websocket_message(f)
+    assert len(f.websocket.messages) == 100
+    assert [m.content for m in f.websocket.messages] == [f"m{i}".encode() for i in range(50, 150)]
+
+
+@pytest.mark.parametrize("n", [0, 1, 99, 100])
+def test_websocket_history_short_is_untouched(n):
+    f = tflow.twebsocketflow()
+    msgs = ws_messages(n)
+    f.websocket.messages = list(msgs)
+    plain_router().websocket_message(f)
+    assert f.websocket.messages == msgs
+
+
+# --- through mitmproxy's addon machinery -----------------------------------------------------------
+
+
+def test_hooks_run_through_mitmproxy():
+    router = make_router(WEB)
+    with taddons.context(router) as tctx:
+        f = make_flow("a.test")
+        asyncio.run(tctx.cycle(router, f))
+        assert f.request.host == "172.17.0.2" and f.request.port == 8080
+        assert f.request.headers["Host"] == "a.test"
+
+        f = make_flow("nope.test")
+        asyncio.run(tctx.cycle(router, f))
+        assert f.response.status_code == 404
+
+        f = tflow.twebsocketflow()  # already answered (101): only the message hook acts
+        f.websocket.messages = ws_messages(250)
+        asyncio.run(tctx.cycle(router, f))
+        assert len(f.websocket.messages) == 100
+        assert f.websocket.messages[-1].content == b"m249"
+
+
+def test_sse_streams_through_mitmproxy():
+    router = make_router(WEB)
+    with taddons.context(router) as tctx:
+        f = response_flow(Content_Type="text/event-stream")
+        asyncio.run(tctx.cycle(router, f))
+        assert f.response.stream is True

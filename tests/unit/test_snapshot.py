@@ -1,0 +1,532 @@
+"""wakeproxy.snapshot: indexing containers by host, choosing addresses, lookup and the route cache."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+import wakeproxy.snapshot as snapshot_mod
+from wakeproxy.config import SourcesConfig
+from wakeproxy.labels import ContainerInfo
+from wakeproxy.snapshot import Backend, Site, Snapshot, build_snapshot
+
+ALL = SourcesConfig()
+
+
+def c(name, host=None, state="running", networks=None, labels=None, env=None, exposed=(), cid=None) -> ContainerInfo:
+    labels = dict(labels or {})
+    if host is not None:
+        labels["wakeproxy.host"] = host
+    if networks is None:
+        networks = {"bridge": "172.17.0.2"} if state == "running" else {"bridge": ""}
+    return ContainerInfo(
+        id=cid or f"id-{name}", name=name, state=state, labels=labels, env=env or {},
+        exposed_ports=tuple(exposed), networks=networks,
+    )
+
+
+def build(*containers, allowed=(), drivers=None, **kw) -> Snapshot:
+    return build_snapshot(containers, ALL, tuple(allowed), drivers or {}, **kw)
+
+
+def only_backend(snap: Snapshot, host: str) -> Backend:
+    site = snap.lookup(host)
+    assert site is not None, host
+    assert len(site.backends) == 1
+    return site.backends[0]
+
+
+# --- indexing and lookup ------------------------------------------------------------------
+
+
+def test_backend_fields():
+    snap = build(c("web", "a.test", labels={"wakeproxy.port": "8080", "wakeproxy.scheme": "https",
+                                             "com.docker.compose.project": "proj"}))
+    assert snap.synced is True
+    b = only_backend(snap, "a.test")
+    assert b == Backend("id-web", "web", "proj", "running", "https", 8080, "172.17.0.2", None)
+    assert b.ready
+    assert snap.lookup("a.test").host == "a.test"
+    assert snap.lookup("a.test").ready_backends == (b,)
+    assert snap.containers == {"id-web": snap.containers["id-web"]}
+    assert snap.skipped == {}
+
+
+def test_synced_flag_passes_through():
+    assert build(c("web", "a.test"), synced=False).synced is False
+    assert Snapshot().synced is False
+    assert Snapshot().lookup("a.test") is None
+
+
+@pytest.mark.parametrize("asked", ["a.test", "A.TEST", "a.test:8080", "A.Test.:443", "a.test."])
+def test_exact_lookup_ignores_case_port_and_trailing_dot(asked):
+    snap = build(c("web", "a.test"), c("other", "b.test"))
+    assert snap.lookup(asked).host == "a.test"
+
+
+def test_unknown_host():
+    snap = build(c("web", "a.test"))
+    assert snap.lookup("b.test") is None
+    assert snap.lookup("test") is None
+    assert snap.lookup("") is None
+    assert snap.lookup("x.a.test") is None  # an exact name is not a wildcard
+
+
+@pytest.mark.parametrize("asked", ["a.example.com", "A.Example.COM:80", "a.b.example.com", "x.y.z.example.com"])
+def test_wildcard_matches_at_any_depth(asked):
+    snap = build(c("wild", "*.example.com"))
+    assert snap.lookup(asked).host == "*.example.com"
+
+
+@pytest.mark.parametrize("asked", ["example.com", "badexample.com", "example.com.evil", "com", "xexample.com"])
+def test_wildcard_does_not_match(asked):
+    snap = build(c("wild", "*.example.com"))
+    assert snap.lookup(asked) is None
+
+
+def test_exact_beats_wildcard():
+    snap = build(c("wild", "*.example.com"), c("www", "www.example.com"))
+    assert only_backend(snap, "www.example.com").container_name == "www"
+    assert only_backend(snap, "api.example.com").container_name == "wild"
+    assert only_backend(snap, "a.www.example.com").container_name == "wild"
+
+
+def test_longest_wildcard_suffix_wins():
+    snap = build(c("wide", "*.example.com"), c("narrow", "*.b.example.com"), c("tld", "*.com"))
+    assert only_backend(snap, "a.b.example.com").container_name == "narrow"
+    assert only_backend(snap, "x.a.b.example.com").container_name == "narrow"
+    assert only_backend(snap, "b.example.com").container_name == "wide"
+    assert only_backend(snap, "a.example.com").container_name == "wide"
+    assert only_backend(snap, "example.com").container_name == "tld"
+
+
+def test_hosts_listing():
+    snap = build(c("a", "b.test, a.test"), c("w", "*.z.test, *.y.test"))
+    assert snap.hosts == ["a.test", "b.test", "*.y.test", "*.z.test"]
+    assert set(snap.exact) == {"a.test", "b.test"}
+    assert set(snap.wildcards) == {"y.test", "z.test"}
+
+
+def test_two_running_containers_on_one_host():
+    snap = build(c("web2", "a.test", networks={"bridge": "172.17.0.3"}), c("web1", "a.test"))
+    site = snap.lookup("a.test")
+    assert [b.container_name for b in site.backends] == ["web1", "web2"]  # sorted by name
+    assert [b.address for b in site.ready_backends] == ["172.17.0.2", "172.17.0.3"]
+
+
+def test_groups_of_a_site():
+    snap = build(
+        c("a1", "a.test", labels={"com.docker.compose.project": "p"}),
+        c("a2", "a.test", labels={"com.docker.compose.project": "p"}),
+        c("b", "a.test", labels={"wakeproxy.group": "g"}),
+    )
+    assert snap.lookup("a.test").groups == ("p", "g")
+
+
+def test_one_container_many_hosts_and_sources():
+    snap = build(c("multi", "a.test", labels={"io.docksal.virtual-host": "b.test"}, env={"VIRTUAL_HOST": "c.test"}))
+    for h in ("a.test", "b.test", "c.test"):
+        assert only_backend(snap, h).container_name == "multi"
+    assert len(snap.containers) == 1
+
+
+def test_containers_without_routes_are_known_but_not_indexed():
+    snap = build(c("db", None), c("web", "a.test"))
+    assert set(snap.containers) == {"id-db", "id-web"}
+    assert snap.hosts == ["a.test"]
+
+
+# --- readiness and addresses -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", ["exited", "created", "paused", "dead", "restarting"])
+def test_not_running_container_is_not_ready_and_has_no_problem(state):
+    nets = {"bridge": ""} if state != "paused" else {"bridge": "172.17.0.2"}
+    b = only_backend(build(c("web", "a.test", state=state, networks=nets)), "a.test")
+    assert b.state == state
+    assert b.address is None
+    assert b.problem is None
+    assert not b.ready
+    assert build(c("web", "a.test", state=state, networks=nets)).lookup("a.test").ready_backends == ()
+
+
+def test_running_on_a_network_not_allowed():
+    snap = build(c("web", "a.test", networks={"other": "172.20.0.2", "more": "172.21.0.2"}), allowed=("proxy", "edge"),
+                 drivers={"other": "bridge", "more": "bridge", "proxy": "bridge", "edge": "bridge"})
+    b = only_backend(snap, "a.test")
+    assert b.address is None and not b.ready
+    assert b.problem is not None
+    assert "'web'" in b.problem
+    assert "more, other" in b.problem  # where it is
+    assert "proxy, edge" in b.problem  # where the proxy may go
+
+
+def test_allowed_networks_are_tried_in_order():
+    drivers = {"a": "bridge", "b": "bridge"}
+    info = c("web", "a.test", networks={"a": "10.0.0.1", "b": "10.0.0.2"})
+    assert only_backend(build(info, allowed=("b", "a"), drivers=drivers), "a.test").address == "10.0.0.2"
+    assert only_backend(build(info, allowed=("a", "b"), drivers=drivers), "a.test").address == "10.0.0.1"
+    assert only_backend(build(info, allowed=("x", "a"), drivers=drivers), "a.test").address == "10.0.0.1"
+
+
+def test_without_allowed_networks_any_bridge_network():
+    info = c("web", "a.test", networks={"zz": "10.0.0.9", "aa": "10.0.0.1"})
+    assert only_backend(build(info, drivers={"zz": "bridge", "aa": "bridge"}), "a.test").address == "10.0.0.1"
+    # the default bridge needs no driver entry
+    assert only_backend(build(c("web", "a.test", networks={"bridge": "172.17.0.9"})), "a.test").address == "172.17.0.9"
+
+
+def test_running_without_any_ip():
+    b = only_backend(build(c("web", "a.test", networks={})), "a.test")
+    assert b.address is None
+    assert "no network" in b.problem
+
+
+def test_network_label_selects_the_network():
+    drivers = {"front": "bridge", "back": "bridge"}
+    info = c("web", "a.test", labels={"wakeproxy.network": "back"}, networks={"front": "10.1.0.2", "back": "10.2.0.2"})
+    assert only_backend(build(info, drivers=drivers), "a.test").address == "10.2.0.2"
+    assert only_backend(build(info, allowed=("front", "back"), drivers=drivers), "a.test").address == "10.2.0.2"
+
+
+def test_traefik_docker_network_label_selects_the_network():
+    drivers = {"front": "bridge", "back": "bridge"}
+    info = c("web", None, networks={"front": "10.1.0.2", "back": "10.2.0.2"},
+             labels={"traefik.http.routers.r.rule": "Host(`a.test`)", "traefik.docker.network": "back"})
+    assert only_backend(build(info, drivers=drivers), "a.test").address == "10.2.0.2"
+
+
+def test_network_label_naming_a_network_the_container_is_not_on():
+    info = c("web", "a.test", labels={"wakeproxy.network": "missing"}, networks={"front": "10.1.0.2"})
+    b = only_backend(build(info, drivers={"front": "bridge"}), "a.test")
+    assert b.address is None
+    assert "'missing'" in b.problem and "front" in b.problem
+
+
+def test_network_label_overrides_allowed_networks():
+    # By design (the router's 503 hint offers "docker.networks in the config, or the wakeproxy.network
+    # label"): a container's own label picks its network even outside docker.networks.  The container
+    # can only point the proxy at its own address, so this is no escape.
+    info = c("web", "a.test", labels={"wakeproxy.network": "private"}, networks={"private": "10.9.0.2", "proxy": "10.1.0.2"})
+    b = only_backend(build(info, allowed=("proxy",), drivers={"private": "bridge", "proxy": "bridge"}), "a.test")
+    assert b.address == "10.9.0.2"
+
+
+def test_overlay_network_is_never_chosen():
+    info = c("svc", "a.test", networks={"ov": "10.0.9.5"})
+    for allowed in ((), ("ov",)):
+        b = only_backend(build(info, allowed=allowed, drivers={"ov": "overlay"}), "a.test")
+        assert b.address is None, allowed
+        assert not b.ready
+        assert b.problem and "'svc'" in b.problem
+
+
+def test_overlay_network_named_by_label_says_why():
+    info = c("svc", "a.test", labels={"wakeproxy.network": "ov"}, networks={"ov": "10.0.9.5"})
+    b = only_backend(build(info, drivers={"ov": "overlay"}), "a.test")
+    assert b.address is None
+    assert "overlay" in b.problem
+
+
+def test_overlay_is_skipped_for_a_bridge_in_the_same_container():
+    info = c("svc", "a.test", networks={"ov": "10.0.9.5", "zbr": "172.30.0.5"})
+    assert only_backend(build(info, drivers={"ov": "overlay", "zbr": "bridge"}), "a.test").address == "172.30.0.5"
+
+
+@pytest.mark.parametrize("driver", ["macvlan", "ipvlan", "null", ""])
+def test_other_drivers_are_not_routable(driver):
+    b = only_backend(build(c("web", "a.test", networks={"n": "10.0.0.5"}), drivers={"n": driver}), "a.test")
+    assert b.address is None and b.problem
+
+
+def test_host_network_mode_is_localhost():
+    info = c("web", "a.test", networks={"host": ""}, labels={"wakeproxy.port": "8080"})
+    b = only_backend(build(info, drivers={"host": "host"}), "a.test")
+    assert (b.address, b.port, b.ready, b.problem) == ("127.0.0.1", 8080, True, None)
+    # even without knowing the drivers
+    assert only_backend(build(info), "a.test").address == "127.0.0.1"
+
+
+def test_stopped_host_network_container_is_not_ready():
+    b = only_backend(build(c("web", "a.test", state="exited", networks={"host": ""})), "a.test")
+    assert b.address is None and not b.ready and b.problem is None
+
+
+# --- malformed containers ---------------------------------------------------------------------
+
+
+def test_malformed_container_is_skipped_others_indexed(caplog):
+    with caplog.at_level(logging.WARNING, logger="wakeproxy.snapshot"):
+        snap = build(c("good1", "a.test"), c("bad", "ok.test", labels={"wakeproxy.port": "nope"}), c("good2", "b.test"))
+    assert snap.hosts == ["a.test", "b.test"]
+    assert snap.lookup("ok.test") is None  # nothing half-routed
+    assert set(snap.skipped) == {"bad"}
+    assert "wakeproxy.port" in snap.skipped["bad"]
+    assert "id-bad" in snap.containers
+    assert any("bad" in r.getMessage() and "wakeproxy.port" in r.getMessage() for r in caplog.records)
+
+
+# --- route cache ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    calls: list[str] = []
+    real = snapshot_mod.routes_for
+
+    def wrapper(info, sources):
+        calls.append(info.name)
+        return real(info, sources)
+
+    monkeypatch.setattr(snapshot_mod, "routes_for", wrapper)
+    return calls
+
+
+def test_route_cache_avoids_reparsing(counting):
+    cache: dict = {}
+    a, b = c("a", "a.test"), c("b", "b.test")
+    first = build(a, b, route_cache=cache)
+    assert sorted(counting) == ["a", "b"]
+    assert set(cache) == {"id-a", "id-b"}
+    counting.clear()
+    # same labels, different runtime state: still no re-parse, but the new state is used
+    a_stopped = c("a", "a.test", state="exited")
+    second = build(a_stopped, b, route_cache=cache)
+    assert counting == []
+    assert first.lookup("a.test").backends[0].ready
+    assert not second.lookup("a.test").backends[0].ready
+    assert second.lookup("b.test").backends[0].ready
+
+
+def test_route_cache_reparses_changed_labels_env_or_ports(counting):
+    cache: dict = {}
+    build(c("a", "a.test"), route_cache=cache)
+    counting.clear()
+    snap = build(c("a", "a2.test"), route_cache=cache)
+    assert counting == ["a"]
+    assert snap.hosts == ["a2.test"]
+    snap = build(c("a", "a2.test", env={"VIRTUAL_HOST": "e.test"}), route_cache=cache)
+    assert counting == ["a", "a"]
+    assert snap.hosts == ["a2.test", "e.test"]
+    snap = build(c("a", "a2.test", env={"VIRTUAL_HOST": "e.test"}, exposed=(3000,)), route_cache=cache)
+    assert counting == ["a", "a", "a"]
+    assert only_backend(snap, "a2.test").port == 3000
+
+
+def test_without_cache_every_build_parses(counting):
+    a = c("a", "a.test")
+    build(a)
+    build(a)
+    assert counting == ["a", "a"]
+
+
+def test_label_error_is_logged_once_with_cache(caplog, counting):
+    cache: dict = {}
+    bad = c("bad", "a..test")
+    with caplog.at_level(logging.WARNING, logger="wakeproxy.snapshot"):
+        s1 = build(bad, c("ok", "ok.test"), route_cache=cache)
+        s2 = build(bad, c("ok", "ok.test"), route_cache=cache)
+    warnings = [r for r in caplog.records if "bad" in r.getMessage()]
+    assert len(warnings) == 1
+    assert counting.count("bad") == 1
+    assert s1.skipped == s2.skipped and "bad" in s2.skipped
+    assert s2.hosts == ["ok.test"]
+
+
+def test_fixed_labels_unskip_the_container(caplog):
+    cache: dict = {}
+    s1 = build(c("x", "a..test"), route_cache=cache)
+    s2 = build(c("x", "a.test"), route_cache=cache)
+    assert "x" in s1.skipped and s2.skipped == {}
+    assert s2.hosts == ["a.test"]
+
+
+def test_removed_container_is_dropped_from_cache(counting):
+    cache: dict = {}
+    build(c("a", "a.test"), c("b", "b.test"), route_cache=cache)
+    snap = build(c("b", "b.test"), route_cache=cache)
+    assert set(cache) == {"id-b"}
+    assert snap.hosts == ["b.test"]
+    assert set(snap.containers) == {"id-b"}
+    counting.clear()
+    build(c("a", "a.test"), c("b", "b.test"), route_cache=cache)
+    assert counting == ["a"]  # a comes back: parsed again
+
+
+def test_cache_is_keyed_by_container_id(counting):
+    cache: dict = {}
+    build(c("a", "a.test", cid="1"), route_cache=cache)
+    counting.clear()
+    snap = build(c("a", "a.test", cid="1"), c("a-copy", "a.test", cid="2"), route_cache=cache)
+    assert counting == ["a-copy"]
+    assert [b.container_id for b in snap.lookup("a.test").backends] == ["1", "2"]
+
+
+# --- scale ----------------------------------------------------------------------------------------
+
+
+def test_lookup_is_correct_with_1000_sites():
+    containers = [c(f"site{i:04d}", f"site{i}.test, *.w{i}.test", networks={"bridge": f"10.{i // 250}.{i % 250}.2"})
+                  for i in range(1000)]
+    snap = build(*containers)
+    assert len(snap.exact) == 1000 and len(snap.wildcards) == 1000
+    for i in range(1000):
+        expected = f"10.{i // 250}.{i % 250}.2"
+        assert only_backend(snap, f"SITE{i}.test").address == expected
+        assert only_backend(snap, f"x.y.w{i}.test").address == expected
+        assert snap.lookup(f"w{i}.test") is None
+    assert snap.lookup("site1000.test") is None
+
+
+def test_site_properties():
+    b1 = Backend("1", "one", "g1", "running", "http", 80, "10.0.0.1")
+    b2 = Backend("2", "two", "g2", "exited", "http", 80, None)
+    b3 = Backend("3", "three", "g1", "running", "http", 80, None, "unreachable")
+    site = Site("a.test", (b1, b2, b3))
+    assert site.ready_backends == (b1,)
+    assert site.groups == ("g1", "g2")
+    assert not b3.ready and not b2.ready and b1.ready
+
+
+# --- groups, settings and endpoints (for the waker) -----------------------------------------------
+
+
+def test_groups_hold_every_member_but_only_routed_groups_exist():
+    snap = build(
+        c("p-web", "a.test", labels={"com.docker.compose.project": "p"}, cid="w"),
+        c("p-db", None, labels={"com.docker.compose.project": "p"}, cid="d", state="exited"),
+        c("p-api", "api.test", labels={"com.docker.compose.project": "p"}, cid="a"),
+        c("lonely-db", None, cid="x"),  # routes nothing: no request may ever start it
+        c("solo", "solo.test", cid="s"),
+    )
+    assert set(snap.groups) == {"p", "solo"}
+    g = snap.groups["p"]
+    assert g.name == "p"
+    assert g.members == ("a", "d", "w")  # ids ordered by container name: p-api, p-db, p-web
+    assert g.routed == frozenset({"w", "a"})
+    assert snap.groups["solo"].members == ("s",)
+    assert snap.lookup("a.test").groups == ("p",)
+
+
+def test_group_label_overrides_compose_project():
+    snap = build(c("one", "a.test", labels={"com.docker.compose.project": "p", "wakeproxy.group": "g"}),
+                 c("two", None, labels={"com.docker.compose.project": "p"}))
+    assert set(snap.groups) == {"g"}
+    assert snap.groups["g"].members == ("id-one",)
+
+
+def test_group_wake_settings_from_members():
+    snap = build(
+        c("a", "a.test", labels={"wakeproxy.group": "g", "wakeproxy.wake-timeout": "30s"}),
+        c("b", None, labels={"wakeproxy.group": "g", "wakeproxy.wake-timeout": "2m", "wakeproxy.wake-strategy": "hold"}),
+        c("c", None, labels={"wakeproxy.group": "g", "wakeproxy.wake-strategy": "page"}),
+        c("solo", "solo.test"),
+    )
+    g = snap.groups["g"]
+    assert g.wake_strategy == "hold"  # the first member (by name) that sets one
+    assert g.wake_timeout == 120.0  # the longest
+    assert (snap.groups["solo"].wake_strategy, snap.groups["solo"].wake_timeout) == (None, None)
+
+
+def test_settings_and_ready_path_reach_the_backends():
+    snap = build(c("web", "a.test", labels={"wakeproxy.ready-path": "/up", "com.docker.compose.service": "web"}))
+    assert snap.settings["id-web"].ready_path == "/up"
+    assert snap.settings["id-web"].service == "web"
+    assert only_backend(snap, "a.test").ready_path == "/up"
+
+
+def test_endpoints_by_container():
+    snap = build(
+        c("web", "a.test, b.test", labels={"wakeproxy.port": "8080", "io.docksal.virtual-host": "d.test"}),
+        c("other", "o.test"),
+        c("db", None),
+    )
+    web = snap.endpoints["id-web"]
+    assert sorted(b.port for b in web) == [80, 8080]  # a.test and b.test share one endpoint
+    assert all(b.container_id == "id-web" for b in web)
+    assert len(snap.endpoints["id-other"]) == 1
+    assert "id-db" not in snap.endpoints
+
+
+def test_bad_wake_label_skips_the_container():
+    snap = build(c("web", "a.test", labels={"wakeproxy.wake-timeout": "soon"}), c("ok", "ok.test"))
+    assert "wakeproxy.wake-timeout" in snap.skipped["web"]
+    assert snap.lookup("a.test") is None
+    assert "id-web" not in snap.settings
+    assert set(snap.groups) == {"ok"}
+
+
+def test_route_cache_keeps_settings(counting):
+    cache: dict = {}
+    build(c("web", "a.test", labels={"wakeproxy.ready-path": "/up"}), route_cache=cache)
+    snap = build(c("web", "a.test", labels={"wakeproxy.ready-path": "/up"}, state="exited"), route_cache=cache)
+    assert counting == ["web"]
+    assert snap.settings["id-web"].ready_path == "/up"
+    assert set(snap.groups) == {"web"}
+
+
+# --- stopped containers keep their networks; idle settings; start/stop order ------------------------
+
+
+def test_stopped_container_on_an_allowed_network_is_wakeable():
+    info = c("web", "a.test", state="exited", networks={"proxy": ""})
+    snap = build(info, allowed=("proxy",), drivers={"proxy": "bridge"})
+    b = only_backend(snap, "a.test")
+    assert (b.address, b.problem, b.ready) == (None, None, False)
+    assert snap.groups["web"].routed == frozenset({"id-web"})
+
+
+def test_stopped_container_on_a_foreign_network_is_never_ours():
+    info = c("web", "a.test", state="exited", networks={"other": ""})
+    snap = build(info, c("ok", "ok.test"), allowed=("proxy",), drivers={"proxy": "bridge", "other": "bridge"})
+    b = only_backend(snap, "a.test")
+    assert b.address is None and "'web'" in b.problem and "other" in b.problem
+    assert "web" not in snap.groups  # so neither woken nor put to sleep
+
+
+def test_stopped_container_on_an_overlay_network_is_never_ours():
+    snap = build(c("svc", "a.test", state="exited", networks={"ov": ""}), drivers={"ov": "overlay"})
+    assert only_backend(snap, "a.test").problem
+    assert snap.groups == {}
+
+
+def test_group_idle_settings():
+    snap = build(
+        c("a", "a.test", labels={"wakeproxy.group": "g", "wakeproxy.idle-timeout": "10m"}),
+        c("b", None, labels={"wakeproxy.group": "g", "wakeproxy.idle-timeout": "1h", "wakeproxy.idle-action": "pause"}),
+        c("p1", "p.test", labels={"wakeproxy.group": "perm", "wakeproxy.idle-timeout": "1h"}),
+        c("p2", None, labels={"wakeproxy.group": "perm", "io.docksal.permanent": "true"}),
+        c("solo", "solo.test"),
+    )
+    assert (snap.groups["g"].idle_timeout, snap.groups["g"].idle_action) == (3600.0, "pause")  # the longest
+    assert snap.groups["perm"].idle_timeout == 0.0  # any member saying never wins
+    assert (snap.groups["solo"].idle_timeout, snap.groups["solo"].idle_action) == (None, None)
+
+
+def compose(name, service, depends_on="", host=None):
+    labels = {"com.docker.compose.project": "p", "com.docker.compose.service": service}
+    if depends_on:
+        labels["com.docker.compose.depends_on"] = depends_on
+    return c(name, host, labels=labels, cid=service)
+
+
+def test_start_and_stop_order_follow_depends_on():
+    snap = build(
+        compose("p-web", "web", "api:service_started,cache", host="a.test"),
+        compose("p-api", "api", "db:service_healthy,migrate:service_completed_successfully"),
+        compose("p-migrate", "migrate", "db:service_healthy"),
+        compose("p-db", "db"),
+        compose("p-cache", "cache"),
+        compose("p-other", "other", "gone:service_started"),  # a dependency outside the project is ignored
+    )
+    g = snap.groups["p"]
+    layers = [sorted(layer) for layer in g.start_order(snap)]
+    assert layers == [["cache", "db", "other"], ["migrate"], ["api"], ["web"]]
+    assert [sorted(layer) for layer in g.stop_order(snap)] == list(reversed(layers))
+
+
+def test_start_order_survives_a_cycle():
+    snap = build(compose("p-a", "a", "b", host="a.test"), compose("p-b", "b", "a"), compose("p-c", "c"))
+    layers = [sorted(layer) for layer in snap.groups["p"].start_order(snap)]
+    assert layers == [["c"], ["a", "b"]]
