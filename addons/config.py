@@ -144,6 +144,8 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration like 30s, 5m, 2h or a number of seconds")
     if isinstance(value, (int, float)):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{value!r} is not a duration (write 30s, 5m, 2h or a number of seconds)")
         if value < 0:
             raise ValueError("a duration cannot be negative")
         return float(value)
@@ -173,12 +175,15 @@ def parse_address(value: Any) -> Address | None:
     return Address(host, port)
 
 
+_HOSTNAME = re.compile(r"^([a-z0-9_]([a-z0-9_-]*[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?$")
+
+
 def _hostname(value: Any) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not re.match(r"^[A-Za-z0-9*]([A-Za-z0-9.*-]*[A-Za-z0-9])?$", value):
+    if not isinstance(value, str) or not _HOSTNAME.match(value.lower().rstrip(".")):
         raise ValueError(f"{value!r} is not a hostname")
-    return value.lower()
+    return value.lower().rstrip(".")
 
 
 def _strategy(value: Any) -> str:
@@ -404,6 +409,19 @@ def load_config(path: str | Path) -> Config:
     except OSError as e:
         raise ConfigError(f"{p}: cannot read the config file: {e.strerror or e}") from None
     cfg = parse_config(text, str(p))
+    # Relative paths are taken from the config file's folder, wherever the proxy is started.
+    base = p.parent
+
+    def absolute(path: Path | None) -> Path | None:
+        return None if path is None or path.is_absolute() else (base / path).resolve()
+
     if not cfg.state_dir.is_absolute():
-        cfg = dataclasses.replace(cfg, state_dir=(p.parent / cfg.state_dir).resolve())
+        cfg = dataclasses.replace(cfg, state_dir=(base / cfg.state_dir).resolve())
+    tls = cfg.tls
+    cfg = dataclasses.replace(cfg, tls=dataclasses.replace(
+        tls,
+        certs_dir=absolute(tls.certs_dir) or tls.certs_dir,
+        default_cert=absolute(tls.default_cert) or tls.default_cert,
+        default_key=absolute(tls.default_key) or tls.default_key,
+    ), acme=dataclasses.replace(cfg.acme, ca_bundle=absolute(cfg.acme.ca_bundle) or cfg.acme.ca_bundle))
     return cfg

@@ -130,6 +130,11 @@ class Router:
         client_ip = _client_ip(flow)
         trusted = self.runtime.config.forwarded.trusts(client_ip)
         prior_xff = headers.get("x-forwarded-for", "") if trusted else ""
+        if not trusted:
+            # Nothing an untrusted client says about the original request reaches the app:
+            # X-Forwarded-Ssl, -Scheme, -Prefix… are believed by some frameworks.
+            for name in [n for n in headers if n.lower().startswith("x-forwarded-") or n.lower() == "forwarded"]:
+                del headers[name]
         headers["X-Forwarded-For"] = f"{prior_xff}, {client_ip}" if prior_xff else client_ip
         own = {
             "X-Forwarded-Proto": "https" if flow.client_conn.tls_established else "http",

@@ -183,12 +183,6 @@ def test_untrusted_client_forwarded_headers_are_replaced():
     assert h.get_all("X-Real-IP") == ["192.0.2.7"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (contract): config/wakeproxy.yaml says X-Forwarded-* headers from untrusted peers are "
-    "replaced, but the router only rewrites For/Proto/Host/Port; X-Forwarded-Ssl, X-Forwarded-Scheme, "
-    "X-Forwarded-Prefix … from any client reach the backend untouched (Rack/Rails trust X-Forwarded-Ssl)",
-)
 def test_untrusted_client_cannot_pass_other_x_forwarded_headers():
     f = route(make_router(WEB), make_flow("a.test", headers=[("X-Forwarded-Ssl", "on"), ("X-Forwarded-Scheme", "https"),
                                                              ("X-Forwarded-Prefix", "/admin")]))
