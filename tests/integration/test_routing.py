@@ -234,7 +234,7 @@ def test_malformed_label_is_skipped_and_logged(sites):
     assert r.status_code == 404, r.text
     assert "REQ" not in sites.c["badport"].logs().decode()
     log = sites.proxy.log()
-    assert sites.c["badport"].name in log or "'abc'" in log or "abc" in log, log[-3000:]
+    assert sites.c["badport"].name in log, f"skipped container not named in the log:\n{log[-3000:]}"
     assert name(proxied(sites.proxy, sites.H("plain"))) == "plain"
 
 
