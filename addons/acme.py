@@ -333,6 +333,8 @@ def describe(exc: BaseException) -> str:
         return "issuance failed: " + describe(exc.error)
     if isinstance(exc, requests.exceptions.RequestException):
         return f"CA unreachable: {exc.__class__.__name__}: {exc}"
+    if isinstance(exc, ValueError) and str(exc).startswith("Requesting "):
+        return f"CA unreachable: {exc}"  # acme's rewording of a connection error
     return f"{exc.__class__.__name__}: {exc}"
 
 

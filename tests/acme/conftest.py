@@ -57,6 +57,8 @@ python_mounts = _ic.python_mounts
 pyback_image = _ic.pyback_image
 test_network = _ic.test_network
 backend_container = _ic.backend_container
+module_containers = _ic.module_containers
+module_proxy = _ic.module_proxy
 host = _ic.host
 pytest_runtest_makereport = _ic.pytest_runtest_makereport
 
@@ -135,7 +137,7 @@ class Gate:
         self.target = target
         self.port = free_port()
         self._sock: socket.socket | None = None
-        self._stop = False
+        self._conns: list[socket.socket] = []
         self.open()
 
     def open(self) -> None:
@@ -149,9 +151,21 @@ class Gate:
         threading.Thread(target=self._accept, args=(s,), daemon=True).start()
 
     def close(self) -> None:
+        """Refuse new connections and cut the open ones (a client's keep-alive too)."""
         s, self._sock = self._sock, None
         if s is not None:
+            try:
+                s.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept(); close() alone does not
+            except OSError:
+                pass
             s.close()
+        conns, self._conns = self._conns, []
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
 
     def _accept(self, s: socket.socket) -> None:
         while True:
@@ -164,6 +178,7 @@ class Gate:
             except OSError:
                 client.close()
                 continue
+            self._conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 

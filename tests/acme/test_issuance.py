@@ -68,3 +68,42 @@ def test_restart_serves_the_same_certificate_without_a_new_order(pebble, acme_pr
     time.sleep(1.0)  # time enough for an (unwanted) order to show
     assert pebble.orders() == orders
     assert "order created" not in second.log()
+
+
+def test_renewal_at_a_third_of_the_lifetime_left(pebble_factory, acme_proxy, backend_container, host):
+    """pebble issues 9-second certificates here: renewal is due 6 s after issuance."""
+    pebble = pebble_factory(validity=9)
+    name = host("renew")
+    backend_container("renew", labels={"wakeproxy.host": name, "wakeproxy.acme": "true"})
+    proxy = acme_proxy(pebble.acme_config())
+    wait_issued(proxy, name)
+    first = leaf_of(proxy, name)
+    lifetime = first.not_valid_after_utc - first.not_valid_before_utc
+    wait_issued(proxy, name, timeout=lifetime.total_seconds(), count=2)
+    second = leaf_of(proxy, name)
+    assert second.serial_number != first.serial_number
+    # Renewed when about a third of the first one's lifetime was left, not at its end.
+    assert second.not_valid_before_utc <= first.not_valid_after_utc - lifetime / 4
+    assert re.search(rf"acme: {re.escape(name)}: renewing a certificate", proxy.log())
+    handshake(proxy, name, pebble.root_pem())
+
+
+def test_ca_unreachable_backs_off_keeps_serving_and_recovers(pebble_factory, acme_proxy, backend_container, host):
+    pebble = pebble_factory(validity=15)  # renewal due after 10 s
+    name = host("outage")
+    backend_container("outage", labels={"wakeproxy.host": name, "wakeproxy.acme": "true"})
+    proxy = acme_proxy(pebble.acme_config())
+    wait_issued(proxy, name)
+    old = _serial(proxy, name)
+    pebble.gate.close()
+    fail = re.compile(rf"acme: {re.escape(name)}: attempt (\d+) failed: (.*); next attempt in")
+    wait_for(lambda: fail.search(proxy.log()), 20, 0.1, "a failed renewal attempt")
+    assert "stays in service" in proxy.log()
+    assert _serial(proxy, name) == old  # the old certificate is still served
+    handshake(proxy, name, pebble.root_pem())
+    # Exponential backoff: a second failure comes later than the first retry step.
+    wait_for(lambda: len(fail.findall(proxy.log())) >= 2, 10, 0.1, "a second failed attempt")
+    pebble.gate.open()
+    wait_issued(proxy, name, timeout=15, count=2)
+    assert _serial(proxy, name) != old
+    handshake(proxy, name, pebble.root_pem())
