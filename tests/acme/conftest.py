@@ -200,7 +200,8 @@ class Gate:
 class Pebble:
     """pebble + pebble-challtestsrv for one test; `directory` goes through the `gate`."""
 
-    def __init__(self, workdir: Path, http_port: int, https_port: int, validity: int | None = None):
+    def __init__(self, workdir: Path, http_port: int, https_port: int, validity: int | None = None,
+                 eab: dict[str, str] | None = None):
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.api_cert, api_key = make_api_cert(workdir)
@@ -218,6 +219,9 @@ class Pebble:
         }}
         if validity is not None:
             cfg["pebble"]["certificateValidityPeriod"] = validity
+        if eab:
+            cfg["pebble"]["externalAccountBindingRequired"] = True
+            cfg["pebble"]["externalAccountMACKeys"] = eab
         (workdir / "pebble.json").write_text(json.dumps(cfg))
         self.proc = Proc([_need("pebble"), "-config", str(workdir / "pebble.json"),
                           "-dnsserver", f"127.0.0.1:{self.dns_port}"],
@@ -301,11 +305,11 @@ def ports() -> tuple[int, int]:
 
 @pytest.fixture
 def pebble_factory(tmp_path, ports, request):
-    """pebble_factory(validity=None) → a running Pebble for this test's proxy ports."""
+    """pebble_factory(validity=None, eab=None, http_port=None) → a running Pebble for this test's proxy ports."""
     started: list[Pebble] = []
 
-    def make(validity: int | None = None) -> Pebble:
-        p = Pebble(tmp_path / f"pebble{len(started)}", ports[0], ports[1], validity)
+    def make(validity: int | None = None, eab: dict | None = None, http_port: int | None = None) -> Pebble:
+        p = Pebble(tmp_path / f"pebble{len(started)}", http_port or ports[0], ports[1], validity, eab)
         started.append(p)
         return p
 
