@@ -1,0 +1,94 @@
+"""The waking page in a real browser: Debian's headless Chromium driven by selenium.
+
+A stopped site whose app needs ~2 s to listen: the browser first shows the
+"Waking up" page, whose script long-polls /__wakeproxy/wait and reloads, and
+then lands on the app's own page, with no reload by the test.
+
+Needs the Debian packages `chromium` and `chromium-driver` (scripts/test
+installs them); selenium must not download a browser or a driver.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import wait_for
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+APP_TITLE = "Browser wake app"
+APP_TEXT = "Hello from the woken app"
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium whose resolver maps every *.test name to 127.0.0.1."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    for exe in (CHROMIUM, CHROMEDRIVER):
+        assert os.access(exe, os.X_OK), f"{exe} missing: install Debian's chromium and chromium-driver"
+    profile = tmp_path / "chromium-profile"
+    profile.mkdir()
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-proxy-server", "--disable-dev-shm-usage",
+                 f"--user-data-dir={profile}", "--host-resolver-rules=MAP *.test 127.0.0.1"):
+        options.add_argument(flag)
+    service = Service(executable_path=CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"))
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        driver.set_page_load_timeout(30)
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def app_www(tmp_path) -> Path:
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "index.html").write_text(
+        f"<!doctype html><html><head><title>{APP_TITLE}</title></head>"
+        f"<body><h1 id='app'>{APP_TEXT}</h1></body></html>\n")
+    for d in (tmp_path, www):
+        d.chmod(0o755)
+    return www
+
+
+def test_browser_sees_waking_page_then_the_app(backend_container, busybox_image, proxy, host, browser, app_www):
+    h = host("w-browser")
+    c = backend_container(
+        "w-browser", image=busybox_image,
+        command=["sh", "-c", "sleep 2; exec httpd -f -p 80 -h /www"],
+        labels={"wakeproxy.host": h, "wakeproxy.port": "80"},
+        volumes={str(app_www): {"bind": "/www", "mode": "ro"}})
+    c.stop(timeout=1)
+    c.reload()
+    assert c.status == "exited"
+    p = proxy()  # wake.strategy auto: a navigation gets the waking page
+    url = f"http://{h}:{p.http_port}/"
+
+    t0 = time.monotonic()
+    browser.get(url)
+    first_title = browser.title
+    first_source = browser.page_source
+    assert "Waking up" in first_title, (first_title, first_source[:2000])
+    assert "Waking up" in browser.find_element("tag name", "h1").text
+
+    def on_app():
+        return APP_TEXT in browser.page_source and browser.title == APP_TITLE
+    wait_for(on_app, 20, 0.1, f"the browser to land on the app (now at {browser.current_url!r}: "
+                                f"{browser.title!r})")
+    took = time.monotonic() - t0
+    assert browser.current_url == url
+    assert browser.find_element("id", "app").text == APP_TEXT
+    log = p.log()
+    assert f"wake {c.name}: starting" in log and f"wake {c.name}: ready (" in log, log
+    print(f"browser on the app after {took:.2f}s;", *[ln for ln in log.splitlines() if "wake " in ln], sep="\n")
