@@ -62,7 +62,7 @@ def test_letsencrypt_host_env_of_a_stopped_container_one_order_at_a_time(pebble,
 def test_restart_serves_the_same_certificate_without_a_new_order(pebble, acme_proxy, backend_container, host,
                                                                    tmp_path):
     name = host("restart")
-    backend_container("restart", labels={"wakeproxy.host": name, "wakeproxy.acme": "true"})
+    backend_container("restart", labels={"wakeproxy.host": name, "wakeproxy.acme": "true"}, start=False)
     state = str(tmp_path / "shared-state")
     first = acme_proxy({**pebble.acme_config(), "state_dir": state})
     wait_issued(first, name)
@@ -85,7 +85,7 @@ def test_renewal_at_a_third_of_the_lifetime_left(pebble_factory, acme_proxy, bac
     """pebble issues 9-second certificates here: renewal is due 6 s after issuance."""
     pebble = pebble_factory(validity=9)
     name = host("renew")
-    backend_container("renew", labels={"wakeproxy.host": name, "wakeproxy.acme": "true"})
+    backend_container("renew", labels={"wakeproxy.host": name, "wakeproxy.acme": "true"}, start=False)
     proxy = acme_proxy(pebble.acme_config())
     wait_issued(proxy, name)
     first = leaf_of(proxy, name)
@@ -100,9 +100,9 @@ def test_renewal_at_a_third_of_the_lifetime_left(pebble_factory, acme_proxy, bac
 
 
 def test_ca_unreachable_backs_off_keeps_serving_and_recovers(pebble_factory, acme_proxy, backend_container, host):
-    pebble = pebble_factory(validity=15)  # renewal due after 10 s
+    pebble = pebble_factory(validity=10)  # renewal due after 6.7 s
     name = host("outage")
-    backend_container("outage", labels={"wakeproxy.host": name, "wakeproxy.acme": "true"})
+    backend_container("outage", labels={"wakeproxy.host": name, "wakeproxy.acme": "true"}, start=False)
     proxy = acme_proxy(pebble.acme_config())
     wait_issued(proxy, name)
     old = _serial(proxy, name)
