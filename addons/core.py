@@ -13,7 +13,7 @@ import asyncio
 import logging
 from typing import Any, Optional
 
-from mitmproxy import ctx, exceptions
+from mitmproxy import ctx, exceptions, tls
 
 from .config import Config, ConfigError, load_config
 from .docker_view import DockerView
@@ -89,6 +89,13 @@ class WakeProxy:
     def running(self) -> None:
         self._running = True
         self._restart_view()
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        # Prefer HTTP/2 whenever the client offers it. mitmproxy honours the client's order, and
+        # some clients (httpx, Python's ssl) list http/1.1 first although they speak h2 — so they
+        # would lose multiplexing. Presetting the client's ALPN makes TlsConfig select it.
+        if ctx.options.http2 and b"h2" in data.client_hello.alpn_protocols:
+            data.context.client.alpn = b"h2"
 
     def done(self) -> None:
         self._running = False

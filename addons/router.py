@@ -22,6 +22,8 @@ from .waker import CONTROL_PREFIX, Wake, Waker
 
 logger = logging.getLogger(__name__)
 
+_BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE", "CONNECT"})
+
 # How many WebSocket messages a flow keeps for mitmweb; mitmproxy would keep all of them
 # for the life of the connection.
 WEBSOCKET_HISTORY = 100
@@ -118,6 +120,11 @@ class Router:
         assert backend.address is not None
         self._forwarded_headers(flow, host_header)
         req = flow.request
+        if (req.is_http2 or req.is_http3) and backend.scheme == "http" and "content-length" not in req.headers \
+                and req.method not in _BODYLESS:
+            # An HTTP/2 body without a length goes to an HTTP/1.1 backend: it must be chunked,
+            # or the backend reads an empty body and the rest as a broken next request.
+            req.headers["transfer-encoding"] = "chunked"
         req.scheme = backend.scheme
         req.host = backend.address  # this setter rewrites Host/:authority …
         req.port = backend.port

@@ -7,8 +7,10 @@ gives the same proxy as the `wakeproxy` command (same listeners, same routes),
 with mitmweb's live view of every flow.
 
 mitmproxy puts this file's folder first on sys.path while loading it, where
-`wakeproxy` would resolve to this very file; so the package is bound to this
-folder explicitly (unless it is already imported, e.g. by `wakeproxy web`).
+`wakeproxy` would resolve to this very file and our `acme.py` would shadow the
+`acme` library; so the folder is taken off sys.path for the imports, and the
+package is bound to this folder explicitly (unless it is already imported,
+e.g. by `wakeproxy web`).
 """
 
 from __future__ import annotations
@@ -33,5 +35,17 @@ def _package() -> None:
     spec.loader.exec_module(module)
 
 
-_package()
-addons = importlib.import_module("wakeproxy.bundle").make_addons()
+def _bundle() -> list:
+    # While mitmproxy loads this script, this folder is first on sys.path: a module of ours
+    # named like a library (acme.py) would shadow the library for every import made now.
+    here = str(Path(__file__).resolve().parent)
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != here]
+    try:
+        _package()
+        return importlib.import_module("wakeproxy.bundle").make_addons()
+    finally:
+        sys.path[:] = saved
+
+
+addons = _bundle()

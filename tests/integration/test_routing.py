@@ -298,7 +298,10 @@ def test_routes_follow_container_start_and_remove(sites, backend_container):
     wait_for(lambda: name(proxied(p, h)) == "dyn", 5, 0.05)
     t1 = time.monotonic()
     c.remove(force=True)
-    wait_for(lambda: proxied(p, h, timeout=2).status_code == 404, 5, 0.05, "route to go")
+    # (with the no-wake User-Agent: a request between the kill and the removal would otherwise
+    # try to wake the dying container)
+    wait_for(lambda: proxied(p, h, timeout=2, headers={"User-Agent": NO_WAKE_UA}).status_code == 404,
+             5, 0.05, "route to go")
     gone = time.monotonic() - t1
     print(f"route appeared {appeared:.2f}s after start, gone {gone:.2f}s after remove")
     assert appeared <= 1.0, f"route appeared after {appeared:.2f}s"
