@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,7 +242,10 @@ class IdleKeeper:
             clocks = data["last_activity"]
             now = time.time()
             # A clock from the future (a wrong system time) would keep a group up forever: cap it.
-            return {str(k): min(float(v), now) for k, v in clocks.items()}
+            loaded = {str(k): float(v) for k, v in clocks.items()}
+            if not all(math.isfinite(v) for v in loaded.values()):
+                raise ValueError("a clock is not a finite number")
+            return {k: min(v, now) for k, v in loaded.items()}
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             logger.warning(f"idle: {path} is corrupt ({type(e).__name__}: {e}); every running group counts as active now")
             return {}
