@@ -163,6 +163,18 @@ def sleepers(module_containers, busybox_image, host, run_id, tmp_path_factory):
         web.stop(timeout=5)
         return {"w-db": db, "w-web": web}
 
+    def compose_oneshot():
+        labels = {"com.docker.compose.project": f"{project}2"}
+        mig = mk("w-mig", image=bb, command=["sh", "-c", "sleep 0.5; exit 0"], start=False,
+                 labels={**labels, "com.docker.compose.service": "migrate"})
+        cache = mk("w-cache", image=bb, command=["sleep", "3600"], start=False,
+                   labels={**labels, "com.docker.compose.service": "cache"})
+        web2 = mk("w-web2", start=False, labels={
+            **labels, "wakeproxy.host": H("w-web2"), "com.docker.compose.service": "web",
+            "com.docker.compose.depends_on": "migrate:service_completed_successfully:false,"
+                                             "cache:service_started:false"})
+        return {"w-mig": mig, "w-cache": cache, "w-web2": web2}
+
     slow = {"SLEEP_BEFORE_LISTEN": "2"}
     half = {"SLEEP_BEFORE_LISTEN": "0.5"}
     jobs: dict[str, Callable] = {
@@ -175,6 +187,7 @@ def sleepers(module_containers, busybox_image, host, run_id, tmp_path_factory):
         "w-post-small": exited("w-post-small", half),
         "w-post-big": created("w-post-big", half),
         "compose": compose_pair,
+        "compose2": compose_oneshot,
         "w-crash": busybox("w-crash", ["sh", "-c", "exit 3"]),
         "w-deaf": busybox("w-deaf", ["sleep", "3600"]),
         "w-lbltimeout": busybox("w-lbltimeout", ["sleep", "3600"], **{"wakeproxy.wake-timeout": "1s"}),
@@ -379,6 +392,30 @@ def test_compose_group_starts_in_depends_on_order(sleepers, wp, docker_client):
     assert docker_client.api.inspect_container(db.id)["State"]["Health"]["Status"] == "healthy"
     assert_wake_logged(wp, sleepers.project)
     db.kill()  # stop its health checks (exec events every 200 ms) for the rest of the module
+
+
+def test_compose_group_waits_for_one_shot_and_started_dependencies(sleepers, wp, docker_client):
+    """depends_on `migrate:service_completed_successfully` and `cache:service_started`."""
+    mig, cache, web = sleepers.c["w-mig"], sleepers.c["w-cache"], sleepers.c["w-web2"]
+    since = time.time()
+    r = proxied(wp, sleepers.H("w-web2"), timeout=20)
+    assert r.status_code == 200, r.text
+    assert backend_of(r) == "w-web2"
+    ev = docker_events(docker_client, since, container=[mig.id, cache.id, web.id])
+
+    def when(cid, action):
+        found = [e["timeNano"] / 1e9 for e in ev if e["id"] == cid and e["Action"] == action]
+        assert len(found) == 1, (cid[:12], action, [(e["id"][:12], e["Action"]) for e in ev])
+        return found[0]
+    mig_die = [e for e in ev if e["id"] == mig.id and e["Action"] == "die"]
+    assert mig_die and mig_die[0]["Actor"]["Attributes"].get("exitCode") == "0", mig_die
+    t = {"migrate start": when(mig.id, "start"), "migrate exit 0": when(mig.id, "die"),
+         "cache start": when(cache.id, "start"), "web start": when(web.id, "start")}
+    print("one-shot compose wake:", {k: round(v - since, 3) for k, v in t.items()})
+    assert t["migrate start"] < t["migrate exit 0"] <= t["web start"], t
+    assert t["cache start"] <= t["web start"], t
+    assert state_of(mig) == "exited" and state_of(cache) == "running"
+    assert_wake_logged(wp, f"{sleepers.project}2")
 
 
 # --------------------------------------------------------------------------
