@@ -175,6 +175,16 @@ def sleepers(module_containers, busybox_image, host, run_id, tmp_path_factory):
                                              "cache:service_started:false"})
         return {"w-mig": mig, "w-cache": cache, "w-web2": web2}
 
+    def own_group():
+        # wakeproxy.group beats the Compose project: g1 and g2 wake together, g3 (project only) does not.
+        g = {"wakeproxy.group": f"{run_id}-grp", "com.docker.compose.project": f"{project}3"}
+        return {
+            "w-g1": mk("w-g1", start=False, labels={**g, "wakeproxy.host": H("w-g1")}),
+            "w-g2": mk("w-g2", image=bb, command=["sleep", "3600"], start=False, labels=g),
+            "w-g3": mk("w-g3", image=bb, command=["sleep", "3600"], start=False,
+                       labels={"com.docker.compose.project": f"{project}3"}),
+        }
+
     slow = {"SLEEP_BEFORE_LISTEN": "2"}
     half = {"SLEEP_BEFORE_LISTEN": "0.5"}
     jobs: dict[str, Callable] = {
@@ -188,6 +198,8 @@ def sleepers(module_containers, busybox_image, host, run_id, tmp_path_factory):
         "w-post-big": created("w-post-big", half),
         "compose": compose_pair,
         "compose2": compose_oneshot,
+        "group": own_group,
+        "w-h2": created("w-h2"),
         "w-crash": busybox("w-crash", ["sh", "-c", "exit 3"]),
         "w-deaf": busybox("w-deaf", ["sleep", "3600"]),
         "w-lbltimeout": busybox("w-lbltimeout", ["sleep", "3600"], **{"wakeproxy.wake-timeout": "1s"}),
@@ -256,6 +268,23 @@ def test_sleeping_container_is_woken_and_answers(sleepers, wp, docker_client, na
     assert len(starts(docker_client, c, since)) == 1
     assert_wake_logged(wp, c.name)
     print(f"{name}: answered after {elapsed:.2f}s")
+
+
+def test_held_over_https_and_http2(sleepers, wp):
+    r = proxied(wp, sleepers.H("w-h2"), "/over-h2", https=True, http2=True, timeout=15)
+    assert r.status_code == 200, r.text
+    assert r.http_version == "HTTP/2"
+    assert backend_of(r) == "w-h2"
+    assert r.json()["headers"]["x-forwarded-proto"] == "https"
+
+
+def test_wakeproxy_group_label_wakes_its_members_only(sleepers, wp, docker_client, run_id):
+    g1, g2, g3 = sleepers.c["w-g1"], sleepers.c["w-g2"], sleepers.c["w-g3"]
+    r = proxied(wp, sleepers.H("w-g1"), timeout=15)
+    assert r.status_code == 200 and backend_of(r) == "w-g1", r.text
+    assert state_of(g1) == "running" and state_of(g2) == "running"
+    assert state_of(g3) == "created"
+    assert_wake_logged(wp, f"{run_id}-grp")
 
 
 def test_paused_container_is_unpaused(sleepers, wp, docker_client):
@@ -440,6 +469,9 @@ def test_container_that_exits_gets_502_and_cool_down(sleepers, wp, docker_client
         assert r2.status_code == 502, r2.text
         assert elapsed2 < 0.5, elapsed2
         assert c.name in r2.text and re.search(r"\b3\b", r2.text), r2.text
+    w = proxied(wp, h, "/__wakeproxy/wait", headers=JSON)  # the waking page's long poll
+    assert w.status_code == 200 and w.json()["state"] == "failed", w.text
+    assert c.name in w.json().get("message", ""), w.json()
     time.sleep(0.3)
     assert docker_events(docker_client, since2, container=c.id) == []
 
