@@ -57,11 +57,10 @@ class Router:
         if flow.request.path.startswith(CONTROL_PREFIX):
             return self.waker.control(flow, site, host)
         backends = site.ready_backends
-        stopping = self.runtime.stopping
-        if backends and not (stopping and any(g in stopping for g in site.groups)):
+        if backends and not self.waker.busy(site):
             self.route_to(flow, self._pick(site, backends), host_header)
             return None
-        if any((b.state != "running" and b.problem is None) or b.group in stopping for b in site.backends):
+        if self.waker.busy(site) or any(b.state != "running" and b.problem is None for b in site.backends):
             return self.waker.asleep(flow, site, host, self._forward_after_wake)
         flow.response = self._unreachable(flow, host, site)
         return None

@@ -140,7 +140,6 @@ class Waker:
             if is_navigation(request):
                 flow.response = self._waking_page(request, host, wakes)
                 return None
-        flow.metadata["wakeproxy.wake"] = wakes[0]
         return self._hold(flow, site, host, wakes, forward)
 
     def control(self, flow: http.HTTPFlow, site: Site, host: str) -> Coroutine[Any, Any, None] | None:
@@ -152,6 +151,13 @@ class Waker:
 
     def is_waking(self, group: str) -> bool:
         return group in self._wakes
+
+    def busy(self, site: Site) -> bool:
+        """Is a group behind `site` waking or being put to sleep? Then requests join the wake:
+        "running" in Docker's view does not yet mean the app answers."""
+        if not self._wakes and not self.runtime.stopping:
+            return False  # the common case, checked on every request
+        return any(g in self._wakes or g in self.runtime.stopping for g in site.groups)
 
     def status_of(self, group: str) -> str:
         """asleep | waking | running, for status displays."""
@@ -449,6 +455,7 @@ class Waker:
             flow.response = self._failure_response(
                 flow.request, WakeFailed(502, "Wake-up failed", str(e)), host)
             return
+        flow.metadata["wakeproxy.wake"] = wakes[0]  # the router logs the first byte's timing
         forward(flow, site)
 
     def _waking_page(self, request: http.Request, host: str, wakes: list[Wake]) -> http.Response:
@@ -462,7 +469,7 @@ class Waker:
                 {"Content-Type": "application/json", "Cache-Control": "no-store"},
             )
 
-        if site.ready_backends and not any(g in self.runtime.stopping for g in site.groups):
+        if site.ready_backends and not self.busy(site):
             return answer("ready")
         groups = self._groups(site)
         failure = self._cooling(groups)

@@ -34,9 +34,15 @@ def c(name, host, state="running", networks=None, labels=None, project=None) -> 
 class FakeWaker:
     """Stands in for the Waker: records what the router hands over, never touches Docker."""
 
-    def __init__(self, hold=None) -> None:
+    def __init__(self, hold=None, busy_groups=()) -> None:
         self.calls: list[tuple] = []
         self.hold = hold  # an async function(flow, site, host, forward) to return from asleep()
+        self.busy_groups = set(busy_groups)  # groups "waking or stopping"
+        self.runtime = None
+
+    def busy(self, site):
+        stopping = self.runtime.stopping if self.runtime is not None else {}
+        return any(g in self.busy_groups or g in stopping for g in site.groups)
 
     def asleep(self, flow, site, host, forward):
         self.calls.append(("asleep", flow, site, host, forward))
@@ -56,7 +62,11 @@ def make_router(*containers, allowed=(), config=None, synced=True, snapshot=None
     config = config or Config()
     if snapshot is None:
         snapshot = snap(*containers, allowed=allowed, synced=synced, drivers=drivers)
-    return Router(Runtime(config=config, snapshot=snapshot), waker or FakeWaker())
+    waker = waker or FakeWaker()
+    runtime = Runtime(config=config, snapshot=snapshot)
+    if isinstance(waker, FakeWaker):
+        waker.runtime = runtime
+    return Router(runtime, waker)
 
 
 def plain_router() -> Router:
@@ -597,3 +607,13 @@ def test_sse_streams_through_mitmproxy():
         f = response_flow(Content_Type="text/event-stream")
         asyncio.run(tctx.cycle(router, f))
         assert f.response.stream is True
+
+
+def test_requests_for_a_waking_group_join_the_wake_even_when_docker_says_running():
+    """Running in Docker's view is not ready: while a wake is on, requests join it."""
+    waker = FakeWaker(busy_groups={"proj"})
+    router = make_router(WEB, waker=waker)
+    f = make_flow("a.test")
+    router.requestheaders(f)
+    assert [c[0] for c in waker.calls] == ["asleep"]
+    assert f.request.host != "172.17.0.2"
