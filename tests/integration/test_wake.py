@@ -139,7 +139,16 @@ def sleepers(module_containers, busybox_image, host, run_id, tmp_path_factory):
     def paused(name):
         def make():
             c = mk(name, labels={"wakeproxy.host": H(name)})
-            c.pause()
+            # The cgroup freezer can fail transiently ("unable to freeze") while the container's
+            # process is mid-syscall on a loaded machine: retry a few times.
+            for attempt in range(5):
+                try:
+                    c.pause()
+                    break
+                except docker.errors.APIError:
+                    if attempt == 4:
+                        raise
+                    time.sleep(0.3)
             return c
         return make
 
