@@ -442,9 +442,11 @@ def proxy_command(launcher: str, cfg_path: Path) -> list[str]:
     if launcher == "module":
         py = venv_bin("python") or Path(sys.executable)
         return [str(py), "-m", "wakeproxy", "--config", str(cfg_path)]
-    if launcher == "mitmdump":
-        mitmdump = venv_bin("mitmdump") or Path(sys.executable).with_name("mitmdump")
-        return [str(mitmdump), "-s", str(REPO / "addons" / "wakeproxy.py"),
+    if launcher in ("mitmdump", "mitmweb"):
+        tool = venv_bin(launcher) or Path(sys.executable).with_name(launcher)
+        extra = ["--no-web-open-browser", "--web-host", "127.0.0.1", "--web-port", str(free_port())] \
+            if launcher == "mitmweb" else []
+        return [str(tool), *extra, "-s", str(REPO / "addons" / "wakeproxy.py"),
                 "--set", f"wakeproxy_config={cfg_path}"]
     raise ValueError(f"unknown launcher {launcher!r}")
 

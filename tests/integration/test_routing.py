@@ -311,6 +311,14 @@ def test_routes_follow_container_start_and_remove(sites, backend_container):
 # --- the same through mitmdump --------------------------------------------------------
 
 
+def test_mitmweb_script_serves_the_same_routes(sites, proxy):
+    """mitmweb -s addons/wakeproxy.py: the debugging view runs the same proxy."""
+    w = proxy(NO_WAKE, launcher="mitmweb")
+    assert name(wait_for(lambda: proxied(w, sites.H("plain")), 10, 0.1)) == "plain"
+    assert proxied(w, sites.H("plain"), https=True).json()["headers"]["x-forwarded-proto"] == "https"
+    assert proxied(w, f"nobody.{sites.H('plain')}").status_code == 404
+
+
 def test_mitmdump_script_gives_same_answers(sites, proxy, run_id):
     if not shutil.which("mitmdump", path=os.pathsep.join([str(Path(__file__).resolve().parents[2] / ".venv" / "bin"),
                                                           os.environ.get("PATH", "")])):
