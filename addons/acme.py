@@ -59,7 +59,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from mitmproxy import http
 
-from .config import AcmeConfig, Config, SourcesConfig
+from .config import AcmeConfig, SourcesConfig
 from .labels import ContainerInfo, LabelError, parse_hosts, routes_for
 from .runtime import Runtime
 from .tls import CHALLENGE_PREFIX, Certificates, LoadedCert, load_cert, write_private
@@ -409,10 +409,8 @@ class AcmeClient:
     def _network(self) -> RetryingNetwork:
         assert self._key is not None
         verify: bool | str = str(self.cfg.ca_bundle) if self.cfg.ca_bundle else True
-        net = RetryingNetwork(self._key, account=self._account, alg=jose.ES256, verify_ssl=verify,
-                              user_agent="wakeproxy (acme-python)", timeout=30)
-        net.session.trust_env = True
-        return net
+        return RetryingNetwork(self._key, account=self._account, alg=jose.ES256, verify_ssl=verify,
+                               user_agent="wakeproxy (acme-python)", timeout=30)
 
     def _session(self) -> client.ClientV2:
         """A client with a registered account, registering it on first use."""
@@ -596,7 +594,6 @@ class AcmeManager:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rng = random.Random()
         self._backoff_min = BACKOFF_MIN
-        self._config: Config | None = None
 
     @property
     def enabled(self) -> bool:
@@ -612,7 +609,10 @@ class AcmeManager:
     def running(self) -> None:
         if not self.enabled:
             return
-        config = self._config = self.runtime.config
+        config = self.runtime.config
+        if config.listen.http is None:
+            logger.warning("acme: listen.http is off, so HTTP-01 challenges cannot be answered here; "
+                           "orders will fail unless another proxy forwards port 80")
         test_backoff = os.environ.get(TEST_BACKOFF_ENV)
         if test_backoff:
             self._backoff_min = float(test_backoff)
@@ -629,8 +629,14 @@ class AcmeManager:
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A bug, not a CA problem (those are handled per attempt): make it visible.
+            logger.error("acme: internal error, certificates are no longer managed", exc_info=task.exception())
 
     # --- the loop -----------------------------------------------------------------------
 

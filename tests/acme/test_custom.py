@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import handshake, http_get, https_get, leaf_of
+from acme_harness import handshake, http_get, https_get, leaf_of
 from harness import backend_of, wait_for
 
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
 from pathlib import Path
 
-import pytest
 
-from conftest import handshake, http_get, https_get, leaf_of, wait_issued
+from acme_harness import handshake, http_get, https_get, leaf_of, wait_issued
 from harness import backend_of, wait_for
 
 log = logging.getLogger("wptest.acme")

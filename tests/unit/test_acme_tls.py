@@ -13,7 +13,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from mitmproxy import certs
 from mitmproxy.test import tflow
 from mitmproxy.test.tutils import treq
 
@@ -22,7 +21,7 @@ from wakeproxy.labels import ContainerInfo
 from wakeproxy.runtime import Runtime
 from wakeproxy.snapshot import build_snapshot
 from wakeproxy.tls import (
-    CertRegistry, Certificates, HttpsPolicy, LoadedCert, file_base_to_name, hosts_by_container, label_cert_names,
+    CertRegistry, Certificates, HttpsPolicy, file_base_to_name, hosts_by_container, label_cert_names,
     load_cert, name_matches, scan_custom_dir,
 )
 
