@@ -184,11 +184,19 @@ class Pebble:
             cfg["pebble"]["externalAccountBindingRequired"] = True
             cfg["pebble"]["externalAccountMACKeys"] = eab
         (workdir / "pebble.json").write_text(json.dumps(cfg))
-        self.proc = Proc([_need("pebble"), "-config", str(workdir / "pebble.json"),
-                          "-dnsserver", f"127.0.0.1:{self.dns_port}"],
-                         workdir / "pebble.log", env={"PEBBLE_VA_NOSLEEP": "1"})
         self.gate = Gate(self.api_port)
+        self._start()
+
+    def _start(self) -> None:
+        self.proc = Proc([_need("pebble"), "-config", str(self.workdir / "pebble.json"),
+                          "-dnsserver", f"127.0.0.1:{self.dns_port}"],
+                         self.workdir / "pebble.log", env={"PEBBLE_VA_NOSLEEP": "1"})
         wait_for(self._up, 15, 0.05, "pebble's directory")
+
+    def restart(self) -> None:
+        """A new pebble on the same ports: every account, order and key of the old one is gone."""
+        self.proc.stop()
+        self._start()
 
     @property
     def directory(self) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
+import ssl
 import time
 from pathlib import Path
 
@@ -12,6 +14,18 @@ from acme_harness import handshake, http_get, https_get, leaf_of, wait_issued
 from harness import backend_of, wait_for
 
 log = logging.getLogger("wptest.acme")
+
+
+def _roundtrip(conn, reader, request: bytes) -> int:
+    """One HTTP/1.1 request on an open connection; the status, with the whole body read."""
+    conn.sendall(request)
+    status = int(reader.readline().split()[1])
+    length = 0
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    reader.read(length)
+    return status
 
 
 def _serial(proxy, name) -> int:
@@ -88,7 +102,16 @@ def test_renewal_at_a_third_of_the_lifetime_left(pebble_factory, acme_proxy, bac
     wait_issued(proxy, name)
     first = leaf_of(proxy, name)
     lifetime = first.not_valid_after_utc - first.not_valid_before_utc
+    # A connection opened before the renewal keeps working after it (nothing restarts).
+    ctx = ssl.create_default_context(cadata=pebble.root_pem())
+    conn = ctx.wrap_socket(socket.create_connection(("127.0.0.1", proxy.https_port), timeout=5),
+                           server_hostname=name)
+    request = b"GET / HTTP/1.1\r\nHost: nobody.example.test\r\n\r\n"  # a proxy answer: wakes nothing
+    reader = conn.makefile("rb")
+    assert _roundtrip(conn, reader, request) == 404
     wait_issued(proxy, name, timeout=lifetime.total_seconds(), count=2)
+    assert _roundtrip(conn, reader, request) == 404
+    conn.close()
     second = leaf_of(proxy, name)
     assert second.serial_number != first.serial_number
     # Renewed when about a third of the first one's lifetime was left, not at its end.
@@ -143,3 +166,17 @@ def test_failed_validation_is_logged_with_the_problem_and_the_default_cert_serve
     assert leaf_of(proxy, name).subject.rfc4514_string() == "O=wakeproxy,CN=wakeproxy default certificate"
     assert http_get(proxy, name).status_code != 308
     assert len(re.findall(rf"acme: {re.escape(name)}: attempt 1 failed", proxy.log())) == 1  # once per attempt
+
+
+def test_ca_that_forgot_the_account_gets_it_registered_again(pebble_factory, acme_proxy, backend_container, host):
+    """pebble keeps nothing across a restart: the renewal finds its account gone, and re-registers."""
+    pebble = pebble_factory(validity=8)  # renewal due after ~5.3 s
+    name = host("forgot")
+    backend_container("forgot", labels={"wakeproxy.host": name, "wakeproxy.acme": "true"}, start=False)
+    proxy = acme_proxy(pebble.acme_config())
+    wait_issued(proxy, name)
+    pebble.restart()
+    wait_issued(proxy, name, timeout=20, count=2)
+    assert re.search(rf"acme: {re.escape(name)}: attempt 1 failed: accountDoesNotExist", proxy.log())
+    assert proxy.log().count("acme: account registered") == 2
+    handshake(proxy, name, pebble.root_pem())  # chains to the new pebble's root
