@@ -1,0 +1,726 @@
+"""wakeproxy.idle and wakeproxy.status without Docker: the IdleKeeper's activity counters, its idle
+decisions (`check`), the stop/pause sequence over a fake DockerOps, the idle-state file,
+Group.stop_order/start_order, and StatusServer.report().
+
+(Not named test_idle.py: next to tests/integration/test_idle.py that name breaks collection, since
+pytest imports test files without an __init__.py by their basename.)
+
+`keeper._put_to_sleep` is replaced with a recorder wherever only the decision matters; where the
+sequence itself is under test, `keeper.ops` is a fake that records calls and never touches Docker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import pytest
+from mitmproxy import http
+from mitmproxy.test import taddons, tflow
+from mitmproxy.test.tutils import tresp
+
+import wakeproxy.idle as idle_mod
+from wakeproxy.config import Address, Config, IdleConfig, SourcesConfig, StatusConfig
+from wakeproxy.docker_ops import DockerOpError
+from wakeproxy.idle import STATE_FILE, Activity, IdleKeeper
+from wakeproxy.labels import ContainerInfo
+from wakeproxy.runtime import Runtime
+from wakeproxy.snapshot import Snapshot, build_snapshot
+from wakeproxy.status import StatusServer
+
+TIMEOUT = 60.0
+
+
+# --------------------------------------------------------------------------
+# building blocks
+
+
+def c(name, host=None, state="running", labels=None, project=None, service=None, depends_on=None) -> ContainerInfo:
+    labels = dict(labels or {})
+    if host:
+        labels["wakeproxy.host"] = host
+    if project:
+        labels["com.docker.compose.project"] = project
+    if service:
+        labels["com.docker.compose.service"] = service
+    if depends_on:
+        labels["com.docker.compose.depends_on"] = depends_on
+    ip = "172.17.0.2" if state == "running" else ""
+    return ContainerInfo(id=f"id-{name}", name=name, state=state, labels=labels, networks={"bridge": ip})
+
+
+def snap(*containers, synced=True) -> Snapshot:
+    return build_snapshot(containers, SourcesConfig(), (), {}, synced=synced)
+
+
+class FakeWaker:
+    def __init__(self) -> None:
+        self.waking: set[str] = set()
+
+    def is_waking(self, group: str) -> bool:
+        return group in self.waking
+
+
+class FakeOps:
+    """Records stop/pause calls as (what, name, arg) in the order they begin and end."""
+
+    def __init__(self, fail: set[str] = frozenset(), delay: float = 0.01) -> None:
+        self.calls: list[tuple] = []
+        self.fail = set(fail)
+        self.delay = delay
+
+    async def _op(self, what: str, name: str, arg=None) -> None:
+        self.calls.append(("begin", what, name, arg))
+        await asyncio.sleep(self.delay)
+        self.calls.append(("end", what, name, arg))
+        if name in self.fail:
+            raise DockerOpError(f"docker {what} {name} failed: boom")
+
+    async def stop(self, cid, name, timeout):
+        await self._op("stop", name, timeout)
+
+    async def pause(self, cid, name):
+        await self._op("pause", name)
+
+    async def start(self, cid, name):  # never called by the keeper
+        raise AssertionError("the idle keeper must never start anything")
+
+    unpause = start
+
+
+def config(tmp_path: Path | None = None, **idle) -> Config:
+    cfg = dataclasses.replace(Config(), idle=IdleConfig(**{"timeout": TIMEOUT, **idle}))
+    if tmp_path is not None:
+        cfg = dataclasses.replace(cfg, state_dir=tmp_path)
+    return cfg
+
+
+def make_keeper(*containers, tmp_path=None, synced=True, record=True, **idle) -> IdleKeeper:
+    runtime = Runtime(config=config(tmp_path, **idle), snapshot=snap(*containers, synced=synced))
+    keeper = IdleKeeper(runtime, FakeWaker())
+    keeper.slept = []  # (group, idle seconds) for every decision to put a group to sleep
+    if record:
+        def record(s: Snapshot, g, idle_for: float) -> None:
+            keeper.slept.append((g.name, round(idle_for, 3)))
+            keeper.runtime.stopping[g.name] = object()  # as the real one: "stopping" until it is done
+
+        keeper._put_to_sleep = record
+    keeper.ops = FakeOps()
+    return keeper
+
+
+def flow_for(group: str | None) -> http.HTTPFlow:
+    f = tflow.tflow()
+    if group is not None:
+        f.metadata["wakeproxy.group"] = group
+    return f
+
+
+def ws_flow(group: str | None) -> http.HTTPFlow:
+    f = tflow.twebsocketflow()
+    if group is not None:
+        f.metadata["wakeproxy.group"] = group
+    return f
+
+
+# --------------------------------------------------------------------------
+# activity counters from flows
+
+
+def test_request_counts_in_flight_until_its_response():
+    k = make_keeper(c("a", "a.test"))
+    f = flow_for("a")
+    t0 = time.time()
+    k.requestheaders(f)
+    act = k.activity["a"]
+    assert (act.inflight, act.open, act.running) == (1, 0, True)
+    assert t0 <= act.last <= time.time()
+    assert f.metadata["wakeproxy.idle"] == "a"
+    # a second requestheaders on the same flow (e.g. re-invoked after a wake hold) is not counted twice
+    k.requestheaders(f)
+    assert act.inflight == 1
+    act.last = 0.0
+    f.response = tresp()
+    k.response(f)
+    assert act.inflight == 0
+    assert act.last >= t0  # the last byte moved now
+    assert "wakeproxy.idle" not in f.metadata
+    k.response(f)  # a stray second end changes nothing
+    assert act.inflight == 0
+
+
+def test_error_ends_a_request_too():
+    k = make_keeper(c("a", "a.test"))
+    flows = [flow_for("a") for _ in range(3)]
+    for f in flows:
+        k.requestheaders(f)
+    assert k.activity["a"].inflight == 3
+    k.error(flows[0])
+    flows[1].response = tresp()
+    k.response(flows[1])
+    assert k.activity["a"].inflight == 1
+    k.error(flows[2])
+    k.error(flows[2])
+    assert k.activity["a"].inflight == 0
+
+
+def test_flows_without_a_group_or_already_answered_are_not_counted():
+    k = make_keeper(c("a", "a.test"))
+    k.requestheaders(flow_for(None))  # unknown host, 404 page: no group
+    answered = flow_for("a")
+    answered.response = tresp()  # answered by the proxy itself (waking page, refusal)
+    k.requestheaders(answered)
+    assert k.activity == {}
+    k.response(answered)
+    k.error(flow_for("a"))
+    assert k.activity == {}
+
+
+def test_counters_never_go_negative():
+    k = make_keeper(c("a", "a.test"))
+    k.activity["a"] = Activity(last=1.0, inflight=0, open=0, running=True)
+    f = flow_for("a")
+    f.metadata["wakeproxy.idle"] = "a"
+    k.response(f)
+    w = ws_flow("a")
+    w.metadata["wakeproxy.ws"] = "a"
+    k.websocket_end(w)
+    assert (k.activity["a"].inflight, k.activity["a"].open) == (0, 0)
+
+
+def test_websocket_open_until_end_and_messages_move_the_clock():
+    k = make_keeper(c("a", "a.test"))
+    f = ws_flow("a")
+    k.websocket_start(f)
+    act = k.activity["a"]
+    assert act.open == 1
+    act.last = 5.0
+    k.websocket_message(f)
+    assert act.last > 5.0 and act.open == 1
+    g = ws_flow("a")
+    k.websocket_start(g)
+    assert act.open == 2
+    k.websocket_end(f)
+    k.websocket_end(f)  # once only
+    assert act.open == 1
+    act.last = 5.0
+    k.websocket_end(g)
+    assert act.open == 0 and act.last > 5.0
+    # messages and ends of a websocket the keeper never saw start are ignored
+    h = ws_flow("a")
+    act.last = 5.0
+    k.websocket_message(h)
+    k.websocket_end(h)
+    assert act.last == 5.0
+
+
+def test_whole_websocket_flow_through_mitmproxy_hooks():
+    """The keeper as an addon: requestheaders → response (101) → websocket_* → end, via taddons."""
+    k = make_keeper(c("a", "a.test"))
+    f = ws_flow("a")
+    response = f.response
+    f.response = None  # the upgrade request is still in flight when its headers arrive
+    with taddons.context(k) as tctx:
+        tctx.master.addons.invoke_addon_sync(k, _hook("requestheaders", f))
+        assert (k.activity["a"].inflight, k.activity["a"].open) == (1, 0)
+        f.response = response
+        tctx.master.addons.invoke_addon_sync(k, _hook("response", f))
+        tctx.master.addons.invoke_addon_sync(k, _hook("websocket_start", f))
+        assert (k.activity["a"].inflight, k.activity["a"].open) == (0, 1)
+        tctx.master.addons.invoke_addon_sync(k, _hook("websocket_message", f))
+        tctx.master.addons.invoke_addon_sync(k, _hook("websocket_end", f))
+    assert (k.activity["a"].inflight, k.activity["a"].open) == (0, 0)
+
+
+def _hook(name: str, f: http.HTTPFlow):
+    from mitmproxy.proxy.layers import http as http_layer, websocket as ws_layer
+
+    return {
+        "requestheaders": http_layer.HttpRequestHeadersHook,
+        "response": http_layer.HttpResponseHook,
+        "websocket_start": ws_layer.WebsocketStartHook,
+        "websocket_message": ws_layer.WebsocketMessageHook,
+        "websocket_end": ws_layer.WebsocketEndHook,
+    }[name](f)
+
+
+# --------------------------------------------------------------------------
+# check(): when a group is put to sleep
+
+
+def test_quiet_running_group_is_put_to_sleep_after_its_timeout():
+    k = make_keeper(c("a", "a.test"), c("b", "b.test"))
+    now = 1_000_000.0
+    k.check(now)  # first sight: both active now
+    assert k.slept == []
+    assert k.activity["a"].last == now and k.activity["a"].running
+    k.check(now + TIMEOUT - 0.01)
+    assert k.slept == []
+    k.check(now + TIMEOUT)
+    assert sorted(k.slept) == [("a", TIMEOUT), ("b", TIMEOUT)]
+
+
+def test_traffic_pushes_the_deadline():
+    k = make_keeper(c("a", "a.test"))
+    now = time.time()
+    k.check(now)
+    f = flow_for("a")
+    k.requestheaders(f)
+    f.response = tresp()
+    k.response(f)
+    k.check(now + TIMEOUT - 0.5)
+    assert k.slept == []
+    k.check(k.activity["a"].last + TIMEOUT)
+    assert k.slept == [("a", TIMEOUT)]
+
+
+@pytest.mark.parametrize("what", ["inflight", "open", "stopping", "waking"])
+def test_group_in_use_or_in_transition_is_never_stopped(what):
+    k = make_keeper(c("a", "a.test"))
+    now = time.time()
+    k.check(now)
+    if what == "inflight":
+        k.activity["a"].inflight = 1
+    elif what == "open":
+        k.activity["a"].open = 1
+    elif what == "stopping":
+        k.runtime.stopping["a"] = object()  # a stop already under way
+    else:
+        k.waker.waking.add("a")
+    k.check(now + 100 * TIMEOUT)
+    assert k.slept == []
+
+
+@pytest.mark.parametrize("labels", [{"io.docksal.permanent": "true"}, {"wakeproxy.idle-timeout": "0"}],
+                         ids=["docksal-permanent", "idle-timeout-0"])
+def test_permanent_group_is_never_stopped(labels):
+    k = make_keeper(c("a", "a.test", labels=labels), c("b", "b.test"))
+    now = time.time()
+    k.check(now)
+    k.check(now + 1e6)
+    assert k.slept == [("b", 1e6)]
+    assert k.timeout_of(k.runtime.snapshot.groups["a"]) == 0
+
+
+def test_config_timeout_zero_means_never():
+    k = make_keeper(c("a", "a.test"), timeout=0)
+    k.check(1.0)
+    k.check(1e9)
+    assert k.slept == []
+
+
+def test_label_timeout_overrides_the_config():
+    k = make_keeper(c("short", "s.test", labels={"wakeproxy.idle-timeout": "5s"}),
+                    c("long", "l.test", labels={"wakeproxy.idle-timeout": "2h"}),
+                    c("default", "d.test"))
+    k.check(0.0)
+    k.check(5.0)
+    assert k.slept == [("short", 5.0)]
+    k.check(TIMEOUT)
+    assert k.slept[1:] == [("default", TIMEOUT)]
+    k.check(7200.0)
+    assert k.slept[2:] == [("long", 7200.0)]
+
+
+def test_nothing_happens_before_the_first_full_listing():
+    k = make_keeper(c("a", "a.test"), synced=False)
+    k.check(1.0)
+    k.check(1e9)
+    assert k.slept == [] and k.activity == {}
+
+
+def test_group_that_is_not_running_is_left_alone():
+    k = make_keeper(c("a", "a.test", state="exited"), c("p", "p.test", state="paused"))
+    k.check(1.0)
+    k.check(1e9)
+    assert k.slept == []
+    assert k.activity == {}
+
+
+def test_group_started_by_someone_else_counts_from_when_it_is_seen_running():
+    k = make_keeper(c("a", "a.test"))
+    k.check(100.0)
+    k.runtime.publish(snap(c("a", "a.test", state="exited")))
+    k.check(200.0)
+    assert k.activity["a"].running is False
+    k.runtime.publish(snap(c("a", "a.test")))  # `docker start` behind the proxy's back
+    k.check(10_000.0)
+    assert k.slept == []
+    assert k.activity["a"].last == 10_000.0
+    k.check(10_000.0 + TIMEOUT)
+    assert k.slept == [("a", TIMEOUT)]
+
+
+def test_group_with_any_running_member_counts_as_running():
+    k = make_keeper(c("web", "a.test", project="p"), c("db", state="exited", project="p"))
+    k.check(0.0)
+    k.check(TIMEOUT)
+    assert k.slept == [("p", TIMEOUT)]
+
+
+def test_saved_clock_is_used_for_a_group_running_at_first_sight():
+    k = make_keeper(c("a", "a.test"), c("b", "b.test"))
+    k._loaded = {"a": 1000.0 - TIMEOUT + 1}
+    k.check(1000.0)
+    assert k.slept == [] and k.activity["a"].last == 1000.0 - TIMEOUT + 1
+    k.check(1001.0)
+    assert k.slept == [("a", TIMEOUT)]
+    assert k.activity["b"].last == 1000.0  # no saved clock: active now
+    assert "a" not in k._loaded
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: a saved clock is applied to a group that was asleep when the proxy started and is started "
+    "later by someone else (docker start/compose up): it is stopped at once instead of after a full "
+    "timeout from when it is seen running (IdleKeeper.check pops _loaded only on first *running* sight)"))
+def test_saved_clock_is_not_used_for_a_group_started_after_the_restart():
+    k = make_keeper(c("a", "a.test", state="exited"))
+    k._loaded = {"a": 1000.0 - 10 * TIMEOUT}  # it was last used long ago, then slept
+    k.check(1000.0)  # asleep at the proxy's first look
+    k.runtime.publish(snap(c("a", "a.test")))  # started by someone else
+    k.check(1001.0)
+    assert k.slept == []  # actual: [("a", 661.0)]
+
+
+# --------------------------------------------------------------------------
+# the sleep itself (fake DockerOps)
+
+
+def compose_group(state="running"):
+    return (
+        c("p-web", "a.test", state, project="p", service="web", depends_on="api:service_started,cache"),
+        c("p-api", None, state, project="p", service="api", depends_on="db:service_healthy"),
+        c("p-db", None, state, project="p", service="db"),
+        c("p-cache", None, state, project="p", service="cache", depends_on="cache"),  # self-dependency ignored
+        c("p-once", None, "exited", project="p", service="once"),  # a finished one-shot: not stopped
+    )
+
+
+def test_stop_and_start_order_follow_depends_on():
+    s = snap(*compose_group())
+    g = s.groups["p"]
+    names = lambda layers: [sorted(s.containers[cid].name for cid in layer) for layer in layers]
+    assert names(g.start_order(s)) == [["p-cache", "p-db", "p-once"], ["p-api"], ["p-web"]]
+    assert names(g.stop_order(s)) == [["p-web"], ["p-api"], ["p-cache", "p-db", "p-once"]]
+
+
+def test_stop_order_of_a_cycle_and_of_plain_containers():
+    s = snap(c("x-a", "a.test", project="x", service="a", depends_on="b"),
+             c("x-b", None, project="x", service="b", depends_on="a"),
+             c("solo", "solo.test"))
+    assert [sorted(l) for l in s.groups["x"].stop_order(s)] == [["id-x-a", "id-x-b"]]
+    assert s.groups["solo"].stop_order(s) == [["id-solo"]]
+
+
+def run_sleep(k: IdleKeeper, group: str, now: float) -> None:
+    async def go():
+        k.check(now)
+        task = k.runtime.stopping.get(group)
+        assert task is not None, f"{group} was not put to sleep"
+        await task
+        await asyncio.sleep(0)  # let the done callback run
+
+    asyncio.run(go())
+
+
+def test_stop_goes_layer_by_layer_dependents_first(caplog):
+    k = make_keeper(*compose_group(), record=False, stop_timeout=3.0)
+    k.activity["p"] = Activity(last=0.0, running=True)
+    with caplog.at_level(logging.INFO, logger="wakeproxy.idle"):
+        run_sleep(k, "p", TIMEOUT + 1)
+    calls = k.ops.calls
+    assert {x[1] for x in calls} == {"stop"} and {x[3] for x in calls} == {3.0}
+    order = [(x[0], x[2]) for x in calls]
+    # web ends before api begins; api ends before db and cache begin; db and cache run together
+    assert order[:4] == [("begin", "p-web"), ("end", "p-web"), ("begin", "p-api"), ("end", "p-api")]
+    assert sorted(order[4:6]) == [("begin", "p-cache"), ("begin", "p-db")]
+    assert sorted(order[6:]) == [("end", "p-cache"), ("end", "p-db")]
+    assert "p-once" not in {x[2] for x in calls}
+    # the stop is over: no longer "stopping", the clock restarted, not running
+    assert "p" not in k.runtime.stopping
+    act = k.activity["p"]
+    assert act.running is False and act.last > TIMEOUT + 1 - 10 and k._dirty
+    text = caplog.text
+    assert "idle p: no activity for 61.0 s; stopping 5 container(s)" in text
+    assert "idle p: stopped in" in text
+
+
+def test_pause_action_from_the_label_pauses():
+    k = make_keeper(c("a", "a.test", labels={"wakeproxy.idle-action": "pause"}), record=False)
+    k.activity["a"] = Activity(last=0.0, running=True)
+    run_sleep(k, "a", TIMEOUT)
+    assert [(x[0], x[1], x[2]) for x in k.ops.calls] == [("begin", "pause", "a"), ("end", "pause", "a")]
+
+
+def test_pause_action_from_the_config_pauses():
+    k = make_keeper(c("a", "a.test"), record=False, action="pause")
+    k.activity["a"] = Activity(last=0.0, running=True)
+    run_sleep(k, "a", TIMEOUT)
+    assert [x[1] for x in k.ops.calls] == ["pause", "pause"]
+
+
+def test_a_failing_member_does_not_stop_the_others(caplog):
+    k = make_keeper(*compose_group(), record=False)
+    k.ops = FakeOps(fail={"p-web"})
+    k.activity["p"] = Activity(last=0.0, running=True)
+    with caplog.at_level(logging.WARNING, logger="wakeproxy.idle"):
+        run_sleep(k, "p", TIMEOUT)
+    assert {x[2] for x in k.ops.calls} == {"p-web", "p-api", "p-db", "p-cache"}
+    assert "docker stop p-web failed: boom" in caplog.text
+    assert "p" not in k.runtime.stopping
+
+
+def test_request_during_the_stop_does_not_start_a_second_stop():
+    k = make_keeper(c("a", "a.test"), record=False)
+    k.ops = FakeOps(delay=0.2)
+    k.activity["a"] = Activity(last=0.0, running=True)
+
+    async def go():
+        k.check(TIMEOUT)
+        first = k.runtime.stopping["a"]
+        await asyncio.sleep(0.05)
+        k.check(TIMEOUT + 1000)  # still stopping: no second stop
+        assert k.runtime.stopping["a"] is first
+        await first
+        await asyncio.sleep(0)
+
+    asyncio.run(go())
+    assert [x[0] for x in k.ops.calls] == ["begin", "end"]
+
+
+# --------------------------------------------------------------------------
+# the idle-state file
+
+
+def test_state_file_round_trip(tmp_path):
+    k = make_keeper(c("a", "a.test"), c("b", "b.test"), tmp_path=tmp_path)
+    k.activity["a"] = Activity(last=1234.5, running=True)
+    k._loaded = {"b": 999.0, "gone": 5.0}  # a group that no longer exists is forgotten
+    k._write(k._state())
+    path = tmp_path / STATE_FILE
+    data = json.loads(path.read_text())
+    assert data["version"] == 1
+    assert data["last_activity"] == {"a": 1234.5, "b": 999.0}
+    assert (path.stat().st_mode & 0o777) == 0o600
+    k2 = make_keeper(c("a", "a.test"), tmp_path=tmp_path)
+    assert k2._load() == {"a": 1234.5, "b": 999.0}
+
+
+def test_missing_state_file_is_empty_and_silent(tmp_path, caplog):
+    k = make_keeper(c("a", "a.test"), tmp_path=tmp_path)
+    with caplog.at_level(logging.WARNING):
+        assert k._load() == {}
+    assert caplog.text == ""
+
+
+@pytest.mark.parametrize("content", [
+    "{not json",
+    "",
+    "[1, 2]",
+    '{"version": 1}',
+    '{"last_activity": [1, 2]}',
+    '{"last_activity": {"a": "yesterday"}}',
+    '{"last_activity": {"a": null}}',
+], ids=["syntax", "empty", "list", "no-clocks", "clocks-list", "clock-text", "clock-null"])
+def test_corrupt_state_file_is_logged_and_ignored(tmp_path, caplog, content):
+    (tmp_path / STATE_FILE).write_text(content)
+    k = make_keeper(c("a", "a.test"), tmp_path=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="wakeproxy.idle"):
+        assert k._load() == {}
+    assert "is corrupt" in caplog.text and "active now" in caplog.text
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: a state file of non-UTF-8 garbage bytes raises UnicodeDecodeError out of IdleKeeper._load "
+    "(read_text is only guarded against OSError), so the `running` hook fails: the real proxy exits 1 at "
+    "startup (mitmproxy errorcheck: 'Error logged during startup, exiting...')"))
+def test_garbage_bytes_state_file_is_logged_and_ignored(tmp_path, caplog):
+    (tmp_path / STATE_FILE).write_bytes(b"\xff\xfe\x00\x81garbage\x80\x00")
+    k = make_keeper(c("a", "a.test"), tmp_path=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="wakeproxy.idle"):
+        assert k._load() == {}
+    assert "active now" in caplog.text
+
+
+def test_unreadable_state_file_is_logged_and_ignored(tmp_path, caplog):
+    (tmp_path / STATE_FILE).mkdir()  # reading a directory: IsADirectoryError (an OSError)
+    k = make_keeper(c("a", "a.test"), tmp_path=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="wakeproxy.idle"):
+        assert k._load() == {}
+    assert "cannot read" in caplog.text
+
+
+def test_future_clocks_are_capped_at_now(tmp_path):
+    now = time.time()
+    (tmp_path / STATE_FILE).write_text(json.dumps(
+        {"version": 1, "saved": now, "last_activity": {"future": now + 86400 * 365, "past": now - 50}}))
+    k = make_keeper(c("future", "f.test"), c("past", "p.test"), tmp_path=tmp_path)
+    loaded = k._load()
+    assert loaded["past"] == now - 50
+    assert now - 1 <= loaded["future"] <= time.time()
+    future = loaded["future"]
+    k._loaded = loaded
+    k.check(time.time())
+    assert k.slept == []
+    # capped: the group from the future stops one timeout from now, not a year from now
+    k.check(future + TIMEOUT)
+    assert ("future", TIMEOUT) in k.slept
+
+
+@pytest.mark.parametrize("clock", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_clock_counts_as_corrupt(tmp_path, caplog, clock):
+    """json accepts NaN/Infinity; `now - nan < timeout` is False, so a NaN clock would stop the group at once."""
+    (tmp_path / STATE_FILE).write_text('{"version": 1, "last_activity": {"a": %s, "b": 5.0}}' % clock)
+    k = make_keeper(c("a", "a.test"), tmp_path=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="wakeproxy.idle"):
+        k._loaded = k._load()
+    assert k._loaded == {}
+    assert "is corrupt" in caplog.text
+    k.check(time.time())
+    assert k.slept == []
+
+
+def test_done_saves_dirty_clocks(tmp_path):
+    k = make_keeper(c("a", "a.test"), tmp_path=tmp_path)
+    k.check(4321.0)
+    assert k._dirty
+    asyncio.run(k.done())
+    assert json.loads((tmp_path / STATE_FILE).read_text())["last_activity"] == {"a": 4321.0}
+
+
+def test_done_without_changes_writes_nothing(tmp_path):
+    k = make_keeper(c("a", "a.test"), tmp_path=tmp_path)
+    asyncio.run(k.done())
+    assert not (tmp_path / STATE_FILE).exists()
+
+
+def test_unwritable_state_dir_is_a_warning(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    k = make_keeper(c("a", "a.test"), tmp_path=blocker / "sub")  # a file where a folder should be
+    with caplog.at_level(logging.WARNING, logger="wakeproxy.idle"):
+        k._write(k._state())
+    assert "cannot save the idle clocks" in caplog.text
+
+
+def test_the_loop_saves_at_most_every_save_interval(tmp_path, monkeypatch):
+    monkeypatch.setattr(idle_mod, "CHECK_INTERVAL", 0.01)
+    monkeypatch.setattr(idle_mod, "SAVE_INTERVAL", 0.25)
+    k = make_keeper(c("a", "a.test"), tmp_path=tmp_path)
+    writes: list[float] = []
+    k._write = lambda state: writes.append(time.monotonic())
+
+    async def go():
+        k.running()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.6:  # traffic all the time
+            f = flow_for("a")
+            k.requestheaders(f)
+            k.error(f)
+            await asyncio.sleep(0.005)
+        await k.done()
+
+    asyncio.run(go())
+    # one save at once, then at most one per 0.25 s, plus the one on shutdown
+    assert 2 <= len(writes) <= 5, writes
+    gaps = [b - a for a, b in zip(writes, writes[1:-1])]
+    assert all(g >= 0.24 for g in gaps), gaps
+
+
+# --------------------------------------------------------------------------
+# StatusServer.report()
+
+
+def status_fixture():
+    containers = (
+        c("run", "run.test"),
+        c("busy", "busy.test"),
+        c("stopg", "stop.test"),
+        c("wakeg", "wake.test", state="exited"),
+        c("pausedg", "paused.test", state="paused"),
+        c("asleep", "asleep.test", state="exited"),
+        c("perm", "perm.test", labels={"io.docksal.permanent": "true"}),
+        c("p-web", "web.test", project="proj"),
+        c("p-db", None, project="proj"),
+    )
+    k = make_keeper(*containers)
+    now = time.time()
+    k.check(now)
+    k.activity["run"].last = now - 20
+    k.activity["busy"].inflight = 2
+    k.activity["busy"].open = 1
+    k.runtime.stopping["stopg"] = object()
+    k.waker.waking.add("wakeg")
+    extra = {"certificates": lambda: {"n": 1}, "broken": lambda: 1 / 0}
+    return StatusServer(k.runtime, k.waker, k, extra), now
+
+
+def test_status_report_states_and_clocks():
+    server, now = status_fixture()
+    report = server.report()
+    assert report["synced"] is True
+    assert report["containers"] == 9 and report["hosts"] == 8
+    assert report["certificates"] == {"n": 1}
+    assert "division" in report["broken"]["error"]
+    groups = {g["group"]: g for g in report["groups"]}
+    assert [g["group"] for g in report["groups"]] == sorted(groups)
+    assert {n: g["state"] for n, g in groups.items()} == {
+        "run": "running", "busy": "running", "stopg": "stopping", "wakeg": "waking", "pausedg": "paused",
+        "asleep": "asleep", "perm": "running", "proj": "running"}
+    run = groups["run"]
+    assert run["hosts"] == ["run.test"]
+    assert run["containers"] == [{"name": "run", "state": "running", "health": None}]
+    assert (run["inflight"], run["open"], run["idle_timeout"]) == (0, 0, TIMEOUT)
+    assert TIMEOUT - 21 <= run["stops_in"] <= TIMEOUT - 19
+    assert run["last_activity"].endswith("+00:00")
+    busy = groups["busy"]
+    assert (busy["inflight"], busy["open"], busy["stops_in"]) == (2, 1, None)  # in use: no countdown
+    assert groups["perm"]["idle_timeout"] == 0 and groups["perm"]["stops_in"] is None
+    assert groups["stopg"]["stops_in"] is None
+    for name in ("wakeg", "pausedg", "asleep"):  # never seen running: no clock
+        assert groups[name]["last_activity"] is None and groups[name]["stops_in"] is None
+    assert [m["name"] for m in groups["proj"]["containers"]] == ["p-db", "p-web"]
+    assert groups["proj"]["hosts"] == ["web.test"]
+    json.dumps(report)  # all of it is JSON
+
+
+def test_status_countdown_never_negative():
+    k = make_keeper(c("a", "a.test"))
+    k.check(time.time() - 10 * TIMEOUT)
+    groups = StatusServer(k.runtime, k.waker, k).groups()
+    assert groups[0]["stops_in"] == 0.0
+
+
+def test_status_endpoint_serves_the_report_over_http():
+    k = make_keeper(c("a", "a.test"))
+    k.check(time.time())
+
+    async def go():
+        server = StatusServer(k.runtime, k.waker, k)
+        server.runtime.config = dataclasses.replace(
+            k.runtime.config, status=StatusConfig(listen=Address("127.0.0.1", 0)))
+        # port 0: ask the OS for one, then read it back from the server socket
+        await server.running()
+        port = server._server.sockets[0].getsockname()[1]
+        try:
+            async def get(path: str) -> tuple[bytes, bytes]:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                data = await asyncio.wait_for(reader.read(), 5)
+                writer.close()
+                head, _, body = data.partition(b"\r\n\r\n")
+                return head, body
+
+            head, body = await get("/status")
+            assert head.startswith(b"HTTP/1.1 200 OK")
+            assert json.loads(body)["groups"][0]["group"] == "a"
+            head, _ = await get("/nope")
+            assert head.startswith(b"HTTP/1.1 404")
+        finally:
+            await server.done()
+
+    asyncio.run(go())
