@@ -6,6 +6,13 @@ and the names in a container's `LETSENCRYPT_HOST` environment variable
 sandbox has its certificate before anyone wakes it.  Names are ordered as soon
 as a snapshot shows them — not on the first handshake, which would fail.
 
+Challenges: HTTP-01, answered by the proxy itself on the HTTP listener for any
+host before routing (nothing is woken).  When `listen.http` is off, TLS-ALPN-01
+(RFC 8737) on the HTTPS listener instead: a handshake offering only
+`acme-tls/1` for a name with a pending challenge gets the challenge
+certificate.  (TLS-ALPN-01 needs the acme library's `TLSALPN01` class: acme
+3.x has it, acme 5.x does not.)
+
 One certificate per name.  Everything that blocks (the `acme` library, key
 generation, disk) runs in threads; the event loop only schedules, and the
 request path only reads a dict (`ChallengeTokens`) and mitmproxy's store.
@@ -39,6 +46,7 @@ import asyncio
 import base64
 import datetime
 import email.utils
+import hashlib
 import logging
 import os
 import random
@@ -55,9 +63,11 @@ import josepy as jose
 import requests
 from acme import challenges, client, crypto_util, errors, messages
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from mitmproxy import http
+from cryptography.x509.oid import NameOID
+from mitmproxy import http, tls
+from OpenSSL import SSL, crypto
 
 from .config import AcmeConfig, SourcesConfig
 from .labels import ContainerInfo, LabelError, parse_hosts, routes_for
@@ -76,6 +86,9 @@ INLINE_RETRY_MAX = 30.0  # a Retry-After up to this long is waited out inside th
 REQUEST_RETRIES = 4  # per request, for badNonce / 429 / 5xx
 ORDER_TIMEOUT = 90.0
 TEST_BACKOFF_ENV = "WAKEPROXY_ACME_TEST_BACKOFF"
+ACME_TLS_ALPN = b"acme-tls/1"
+ID_PE_ACME_IDENTIFIER = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")  # RFC 8737
+_TLSALPN01 = getattr(challenges, "TLSALPN01", None)  # gone in acme 5.x
 _NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _TRUE = {"true", "1", "yes", "on"}
 
@@ -194,8 +207,26 @@ def _rfc3339(value: str) -> datetime.datetime:
 # --- HTTP-01 -------------------------------------------------------------------------
 
 
+def alpn_challenge_cert(name: str, key_authorization: str) -> tuple[crypto.X509, crypto.PKey]:
+    """The self-signed TLS-ALPN-01 certificate for `name` (RFC 8737 §3), as pyOpenSSL objects."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    digest = hashlib.sha256(key_authorization.encode()).digest()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        # acmeIdentifier: an OCTET STRING (0x04, length 32) holding SHA-256(key authorization).
+        .add_extension(x509.UnrecognizedExtension(ID_PE_ACME_IDENTIFIER, b"\x04\x20" + digest), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return crypto.X509.from_cryptography(cert), crypto.PKey.from_cryptography_key(key)
+
+
 class ChallengeTokens:
-    """Pending HTTP-01 tokens → key authorizations, answered before any routing.
+    """Pending challenges: HTTP-01 tokens → key authorizations, TLS-ALPN-01 names → certificates.
 
     Written by order threads, read on the event loop: single dict operations,
     atomic under the GIL, are all either side does.
@@ -203,6 +234,7 @@ class ChallengeTokens:
 
     def __init__(self) -> None:
         self._tokens: dict[str, str] = {}
+        self.alpn: dict[str, tuple[crypto.X509, crypto.PKey]] = {}
         self.answered = 0
 
     def add(self, token: str, key_authorization: str) -> None:
@@ -213,6 +245,24 @@ class ChallengeTokens:
 
     def __len__(self) -> int:
         return len(self._tokens)
+
+    def alpn_connection(self, data: tls.TlsData) -> SSL.Connection | None:
+        """A server connection presenting the challenge certificate, for a TLS-ALPN-01 validation."""
+        client = data.conn
+        if ACME_TLS_ALPN not in (client.alpn_offers or ()):
+            return None
+        pair = self.alpn.get((client.sni or "").lower())
+        if pair is None:
+            return None
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.use_certificate(pair[0])
+        ctx.use_privatekey(pair[1])
+        ctx.set_alpn_select_callback(lambda conn, offers: ACME_TLS_ALPN)
+        conn = SSL.Connection(ctx)
+        conn.set_accept_state()
+        self.answered += 1
+        return conn
 
     def answer(self, flow: http.HTTPFlow) -> bool:
         path = flow.request.path
@@ -396,10 +446,12 @@ class AcmeClient:
     set up once under a lock.
     """
 
-    def __init__(self, cfg: AcmeConfig, storage: CertStorage, tokens: ChallengeTokens) -> None:
+    def __init__(self, cfg: AcmeConfig, storage: CertStorage, tokens: ChallengeTokens,
+                 challenge_types: tuple[str, ...] = ("http-01",)) -> None:
         self.cfg = cfg
         self.storage = storage
         self.tokens = tokens
+        self.challenge_types = challenge_types  # in order of preference
         self._lock = threading.Lock()
         self._key: jose.JWKEC | None = None
         self._directory: messages.Directory | None = None
@@ -452,22 +504,32 @@ class AcmeClient:
             self.orders += 1
             logger.info(f"acme: {name}: order created ({order.uri})")
             tokens: list[str] = []
+            alpn_names: list[str] = []
             try:
                 for authzr in order.authorizations:
                     if authzr.body.status == messages.STATUS_VALID:
                         continue  # reused authorization: nothing to prove
-                    chall = next((c for c in authzr.body.challenges if isinstance(c.chall, challenges.HTTP01)), None)
+                    ident = authzr.body.identifier.value
+                    chall = self._choose(authzr)
                     if chall is None:
-                        raise AcmeFailure(f"the CA offers no http-01 challenge for {authzr.body.identifier.value}")
-                    response, validation = chall.response_and_validation(self._key)
-                    token = chall.chall.encode("token")
-                    self.tokens.add(token, validation)
-                    tokens.append(token)
+                        raise AcmeFailure(f"the CA offers no {' or '.join(self.challenge_types)} challenge for {ident}")
+                    if isinstance(chall.chall, challenges.HTTP01):
+                        response, validation = chall.response_and_validation(self._key)
+                        token = chall.chall.encode("token")
+                        self.tokens.add(token, validation)
+                        tokens.append(token)
+                    else:
+                        response = chall.chall.response(self._key)
+                        self.tokens.alpn[ident] = alpn_challenge_cert(ident, response.key_authorization)
+                        alpn_names.append(ident)
                     acme.answer_challenge(chall, response)
+                    logger.info(f"acme: {ident}: {chall.chall.typ} challenge answered, waiting for the CA")
                 self._wait_authorizations(acme, order, deadline)
             finally:
                 for token in tokens:
                     self.tokens.remove(token)
+                for ident in alpn_names:
+                    self.tokens.alpn.pop(ident, None)
             order = acme.begin_finalization(order)
             fullchain = self._wait_certificate(acme, order, deadline)
             return Issued(key_pem, fullchain.encode(), time.monotonic() - t0)
@@ -477,6 +539,15 @@ class AcmeClient:
             raise AcmeFailure(describe(e), account_gone=e.code == "accountDoesNotExist") from e
         except (errors.Error, requests.exceptions.RequestException, ValueError) as e:
             raise AcmeFailure(describe(e)) from e
+
+    def _choose(self, authzr: messages.AuthorizationResource) -> messages.ChallengeBody | None:
+        kinds = {"http-01": challenges.HTTP01, "tls-alpn-01": _TLSALPN01}
+        for typ in self.challenge_types:
+            cls = kinds.get(typ)
+            found = next((c for c in authzr.body.challenges if cls is not None and isinstance(c.chall, cls)), None)
+            if found is not None:
+                return found
+        return None
 
     def _post_as_get(self, acme: client.ClientV2, url: str) -> requests.Response:
         return acme.net.post(url, None, new_nonce_url=acme.directory["newNonce"])
@@ -606,18 +677,30 @@ class AcmeManager:
         if flow.response is None and len(self.tokens):
             self.tokens.answer(flow)
 
+    def tls_start_client(self, data: tls.TlsData) -> None:
+        """TLS-ALPN-01: take over a validation handshake (TlsConfig would refuse `acme-tls/1`).
+
+        Runs after TlsConfig in the lean master (its connection is replaced
+        before any byte is read) and before it under mitmdump (it then skips).
+        """
+        if self.tokens.alpn:
+            conn = self.tokens.alpn_connection(data)
+            if conn is not None:
+                data.ssl_conn = conn
+
     def running(self) -> None:
         if not self.enabled:
             return
         config = self.runtime.config
-        if config.listen.http is None:
-            logger.warning("acme: listen.http is off, so HTTP-01 challenges cannot be answered here; "
+        kinds: tuple[str, ...] = ("http-01", "tls-alpn-01") if config.listen.http else ("tls-alpn-01",)
+        if config.listen.http is None and _TLSALPN01 is None:
+            logger.warning("acme: listen.http is off and this acme library has no TLS-ALPN-01: "
                            "orders will fail unless another proxy forwards port 80")
         test_backoff = os.environ.get(TEST_BACKOFF_ENV)
         if test_backoff:
             self._backoff_min = float(test_backoff)
             logger.warning(f"acme: {TEST_BACKOFF_ENV}={test_backoff}: test-only backoff in effect")
-        self.client = AcmeClient(config.acme, CertStorage(config.state_dir), self.tokens)
+        self.client = AcmeClient(config.acme, CertStorage(config.state_dir), self.tokens, kinds)
         self._kick = asyncio.Event()
         self._sem = asyncio.Semaphore(config.acme.concurrency)
         self._spawn(self._main())

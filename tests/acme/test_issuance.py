@@ -180,3 +180,15 @@ def test_ca_that_forgot_the_account_gets_it_registered_again(pebble_factory, acm
     assert re.search(rf"acme: {re.escape(name)}: attempt 1 failed: accountDoesNotExist", proxy.log())
     assert proxy.log().count("acme: account registered") == 2
     handshake(proxy, name, pebble.root_pem())  # chains to the new pebble's root
+
+
+def test_tls_alpn_01_when_there_is_no_http_listener(pebble, acme_proxy, backend_container, host):
+    name = host("alpn")
+    backend_container("alpn", labels={"wakeproxy.host": name, "wakeproxy.acme": "true"}, start=False)
+    proxy = acme_proxy({**pebble.acme_config(), "listen": {"http": None}})
+    seconds = wait_issued(proxy, name)
+    log.warning(f"issuance over tls-alpn-01 for {name}: {seconds:.2f} s")
+    assert f"acme: {name}: tls-alpn-01 challenge answered" in proxy.log()
+    assert "set VALID by completed challenge" in pebble.log() and "validate w/ HTTP" not in pebble.log()
+    _, _, alpn = handshake(proxy, name, pebble.root_pem())
+    assert alpn == "h2"  # ordinary handshakes are untouched

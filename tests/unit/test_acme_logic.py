@@ -283,3 +283,34 @@ def test_status_is_json_able_per_name(tmp_path):
     assert status["b.example.com"]["state"] == "failed"
     assert status["b.example.com"]["last_error"] == "CA unreachable"
     assert status["b.example.com"]["next_attempt"] is not None
+
+
+# --- TLS-ALPN-01 ----------------------------------------------------------------------------
+
+
+def test_alpn_challenge_certificate_carries_the_key_authorization_digest():
+    import hashlib
+
+    cert, _ = acme.alpn_challenge_cert("a.example.com", "tok.thumb")
+    c = cert.to_cryptography()
+    ext = c.extensions.get_extension_for_oid(acme.ID_PE_ACME_IDENTIFIER)
+    assert ext.critical
+    assert ext.value.value == b"\x04\x20" + hashlib.sha256(b"tok.thumb").digest()
+    assert c.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName) == ["a.example.com"]
+
+
+def test_alpn_connection_only_for_acme_tls_1_and_a_pending_name():
+    tokens = ChallengeTokens()
+    tokens.alpn["a.example.com"] = acme.alpn_challenge_cert("a.example.com", "k")
+
+    def data(offers, sni):
+        return SimpleNamespace(conn=SimpleNamespace(alpn_offers=offers, sni=sni), ssl_conn=None)
+
+    assert tokens.alpn_connection(data([b"acme-tls/1"], "A.example.com")) is not None
+    assert tokens.alpn_connection(data([b"h2", b"http/1.1"], "a.example.com")) is None
+    assert tokens.alpn_connection(data([b"acme-tls/1"], "b.example.com")) is None
+    m = acme.AcmeManager(SimpleNamespace(config=None), None)  # type: ignore[arg-type]
+    d = data([b"h2"], "a.example.com")
+    m.tls_start_client(d)  # nothing pending: untouched
+    assert d.ssl_conn is None
