@@ -101,7 +101,7 @@ def test_custom_certificates_by_file_wildcard_and_label(custom):
 
 def test_unknown_or_uncovered_sni_gets_the_default_certificate(custom):
     ca, names, certs, proxy = custom
-    for sni in ("nobody.example.test", names["plain"]):
+    for sni in ("nobody.example.test", names["plain"], None):  # None: a client that sends no SNI
         leaf = leaf_of(proxy, sni)  # a handshake, never a failure
         assert leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "wakeproxy default certificate"
         assert "mitmproxy" not in leaf.issuer.rfc4514_string()

@@ -314,3 +314,40 @@ def test_alpn_connection_only_for_acme_tls_1_and_a_pending_name():
     d = data([b"h2"], "a.example.com")
     m.tls_start_client(d)  # nothing pending: untouched
     assert d.ssl_conn is None
+
+
+# --- ARI -------------------------------------------------------------------------------------
+
+
+def _loaded(tmp_path, serial=0x42):
+    from cryptography.hazmat.primitives import serialization
+
+    key, cert = _leaf(serial)
+    p = tmp_path / f"{serial}.pem"
+    p.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()) + cert.public_bytes(serialization.Encoding.PEM))
+    return load_cert(p, None, "acme")
+
+
+def test_ari_window_can_only_bring_renewal_forward(tmp_path):
+    import asyncio
+
+    loaded = _loaded(tmp_path)
+    ours = renewal_time(loaded.not_before, loaded.not_after)
+    now = datetime.datetime.now(UTC)
+    iso = lambda d: d.isoformat().replace("+00:00", "Z")  # noqa: E731
+
+    async def check(window):
+        m = acme.AcmeManager(SimpleNamespace(config=None), None)  # type: ignore[arg-type]
+        m._kick = asyncio.Event()
+        m.client = SimpleNamespace(renewal_window=lambda cert: window)
+        st = NameState("a.example.com", container="app", cert=loaded, renew_at=ours)
+        await m._check_ari(st)
+        return st.renew_at, m._kick.is_set()
+
+    early = {"start": iso(now + datetime.timedelta(days=1)), "end": iso(now + datetime.timedelta(days=2))}
+    at, kicked = asyncio.run(check(early))
+    assert now + datetime.timedelta(days=1) <= at <= now + datetime.timedelta(days=2) and kicked
+    late = {"start": iso(ours + datetime.timedelta(days=1)), "end": iso(ours + datetime.timedelta(days=2))}
+    assert asyncio.run(check(late)) == (ours, False)
+    assert asyncio.run(check(None)) == (ours, False)  # the CA offers no ARI
