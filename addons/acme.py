@@ -647,6 +647,7 @@ class NameState:
             "last_error": self.last_error,
             "failures": self.failures,
             "next_attempt": iso(next_attempt) if next_attempt else None,
+            "last_issuance_seconds": round(self.history[-1], 3) if self.history else None,
         }
 
 

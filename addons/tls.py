@@ -28,7 +28,9 @@ the request path.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
+import hashlib
 import logging
 import os
 import tempfile
@@ -187,8 +189,14 @@ def load_cert(chain_path: Path, key_path: Path | None = None, source: str = "cus
                       source, chain_path, leaf)
 
 
-def scan_custom_dir(directory: Path) -> dict[str, LoadedCert]:
-    """`tls.certs_dir` → file base → certificate; blocking.  Broken pairs are logged and left out."""
+def scan_custom_dir(directory: Path, chain_dir: Path | None = None) -> dict[str, LoadedCert]:
+    """`tls.certs_dir` → file base → certificate; blocking.  Broken pairs are logged and left out.
+
+    With `chain_dir`, each chain is served from a copy named after its
+    content: mitmproxy caches TLS contexts (which hold the intermediates) by
+    chain-file path, so a `.crt` replaced in place by an outside renewal would
+    otherwise keep sending its old intermediates.
+    """
     found: dict[str, LoadedCert] = {}
     try:
         crts = sorted(directory.glob("*.crt"))
@@ -201,10 +209,32 @@ def scan_custom_dir(directory: Path) -> dict[str, LoadedCert]:
             logger.warning(f"tls.certs_dir: {crt.name} has no {key.name}; skipped")
             continue
         try:
-            found[crt.stem.lower()] = load_cert(crt, key, "custom")
+            cert = load_cert(crt, key, "custom")
+            if chain_dir is not None:
+                cert = dataclasses.replace(cert, entry=dataclasses.replace(
+                    cert.entry, chain_file=_content_copy(crt, chain_dir)))
+            found[crt.stem.lower()] = cert
         except (OSError, ValueError) as e:
             logger.warning(f"tls.certs_dir: {crt.name} skipped: {e}")
+    if chain_dir is not None:
+        keep = {c.entry.chain_file for c in found.values()}
+        for old in chain_dir.glob("*.pem") if chain_dir.is_dir() else ():
+            if old not in keep:
+                old.unlink(missing_ok=True)
     return found
+
+
+def _content_copy(path: Path, directory: Path) -> Path:
+    """`path`'s certificates (no key) in `directory` under a name derived from their content."""
+    certs_only = b"".join(c.public_bytes(serialization.Encoding.PEM)
+                          for c in x509.load_pem_x509_certificates(path.read_bytes()))
+    target = directory / f"{hashlib.sha256(certs_only).hexdigest()[:24]}.pem"
+    if not target.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        tmp.write_bytes(certs_only)
+        os.replace(tmp, target)
+    return target
 
 
 def file_base_to_name(base: str) -> str:
@@ -352,12 +382,15 @@ class Certificates:
                 self.registry.default = load_cert(ensure_default_cert(config.state_dir), None, "default")
         except (OSError, ValueError) as e:
             raise exceptions.OptionsError(f"tls.default_cert: {e}") from None
-        self.registry.custom = scan_custom_dir(tls_cfg.certs_dir) if tls_cfg.certs_dir else {}
+        self.registry.custom = scan_custom_dir(tls_cfg.certs_dir, self._chain_dir()) if tls_cfg.certs_dir else {}
         self._custom_sig = _dir_signature(tls_cfg.certs_dir)
         if self.registry.custom:
             logger.info(f"tls: {len(self.registry.custom)} custom certificates from {tls_cfg.certs_dir}")
         self._update_labels(self.runtime.snapshot)
         self.registry.changed()
+
+    def _chain_dir(self) -> Path:
+        return self.runtime.config.state_dir / "custom-chains"
 
     # --- inputs -----------------------------------------------------------------------
 
@@ -388,7 +421,7 @@ class Certificates:
             if sig == self._custom_sig:
                 continue
             self._custom_sig = sig
-            self.registry.custom = await asyncio.to_thread(scan_custom_dir, directory)
+            self.registry.custom = await asyncio.to_thread(scan_custom_dir, directory, self._chain_dir())
             logger.info(f"tls: reloaded {len(self.registry.custom)} custom certificates from {directory}")
             self.registry.changed()
             self.sync()

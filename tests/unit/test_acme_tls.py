@@ -220,3 +220,19 @@ def test_hsts_only_over_https_for_real_certificates(tmp_path):
     f.response = tresp()
     off.responseheaders(f)
     assert "strict-transport-security" not in f.response.headers
+
+
+def test_custom_chains_are_served_from_content_named_copies(tmp_path):
+    """mitmproxy caches TLS contexts by chain-file path: a .crt replaced in place must get a new path."""
+    d = tmp_path / "certs"
+    d.mkdir()
+    chains = tmp_path / "chains"
+    make_cert(d, "a.test", "a.test")
+    first = scan_custom_dir(d, chains)["a.test"]
+    assert first.entry.chain_file.parent == chains
+    assert b"PRIVATE KEY" not in first.entry.chain_file.read_bytes()
+    assert scan_custom_dir(d, chains)["a.test"].entry.chain_file == first.entry.chain_file  # unchanged: same
+    make_cert(d, "a.test", "a.test")  # renewed in place
+    second = scan_custom_dir(d, chains)["a.test"]
+    assert second.entry.chain_file != first.entry.chain_file
+    assert not first.entry.chain_file.exists()  # the old copy is pruned
