@@ -20,5 +20,7 @@ def make_addons(runtime: Runtime | None = None) -> list[Any]:
     idle = IdleKeeper(runtime, waker)
     # TLS before routing: certificates, ACME challenge answers, then the https redirect.
     certificates = Certificates(runtime)
-    tls_addons = [certificates, AcmeManager(runtime, certificates), HttpsPolicy(runtime, certificates)]
-    return [WakeProxy(runtime), *tls_addons, waker, Router(runtime, waker), idle, StatusServer(runtime, waker, idle)]
+    acme = AcmeManager(runtime, certificates)
+    tls_addons = [certificates, acme, HttpsPolicy(runtime, certificates)]
+    status = StatusServer(runtime, waker, idle, extra={"certificates": acme.status})
+    return [WakeProxy(runtime), *tls_addons, waker, Router(runtime, waker), idle, status]

@@ -9,6 +9,8 @@ import ssl
 import time
 from pathlib import Path
 
+import httpx
+
 
 from acme_harness import handshake, http_get, https_get, leaf_of, wait_issued
 from harness import backend_of, wait_for
@@ -28,6 +30,10 @@ def _roundtrip(conn, reader, request: bytes) -> int:
     return status
 
 
+def _status(proxy) -> dict:
+    return httpx.get(f"http://127.0.0.1:{proxy.status_port}/status", timeout=5, trust_env=False).json()
+
+
 def _serial(proxy, name) -> int:
     return leaf_of(proxy, name).serial_number
 
@@ -43,6 +49,8 @@ def test_label_acme_issues_and_serves_full_chain_over_h2(pebble, acme_proxy, bac
     peer, _, alpn = handshake(proxy, name, root)
     assert alpn == "h2"
     assert ("DNS", name) in peer["subjectAltName"]
+    status = _status(proxy)["certificates"][name]
+    assert status["state"] == "valid" and status["last_error"] is None and status["not_after"]
     r = https_get(proxy, name, root)
     assert r.http_version == "HTTP/2"
     assert backend_of(r) == "labelled"
@@ -166,6 +174,9 @@ def test_failed_validation_is_logged_with_the_problem_and_the_default_cert_serve
     assert leaf_of(proxy, name).subject.rfc4514_string() == "O=wakeproxy,CN=wakeproxy default certificate"
     assert http_get(proxy, name).status_code != 308
     assert len(re.findall(rf"acme: {re.escape(name)}: attempt 1 failed", proxy.log())) == 1  # once per attempt
+    cert = _status(proxy)["certificates"][name]  # what `wakeproxy status` shows
+    assert cert["state"] in ("failed", "ordering") and cert["not_after"] is None
+    assert cert["failures"] >= 1 and "validation failed" in cert["last_error"]
 
 
 def test_ca_that_forgot_the_account_gets_it_registered_again(pebble_factory, acme_proxy, backend_container, host):
