@@ -22,21 +22,28 @@ import signal
 import sys
 from pathlib import Path
 
-from mitmproxy import master, options
-from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
+from typing import TYPE_CHECKING
 
-from .bundle import make_addons
 from .config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from mitmproxy import master
 
 DEFAULT_CONFIG = "config/wakeproxy.yaml"
 EXIT_CONFIG = 2
 
 
-def build_master(config_path: str, verbosity: str = "info") -> master.Master:
+def build_master(config_path: str, verbosity: str = "info") -> "master.Master":
     """A Master with just what a reverse proxy needs, configured from `config_path`.
 
     Must be called with a running event loop (mitmproxy's Master requires one).
     """
+    # Imported here, not at the top: `wakeproxy status` and `check` should start in milliseconds.
+    from mitmproxy import master, options
+    from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
+
+    from .bundle import make_addons
+
     opts = options.Options()
     m = master.Master(opts, with_termlog=True)
     m.addons.add(

@@ -71,6 +71,9 @@ class IdleKeeper:
     async def done(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        for name, task in list(self.runtime.stopping.items()):
+            # A stop under way still counts: its containers get their stop, and the clock says so.
+            await asyncio.wait([task], timeout=self.runtime.config.idle.stop_timeout + 5)
         if self._dirty:
             await asyncio.to_thread(self._write, self._state())
 
@@ -158,6 +161,8 @@ class IdleKeeper:
             act = self.activity.get(name)
             if act is None:
                 if not running:
+                    # Asleep at first sight: a saved clock no longer applies to a later start.
+                    self._loaded.pop(name, None)
                     continue
                 # First sight of a running group: its saved clock if there is one, else "active now".
                 act = self.activity[name] = Activity(self._loaded.pop(name, now), running=True)
@@ -231,14 +236,14 @@ class IdleKeeper:
     def _load(self) -> dict[str, float]:
         path = self.state_path
         try:
-            raw = path.read_text(encoding="utf-8")
+            raw = path.read_bytes()
         except FileNotFoundError:
             return {}
         except OSError as e:
             logger.warning(f"idle: cannot read {path} ({e}); every running group counts as active now")
             return {}
         try:
-            data = json.loads(raw)
+            data = json.loads(raw.decode("utf-8"))
             clocks = data["last_activity"]
             now = time.time()
             # A clock from the future (a wrong system time) would keep a group up forever: cap it.

@@ -466,9 +466,6 @@ def test_restart_keeps_the_idle_clocks(mk, idle_proxy, docker_client, host, tmp_
     assert died < t_ready + timeout - 1.5, "the clock restarted with the proxy"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a group asleep when the proxy (re)starts and started later by someone else is stopped at once, "
-    "with the stale clock from idle-state.json, instead of a full timeout after it is seen running"))
 def test_group_started_after_a_restart_gets_a_full_timeout(mk, idle_proxy, docker_client, host, tmp_path):
     c = make_all({"s": pyback(mk, "idle-later", host("idle-later"))})["s"]
     shared = tmp_path / "shared-state"
@@ -495,10 +492,7 @@ def test_group_started_after_a_restart_gets_a_full_timeout(mk, idle_proxy, docke
 
 @pytest.mark.parametrize("content", [
     pytest.param(b"{\"last_activity\": {\"x\": 1.0,,,\n garbage", id="bad-json"),
-    pytest.param(b"\xff\xfe\x00\x81 garbage \x80\x00\xc3\x28", id="garbage-bytes", marks=pytest.mark.xfail(
-        strict=True, reason="BUG: non-UTF-8 bytes raise UnicodeDecodeError out of IdleKeeper._load (only OSError "
-                            "is caught around read_text); the `running` hook fails and mitmproxy's errorcheck "
-                            "exits the proxy with status 1 ('Error logged during startup, exiting...')")),
+    pytest.param(b"\xff\xfe\x00\x81 garbage \x80\x00\xc3\x28", id="garbage-bytes"),
 ])
 def test_corrupt_state_file_is_survived(mk, idle_proxy, docker_client, host, tmp_path, content):
     c = make_all({"c": pyback(mk, "idle-corrupt", host("idle-corrupt"))})["c"]

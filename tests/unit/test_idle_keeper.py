@@ -373,10 +373,6 @@ def test_saved_clock_is_used_for_a_group_running_at_first_sight():
     assert "a" not in k._loaded
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a saved clock is applied to a group that was asleep when the proxy started and is started "
-    "later by someone else (docker start/compose up): it is stopped at once instead of after a full "
-    "timeout from when it is seen running (IdleKeeper.check pops _loaded only on first *running* sight)"))
 def test_saved_clock_is_not_used_for_a_group_started_after_the_restart():
     k = make_keeper(c("a", "a.test", state="exited"))
     k._loaded = {"a": 1000.0 - 10 * TIMEOUT}  # it was last used long ago, then slept
@@ -534,10 +530,6 @@ def test_corrupt_state_file_is_logged_and_ignored(tmp_path, caplog, content):
     assert "is corrupt" in caplog.text and "active now" in caplog.text
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a state file of non-UTF-8 garbage bytes raises UnicodeDecodeError out of IdleKeeper._load "
-    "(read_text is only guarded against OSError), so the `running` hook fails: the real proxy exits 1 at "
-    "startup (mitmproxy errorcheck: 'Error logged during startup, exiting...')"))
 def test_garbage_bytes_state_file_is_logged_and_ignored(tmp_path, caplog):
     (tmp_path / STATE_FILE).write_bytes(b"\xff\xfe\x00\x81garbage\x80\x00")
     k = make_keeper(c("a", "a.test"), tmp_path=tmp_path)
