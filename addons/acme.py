@@ -397,6 +397,7 @@ class RetryingNetwork(client.ClientNetwork):
     """
 
     last_response: requests.Response | None = None
+    retries = 0  # badNonce / 429 / 5xx retries made by this network object
 
     def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
         response = super()._send_request(method, url, *args, **kwargs)
@@ -413,10 +414,12 @@ class RetryingNetwork(client.ClientNetwork):
                 status = resp.status_code if resp is not None else 0
                 if isinstance(e, messages.Error) and e.code == "badNonce" and attempt < REQUEST_RETRIES:
                     self._nonces.clear()
+                    self.retries += 1
                     continue
                 if status == 429 or status >= 500:
                     wait = parse_retry_after(resp.headers.get("Retry-After") if resp is not None else None)
                     if attempt < REQUEST_RETRIES and (wait is None or wait <= INLINE_RETRY_MAX):
+                        self.retries += 1
                         time.sleep(wait if wait is not None else min(INLINE_RETRY_MAX, 2.0 ** attempt))
                         continue
                     raise AcmeFailure(describe(e), wait) from e
@@ -436,6 +439,7 @@ class Issued:
     key_pem: bytes
     fullchain_pem: bytes
     seconds: float
+    retries: int = 0  # requests the CA asked us to repeat (badNonce, 429, 5xx)
 
 
 class AcmeClient:
@@ -532,7 +536,7 @@ class AcmeClient:
                     self.tokens.alpn.pop(ident, None)
             order = acme.begin_finalization(order)
             fullchain = self._wait_certificate(acme, order, deadline)
-            return Issued(key_pem, fullchain.encode(), time.monotonic() - t0)
+            return Issued(key_pem, fullchain.encode(), time.monotonic() - t0, acme.net.retries)
         except AcmeFailure:
             raise
         except messages.Error as e:
@@ -799,9 +803,10 @@ class AcmeManager:
                     st.failures, st.last_error, st.next_attempt = 0, None, 0.0
                     st.history.append(issued.seconds)
                     self._installed(st, cert)
+                    retried = f", {issued.retries} requests retried" if issued.retries else ""
                     logger.info(f"acme: {st.name}: certificate issued in {issued.seconds:.2f} s "
                                 f"(serial {cert.serial:x}, valid until {cert.not_after:%Y-%m-%d %H:%M:%S} UTC, "
-                                f"renewal at {st.renew_at:%Y-%m-%d %H:%M:%S} UTC)")
+                                f"renewal at {st.renew_at:%Y-%m-%d %H:%M:%S} UTC{retried})")
         finally:
             st.busy = False
             self._kick.set()
