@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,16 @@ _CONTAINER_ACTIONS = {
     "create", "start", "restart", "die", "stop", "kill", "pause", "unpause",
     "destroy", "rename", "update", "oom", "health_status",
 }
+
+
+MAX_BATCH = 1000  # events applied as one snapshot at most
+
+
+@dataclass(frozen=True)
+class _StreamEnd:
+    """Put in the inbox when the event stream ends or breaks."""
+
+    error: Exception
 
 
 @dataclass(frozen=True)
@@ -162,6 +173,10 @@ class DockerView:
                 self._events = client.api.events(
                     decode=True, filters={"type": ["container", "network"]}
                 )
+                inbox: queue.Queue[Any] = queue.Queue()
+                threading.Thread(
+                    target=self._read, args=(self._events, inbox), name="wakeproxy-docker-events", daemon=True
+                ).start()
                 t0 = time.monotonic()
                 self._resync(client)
                 self.resyncs += 1
@@ -171,12 +186,7 @@ class DockerView:
                     + (" (after reconnecting)" if outage_logged else "")
                 )
                 backoff, outage_logged = 0.25, False
-                for event in self._events:
-                    if self._stop.is_set():
-                        return
-                    self._handle(client, event)
-                if not self._stop.is_set():
-                    raise ConnectionError("the event stream ended")
+                self._follow(client, inbox)
             except Exception as e:
                 if self._stop.is_set():
                     return
@@ -197,6 +207,32 @@ class DockerView:
                         pass
             self._stop.wait(backoff)
             backoff = min(backoff * 2, 5.0)
+
+    @staticmethod
+    def _read(events: Any, inbox: "queue.Queue[Any]") -> None:
+        """Move events from the blocking stream into `inbox`; end with a _StreamEnd."""
+        try:
+            for event in events:
+                inbox.put(event)
+            inbox.put(_StreamEnd(ConnectionError("the event stream ended")))
+        except Exception as e:
+            inbox.put(_StreamEnd(e))
+
+    def _follow(self, client: docker.DockerClient, inbox: "queue.Queue[Any]") -> None:
+        """Apply events in batches: everything that queued up while the previous batch was
+        applied becomes one new snapshot (a `docker compose up` of 20 containers is not 20)."""
+        while not self._stop.is_set():
+            batch = [inbox.get()]
+            while len(batch) < MAX_BATCH and not isinstance(batch[-1], _StreamEnd):
+                try:
+                    batch.append(inbox.get_nowait())
+                except queue.Empty:
+                    break
+            end = batch.pop() if isinstance(batch[-1], _StreamEnd) else None
+            if batch and not self._stop.is_set():
+                self._apply(client, batch)
+            if end is not None:
+                raise end.error
 
     def _resync(self, client: docker.DockerClient) -> None:
         api = client.api
@@ -228,51 +264,57 @@ class DockerView:
         except docker.errors.NotFound:
             return None  # removed between the listing and now
 
-    def _handle(self, client: docker.DockerClient, event: dict[str, Any]) -> None:
-        kind = event.get("Type")
-        action = (event.get("Action") or event.get("status") or "").split(":", 1)[0]
-        actor = event.get("Actor") or {}
-        if kind == "network":
-            if action in ("create", "destroy"):
-                self._drivers = {n["Name"]: n.get("Driver") or "" for n in client.api.networks()}
-                self._publish()
-                return
-            if action not in ("connect", "disconnect"):
-                return
-            cid = (actor.get("Attributes") or {}).get("container")
-        elif kind == "container" and action in _CONTAINER_ACTIONS:
-            cid = actor.get("ID") or event.get("id")
-        else:
-            return
-        if not cid:
-            return
-        if action == "destroy" and kind == "container":
-            changed = self._containers.pop(cid, None) is not None
-            self._static.pop(cid, None)
-        else:
-            data = self._inspect(client.api, cid)
-            if data is None:
-                changed = self._containers.pop(cid, None) is not None
-            else:
-                info = info_from_inspect(data)
-                self._static[cid] = _Static(dict(info.env), info.exposed_ports)
-                changed = self._containers.get(cid) != info
-                self._containers[cid] = info
+    def _apply(self, client: docker.DockerClient, batch: list[dict[str, Any]]) -> None:
+        """Update the containers from a batch of events, publish one snapshot, then pass the
+        container events on (after the snapshot, so listeners see the state they produced)."""
+        last_action: dict[str, str] = {}  # container id → its last action in this batch
+        emits: list[ContainerEvent] = []
+        refresh_networks = False
+        for event in batch:
+            kind = event.get("Type")
+            raw_action = event.get("Action") or event.get("status") or ""
+            action = raw_action.split(":", 1)[0]
+            actor = event.get("Actor") or {}
+            attrs = actor.get("Attributes") or {}
+            if kind == "network":
+                if action in ("create", "destroy"):
+                    refresh_networks = True
+                    continue
+                if action not in ("connect", "disconnect") or not attrs.get("container"):
+                    continue
+                last_action[attrs["container"]] = action
+            elif kind == "container" and action in _CONTAINER_ACTIONS:
+                cid = actor.get("ID") or event.get("id")
+                if not cid:
+                    continue
+                last_action[cid] = action
+                code = attrs.get("exitCode")
+                emits.append(ContainerEvent(
+                    action=action,
+                    container_id=cid,
+                    name=attrs.get("name") or cid[:12],
+                    exit_code=int(code) if code is not None and str(code).lstrip("-").isdigit() else None,
+                    health=raw_action.split(":", 1)[1].strip() if action == "health_status" and ":" in raw_action else None,
+                ))
+        changed = False
+        if refresh_networks:
+            self._drivers = {n["Name"]: n.get("Driver") or "" for n in client.api.networks()}
+            changed = True
+        for cid, action in last_action.items():
+            data = None if action == "destroy" else self._inspect(client.api, cid)
+            if data is None:  # destroyed, or removed before we could look
+                changed = self._containers.pop(cid, None) is not None or changed
+                self._static.pop(cid, None)
+                continue
+            info = info_from_inspect(data)
+            self._static[cid] = _Static(dict(info.env), info.exposed_ports)
+            changed = changed or self._containers.get(cid) != info
+            self._containers[cid] = info
         if changed:
             self._publish()
-        if kind == "container" and self.emit is not None:
-            attrs = actor.get("Attributes") or {}
-            code = attrs.get("exitCode")
-            raw_action = event.get("Action") or event.get("status") or ""
-            ev = ContainerEvent(
-                action=action,
-                container_id=cid,
-                name=attrs.get("name") or cid[:12],
-                exit_code=int(code) if code is not None and str(code).lstrip("-").isdigit() else None,
-                health=raw_action.split(":", 1)[1].strip() if action == "health_status" and ":" in raw_action else None,
-            )
-            # Queued after the snapshot above, so listeners see the state this event produced.
-            self._call(self.emit, ev)
+        if self.emit is not None:
+            for ev in emits:
+                self._call(self.emit, ev)
 
     def _publish(self) -> None:
         snap = build_snapshot(
