@@ -1,4 +1,4 @@
-"""ACME (Let's Encrypt) certificates: which names, orders over HTTP-01, storage, renewal.
+"""ACME (Let's Encrypt) certificates: which names, orders (HTTP-01, TLS-ALPN-01), storage, renewal.
 
 Names: every non-wildcard host of a container labelled `wakeproxy.acme=true`,
 and the names in a container's `LETSENCRYPT_HOST` environment variable
@@ -803,7 +803,8 @@ class AcmeManager:
                     st.failures, st.last_error, st.next_attempt = 0, None, 0.0
                     st.history.append(issued.seconds)
                     self._installed(st, cert)
-                    retried = f", {issued.retries} requests retried" if issued.retries else ""
+                    n = issued.retries
+                    retried = f", {n} request{'s' if n != 1 else ''} retried" if n else ""
                     logger.info(f"acme: {st.name}: certificate issued in {issued.seconds:.2f} s "
                                 f"(serial {cert.serial:x}, valid until {cert.not_after:%Y-%m-%d %H:%M:%S} UTC, "
                                 f"renewal at {st.renew_at:%Y-%m-%d %H:%M:%S} UTC{retried})")
