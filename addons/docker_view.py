@@ -138,9 +138,7 @@ class DockerView:
         self._route_cache: dict[str, Any] = {}
         self._stop = threading.Event()
         self._events: Any = None
-        self._client: docker.DockerClient | None = None
         self._thread = threading.Thread(target=self._run, name="wakeproxy-docker", daemon=True)
-        self.resyncs = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -168,7 +166,6 @@ class DockerView:
         while not self._stop.is_set():
             try:
                 client = self._connect()
-                self._client = client
                 # Subscribe first, then list: nothing that happens in between is missed.
                 self._events = client.api.events(
                     decode=True, filters={"type": ["container", "network"]}
@@ -179,7 +176,6 @@ class DockerView:
                 ).start()
                 t0 = time.monotonic()
                 self._resync(client)
-                self.resyncs += 1
                 logger.info(
                     f"docker: synced {len(self._containers)} containers in "
                     f"{(time.monotonic() - t0) * 1000:.0f} ms"

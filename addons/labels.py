@@ -280,6 +280,15 @@ def parse_depends_on(value: str, what: str) -> tuple[Dependency, ...]:
     return tuple(deps)
 
 
+def _duration_label(labels: Mapping[str, str], key: str) -> float | None:
+    if key not in labels:
+        return None
+    try:
+        return parse_duration(labels[key].strip())
+    except ValueError as e:
+        raise LabelError(f"label {key}: {e}") from None
+
+
 def settings_for(info: ContainerInfo) -> ContainerSettings:
     """The container's wake settings; raises LabelError naming a malformed label."""
     labels = info.labels
@@ -288,14 +297,9 @@ def settings_for(info: ContainerInfo) -> ContainerSettings:
         strategy = strategy.strip().lower()
         if strategy not in WAKE_STRATEGIES:
             raise LabelError(f"label wakeproxy.wake-strategy: {labels['wakeproxy.wake-strategy']!r} is not one of auto, hold, page")
-    timeout = None
-    if "wakeproxy.wake-timeout" in labels:
-        try:
-            timeout = parse_duration(labels["wakeproxy.wake-timeout"].strip())
-        except ValueError as e:
-            raise LabelError(f"label wakeproxy.wake-timeout: {e}") from None
-        if timeout <= 0:
-            raise LabelError("label wakeproxy.wake-timeout: must be more than 0")
+    timeout = _duration_label(labels, "wakeproxy.wake-timeout")
+    if timeout is not None and timeout <= 0:
+        raise LabelError("label wakeproxy.wake-timeout: must be more than 0")
     ready_path = labels.get("wakeproxy.ready-path")
     if ready_path is not None:
         ready_path = ready_path.strip()
@@ -304,12 +308,7 @@ def settings_for(info: ContainerInfo) -> ContainerSettings:
     deps: tuple[Dependency, ...] = ()
     if labels.get("com.docker.compose.depends_on"):
         deps = parse_depends_on(labels["com.docker.compose.depends_on"], "label com.docker.compose.depends_on")
-    idle_timeout = None
-    if "wakeproxy.idle-timeout" in labels:
-        try:
-            idle_timeout = parse_duration(labels["wakeproxy.idle-timeout"].strip())
-        except ValueError as e:
-            raise LabelError(f"label wakeproxy.idle-timeout: {e}") from None
+    idle_timeout = _duration_label(labels, "wakeproxy.idle-timeout")
     if _flag(labels.get("io.docksal.permanent"), "label io.docksal.permanent"):
         idle_timeout = 0.0
     idle_action = labels.get("wakeproxy.idle-action")

@@ -159,16 +159,6 @@ class Waker:
             return False  # the common case, checked on every request
         return any(g in self._wakes or g in self.runtime.stopping for g in site.groups)
 
-    def status_of(self, group: str) -> str:
-        """asleep | waking | running, for status displays."""
-        if group in self._wakes:
-            return "waking"
-        snap = self.runtime.snapshot
-        g = snap.groups.get(group)
-        if g is None:
-            return "unknown"
-        return "running" if self._all_running(snap, g) else "asleep"
-
     # --- waking ------------------------------------------------------------------------
 
     def wake(self, group: Group) -> Wake:
@@ -219,11 +209,8 @@ class Waker:
         missing = "; ".join(f"{n}: {s}" for n, s in wake.status.items() if s != "ready") or "unknown"
         raise WakeFailed(
             504, "Wake-up timed out",
-            f"'{wake.group}' was not ready after {self._timeout_of(wake):.0f} s. Still missing: {missing}.",
+            f"'{wake.group}' was not ready after {wake.deadline - wake.t0:.0f} s. Still missing: {missing}.",
         )
-
-    def _timeout_of(self, wake: Wake) -> float:
-        return wake.deadline - wake.t0
 
     async def _bring_up(self, wake: Wake) -> None:
         stopping = self.runtime.stopping.get(wake.group)
@@ -427,12 +414,6 @@ class Waker:
                     return entry[1]
                 del self._cooldown[g.name]
         return None
-
-    @staticmethod
-    def _all_running(snap: Snapshot, group: Group) -> bool:
-        return all(
-            (c := snap.containers.get(cid)) is not None and c.state == "running" for cid in group.routed
-        )
 
     def _failure_response(self, request: http.Request, failure: WakeFailed, host: str) -> http.Response:
         hint = {

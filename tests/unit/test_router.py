@@ -443,7 +443,7 @@ def test_real_waker_refuses_ignored_user_agents_without_docker():
     assert f.response.status_code == 503
     assert "Retry-After" in f.response.headers
     assert "'a.test'" in body(f)
-    assert waker.status_of("web") == "asleep"  # no wake was started
+    assert not waker.is_waking("web")  # no wake was started
 
 
 def test_control_path_goes_to_the_waker_even_for_a_ready_site():
