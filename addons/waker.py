@@ -136,10 +136,9 @@ class Waker:
             return None
         strategy = next((g.wake_strategy for g in groups if g.wake_strategy), config.strategy)
         wakes = [self.wake(g) for g in groups]
-        if strategy == "page" or (strategy == "auto" and is_navigation(request)):
-            if is_navigation(request):
-                flow.response = self._waking_page(request, host, wakes)
-                return None
+        if strategy != "hold" and is_navigation(request):
+            flow.response = self._waking_page(request, host, wakes)
+            return None
         return self._hold(flow, site, host, wakes, forward)
 
     def control(self, flow: http.HTTPFlow, site: Site, host: str) -> Coroutine[Any, Any, None] | None:
