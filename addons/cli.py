@@ -135,6 +135,16 @@ def _status(config_path: str, url: str | None, as_json: bool) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    certs = report.get("certificates") or {}
+    if certs:
+        print()
+        crows = [("CERTIFICATE", "STATE", "NOT AFTER", "RENEW AT", "LAST ERROR")]
+        for name, c in certs.items():
+            crows.append((name, c.get("state") or "-", (c.get("not_after") or "-")[:19],
+                          (c.get("renew_at") or "-")[:19], (c.get("last_error") or "")[:80]))
+        cw = [max(len(r[i]) for r in crows) for i in range(len(crows[0]))]
+        for r in crows:
+            print("  ".join(col.ljust(w) for col, w in zip(r, cw)).rstrip())
     if report.get("skipped"):
         print("\nskipped containers (bad labels):")
         for name, why in report["skipped"].items():
