@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import h2reuse
 from .acme import AcmeManager
 from .core import WakeProxy
 from .router import Router
@@ -15,6 +16,7 @@ from .waker import Waker
 
 
 def make_addons(runtime: Runtime | None = None) -> list[Any]:
+    h2reuse.install()  # HTTP/2 clients reuse idle HTTP/1.1 upstream connections (idempotent)
     runtime = runtime or Runtime()
     waker = Waker(runtime)
     idle = IdleKeeper(runtime, waker)

@@ -1,0 +1,304 @@
+"""HTTP/2 clients → HTTP/1.1 backends: reuse idle upstream connections.
+
+mitmproxy gives every request of an HTTP/2 client a new upstream connection when
+the backend speaks HTTP/1.1, in two places of its HTTP layer:
+
+- `Http1Connection.mark_done` closes an `Http1Client` connection after any request
+  that arrived over HTTP/2 (or HTTP/3), whatever the response said;
+- `HttpLayer.get_connection` never hands an HTTP/2 stream a connected HTTP/1
+  connection (the "tricky multiplexing edge case": a response that is delimited
+  by the server closing the connection cannot share it).
+
+That costs a TCP (and maybe TLS) handshake per request and leaves a socket in
+TIME_WAIT for each. `install()` adapts both places, and only these two:
+
+- `get_connection` (wrapped): for an HTTP/2 client, first look, in mitmproxy's
+  own order, for a connection to the same address whose `Http1Client` is
+  *idle* — it finished the previous request and response, kept the connection
+  (no read-until-EOF response, no `Connection: close`), nothing is buffered —
+  and went idle at most `REUSE_WITHIN_SECONDS` ago. That one is handed to the
+  stream; otherwise the original `get_connection` runs (a new connection, or an
+  error it already knows). Busy connections are never shared (HTTP/1.1 has no
+  multiplexing; we never pipeline), so concurrent streams still get a connection
+  each. Idle connections older than `REUSE_WITHIN_SECONDS` are closed when met,
+  instead of being reused: a backend's keep-alive timer (gunicorn 2 s, Node 5 s)
+  may be closing them right now, and a request sent into that race fails.
+- `Http1Client.mark_done` (wrapped): when a request that came over HTTP/2
+  finishes, the original decides with the request as it was sent upstream —
+  HTTP/1.1 — so its keep-alive rules (read-until-EOF, `Connection: close` on
+  either side, an HTTP/1.0 response, upgrades) apply unchanged, and only the
+  "HTTP/2 ⇒ close" rule does not. The flow's request object is not modified.
+
+HTTP/1 clients, HTTP/2 backends and HTTP/3 are untouched.
+
+`install()` first checks that mitmproxy's code has the shape this was written
+against (11.0.x and 12.x: names, signatures, and the source lines it works
+around). On any other shape it logs one warning and patches nothing: the proxy
+then keeps mitmproxy's behaviour (one upstream connection per request).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import logging
+import time
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# An idle upstream connection is reused only this soon after its last response ended.
+REUSE_WITHIN_SECONDS = 1.0
+
+_MARK = "_wakeproxy_h2reuse"  # set on our wrappers: installed, even by another copy of this module
+_IDLE_SINCE = "_wakeproxy_idle_since"  # set on an Http1Client when it goes idle (time.monotonic())
+
+_result: bool | None = None  # install()'s answer, once it has been given
+
+
+def install() -> bool:
+    """Patch mitmproxy (once); True if the reuse is active, False if mitmproxy was left as it is."""
+    global _result
+    targets = _targets()
+    if targets is not None and _is_patched(targets):
+        _result = True
+        return True
+    if _result is not None:
+        return _result
+    problem = shape_problem()
+    if problem is not None:
+        from mitmproxy import version
+
+        logger.warning(
+            f"h2reuse: mitmproxy {version.VERSION} is not the shape it was written for ({problem}); "
+            "HTTP/2 clients get a new upstream connection per request to HTTP/1.1 backends"
+        )
+        _result = False
+        return False
+    assert targets is not None
+    http_layer, h1_client = targets
+    http_layer.get_connection = _wrap_get_connection(http_layer.get_connection)
+    original_mark_done = h1_client.__dict__.get("mark_done")
+    wrapper = _wrap_mark_done(h1_client.mark_done)
+    setattr(wrapper, "_wakeproxy_own", original_mark_done)  # Http1Client's own, or None if inherited
+    h1_client.mark_done = wrapper
+    logger.debug("h2reuse: HTTP/2 streams reuse idle HTTP/1.1 upstream connections")
+    _result = True
+    return True
+
+
+def uninstall() -> None:
+    """Undo `install()` (for tests); the next `install()` checks and patches again."""
+    global _result
+    _result = None
+    targets = _targets()
+    if targets is None:
+        return
+    http_layer, h1_client = targets
+    if getattr(http_layer.get_connection, _MARK, False):
+        http_layer.get_connection = http_layer.get_connection.__wrapped__
+    wrapper = h1_client.__dict__.get("mark_done")
+    if getattr(wrapper, _MARK, False):
+        own = getattr(wrapper, "_wakeproxy_own", None)
+        if own is None:
+            del h1_client.mark_done
+        else:
+            h1_client.mark_done = own
+
+
+def installed() -> bool:
+    targets = _targets()
+    return targets is not None and _is_patched(targets)
+
+
+# --- the shape check --------------------------------------------------------------
+
+
+def _targets() -> tuple[type, type] | None:
+    try:
+        from mitmproxy.proxy.layers import http as http_layers
+        from mitmproxy.proxy.layers.http import _http1
+    except ImportError:
+        return None
+    http_layer = getattr(http_layers, "HttpLayer", None)
+    h1_client = getattr(_http1, "Http1Client", None)
+    if not isinstance(http_layer, type) or not isinstance(h1_client, type):
+        return None
+    return http_layer, h1_client
+
+
+def _is_patched(targets: tuple[type, type]) -> bool:
+    http_layer, h1_client = targets
+    return bool(getattr(http_layer.get_connection, _MARK, False)
+                and getattr(h1_client.__dict__.get("mark_done"), _MARK, False))
+
+
+def _squeezed_source(fn: Any) -> str:
+    """The function's source without any whitespace (formatting changes do not matter)."""
+    return "".join(inspect.getsource(fn).split())
+
+
+def _params(fn: Any) -> list[tuple[str, Any, Any]]:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+def shape_problem() -> str | None:
+    """None if mitmproxy's HTTP layer looks as expected, else what differs."""
+    targets = _targets()
+    if targets is None:
+        return "no HttpLayer or Http1Client"
+    http_layer, h1_client = targets
+    from mitmproxy import connection, http
+    from mitmproxy.proxy import commands, context
+    from mitmproxy.proxy.layers import http as http_layers
+    from mitmproxy.proxy.layers.http import _http1
+
+    kw = inspect.Parameter.KEYWORD_ONLY
+    pos = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    get_connection = getattr(http_layer, "get_connection", None)
+    mark_done = getattr(h1_client, "mark_done", None)
+    if getattr(get_connection, _MARK, False) or getattr(mark_done, _MARK, False):
+        return "half patched already"
+    if not callable(get_connection) or not callable(mark_done):
+        return "get_connection or mark_done missing"
+    try:
+        if _params(get_connection) != [("self", pos, inspect.Parameter.empty), ("event", pos, inspect.Parameter.empty),
+                                       ("reuse", kw, True)]:
+            return f"HttpLayer.get_connection{inspect.signature(get_connection)}"
+        if _params(mark_done) != [("self", pos, inspect.Parameter.empty), ("request", kw, False),
+                                  ("response", kw, False)]:
+            return f"Http1Client.mark_done{inspect.signature(mark_done)}"
+        get_src, mark_src = _squeezed_source(get_connection), _squeezed_source(mark_done)
+    except (OSError, TypeError, ValueError) as e:
+        return f"cannot read the source: {e}"
+    # get_connection: still refuses connected HTTP/1 connections to HTTP/2 clients, and hands a
+    # connection over the way we do (pop the stream's command, send it the completion).
+    for needle in ('self.context.client.alpn==b"h2"', 'connection.alpn!=b"h2"', "self.waiting_for_establishment",
+                   "self.command_sources.pop(event)", "GetHttpConnectionCompleted(event,(connection,None))"):
+        if needle not in get_src:
+            return f"get_connection has no {needle!r}"
+    # mark_done: still closes after HTTP/2 requests, and resets the client for the next request.
+    for needle in ("self.request.is_http2", "isinstance(self,Http1Client)", "http1.connection_close(",
+                   "self.stream_id=None", "self.state=self.read_headers"):
+        if needle not in mark_src:
+            return f"mark_done has no {needle!r}"
+    # What the wrappers read or call.
+    for owner, names in (
+        (http_layer, ("connections", "waiting_for_establishment", "command_sources", "event_to_child")),
+        (h1_client, ("stream_id", "request", "response", "request_done", "response_done", "state", "buf",
+                     "read_headers", "conn")),
+        (context.Context, ("layers", "client")),
+    ):
+        known = set(dir(owner)) | set(getattr(owner, "__annotations__", {}))
+        for base in getattr(owner, "__mro__", ()):
+            known |= set(getattr(base, "__annotations__", {}))
+        missing = [n for n in names if n not in known]
+        if missing:
+            return f"{owner.__name__} has no {', '.join(missing)}"
+    if not issubclass(h1_client, getattr(_http1, "Http1Connection", ())):
+        return "Http1Client is not an Http1Connection"
+    for name in ("GetHttpConnection", "GetHttpConnectionCompleted"):
+        if not isinstance(getattr(http_layers, name, None), type):
+            return f"no {name}"
+    if not hasattr(getattr(http_layers, "GetHttpConnection"), "connection_spec_matches"):
+        return "no GetHttpConnection.connection_spec_matches"
+    if not hasattr(commands, "CloseConnection") or not hasattr(connection.Connection, "connected"):
+        return "no CloseConnection or Connection.connected"
+    if not dataclasses.is_dataclass(http.RequestData) or "http_version" not in {
+            f.name for f in dataclasses.fields(http.RequestData)}:
+        return "RequestData is not a dataclass with http_version"
+    return None
+
+
+# --- get_connection -------------------------------------------------------------------
+
+
+def _h1_client_of(http_layer: Any, conn: Any) -> Any:
+    """The Http1Client that drives upstream connection `conn`, if that is what drives it."""
+    from mitmproxy.proxy.layers.http._http1 import Http1Client
+
+    stack = http_layer.connections.get(conn)
+    layers = getattr(getattr(stack, "context", None), "layers", None)
+    h1 = layers[-1] if layers else None
+    return h1 if isinstance(h1, Http1Client) and h1.conn is conn else None
+
+
+def _idle(h1: Any) -> bool:
+    """Finished its last request and response, kept the connection, and holds no unread bytes."""
+    return (
+        h1.stream_id is None and h1.request is None and h1.response is None
+        and not h1.request_done and not h1.response_done
+        and h1.state == h1.read_headers and not h1.buf
+    )
+
+
+def _wrap_get_connection(original: Any) -> Any:
+    from mitmproxy.proxy import commands
+    from mitmproxy.proxy.layers.http import GetHttpConnectionCompleted
+
+    @functools.wraps(original)
+    def get_connection(self: Any, event: Any, *, reuse: bool = True):
+        if reuse and self.context.client.alpn == b"h2":
+            now = time.monotonic()
+            # The same walk as mitmproxy's: the first matching connection that is being opened or has
+            # failed decides (the original does that); connected HTTP/1 ones are taken when idle.
+            for conn in list(self.connections):
+                if not event.connection_spec_matches(conn):
+                    continue
+                if conn in self.waiting_for_establishment or conn.error:
+                    break
+                if not conn.connected:
+                    continue
+                if conn.alpn == b"h2":
+                    break  # multiplexed: the original reuses it
+                h1 = _h1_client_of(self, conn)
+                if h1 is None or not _idle(h1):
+                    continue  # busy: HTTP/1.1 carries one request at a time
+                since = getattr(h1, _IDLE_SINCE, None)
+                if since is None or now - since > REUSE_WITHIN_SECONDS:
+                    # Too old to trust: close it rather than keep an unused socket open.
+                    yield commands.CloseConnection(conn)
+                    continue
+                stream = self.command_sources.pop(event)
+                yield from self.event_to_child(stream, GetHttpConnectionCompleted(event, (conn, None)))
+                return
+        yield from original(self, event, reuse=reuse)
+
+    setattr(get_connection, _MARK, True)
+    return get_connection
+
+
+# --- mark_done -------------------------------------------------------------------------
+
+
+def _as_sent_upstream(request: Any) -> Any:
+    """A shallow copy of an HTTP/2 request that says HTTP/1.1, as Http1Client sent it (headers and
+    body are shared, not copied; the flow's request is not touched)."""
+    import copy
+
+    view = copy.copy(request)
+    view.data = dataclasses.replace(request.data, http_version=b"HTTP/1.1")
+    return view
+
+
+def _wrap_mark_done(original: Any) -> Any:
+    @functools.wraps(original)
+    def mark_done(self: Any, *, request: bool = False, response: bool = False):
+        sent = self.request
+        finishing = (request or self.request_done) and (response or self.response_done)
+        if finishing and sent is not None and self.response is not None and sent.is_http2:
+            # The original closes after every HTTP/2 request; let it decide on what went upstream.
+            view = self.request = _as_sent_upstream(sent)
+            try:
+                yield from original(self, request=request, response=response)
+            finally:
+                if self.request is view:  # kept (connection closed, or upgraded): put the real one back
+                    self.request = sent
+        else:
+            yield from original(self, request=request, response=response)
+        if _idle(self):
+            setattr(self, _IDLE_SINCE, time.monotonic())
+
+    setattr(mark_done, _MARK, True)
+    return mark_done
