@@ -10,24 +10,30 @@ the backend speaks HTTP/1.1, in two places of its HTTP layer:
   by the server closing the connection cannot share it).
 
 That costs a TCP (and maybe TLS) handshake per request and leaves a socket in
-TIME_WAIT for each. `install()` adapts both places, and only these two:
+TIME_WAIT for each. `install()` adapts mitmproxy as follows, for HTTP/2 clients only:
 
-- `get_connection` (wrapped): for an HTTP/2 client, first look, in mitmproxy's
-  own order, for a connection to the same address whose `Http1Client` is
-  *idle* — it finished the previous request and response, kept the connection
-  (no read-until-EOF response, no `Connection: close`), nothing is buffered —
-  and went idle at most `REUSE_WITHIN_SECONDS` ago. That one is handed to the
-  stream; otherwise the original `get_connection` runs (a new connection, or an
-  error it already knows). Busy connections are never shared (HTTP/1.1 has no
-  multiplexing; we never pipeline), so concurrent streams still get a connection
-  each. Idle connections older than `REUSE_WITHIN_SECONDS` are closed when met,
-  instead of being reused: a backend's keep-alive timer (gunicorn 2 s, Node 5 s)
-  may be closing them right now, and a request sent into that race fails.
 - `Http1Client.mark_done` (wrapped): when a request that came over HTTP/2
   finishes, the original decides with the request as it was sent upstream —
   HTTP/1.1 — so its keep-alive rules (read-until-EOF, `Connection: close` on
   either side, an HTTP/1.0 response, upgrades) apply unchanged, and only the
   "HTTP/2 ⇒ close" rule does not. The flow's request object is not modified.
+- `HttpLayer.get_connection` (wrapped): walk the connections in mitmproxy's own
+  order; take one to the same address whose `Http1Client` is *idle* — it finished
+  the previous request and response, kept the connection, holds no unread bytes —
+  and went idle at most `REUSE_WITHIN_SECONDS` ago. Otherwise the original runs
+  (a new connection; or a connection being opened, an error, an HTTP/2 backend:
+  all as before). Busy connections are never shared (HTTP/1.1 has no multiplexing;
+  we never pipeline), so concurrent streams still get a connection each. Idle
+  connections older than `REUSE_WITHIN_SECONDS` are closed when met, not reused: a
+  backend's keep-alive timer (gunicorn 2 s, Node 5 s) may be closing them right now.
+- mitmproxy's proxy server opens at most `Semaphore(5)` connections per upstream
+  address and client connection; an extra one waits until one of them *closes*.
+  Before, they closed after every response; idle connections we keep would block
+  such a waiter for good. So a stream that would need a connection beyond that
+  limit waits in a queue on the HttpLayer instead, and `HttpLayer._handle_event`
+  (wrapped) serves the queue after every event: the next connection that goes
+  idle takes the first waiting stream, or a new connection is opened once one
+  has closed.
 
 HTTP/1 clients, HTTP/2 backends and HTTP/3 are untouched.
 
@@ -39,10 +45,12 @@ then keeps mitmproxy's behaviour (one upstream connection per request).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import inspect
 import logging
+import re
 import time
 from typing import Any
 
@@ -53,8 +61,10 @@ REUSE_WITHIN_SECONDS = 1.0
 
 _MARK = "_wakeproxy_h2reuse"  # set on our wrappers: installed, even by another copy of this module
 _IDLE_SINCE = "_wakeproxy_idle_since"  # set on an Http1Client when it goes idle (time.monotonic())
+_QUEUE = "_wakeproxy_waiting"  # on an HttpLayer: GetHttpConnection commands waiting for a free connection
 
 _result: bool | None = None  # install()'s answer, once it has been given
+_limit = 5  # mitmproxy's connections per upstream address and client connection (read by the shape check)
 
 
 def install() -> bool:
@@ -78,10 +88,11 @@ def install() -> bool:
         return False
     assert targets is not None
     http_layer, h1_client = targets
-    http_layer.get_connection = _wrap_get_connection(http_layer.get_connection)
-    original_mark_done = h1_client.__dict__.get("mark_done")
+    original_get_connection = http_layer.get_connection
+    http_layer.get_connection = _wrap_get_connection(original_get_connection)
+    http_layer._handle_event = _wrap_handle_event(http_layer._handle_event, original_get_connection)
     wrapper = _wrap_mark_done(h1_client.mark_done)
-    setattr(wrapper, "_wakeproxy_own", original_mark_done)  # Http1Client's own, or None if inherited
+    setattr(wrapper, "_wakeproxy_own", h1_client.__dict__.get("mark_done"))  # Http1Client's own, or None
     h1_client.mark_done = wrapper
     logger.debug("h2reuse: HTTP/2 streams reuse idle HTTP/1.1 upstream connections")
     _result = True
@@ -96,8 +107,9 @@ def uninstall() -> None:
     if targets is None:
         return
     http_layer, h1_client = targets
-    if getattr(http_layer.get_connection, _MARK, False):
-        http_layer.get_connection = http_layer.get_connection.__wrapped__
+    for name in ("get_connection", "_handle_event"):
+        if getattr(getattr(http_layer, name), _MARK, False):
+            setattr(http_layer, name, getattr(http_layer, name).__wrapped__)
     wrapper = h1_client.__dict__.get("mark_done")
     if getattr(wrapper, _MARK, False):
         own = getattr(wrapper, "_wakeproxy_own", None)
@@ -131,6 +143,7 @@ def _targets() -> tuple[type, type] | None:
 def _is_patched(targets: tuple[type, type]) -> bool:
     http_layer, h1_client = targets
     return bool(getattr(http_layer.get_connection, _MARK, False)
+                and getattr(http_layer._handle_event, _MARK, False)
                 and getattr(h1_client.__dict__.get("mark_done"), _MARK, False))
 
 
@@ -145,32 +158,37 @@ def _params(fn: Any) -> list[tuple[str, Any, Any]]:
 
 def shape_problem() -> str | None:
     """None if mitmproxy's HTTP layer looks as expected, else what differs."""
+    global _limit
     targets = _targets()
     if targets is None:
         return "no HttpLayer or Http1Client"
     http_layer, h1_client = targets
     from mitmproxy import connection, http
-    from mitmproxy.proxy import commands, context
+    from mitmproxy.proxy import commands, context, server
     from mitmproxy.proxy.layers import http as http_layers
     from mitmproxy.proxy.layers.http import _http1
 
     kw = inspect.Parameter.KEYWORD_ONLY
     pos = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    empty = inspect.Parameter.empty
     get_connection = getattr(http_layer, "get_connection", None)
+    handle_event = getattr(http_layer, "_handle_event", None)
     mark_done = getattr(h1_client, "mark_done", None)
-    if getattr(get_connection, _MARK, False) or getattr(mark_done, _MARK, False):
+    if any(getattr(f, _MARK, False) for f in (get_connection, handle_event, mark_done)):
         return "half patched already"
-    if not callable(get_connection) or not callable(mark_done):
-        return "get_connection or mark_done missing"
+    if not all(callable(f) for f in (get_connection, handle_event, mark_done)):
+        return "get_connection, _handle_event or mark_done missing"
     try:
-        if _params(get_connection) != [("self", pos, inspect.Parameter.empty), ("event", pos, inspect.Parameter.empty),
-                                       ("reuse", kw, True)]:
+        if _params(get_connection) != [("self", pos, empty), ("event", pos, empty), ("reuse", kw, True)]:
             return f"HttpLayer.get_connection{inspect.signature(get_connection)}"
-        if _params(mark_done) != [("self", pos, inspect.Parameter.empty), ("request", kw, False),
-                                  ("response", kw, False)]:
+        if _params(handle_event) != [("self", pos, empty), ("event", pos, empty)] \
+                or not inspect.isgeneratorfunction(handle_event):
+            return f"HttpLayer._handle_event{inspect.signature(handle_event)}"
+        if _params(mark_done) != [("self", pos, empty), ("request", kw, False), ("response", kw, False)]:
             return f"Http1Client.mark_done{inspect.signature(mark_done)}"
         get_src, mark_src = _squeezed_source(get_connection), _squeezed_source(mark_done)
-    except (OSError, TypeError, ValueError) as e:
+        handler_src = _squeezed_source(server.ConnectionHandler.__init__)
+    except (OSError, TypeError, ValueError, AttributeError) as e:
         return f"cannot read the source: {e}"
     # get_connection: still refuses connected HTTP/1 connections to HTTP/2 clients, and hands a
     # connection over the way we do (pop the stream's command, send it the completion).
@@ -183,14 +201,19 @@ def shape_problem() -> str | None:
                    "self.stream_id=None", "self.state=self.read_headers"):
         if needle not in mark_src:
             return f"mark_done has no {needle!r}"
+    # The proxy server's limit of connections per upstream address, which the queue respects.
+    m = re.search(r"self\.max_conns=collections\.defaultdict\(lambda:asyncio\.Semaphore\((\d+)\)\)", handler_src)
+    if not m or int(m.group(1)) < 1:
+        return "no per-address connection limit (max_conns Semaphore) in ConnectionHandler"
+    _limit = int(m.group(1))
     # What the wrappers read or call.
     for owner, names in (
-        (http_layer, ("connections", "waiting_for_establishment", "command_sources", "event_to_child")),
+        (http_layer, ("connections", "waiting_for_establishment", "command_sources", "event_to_child", "context")),
         (h1_client, ("stream_id", "request", "response", "request_done", "response_done", "state", "buf",
                      "read_headers", "conn")),
         (context.Context, ("layers", "client")),
     ):
-        known = set(dir(owner)) | set(getattr(owner, "__annotations__", {}))
+        known = set(dir(owner))
         for base in getattr(owner, "__mro__", ()):
             known |= set(getattr(base, "__annotations__", {}))
         missing = [n for n in names if n not in known]
@@ -211,7 +234,7 @@ def shape_problem() -> str | None:
     return None
 
 
-# --- get_connection -------------------------------------------------------------------
+# --- get_connection and the queue --------------------------------------------------------
 
 
 def _h1_client_of(http_layer: Any, conn: Any) -> Any:
@@ -233,40 +256,97 @@ def _idle(h1: Any) -> bool:
     )
 
 
-def _wrap_get_connection(original: Any) -> Any:
+def _walk(layer: Any, event: Any, reuse: bool):
+    """Look through `layer`'s connections for `event` (a GetHttpConnection), in mitmproxy's order.
+
+    A generator (it may close stale idle connections); returns ("idle", conn) for a connection to
+    reuse, ("original", None) when mitmproxy's own get_connection knows what to do (the first match
+    is being opened, has failed, or is HTTP/2), ("new", None) when only a new connection will do.
+    With reuse=False (mitmproxy's "not the one just opened") only idle connections count.
+    """
     from mitmproxy.proxy import commands
+
+    now = time.monotonic()
+    for conn in list(layer.connections):
+        if not event.connection_spec_matches(conn):
+            continue
+        if conn in layer.waiting_for_establishment or conn.error:
+            if reuse:
+                return "original", None
+            continue
+        if not conn.connected:
+            continue
+        h1 = _h1_client_of(layer, conn)
+        if h1 is None:
+            if reuse and conn.alpn == b"h2":
+                return "original", None  # multiplexed: mitmproxy reuses it
+            continue
+        if not _idle(h1):
+            continue  # busy: HTTP/1.1 carries one request at a time
+        since = getattr(h1, _IDLE_SINCE, None)
+        if since is None or now - since > REUSE_WITHIN_SECONDS:
+            yield commands.CloseConnection(conn)  # too old to trust; do not keep an unused socket
+            continue
+        return "idle", conn
+    return "new", None
+
+
+def _slots_taken(layer: Any, address: Any) -> int:
+    """Connections to `address` that hold one of the proxy server's slots for it (open or opening)."""
+    from mitmproxy.connection import ConnectionState, Server
+
+    return sum(
+        1 for c in layer.connections
+        if isinstance(c, Server) and c.address == address
+        and (c in layer.waiting_for_establishment or c.state is not ConnectionState.CLOSED)
+    )
+
+
+def _hand_over(layer: Any, event: Any, conn: Any):
     from mitmproxy.proxy.layers.http import GetHttpConnectionCompleted
 
+    stream = layer.command_sources.pop(event)
+    yield from layer.event_to_child(stream, GetHttpConnectionCompleted(event, (conn, None)))
+
+
+def _wrap_get_connection(original: Any) -> Any:
     @functools.wraps(original)
     def get_connection(self: Any, event: Any, *, reuse: bool = True):
-        if reuse and self.context.client.alpn == b"h2":
-            now = time.monotonic()
-            # The same walk as mitmproxy's: the first matching connection that is being opened or has
-            # failed decides (the original does that); connected HTTP/1 ones are taken when idle.
-            for conn in list(self.connections):
-                if not event.connection_spec_matches(conn):
-                    continue
-                if conn in self.waiting_for_establishment or conn.error:
-                    break
-                if not conn.connected:
-                    continue
-                if conn.alpn == b"h2":
-                    break  # multiplexed: the original reuses it
-                h1 = _h1_client_of(self, conn)
-                if h1 is None or not _idle(h1):
-                    continue  # busy: HTTP/1.1 carries one request at a time
-                since = getattr(h1, _IDLE_SINCE, None)
-                if since is None or now - since > REUSE_WITHIN_SECONDS:
-                    # Too old to trust: close it rather than keep an unused socket open.
-                    yield commands.CloseConnection(conn)
-                    continue
-                stream = self.command_sources.pop(event)
-                yield from self.event_to_child(stream, GetHttpConnectionCompleted(event, (conn, None)))
-                return
-        yield from original(self, event, reuse=reuse)
+        if self.context.client.alpn != b"h2":
+            yield from original(self, event, reuse=reuse)
+            return
+        verdict, conn = yield from _walk(self, event, reuse)
+        if verdict == "idle":
+            yield from _hand_over(self, event, conn)
+        elif verdict == "new" and _slots_taken(self, event.address) >= _limit:
+            self.__dict__.setdefault(_QUEUE, collections.deque()).append(event)
+        else:
+            yield from original(self, event, reuse=reuse)
 
     setattr(get_connection, _MARK, True)
     return get_connection
+
+
+def _wrap_handle_event(original: Any, original_get_connection: Any) -> Any:
+    @functools.wraps(original)
+    def _handle_event(self: Any, event: Any):
+        yield from original(self, event)
+        queue = self.__dict__.get(_QUEUE)
+        if queue:
+            # Serve streams waiting for a connection: an idle one, or a new one now that a slot is free.
+            waiting = list(queue)
+            queue.clear()
+            for ev in waiting:
+                verdict, conn = yield from _walk(self, ev, False)
+                if verdict == "idle":
+                    yield from _hand_over(self, ev, conn)
+                elif _slots_taken(self, ev.address) < _limit:
+                    yield from original_get_connection(self, ev, reuse=False)
+                else:
+                    queue.append(ev)
+
+    setattr(_handle_event, _MARK, True)
+    return _handle_event
 
 
 # --- mark_done -------------------------------------------------------------------------

@@ -62,6 +62,9 @@ class Sim:
         self.wire: dict[connection.Connection, bytearray] = defaultdict(bytearray)
         self.flows: list = []
         self.refuse: str | None = None  # error for the next OpenConnection
+        # mitmproxy's proxy server: at most 5 open connections per address; more wait for a close.
+        self.limit = 5
+        self.blocked: deque[commands.OpenConnection] = deque()
         self.h2: h2.connection.H2Connection | None = None
         self.responses: dict[int, dict] = defaultdict(lambda: {"status": None, "body": b"", "ended": False,
                                                                "reset": False})
@@ -85,14 +88,14 @@ class Sim:
 
     def _run(self, cmd: commands.Command) -> list[events.Event]:
         if isinstance(cmd, commands.OpenConnection):
-            conn = cmd.connection
-            self.opened.append(conn)
             if self.refuse:
-                conn.error = self.refuse
+                self.opened.append(cmd.connection)
+                cmd.connection.error = self.refuse
                 return [events.OpenConnectionCompleted(cmd, self.refuse)]
-            conn.state = ConnectionState.OPEN
-            conn.peername = conn.address
-            return [events.OpenConnectionCompleted(cmd, None)]
+            if len(self.live(cmd.connection.address)) >= self.limit:
+                self.blocked.append(cmd)
+                return []
+            return self._connect(cmd)
         if isinstance(cmd, commands.SendData):
             if cmd.connection is self.client and self.h2 is not None:
                 return self._to_h2_client(cmd.data)
@@ -102,16 +105,32 @@ class Sim:
             cmd.connection.state &= ~ConnectionState.CAN_WRITE
             return []
         if isinstance(cmd, commands.CloseConnection):  # also CloseTcpConnection without half_close
-            was_open = cmd.connection.state is not ConnectionState.CLOSED
+            was = cmd.connection.state
             cmd.connection.state = ConnectionState.CLOSED
-            # A real proxy server reports the end of a connection it closed on command.
-            return [events.ConnectionClosed(cmd.connection)] if was_open and cmd.connection is not self.client else []
+            if was is ConnectionState.CLOSED or cmd.connection is self.client:
+                return []
+            # A real proxy server reports the end of a connection it closed on command (unless the
+            # peer's close was reported already), and lets a connection that waits for a slot go ahead.
+            out: list[events.Event] = [events.ConnectionClosed(cmd.connection)] if was & ConnectionState.CAN_READ else []
+            if self.blocked and len(self.live(self.blocked[0].connection.address)) < self.limit:
+                out += self._connect(self.blocked.popleft())
+            return out
         if isinstance(cmd, commands.StartHook):
             flow = getattr(cmd, "flow", None)
             if isinstance(cmd, (http_layers.HttpResponseHook, http_layers.HttpErrorHook)):
                 self.flows.append(flow)
             return [events.HookCompleted(cmd)] if cmd.blocking else []
         return []  # Log, RequestWakeup
+
+    def _connect(self, cmd: commands.OpenConnection) -> list[events.Event]:
+        conn = cmd.connection
+        self.opened.append(conn)
+        conn.state = ConnectionState.OPEN
+        conn.peername = conn.address
+        return [events.OpenConnectionCompleted(cmd, None)]
+
+    def live(self, address) -> list[connection.Server]:
+        return [c for c in self.opened if c.address == address and c.state is not ConnectionState.CLOSED]
 
     # --- the HTTP/2 client --------------------------------------------------------------
 
@@ -148,6 +167,19 @@ class Sim:
         if close and conn.state & ConnectionState.CAN_READ:
             conn.state &= ~ConnectionState.CAN_READ
             self.feed(events.ConnectionClosed(conn))
+
+    def answer_all(self, raw: bytes = OK, rounds: int = 100) -> None:
+        """The backend answers every request it has been sent (in rounds, as connections free up)."""
+        answered: dict[connection.Server, int] = defaultdict(int)
+        for _ in range(rounds):
+            todo = [c for c in self.opened if c.state & ConnectionState.CAN_READ
+                    and len(request_lines(self.sent(c))) > answered[c]]
+            if not todo:
+                return
+            for c in todo:
+                answered[c] += 1
+                self.answer(c, raw)
+        raise AssertionError("the backend kept getting requests")
 
     def sent(self, conn: connection.Server) -> bytes:
         return bytes(self.wire[conn])
@@ -206,6 +238,27 @@ def test_concurrent_streams_never_share_a_busy_connection(patched):
     for conn in sim.opened:
         sim.answer(conn)
     assert [sim.status(s) for s in (a, b, c, d)] == [200] * 4
+
+
+def test_more_concurrent_streams_than_the_proxy_opens_connections(patched):
+    """mitmproxy opens at most 5 connections per address and client connection; a 6th waits for one
+    to close. Idle connections are kept now, so the 6th stream must take the next idle one."""
+    sim = Sim()
+    sids = [sim.request(path=f"/{i}") for i in range(12)]
+    assert len(sim.opened) == 5 and not sim.blocked  # the rest wait in h2reuse's queue
+    sim.answer_all()
+    assert [sim.status(s) for s in sids] == [200] * 12
+    assert len(sim.opened) == 5
+    assert sorted(len(request_lines(sim.sent(c))) for c in sim.opened) == [2, 2, 2, 3, 3]
+
+
+def test_queued_streams_get_a_new_connection_when_one_closes(patched):
+    sim = Sim()
+    sids = [sim.request(path=f"/{i}") for i in range(8)]
+    assert len(sim.opened) == 5
+    sim.answer_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    assert [sim.status(s) for s in sids] == [200] * 8
+    assert len(sim.opened) == 8 and not any(c.connected for c in sim.opened)
 
 
 def test_post_body_between_gets(patched):
