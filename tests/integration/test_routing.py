@@ -296,8 +296,9 @@ def test_routes_follow_container_start_and_remove(sites, backend_container):
     appeared = time.monotonic() - t0
     backend_container.wait_listening(c)
     wait_for(lambda: name(proxied(p, h)) == "dyn", 5, 0.05)
-    t1 = time.monotonic()
     c.remove(force=True)
+    t1 = time.monotonic()  # `docker rm -f` has returned: the container is gone (the call itself
+    # can take seconds on a loaded machine; the proxy's part starts with Docker's destroy event)
     # (with the no-wake User-Agent: a request between the kill and the removal would otherwise
     # try to wake the dying container)
     wait_for(lambda: proxied(p, h, timeout=2, headers={"User-Agent": NO_WAKE_UA}).status_code == 404,
