@@ -328,14 +328,24 @@ def _wrap_get_connection(original: Any) -> Any:
 
 
 def _wrap_handle_event(original: Any, original_get_connection: Any) -> Any:
+    from mitmproxy.connection import ConnectionState
+    from mitmproxy.proxy.layers.http import GetHttpConnectionCompleted
+
     @functools.wraps(original)
     def _handle_event(self: Any, event: Any):
         yield from original(self, event)
         queue = self.__dict__.get(_QUEUE)
         if queue:
-            # Serve streams waiting for a connection: an idle one, or a new one now that a slot is free.
             waiting = list(queue)
             queue.clear()
+            if not self.context.client.state & ConnectionState.CAN_READ:
+                # The client is gone: answer the waiting streams as mitmproxy answers streams whose
+                # connection was still being opened, so every flow ends with an error hook.
+                for ev in waiting:
+                    stream = self.command_sources.pop(ev)
+                    yield from self.event_to_child(stream, GetHttpConnectionCompleted(ev, (None, "client disconnected")))
+                return
+            # Serve streams waiting for a connection: an idle one, or a new one now that a slot is free.
             for ev in waiting:
                 verdict, conn = yield from _walk(self, ev, False)
                 if verdict == "idle":

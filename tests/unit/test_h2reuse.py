@@ -261,6 +261,18 @@ def test_queued_streams_get_a_new_connection_when_one_closes(patched):
     assert len(sim.opened) == 8 and not any(c.connected for c in sim.opened)
 
 
+def test_client_disconnect_ends_queued_streams_with_an_error(patched):
+    """Every flow must end with a response or an error hook (the idle keeper counts requests in flight)."""
+    sim = Sim()
+    for i in range(8):
+        sim.request(path=f"/{i}")
+    assert len(sim.opened) == 5  # 3 streams wait in the queue
+    sim.client.state = ConnectionState.CLOSED
+    sim.feed(events.ConnectionClosed(sim.client))
+    assert len(sim.flows) == 8 and all(f.error for f in sim.flows)
+    assert len(sim.opened) == 5
+
+
 def test_post_body_between_gets(patched):
     sim = Sim()
     g1 = sim.request(path="/one")
