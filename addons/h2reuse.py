@@ -231,6 +231,16 @@ def shape_problem() -> str | None:
     if not dataclasses.is_dataclass(http.RequestData) or "http_version" not in {
             f.name for f in dataclasses.fields(http.RequestData)}:
         return "RequestData is not a dataclass with http_version"
+    try:  # the view mark_done decides with: HTTP/1.1, same method and headers, the original untouched
+        sample = http.Request.make("POST", "http://example.com/", b"body", {"Connection": "close"})
+        sample.http_version = "HTTP/2.0"
+        view = _as_sent_upstream(sample)
+        ok = (view.http_version == "HTTP/1.1" and not view.is_http2 and sample.is_http2
+              and view.method == "POST" and view.headers is sample.headers and view.raw_content == b"body")
+    except Exception as e:  # noqa: BLE001 - any failure means "another shape"
+        return f"cannot make an HTTP/1.1 view of a request: {e!r}"
+    if not ok:
+        return "an HTTP/1.1 view of a request does not behave as expected"
     return None
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import subprocess
+import time
 from types import SimpleNamespace
 
 import httpx
 import pytest
 
-from harness import wait_for
+from harness import container_ip, wait_for
 
 BACKEND = r'''
 import asyncio, hashlib, json, sys
@@ -206,3 +208,31 @@ def test_mitmdump_script_reuses_too(site, proxy):
     assert len({r.headers["x-conn"] for r in answers}) <= 2
     assert int(answers[-1].headers["x-conns"]) - before <= 2
     assert "not the shape it was written for" not in p.log()
+
+
+def _sockets(state: str, ip: str, port: int) -> int:
+    out = subprocess.run(["ss", "-Htn", "state", state, "dst", f"{ip}:{port}"],
+                         capture_output=True, text=True, check=True).stdout
+    return len(out.splitlines())
+
+
+def test_tls_backend_reuses_too(module_containers, module_proxy, tls_backend_files, host, test_network):
+    """wakeproxy.scheme=https (TLS to the backend, ALPN http/1.1): the same reuse, counted with ss."""
+    h = host("h2reuse-tls")
+    c = module_containers("h2reuse-tls", labels={"wakeproxy.host": h, "wakeproxy.scheme": "https",
+                                                 "wakeproxy.port": "8443"},
+                          env={**tls_backend_files["env"], "PORT": "8443"}, volumes=tls_backend_files["volumes"])
+    ip = container_ip(c, test_network)
+    p = module_proxy()
+    wait_for(lambda: httpx.get(p.http_url + "/", headers={"Host": h}, trust_env=False).json()["tls"], 15, 0.1,
+             "TLS site via proxy")
+    time.sleep(0.2)
+    waiting_before = _sockets("time-wait", ip, 8443)
+    with httpx.Client(base_url=p.https_url, http2=True, verify=False, trust_env=False, timeout=20,
+                      headers={"Host": h}) as client:
+        answers = [client.get(f"/tls/{i}", extensions={"sni_hostname": h}) for i in range(30)]
+        open_now = _sockets("established", ip, 8443)
+    assert [r.status_code for r in answers] == [200] * 30 and answers[0].http_version == "HTTP/2"
+    assert all(r.json()["tls"] for r in answers)
+    assert open_now <= 2, open_now
+    assert _sockets("time-wait", ip, 8443) - waiting_before <= 2

@@ -19,7 +19,7 @@ import pytest
 from mitmproxy import connection, options
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.connection import ConnectionState
-from mitmproxy.proxy import commands, events
+from mitmproxy.proxy import commands, events, server
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http1
@@ -419,9 +419,14 @@ def _fake_mark_done(self, *, request=False, response=False):
     yield from ()
 
 
+def _fake_handler_init(self, context):  # a proxy server without the per-address connection limit
+    self.client = context.client
+
+
 @pytest.mark.parametrize("target,attr,fake,expect", [
     (http_layers.HttpLayer, "get_connection", _fake_get_connection, "get_connection"),
     (_http1.Http1Client, "mark_done", _fake_mark_done, "mark_done has no"),
+    (server.ConnectionHandler, "__init__", _fake_handler_init, "connection limit"),
 ])
 def test_shape_check_refuses_another_shape_and_leaves_mitmproxy_alone(unpatched, monkeypatch, caplog,
                                                                        target, attr, fake, expect):
