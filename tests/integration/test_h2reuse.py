@@ -171,7 +171,15 @@ def test_post_with_body_between_gets(site):
         g2 = get(c, site, "/g2")
         p2 = get(c, site, "/upload2", method="POST", content=b"small")
         g3 = get(c, site, "/g3")
-    assert [r.status_code for r in (g1, p, g2, p2, g3)] == [200] * 5
+        big_body = bytes(range(256)) * 10_000  # 2.5 MB: streamed upstream (stream_large_bodies=1m)
+        big = get(c, site, "/upload3", method="POST", content=big_body)
+        g4 = get(c, site, "/g4")
+        unsized = get(c, site, "/upload4", method="POST", content=iter([b"a" * 1000, b"b" * 1000]))  # no length
+        g5 = get(c, site, "/g5")
+    assert [r.status_code for r in (g1, p, g2, p2, g3, big, g4, unsized, g5)] == [200] * 9
+    assert unsized.json()["size"] == 2000 and g5.json()["path"] == "/g5"
+    assert big.json()["size"] == len(big_body) and big.json()["sha256"] == hashlib.sha256(big_body).hexdigest()
+    assert g4.json()["method"] == "GET" and g4.json()["size"] == 0
     assert p.json()["size"] == len(body) and p.json()["sha256"] == hashlib.sha256(body).hexdigest()
     assert p2.json()["size"] == 5 and p2.json()["method"] == "POST"
     assert [r.json()["method"] for r in (g1, g2, g3)] == ["GET"] * 3
