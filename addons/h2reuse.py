@@ -17,6 +17,8 @@ TIME_WAIT for each. `install()` adapts mitmproxy as follows, for HTTP/2 clients 
   HTTP/1.1 — so its keep-alive rules (read-until-EOF, `Connection: close` on
   either side, an HTTP/1.0 response, upgrades) apply unchanged, and only the
   "HTTP/2 ⇒ close" rule does not. The flow's request object is not modified.
+  A connection whose last answer was an informational 1xx (which mitmproxy takes for
+  the response) is still closed: the real response may follow on it.
 - `HttpLayer.get_connection` (wrapped): walk the connections in mitmproxy's own
   order; take one to the same address whose `Http1Client` is *idle* — it finished
   the previous request and response, kept the connection, holds no unread bytes —
@@ -387,8 +389,10 @@ def _wrap_mark_done(original: Any) -> Any:
     def mark_done(self: Any, *, request: bool = False, response: bool = False):
         sent = self.request
         finishing = (request or self.request_done) and (response or self.response_done)
-        if finishing and sent is not None and self.response is not None and sent.is_http2:
+        if (finishing and sent is not None and self.response is not None and sent.is_http2
+                and not 100 <= self.response.status_code < 200):
             # The original closes after every HTTP/2 request; let it decide on what went upstream.
+            # (Not after a 1xx taken for the answer: the final response may still be on its way.)
             view = self.request = _as_sent_upstream(sent)
             try:
                 yield from original(self, request=request, response=response)
