@@ -78,7 +78,10 @@ def install() -> bool:
         return True
     if _result is not None:
         return _result
-    problem = shape_problem()
+    try:
+        problem = shape_problem()
+    except Exception as e:  # noqa: BLE001 - whatever a future mitmproxy does, the proxy must start
+        problem = f"the shape check failed: {e!r}"
     if problem is not None:
         from mitmproxy import version
 
