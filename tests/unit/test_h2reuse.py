@@ -449,3 +449,13 @@ def test_bundle_installs_it(unpatched):
 
     make_addons()
     assert h2reuse.installed()
+
+
+def test_a_shape_check_that_raises_leaves_mitmproxy_alone(unpatched, monkeypatch, caplog):
+    def boom():
+        raise RuntimeError("surprise")
+    monkeypatch.setattr(h2reuse, "shape_problem", boom)
+    with caplog.at_level(logging.WARNING, logger="wakeproxy.h2reuse"):
+        assert h2reuse.install() is False
+    assert "surprise" in caplog.text and not h2reuse.installed()
+    h2reuse.uninstall()
