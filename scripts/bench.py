@@ -332,9 +332,19 @@ class Bench:
         return {"wpbench.run": self.run, "wakeproxy.host": host, "wakeproxy.idle-timeout": "0", **extra}
 
     def cmd(self, argv: list[str]) -> None:
-        """Record a command line for the report (paths of the run's temp dir shortened to $TMP)."""
+        """Record a command line for the report (paths of the run's temp dir shortened to $TMP), preceded
+        by the files it reads that this run wrote (configs, the routing script)."""
+        for a in argv:
+            for path in re.findall(rf"{re.escape(str(self.tmp))}/[\w.-]+\.(?:yaml|conf|py)", a):
+                self.file(Path(path))
         text = " ".join(a if re.fullmatch(r"[\w@%+=:,./$-]+", a) else f"'{a}'" for a in argv)
-        text = text.replace(str(self.tmp), "$TMP").replace(str(REPO) + "/", "")
+        self.note(text)
+
+    def file(self, path: Path) -> None:
+        self.note(f"cat > {path} <<'EOF'\n{path.read_text().strip()}\nEOF")
+
+    def note(self, text: str) -> None:
+        text = text.replace(str(self.tmp), "$TMP").replace(str(REPO) + "/", "").replace(self.run, "$RUN")
         if text not in self.commands:
             self.commands.append(text)
 
@@ -342,6 +352,7 @@ class Bench:
 
     def network(self):
         if self._network is None:
+            self.note(f"docker network create --label wpbench.run={self.run} {self.run}-net")
             self._network = self.client.networks.create(
                 f"{self.run}-net", driver="bridge", labels={"wpbench.run": self.run})
         return self._network
@@ -404,6 +415,7 @@ http {{
 }}
 """)
             argv = ["nginx", "-c", str(conf), "-e", str(tmp / "backend-error.log")]
+            self.cmd(argv)
             self.pids["direct (nginx)"] = self.stack.enter_context(process(argv, tmp / "backend.log")).pid
             for p in ports.values():
                 wait_port(p)
@@ -448,6 +460,7 @@ http {{
 }}
 """)
             argv = ["nginx", "-c", str(conf), "-e", str(tmp / "front-error.log")]
+            self.cmd(argv)
             self.pids["nginx reverse proxy"] = self.stack.enter_context(process(argv, tmp / "front.log")).pid
             for p in ports.values():
                 wait_port(p)
@@ -460,6 +473,9 @@ http {{
         host = f"bench.{self.domain}"
         if not self._site:
             b = self.backend()
+            self.note(f"docker run -d --name {self.run}-site --network host --label wpbench.run={self.run} "
+                      f"--label wakeproxy.host={host} --label wakeproxy.port={b['http']} "
+                      f"--label wakeproxy.network=host --label wakeproxy.idle-timeout=0 {self.run}-img")
             self.client.containers.run(
                 self.image.id, name=f"{self.run}-site", detach=True, network_mode="host",
                 labels=self.labels(host, **{"wakeproxy.port": str(b["http"]), "wakeproxy.network": "host"}),
@@ -700,6 +716,9 @@ the proxy; CPU per request is the steadier measure of what each proxy costs.
             labels=self.labels(host), network=net.name,
         )
         cfg, ports = self.proxy_config("wake")
+        self.note(f"docker create --name {self.run}-wake --network {net.name} --label wpbench.run={self.run} "
+                  f"--label wakeproxy.host={host} --label wakeproxy.idle-timeout=0 {self.run}-img "
+                  "sh -c 'mkdir -p /www && echo ok > /www/index.html && exec httpd -f -p 80 -h /www'")
 
         subnet = self.subnet()
 
@@ -815,6 +834,10 @@ p90 {burst['p90']:.0f} ms, max {burst['max']:.0f} ms.
         n = self.args.convergence_containers or (10 if self.quick else 20)
         net = self.network()
         cfg, ports = self.proxy_config("convergence")
+        self.note(f"for i in $(seq 0 {n - 1}); do docker create --name {self.run}-conv-$i --network {net.name} "
+                  f"--label wpbench.run={self.run} --label wpbench.kind=conv --label wakeproxy.host=conv-$i.{self.domain} "
+                  f"--label wakeproxy.idle-timeout=0 {self.run}-img "
+                  "sh -c 'mkdir -p /www && echo ok > /www/index.html && exec httpd -f -p 80 -h /www'; done")
         ids = []
         for i in range(n):
             ids.append(self.client.api.create_container(
@@ -945,6 +968,10 @@ httpd's own start.
 
         empty = measure("empty")
         print(f"  empty proxy: {empty}", flush=True)
+        self.note(f"seq 0 {n - 1} | xargs -P16 -I{{}} docker create --name {self.run}-scale-{{}} --network {net.name} "
+                  f"--label wpbench.run={self.run} --label wpbench.kind=scale "
+                  f"--label wakeproxy.host=sandbox-{{}}.{self.domain} --label wakeproxy.idle-timeout=0 "
+                  f"{self.run}-img sleep 86400   # then {started} of them started")
         # Create n labelled containers in parallel; start a few of them.
         t0 = time.perf_counter()
 
@@ -1245,9 +1272,15 @@ Machine: {machine(bench)}
 
 The machine is shared and noisy, and the load generators run on the same 2 cores as the servers:
 compare the ratios within one run, not absolute numbers across runs or machines. Reproduce with
-`scripts/bench` (about 10 minutes) or `scripts/bench --quick` (about 2 minutes, shorter runs); it
+`scripts/bench` (about 8 minutes) or `scripts/bench --quick` (under 2 minutes, shorter runs); it
 installs Debian's `wrk`, `nghttp2-client` (h2load) and `nginx-light`, and the venv with the `bench` extra
-(matplotlib). Only 127.0.0.1 and the run's own containers are contacted.
+(matplotlib, py-spy). Only 127.0.0.1 and the run's own containers are contacted. In the commands below,
+`$TMP` is the run's temporary folder, `$RUN` its name (`wpbench-<random>`), and `$RUN-img` an image
+built `FROM scratch` with Debian's busybox-static; every proxy listens on free 127.0.0.1 ports.
+
+Profiling a miss: run the section's setup, put the load on, and attach py-spy to the proxy, e.g.
+`.venv/bin/py-spy record --pid PID --duration 12 --rate 100 --threads --format raw --output p.raw`
+(`--idle` to see the Docker thread's waits, `--native` for the interpreter's C frames such as the GC).
 
 ## Targets: achieved vs wanted
 
