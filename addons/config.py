@@ -186,12 +186,6 @@ def _hostname(value: Any) -> str | None:
     return value.lower().rstrip(".")
 
 
-def _strategy(value: Any) -> str:
-    if value not in ("auto", "hold", "page"):
-        raise ValueError(f"{value!r} is not one of auto, hold, page")
-    return str(value)
-
-
 def _regex(value: Any) -> re.Pattern[str]:
     if not isinstance(value, str):
         raise ValueError("expected a regular expression string")
@@ -330,6 +324,44 @@ def _list_field(parse: Callable[[Any], Any]) -> Callable[[_Reader, yaml.Node, st
     return lambda r, n, k: r.list_of(n, k, parse)
 
 
+# Each config section: its dataclass and a parser per key (the keys are the public contract).
+_SECTIONS: dict[str, tuple[type, dict[str, Callable[[_Reader, yaml.Node, str], Any]]]] = {
+    "listen": (ListenConfig, {"http": _scalar_field(parse_address), "https": _scalar_field(parse_address)}),
+    "docker": (DockerConfig, {"url": _scalar_field(_opt_str), "networks": _list_field(_str)}),
+    "sources": (SourcesConfig, {f.name: _scalar_field(_bool) for f in dataclasses.fields(SourcesConfig)}),
+    "forwarded": (ForwardedConfig, {"trusted_proxies": _list_field(_network)}),
+    "wake": (WakeConfig, {
+        "strategy": _scalar_field(_choice("auto", "hold", "page")),
+        "timeout": _scalar_field(_positive_duration),
+        "retry_after": _scalar_field(parse_duration),
+        "ignore_user_agents": _list_field(_regex),
+    }),
+    "idle": (IdleConfig, {
+        "timeout": _scalar_field(parse_duration),
+        "action": _scalar_field(_choice("stop", "pause")),
+        "stop_timeout": _scalar_field(parse_duration),
+    }),
+    "status": (StatusConfig, {"listen": _scalar_field(parse_address)}),
+    "tls": (TlsConfig, {
+        "certs_dir": _scalar_field(_opt_path),
+        "default_cert": _scalar_field(_opt_path),
+        "default_key": _scalar_field(_opt_path),
+        "redirect": _scalar_field(_bool),
+        "hsts": _scalar_field(_hsts),
+    }),
+    "acme": (AcmeConfig, {
+        "enabled": _scalar_field(_bool),
+        "directory": _scalar_field(_url),
+        "email": _scalar_field(_opt_str),
+        "ca_bundle": _scalar_field(_opt_path),
+        "eab_kid": _scalar_field(_opt_str),
+        "eab_hmac_key": _scalar_field(_opt_str),
+        "key_type": _scalar_field(_choice("ec256", "ec384", "rsa2048", "rsa4096")),
+        "concurrency": _scalar_field(_positive_int),
+    }),
+}
+
+
 def parse_config(text: str, source: str = "<string>") -> Config:
     r = _Reader(source)
     try:
@@ -340,65 +372,27 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         raise ConfigError(f"{source}{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
     if root is None:
         return Config(source=source)
-    top = r.mapping(root, "", {"listen", "docker", "state_dir", "default_host", "sources", "forwarded", "wake",
-                               "idle", "status", "tls", "acme"})
+    top = r.mapping(root, "", {"state_dir", "default_host", *_SECTIONS})
     kwargs: dict[str, Any] = {"source": source}
-    if "listen" in top:
-        kwargs["listen"] = _section(r, top["listen"], "listen", ListenConfig,
-                                    {"http": _scalar_field(parse_address), "https": _scalar_field(parse_address)})
-        if kwargs["listen"].http is None and kwargs["listen"].https is None:
-            raise r.fail(top["listen"], "listen", "at least one of http and https must be set")
-    if "docker" in top:
-        kwargs["docker"] = _section(r, top["docker"], "docker", DockerConfig,
-                                    {"url": _scalar_field(_opt_str), "networks": _list_field(_str)})
     if "state_dir" in top:
         kwargs["state_dir"] = Path(r.value(top["state_dir"], "state_dir", _str)).expanduser()
     if "default_host" in top:
         kwargs["default_host"] = r.value(top["default_host"], "default_host", _hostname)
-    if "sources" in top:
-        kwargs["sources"] = _section(r, top["sources"], "sources", SourcesConfig,
-                                     {f.name: _scalar_field(_bool) for f in dataclasses.fields(SourcesConfig)})
-    if "forwarded" in top:
-        kwargs["forwarded"] = _section(r, top["forwarded"], "forwarded", ForwardedConfig,
-                                       {"trusted_proxies": _list_field(_network)})
-    if "wake" in top:
-        kwargs["wake"] = _section(r, top["wake"], "wake", WakeConfig, {
-            "strategy": _scalar_field(_strategy),
-            "timeout": _scalar_field(_positive_duration),
-            "retry_after": _scalar_field(parse_duration),
-            "ignore_user_agents": _list_field(_regex),
-        })
-    if "idle" in top:
-        kwargs["idle"] = _section(r, top["idle"], "idle", IdleConfig, {
-            "timeout": _scalar_field(parse_duration),
-            "action": _scalar_field(_choice("stop", "pause")),
-            "stop_timeout": _scalar_field(parse_duration),
-        })
-    if "status" in top:
-        kwargs["status"] = _section(r, top["status"], "status", StatusConfig, {"listen": _scalar_field(parse_address)})
-    if "tls" in top:
-        kwargs["tls"] = _section(r, top["tls"], "tls", TlsConfig, {
-            "certs_dir": _scalar_field(_opt_path),
-            "default_cert": _scalar_field(_opt_path),
-            "default_key": _scalar_field(_opt_path),
-            "redirect": _scalar_field(_bool),
-            "hsts": _scalar_field(_hsts),
-        })
-        if (kwargs["tls"].default_cert is None) != (kwargs["tls"].default_key is None):
-            raise r.fail(top["tls"], "tls.default_cert", "default_cert and default_key must be given together")
-    if "acme" in top:
-        kwargs["acme"] = _section(r, top["acme"], "acme", AcmeConfig, {
-            "enabled": _scalar_field(_bool),
-            "directory": _scalar_field(_url),
-            "email": _scalar_field(_opt_str),
-            "ca_bundle": _scalar_field(_opt_path),
-            "eab_kid": _scalar_field(_opt_str),
-            "eab_hmac_key": _scalar_field(_opt_str),
-            "key_type": _scalar_field(_choice("ec256", "ec384", "rsa2048", "rsa4096")),
-            "concurrency": _scalar_field(_positive_int),
-        })
-        if (kwargs["acme"].eab_kid is None) != (kwargs["acme"].eab_hmac_key is None):
-            raise r.fail(top["acme"], "acme.eab_kid", "eab_kid and eab_hmac_key must be given together")
+    for name, (cls, parsers) in _SECTIONS.items():
+        if name in top:
+            kwargs[name] = _section(r, top[name], name, cls, parsers)
+    # Rules that span two keys of one section.
+    pairs = (
+        ("listen", lambda c: c.http is None and c.https is None, "listen",
+         "at least one of http and https must be set"),
+        ("tls", lambda c: (c.default_cert is None) != (c.default_key is None), "tls.default_cert",
+         "default_cert and default_key must be given together"),
+        ("acme", lambda c: (c.eab_kid is None) != (c.eab_hmac_key is None), "acme.eab_kid",
+         "eab_kid and eab_hmac_key must be given together"),
+    )
+    for name, broken, key, message in pairs:
+        if name in kwargs and broken(kwargs[name]):
+            raise r.fail(top[name], key, message)
     return Config(**kwargs)
 
 
