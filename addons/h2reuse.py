@@ -48,6 +48,7 @@ then keeps mitmproxy's behaviour (one upstream connection per request).
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import functools
 import inspect
@@ -380,10 +381,11 @@ def _wrap_handle_event(original: Any, original_get_connection: Any) -> Any:
 def _as_sent_upstream(request: Any) -> Any:
     """A shallow copy of an HTTP/2 request that says HTTP/1.1, as Http1Client sent it (headers and
     body are shared, not copied; the flow's request is not touched)."""
-    import copy
-
     view = copy.copy(request)
-    view.data = dataclasses.replace(request.data, http_version=b"HTTP/1.1")
+    # copy + assignment, not dataclasses.replace: replace re-runs RequestData's field type checks,
+    # which cost more than the rest of this wrapper (0.19 ms a request, cProfile).
+    view.data = copy.copy(request.data)
+    view.data.http_version = b"HTTP/1.1"
     return view
 
 
