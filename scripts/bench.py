@@ -245,6 +245,46 @@ def h2load(port: int, host: str, path: str, seconds: int, connections: int, h1: 
                 int(req.group(4)) if req else 0, requests_total=round(done * (1 + warm / seconds)))
 
 
+# --- where the CPU goes ----------------------------------------------------------------------------
+
+# A py-spy sample is charged to the first component whose pattern matches the file of its innermost
+# frame (the code running when sampled). Order matters: specific before general.
+COMPONENTS: list[tuple[str, re.Pattern[str] | None]] = [
+    ("HTTP/2 codec (h2, hpack, hyperframe)", re.compile(r"(^|/)(h2|hpack|hyperframe)/")),
+    ("mitmproxy HTTP/2 layer", re.compile(r"mitmproxy/proxy/layers/http/_http(2|_h2)\.py")),
+    ("HTTP/1 parsing and serialising", re.compile(r"(^|/)h11/|mitmproxy/net/http/|layers/http/_http1\.py")),
+    ("mitmproxy HTTP stream logic", re.compile(r"mitmproxy/proxy/layers/http/")),
+    ("TLS (pyOpenSSL, mitmproxy TLS layer)", re.compile(r"(^|/)(OpenSSL|cryptography)/|layers/tls\.py|(^|/)ssl\.py")),
+    ("hook dispatch (mitmproxy's, or wakeproxy's HookTable)",
+     re.compile(r"mitmproxy/addonmanager\.py|mitmproxy/hooks\.py|(^|/)contextlib\.py|(^|/)addons/dispatch\.py")),
+    ("mitmproxy's other addons", re.compile(r"mitmproxy/addons/")),
+    ("wakeproxy addons", re.compile(r"^addons/|" + re.escape(str(REPO / "addons")) + "/")),  # py-spy shortens paths
+    ("request/response objects (mitmproxy http.py, type checks)",
+     re.compile(r"mitmproxy/(http\.py|utils/typecheck\.py|coretypes/)|(^|/)(dataclasses|typing|uuid)\.py")),
+    ("mitmproxy proxy core (layers, server, tunnel)", re.compile(r"mitmproxy/")),
+    ("asyncio, sockets", re.compile(r"(^|/)(asyncio/|selectors\.py|socket\.py)")),
+    ("other", None),
+]
+
+
+def components(raw: Path) -> dict[str, float]:
+    """py-spy `--format raw` output → share of samples per component (sums to 1)."""
+    counts = dict.fromkeys((name for name, _ in COMPONENTS), 0)
+    with open(raw) as f:
+        for line in f:
+            stack, _, n = line.rstrip().rpartition(" ")
+            if not n.isdigit():
+                continue
+            leaf = stack.rsplit(";", 1)[-1]
+            where = m.group(1) if (m := re.search(r"\((.*):\d+\)$", leaf)) else ""
+            for name, pattern in COMPONENTS:
+                if pattern is None or pattern.search(where):
+                    counts[name] += int(n)
+                    break
+    total = sum(counts.values())
+    return {k: v / total for k, v in counts.items()} if total else {}
+
+
 # --- the benchmark ------------------------------------------------------------------------------
 
 
@@ -604,6 +644,8 @@ def requestheaders(flow: http.HTTPFlow) -> None:
                         print(f"  {key} {name} #{round_ + 1}: {r.rps:.0f} req/s p50 {r.p50:.2f} p99 {r.p99:.2f} ms, "
                               f"{r.errors} errors, upstream conns {r.upstream_conns}, CPU {r.cpu_ms:.3f} ms/req",
                               flush=True)
+            # Where the CPU goes, for the targets' scenarios: py-spy samples of the proxy under load.
+            profiles = self._profile_components(pids, targets, scenarios, host, stock_name="stock mitmdump -s addons/wakeproxy.py")
         for (key, name), rs in runs.items():
             results[key][name] = Load(
                 statistics.median(r.rps for r in rs), statistics.median(r.p50 for r in rs),
@@ -700,9 +742,64 @@ the run, per request (TLS runs: h2load's warm-up requests estimated at the main 
 shared machine no proxy gets a whole core for itself, so req/s is bounded by the scheduler as much as by
 the proxy; CPU per request is the steadier measure of what each proxy costs.
 
-""" + "\n".join(lines) + "\n\n" + "\n".join(ratio_rows) + "\n\n" + "\n".join(cpu_ratio) + "\n",
+""" + "\n".join(lines) + "\n\n" + "\n".join(ratio_rows) + "\n\n" + "\n".join(cpu_ratio) + "\n"
+            + profiles,
             chart=self.chart("throughput", draw),
         )
+
+    def _profile_components(self, pids: dict[str, int], targets: dict, scenarios: dict, host: str,
+                            stock_name: str) -> str:
+        """Sample the proxies with py-spy under load; a markdown table of CPU ms per request by component."""
+        spy = VENV_BIN / "py-spy"
+        if not spy.exists():
+            return "\n(py-spy missing: no CPU breakdown; install the `bench` extra)\n"
+        seconds = 3 if self.quick else 5
+        runs = [("wakeproxy", "h1-small"), (stock_name, "h1-small"), ("wakeproxy", "h1tls-small"),
+                ("wakeproxy", "h2-small")]
+        columns: list[tuple[str, dict[str, float], float]] = []
+        for name, key in runs:
+            _, port, tls_port = targets[name]
+            _, proto, path = scenarios[key]
+            raw = self.tmp / "profile.raw"
+            raw.unlink(missing_ok=True)
+            argv = [str(spy), "record", "--pid", str(pids[name]), "--duration", str(seconds), "--rate", "250",
+                    "--format", "raw", "--output", str(raw), "--nonblocking"]
+            self.cmd(argv)
+            sampler = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            cpu = cpu_seconds(pids[name])
+            if proto == "h1":
+                r = wrk(f"http://127.0.0.1:{port}{path}", host, seconds, self.args.connections)
+            else:
+                r = h2load(tls_port, host, path, seconds, self.args.connections, proto == "h1tls",
+                           self.tmp / "h2load.log", self.warm_up)
+            cpu_ms = (cpu_seconds(pids[name]) - cpu) * 1000 / max(1, r.requests_total)
+            try:
+                sampler.wait(seconds + 30)
+                shares = components(raw)
+            except (subprocess.TimeoutExpired, OSError):
+                sampler.kill()
+                shares = {}
+            if not shares:
+                return "\n(py-spy gave no samples: no CPU breakdown)\n"
+            columns.append((f"{name}, {scenarios[key][0]}", shares, cpu_ms))
+            print(f"  profile {name} {key}: {cpu_ms:.3f} ms/req", flush=True)
+        head = "| component | " + " | ".join(c[0] for c in columns) + " |"
+        rows = [head, "|---|" + "---:|" * len(columns)]
+        for comp, _ in COMPONENTS:
+            rows.append(f"| {comp} | " + " | ".join(f"{c[1].get(comp, 0) * c[2]:.3f}" for c in columns) + " |")
+        rows.append("| **total (CPU ms per request)** | " + " | ".join(f"**{c[2]:.3f}**" for c in columns) + " |")
+        return f"""
+### Where the CPU goes
+
+CPU milliseconds per request by component: each proxy sampled by py-spy (250 Hz, {seconds} s, the
+innermost frame of each sample decides the component) under the same load as above, one run each, its
+shares multiplied by the CPU per request measured during that run (so ±10 % or so). The columns explain
+two targets: wakeproxy vs stock `mitmdump -s` (hook dispatch: mitmproxy walks every addon for every
+hook, the `wakeproxy` command calls only the handlers a hook has), and HTTP/2 vs HTTP/1.1 over TLS
+through wakeproxy (the difference is the pure-Python HTTP/2 stack: h2/hpack/hyperframe and mitmproxy's
+HTTP/2 layer).
+
+""" + "\n".join(rows) + "\n"
 
     # --- 2: wake -------------------------------------------------------------------------------
 
