@@ -70,14 +70,13 @@ from mitmproxy import http, tls
 from OpenSSL import SSL, crypto
 
 from .config import AcmeConfig, SourcesConfig
-from .labels import ContainerInfo, LabelError, parse_hosts, routes_for
+from .labels import LETSENCRYPT_ENV, ContainerInfo, LabelError, parse_hosts, routes_for
 from .runtime import Runtime
 from .tls import CHALLENGE_PREFIX, Certificates, LoadedCert, load_cert, write_private
 
 logger = logging.getLogger(__name__)
 
 ACME_LABEL = "wakeproxy.acme"
-LETSENCRYPT_ENV = "LETSENCRYPT_HOST"
 RENEW_FRACTION = 1 / 3  # renew when this much of the lifetime is left
 BACKOFF_MIN = 60.0
 BACKOFF_MAX = 6 * 3600.0

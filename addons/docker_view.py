@@ -7,16 +7,23 @@ The event loop only receives finished `Snapshot` values through
 When the event stream breaks (daemon restart, socket gone) the thread
 reconnects with backoff and resyncs from a full listing; until then the last
 snapshot keeps serving.
+
+The listing lacks two things routing needs: the environment (only `USED_ENV`
+is kept) and the exposed ports, which cost one inspect per container (~2.5 ms
+each, no faster in parallel).  Both are fixed at `docker create`, so they are
+kept per container ID in `state_dir/containers.json`: a restart inspects only
+the containers created since the file was last written.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -25,9 +32,10 @@ import docker
 import docker.errors
 
 from .config import Config
-from .labels import ContainerInfo
+from .labels import USED_ENV, ContainerInfo
 from .runtime import ContainerEvent
 from .snapshot import Snapshot, build_snapshot
+from .tls import write_private
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +47,9 @@ _CONTAINER_ACTIONS = {
 
 
 MAX_BATCH = 1000  # events applied as one snapshot at most
+CACHE_FILE = "containers.json"  # in state_dir: the _Static parts per container ID
+CACHE_VERSION = 1
+CACHE_SAVE_DELAY = 2.0  # after events that added/removed containers, the cache is written at most this often
 
 
 @dataclass(frozen=True)
@@ -52,15 +63,21 @@ class _StreamEnd:
 class _Static:
     """The parts of a container that never change after `docker create`."""
 
-    env: dict[str, str]
+    env: dict[str, str]  # only the USED_ENV variables
     exposed_ports: tuple[int, ...]
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "_Static":
+        """From the `Config` of `docker inspect`."""
+        return cls(_parse_env(cfg.get("Env")), _parse_exposed(cfg.get("ExposedPorts")))
 
 
 def _parse_env(env: list[str] | None) -> dict[str, str]:
+    """`KEY=value` strings → the variables wakeproxy reads (USED_ENV); every other one is dropped."""
     out: dict[str, str] = {}
     for item in env or ():
         key, sep, value = item.partition("=")
-        if sep:
+        if sep and key in USED_ENV:
             out[key] = value
     return out
 
@@ -72,6 +89,55 @@ def _parse_exposed(exposed: dict[str, Any] | None) -> tuple[int, ...]:
         if proto in ("", "tcp") and num.isdigit():
             ports.append(int(num))
     return tuple(sorted(set(ports)))
+
+
+class OtherEnvKeys(ValueError):
+    """The cache was written by a version that kept other environment variables."""
+
+
+def encode_cache(static: Mapping[str, _Static]) -> bytes:
+    """The container cache file's content for `static` (container ID → its static parts)."""
+    data = {
+        "version": CACHE_VERSION,
+        "env_keys": sorted(USED_ENV),
+        "containers": {
+            cid: {"env": s.env, "exposed_ports": list(s.exposed_ports)} for cid, s in static.items()
+        },
+    }
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+def decode_cache(raw: bytes) -> dict[str, _Static]:
+    """The inverse of `encode_cache`; raises ValueError (OtherEnvKeys: stale, not corrupt) saying what is wrong."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    if data.get("version") != CACHE_VERSION:
+        raise ValueError(f"version {data.get('version')!r}, expected {CACHE_VERSION}")
+    keys = data.get("env_keys")
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise ValueError("'env_keys' is not a list of names")
+    if keys != sorted(USED_ENV):
+        raise OtherEnvKeys(f"it keeps the variables {keys}, this version reads {sorted(USED_ENV)}")
+    containers = data.get("containers")
+    if not isinstance(containers, dict):
+        raise ValueError("'containers' is not an object")
+    out: dict[str, _Static] = {}
+    for cid, entry in containers.items():
+        env = entry.get("env") if isinstance(entry, dict) else None
+        ports = entry.get("exposed_ports") if isinstance(entry, dict) else None
+        if not (
+            isinstance(env, dict)
+            and all(k in USED_ENV and isinstance(v, str) for k, v in env.items())
+            and isinstance(ports, list)
+            and all(type(p) is int and p >= 0 for p in ports)
+        ):
+            raise ValueError(f"the entry of container {cid[:12]} is not {{env: {{…}}, exposed_ports: […]}}")
+        out[cid] = _Static(dict(env), tuple(sorted(set(ports))))
+    return out
 
 
 def info_from_inspect(data: dict[str, Any]) -> ContainerInfo:
@@ -134,6 +200,10 @@ class DockerView:
         self.emit = emit
         self._containers: dict[str, ContainerInfo] = {}
         self._static: dict[str, _Static] = {}
+        self._cache_path = config.state_dir / CACHE_FILE
+        self._cache_on = True  # False once the file could not be written: no retries, no more warnings
+        self._cache_saved: bytes | None = None  # what the file holds, as far as we know
+        self._unsaved_since: float | None = None  # monotonic time of the first change not yet written
         self._drivers: dict[str, str] = {}
         self._route_cache: dict[str, Any] = {}
         self._stop = threading.Event()
@@ -161,6 +231,14 @@ class DockerView:
         return docker.from_env(timeout=30)
 
     def _run(self) -> None:
+        self._load_cache()
+        try:
+            self._run_connected()
+        finally:
+            if self._unsaved_since is not None:
+                self._save_cache()
+
+    def _run_connected(self) -> None:
         backoff = 0.25
         outage_logged = False
         while not self._stop.is_set():
@@ -175,12 +253,14 @@ class DockerView:
                     target=self._read, args=(self._events, inbox), name="wakeproxy-docker-events", daemon=True
                 ).start()
                 t0 = time.monotonic()
-                self._resync(client)
+                inspected, cached = self._resync(client)
                 logger.info(
                     f"docker: synced {len(self._containers)} containers in "
-                    f"{(time.monotonic() - t0) * 1000:.0f} ms"
+                    f"{(time.monotonic() - t0) * 1000:.0f} ms ({inspected} inspected, {cached} cached)"
                     + (" (after reconnecting)" if outage_logged else "")
                 )
+                if self._unsaved_since is not None:
+                    self._save_cache()
                 backoff, outage_logged = 0.25, False
                 self._follow(client, inbox)
             except Exception as e:
@@ -216,9 +296,18 @@ class DockerView:
 
     def _follow(self, client: docker.DockerClient, inbox: "queue.Queue[Any]") -> None:
         """Apply events in batches: everything that queued up while the previous batch was
-        applied becomes one new snapshot (a `docker compose up` of 20 containers is not 20)."""
+        applied becomes one new snapshot (a `docker compose up` of 20 containers is not 20).
+        Between batches, the container cache is written once CACHE_SAVE_DELAY has passed since
+        its first unsaved change (a burst of 1000 creates is a few writes, not 1000)."""
         while not self._stop.is_set():
-            batch = [inbox.get()]
+            wait = self._cache_wait(time.monotonic())
+            if wait == 0.0:
+                self._save_cache()
+                wait = None
+            try:
+                batch = [inbox.get(timeout=wait)]
+            except queue.Empty:
+                continue  # the cache is due: written at the top of the loop
             while len(batch) < MAX_BATCH and not isinstance(batch[-1], _StreamEnd):
                 try:
                     batch.append(inbox.get_nowait())
@@ -230,7 +319,10 @@ class DockerView:
             if end is not None:
                 raise end.error
 
-    def _resync(self, client: docker.DockerClient) -> None:
+    def _resync(self, client: docker.DockerClient) -> tuple[int, int]:
+        """Rebuild everything from one listing; inspect only containers whose static parts are
+        unknown. Returns (inspected, cached): how many listed containers were inspected now and
+        how many were known (from the cache file or an earlier sync)."""
         api = client.api
         self._drivers = {n["Name"]: n.get("Driver") or "" for n in api.networks()}
         listing = api.containers(all=True)
@@ -239,10 +331,10 @@ class DockerView:
             with ThreadPoolExecutor(max_workers=8) as pool:
                 for cid, data in zip(missing, pool.map(lambda i: self._inspect(api, i), missing)):
                     if data is not None:
-                        self._static[cid] = _Static(
-                            _parse_env((data.get("Config") or {}).get("Env")),
-                            _parse_exposed((data.get("Config") or {}).get("ExposedPorts")),
-                        )
+                        self._static[cid] = _Static.from_config(data.get("Config") or {})
+                        self._mark_unsaved()
+                        name = (data.get("Name") or cid[:12]).lstrip("/")
+                        logger.debug(f"docker: inspected {name} (not in the container cache)")
         containers: dict[str, ContainerInfo] = {}
         for entry in listing:
             static = self._static.get(entry["Id"])
@@ -251,7 +343,9 @@ class DockerView:
         self._containers = containers
         for gone in set(self._static) - set(containers):
             del self._static[gone]
+            self._mark_unsaved()
         self._publish()
+        return len(missing), len(listing) - len(missing)
 
     @staticmethod
     def _inspect(api: Any, cid: str) -> dict[str, Any] | None:
@@ -300,10 +394,14 @@ class DockerView:
             data = None if action == "destroy" else self._inspect(client.api, cid)
             if data is None:  # destroyed, or removed before we could look
                 changed = self._containers.pop(cid, None) is not None or changed
-                self._static.pop(cid, None)
+                if self._static.pop(cid, None) is not None:
+                    self._mark_unsaved()
                 continue
             info = info_from_inspect(data)
-            self._static[cid] = _Static(dict(info.env), info.exposed_ports)
+            static = _Static(dict(info.env), info.exposed_ports)
+            if self._static.get(cid) != static:
+                self._static[cid] = static
+                self._mark_unsaved()
             changed = changed or self._containers.get(cid) != info
             self._containers[cid] = info
         if changed:
@@ -311,6 +409,62 @@ class DockerView:
         if self.emit is not None:
             for ev in emits:
                 self._call(self.emit, ev)
+
+    # --- the container cache (only ever touched by the thread) ------------------------
+
+    def _load_cache(self) -> None:
+        """Take the static parts of containers from the cache file; any problem: inspect as usual."""
+        path = self._cache_path
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            logger.info(f"docker: no container cache {path} yet; every container is inspected once")
+            return
+        except OSError as e:
+            logger.warning(f"docker: cannot read the container cache {path} ({e}); every container is inspected")
+            return
+        try:
+            loaded = decode_cache(raw)
+        except OtherEnvKeys as e:
+            logger.info(f"docker: the container cache {path} is from another version ({e}); every container is inspected")
+            return
+        except ValueError as e:
+            logger.warning(
+                f"docker: the container cache {path} is corrupt ({type(e).__name__}: {e}); ignored, every "
+                "container is inspected"
+            )
+            return
+        self._static.update(loaded)
+        self._cache_saved = raw
+
+    def _mark_unsaved(self) -> None:
+        if self._unsaved_since is None:
+            self._unsaved_since = time.monotonic()
+
+    def _cache_wait(self, now: float) -> float | None:
+        """Seconds until the cache is due to be written (0.0: now); None when nothing is unsaved."""
+        if self._unsaved_since is None:
+            return None
+        return max(0.0, self._unsaved_since + CACHE_SAVE_DELAY - now)
+
+    def _save_cache(self) -> None:
+        """Write the cache file atomically if its content changed; give up for good when it cannot be written."""
+        self._unsaved_since = None
+        if not self._cache_on:
+            return
+        data = encode_cache(self._static)
+        if data == self._cache_saved:
+            return
+        try:
+            write_private(self._cache_path, data)
+        except OSError as e:
+            self._cache_on = False
+            logger.warning(
+                f"docker: cannot write the container cache {self._cache_path} ({e}); going on without it "
+                "(a restart inspects every container)"
+            )
+            return
+        self._cache_saved = data
 
     def _publish(self) -> None:
         snap = build_snapshot(

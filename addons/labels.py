@@ -17,6 +17,13 @@ from dataclasses import dataclass, field
 from .config import SourcesConfig, parse_duration
 
 
+# Every environment variable the proxy reads. `docker_view` keeps only these of a container's
+# environment (the rest, often secrets, is never held in memory or written to the state dir).
+NGINX_PROXY_ENV = ("VIRTUAL_HOST", "VIRTUAL_PORT", "VIRTUAL_PROTO")  # read by _nginx_proxy below
+LETSENCRYPT_ENV = "LETSENCRYPT_HOST"  # read by acme.names_of
+USED_ENV: frozenset[str] = frozenset({*NGINX_PROXY_ENV, LETSENCRYPT_ENV})
+
+
 class LabelError(ValueError):
     """A container's routing labels cannot be understood; the message says which and why."""
 
@@ -29,7 +36,7 @@ class ContainerInfo:
     name: str
     state: str  # created | running | paused | restarting | removing | exited | dead
     labels: Mapping[str, str] = field(default_factory=dict)
-    env: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)  # from Docker: only the USED_ENV variables
     exposed_ports: tuple[int, ...] = ()  # TCP ports from the image/container config
     networks: Mapping[str, str] = field(default_factory=dict)  # network name → IP ("" when stopped)
     health: str | None = None  # starting | healthy | unhealthy | None (no HEALTHCHECK)
