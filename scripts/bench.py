@@ -1050,7 +1050,8 @@ httpd's own start.
             with process(argv, log, ready=(ports["http"], host)) as p:
                 text = ""
                 deadline = time.monotonic() + 30
-                while not (m := re.search(r"docker: synced (\d+) containers in (\d+) ms", text)):
+                while not (m := re.search(r"docker: synced (\d+) containers in (\d+) ms"
+                                          r"(?: \((\d+) inspected, (\d+) cached\))?", text)):
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"no sync line:\n{text[-3000:]}")
                     time.sleep(0.05)
@@ -1061,7 +1062,8 @@ httpd's own start.
                 r = wrk(url, host, seconds, conns)
                 cpu_ms = (cpu_seconds(p.pid) - cpu) * 1000 / max(1, r.requests)
                 return {"containers": int(m.group(1)), "sync_ms": int(m.group(2)), "rss": rss_mb(p.pid),
-                        "rps": r.rps, "errors": r.errors, "cpu_ms": cpu_ms}
+                        "rps": r.rps, "errors": r.errors, "cpu_ms": cpu_ms,
+                        "inspected": int(m.group(3) or 0), "cached": int(m.group(4) or 0)}
 
         empty = measure("empty")
         print(f"  empty proxy: {empty}", flush=True)
@@ -1085,8 +1087,14 @@ httpd's own start.
                 list(pool.map(self.client.api.start, ids[:started]))
             create_s = time.perf_counter() - t0
             print(f"  created {n} containers in {create_s:.1f} s", flush=True)
+            # Cold: no container cache (the empty run wrote one for the engine's other containers).
+            state_dir = Path(re.search(r'^state_dir: "(.*)"$', cfg.read_text(), re.M).group(1))
+            (state_dir / "containers.json").unlink(missing_ok=True)
             full = measure("full")
             print(f"  with {n}: {full}", flush=True)
+            # Warm: a restart with the same state_dir, whose containers.json the first start wrote.
+            warm = measure("restart")
+            print(f"  with {n}, restarted: {warm}", flush=True)
         finally:
             remove_s = self.remove_containers({"wpbench.kind": "scale"})
         print(f"  removed them in {remove_s:.1f} s", flush=True)
@@ -1102,6 +1110,9 @@ httpd's own start.
         self.targets += [
             Target(f"{n} containers: start-up resync", "≤ 3 s", f"{full['sync_ms'] / 1000:.2f} s",
                    full["sync_ms"] <= 3000),
+            Target(f"{n} containers: resync on restart (cache warm)", "≤ 3 s",
+                   f"{warm['sync_ms'] / 1000:.2f} s ({warm['inspected']} inspected, {warm['cached']} cached)",
+                   warm["sync_ms"] <= 3000),
             Target(f"{n} containers: lookup cost vs 1 host (exact / wildcard-heavy)", "≤ 1.2×",
                    f"{lk['exact_ratio']:.2f}× / {lk['wild_ratio']:.2f}× in-process; end to end: "
                    f"{full['rps']:.0f} vs {empty['rps']:.0f} req/s, CPU per request {full['cpu_ms'] / empty['cpu_ms']:.2f}×",
@@ -1111,10 +1122,10 @@ httpd's own start.
         ]
 
         def draw(fig, axes):
-            names = ["empty\n(mean of 2)", f"{full['containers']} containers\n({n} labelled)"]
+            names = ["empty\n(mean of 2)", f"{full['containers']} containers\n({n} labelled)", "restarted\n(cache warm)"]
             panels = [("resync ms", "sync_ms"), ("RSS MB", "rss"), ("req/s, one site", "rps")]
             for ax, (title, key) in zip(axes, panels):
-                ax.bar(names, [empty[key], full[key]], 0.5, color=["tab:blue", "tab:orange"])
+                ax.bar(names, [empty[key], full[key], warm[key]], 0.5, color=["tab:blue", "tab:orange", "tab:green"])
                 ax.set_title(title)
             ax = axes[3]
             ax.bar([0, 1], [lk["exact_1"], lk["wild_1"]], 0.35, label="1 host")
@@ -1130,7 +1141,9 @@ httpd's own start.
             f"""{n:,} containers created in parallel (16 threads, {create_s:.1f} s) on this run's bridge network, each labelled
 `wakeproxy.host=sandbox-N.<run>.test` and `wakeproxy.idle-timeout=0`; {started} of them started (`sleep`), the
 rest never. Each row is a fresh `wakeproxy` start; *resync* is the proxy's own log line
-(`docker: synced N containers in X ms`: one listing + one inspect per container, 8 threads), RSS is
+(`docker: synced N containers in X ms (I inspected, C cached)`: one listing + one inspect, 8 threads, per
+container not in `state_dir/containers.json`; the first start with the {n:,} has no such file, the restart
+reuses the one it wrote), RSS is
 `VmRSS` of the proxy after {seconds + 1} s of traffic, req/s is `wrk -c{conns}` for the one serving site
 (`bench.<run>.test`). *Containers* counts everything on the shared engine, not only this run's.
 Removal of the {n:,} took {remove_s:.1f} s.
@@ -1141,6 +1154,7 @@ Removal of the {n:,} took {remove_s:.1f} s.
 | empty, after the {n:,} were removed | {empty_after['containers']} | {empty_after['sync_ms']} | {empty_after['rss']:.1f} | {empty_after['rps']:.0f} | {empty_after['cpu_ms']:.2f} | {empty_after['errors']} |
 | empty: mean of both | | {empty['sync_ms']:.0f} | {empty['rss']:.1f} | {empty['rps']:.0f} | {empty['cpu_ms']:.2f} | |
 | with {n:,} labelled containers | {full['containers']} | {full['sync_ms']} | {full['rss']:.1f} | {full['rps']:.0f} | {full['cpu_ms']:.2f} | {full['errors']} |
+| with {n:,}, restarted (cache warm: {warm['inspected']} inspected, {warm['cached']} cached) | {warm['containers']} | {warm['sync_ms']} | {warm['rss']:.1f} | {warm['rps']:.0f} | {warm['cpu_ms']:.2f} | {warm['errors']} |
 | with {n:,} vs empty | | | {rss_delta:+.1f} | {full['rps'] / empty['rps']:.2f}× | {full['cpu_ms'] / empty['cpu_ms']:.2f}× | |
 
 `Snapshot.lookup`, measured in-process (`timeit`, best of 7 rounds that alternate the cases) on snapshots built by
