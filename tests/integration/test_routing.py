@@ -35,7 +35,11 @@ def exposed_image(docker_client, pyback_image, run_id):
         Path(ctx, "Dockerfile").write_text(f"FROM {pyback_image.image}\nEXPOSE 8082\n")
         docker_client.images.build(path=ctx, tag=tag, rm=True, forcerm=True)
     yield tag
+    # This fixture may be torn down before the module's containers: remove the ones made from the
+    # image first (removing an image still in use only untags it and leaks a dangling image).
     try:
+        for c in docker_client.containers.list(all=True, filters={"ancestor": tag}):
+            c.remove(force=True)
         docker_client.images.remove(tag, force=True)
     except Exception:  # noqa: BLE001
         pass
