@@ -9,8 +9,8 @@ reconnects with backoff and resyncs from a full listing; until then the last
 snapshot keeps serving.
 
 The listing lacks two things routing needs: the environment (only `USED_ENV`
-is kept) and the exposed ports, which cost one inspect per container (~2.5 ms
-each, no faster in parallel).  Both are fixed at `docker create`, so they are
+is kept) and the exposed ports, which cost one inspect per container (~0.9 ms
+each through `Inspector`, no faster in parallel).  Both are fixed at `docker create`, so they are
 kept per container ID in `state_dir/containers.json`: a restart inspects only
 the containers created since the file was last written.
 """
@@ -23,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -184,6 +185,50 @@ def info_from_listing(entry: dict[str, Any], static: _Static) -> ContainerInfo:
     )
 
 
+class Inspector:
+    """`docker inspect CONTAINER` → its JSON, or None when the container is gone.
+
+    With the engine on a unix socket (the usual case) the request goes straight to the Docker SDK's
+    own urllib3 connection pool for that socket, skipping the SDK's `requests` layer: that layer
+    costs ~2 ms of CPU per call here (it scans the environment for proxy and netrc settings on every
+    request), the engine answers in ~0.5 ms, and a resync inspects every new container (1,000
+    containers: ~0.9 s instead of ~2.5 s). Any other transport (tcp, TLS, ssh), or a Docker SDK
+    whose adapter does not look as expected, goes through `APIClient.inspect_container`.
+    """
+
+    def __init__(self, api: Any) -> None:
+        self.api = api
+        self._pool: Any = None
+        try:
+            from docker.transport import UnixHTTPAdapter
+
+            adapter = api.get_adapter(api.base_url)
+            if isinstance(adapter, UnixHTTPAdapter):
+                self._pool = adapter.get_connection(api.base_url)
+                self._prefix = f"/v{api.api_version}/containers/"
+                self._timeout = getattr(api, "timeout", 30)
+        except Exception as e:  # noqa: BLE001 - an SDK of another shape: the SDK's own call is fine
+            logger.debug(f"docker: inspecting through the SDK ({type(e).__name__}: {e})")
+            self._pool = None
+
+    def __call__(self, cid: str) -> dict[str, Any] | None:
+        if self._pool is None:
+            try:
+                return self.api.inspect_container(cid)
+            except docker.errors.NotFound:
+                return None  # removed between the listing and now
+        r = self._pool.urlopen(
+            "GET", self._prefix + urllib.parse.quote(cid, safe="") + "/json",
+            retries=False, timeout=self._timeout, preload_content=True,
+        )
+        if r.status == 404:
+            return None
+        if r.status != 200:
+            raise docker.errors.APIError(f"inspect {cid[:12]}: HTTP {r.status}: {r.data[:300]!r}")
+        data: dict[str, Any] = json.loads(r.data)
+        return data
+
+
 class DockerView:
     """Keeps a `Snapshot` of the Docker engine current and hands each new one to `publish`."""
 
@@ -205,6 +250,7 @@ class DockerView:
         self._cache_saved: bytes | None = None  # what the file holds, as far as we know
         self._unsaved_since: float | None = None  # monotonic time of the first change not yet written
         self._drivers: dict[str, str] = {}
+        self._inspector: Inspector | None = None
         self._route_cache: dict[str, Any] = {}
         self._stop = threading.Event()
         self._events: Any = None
@@ -324,11 +370,12 @@ class DockerView:
         unknown. Returns (inspected, cached): how many listed containers were inspected now and
         how many were known (from the cache file or an earlier sync)."""
         api = client.api
+        self._inspector = Inspector(api)
         self._drivers = {n["Name"]: n.get("Driver") or "" for n in api.networks()}
         listing = api.containers(all=True)
         missing = [e["Id"] for e in listing if e["Id"] not in self._static]
         if missing:
-            with ThreadPoolExecutor(max_workers=8) as pool:
+            with ThreadPoolExecutor(max_workers=4) as pool:  # more workers: no faster (engine-bound)
                 for cid, data in zip(missing, pool.map(lambda i: self._inspect(api, i), missing)):
                     if data is not None:
                         self._static[cid] = _Static.from_config(data.get("Config") or {})
@@ -347,12 +394,10 @@ class DockerView:
         self._publish()
         return len(missing), len(listing) - len(missing)
 
-    @staticmethod
-    def _inspect(api: Any, cid: str) -> dict[str, Any] | None:
-        try:
-            return api.inspect_container(cid)
-        except docker.errors.NotFound:
-            return None  # removed between the listing and now
+    def _inspect(self, api: Any, cid: str) -> dict[str, Any] | None:
+        if self._inspector is None or self._inspector.api is not api:
+            self._inspector = Inspector(api)
+        return self._inspector(cid)
 
     def _apply(self, client: docker.DockerClient, batch: list[dict[str, Any]]) -> None:
         """Update the containers from a batch of events, publish one snapshot, then pass the

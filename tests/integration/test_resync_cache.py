@@ -135,3 +135,32 @@ def test_restart_inspects_only_containers_it_has_not_seen(
     assert proxied(p3, H("cache-00")).status_code == 404
     wait_for(lambda: late.id in cached_ids(state) and removed.id not in cached_ids(state), 5, 0.05,
              "containers.json to gain the new container and drop the removed one")
+
+
+def test_the_fast_inspector_reads_what_the_sdk_reads(docker_client, busybox_image, run_id, test_network) -> None:
+    """`Inspector` skips the SDK's requests layer on a unix socket; its answer is the SDK's answer
+    (the fields routing uses), and a removed container is None, as through the SDK."""
+    from wakeproxy.docker_view import Inspector, _Static
+
+    c = docker_client.containers.create(
+        busybox_image, ["sleep", "60"], name=f"{run_id}-inspector", network=test_network,
+        environment={"VIRTUAL_HOST": f"inspector.{run_id}.test", "NOT_READ": "secret"},
+        ports={"8087/tcp": None}, labels={"wakeproxy.idle-timeout": "0"},
+    )
+    try:
+        api = docker_client.api
+        fast = Inspector(api)
+        assert fast._pool is not None, "the engine is on a unix socket here: the fast path must be taken"
+        slow = Inspector(api)
+        slow._pool = None  # the SDK's own call, as for tcp/TLS/ssh engines
+        a, b = fast(c.id), slow(c.id)
+        assert a is not None and b is not None
+        for key in ("Id", "Name", "Config", "State", "NetworkSettings"):
+            assert a[key] == b[key], key
+        static = _Static.from_config(a["Config"])
+        assert static.env == {"VIRTUAL_HOST": f"inspector.{run_id}.test"}
+        assert 8087 in static.exposed_ports
+    finally:
+        c.remove(force=True)
+    assert fast(c.id) is None
+    assert slow(c.id) is None

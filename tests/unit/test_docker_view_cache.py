@@ -390,3 +390,34 @@ def test_the_thread_writes_pending_changes_when_it_stops(tmp_path: Path, monkeyp
     monkeypatch.setattr(view, "_load_cache", lambda: None)
     view._run()  # returns at once: stopped
     assert cache_ids(tmp_path) == {i}
+
+
+class _TcpApi:
+    """An APIClient stand-in whose transport is not a unix socket (tcp, TLS, ssh)."""
+
+    base_url = "https://docker.example:2376"
+    api_version = "1.41"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def get_adapter(self, url: str) -> object:
+        return object()
+
+    def inspect_container(self, cid: str) -> dict:
+        self.calls.append(cid)
+        if cid == "gone":
+            import docker.errors
+
+            raise docker.errors.NotFound("no such container")
+        return {"Id": cid}
+
+
+def test_inspector_uses_the_sdk_for_other_transports() -> None:
+    from wakeproxy.docker_view import Inspector
+
+    api = _TcpApi()
+    inspect = Inspector(api)
+    assert inspect("abc") == {"Id": "abc"}
+    assert inspect("gone") is None
+    assert api.calls == ["abc", "gone"]
