@@ -37,13 +37,14 @@ logger = logging.getLogger(__name__)
 Handler = tuple[Any, Callable[..., Any]]
 
 # The AddonManager methods this class replaces or extends; checked before it is used.
-_SHAPE = ("register", "remove", "clear", "trigger_event", "handle_lifecycle", "chain")
+_METHODS = ("register", "remove", "clear", "trigger_event", "handle_lifecycle")
 
 
 def compatible() -> bool:
     """Whether this mitmproxy's AddonManager has the shape HookTable was written against."""
-    probe = addonmanager.AddonManager.__dict__
-    return all(n in probe for n in _SHAPE[:-1]) and hasattr(hooks, "UpdateHook")
+    own = addonmanager.AddonManager.__dict__
+    return all(callable(own.get(n)) for n in _METHODS) and hasattr(addonmanager, "traverse") \
+        and hasattr(hooks, "UpdateHook")
 
 
 _FIELDS: dict[type, tuple[str, ...]] = {}
