@@ -1141,7 +1141,7 @@ httpd's own start.
             f"""{n:,} containers created in parallel (16 threads, {create_s:.1f} s) on this run's bridge network, each labelled
 `wakeproxy.host=sandbox-N.<run>.test` and `wakeproxy.idle-timeout=0`; {started} of them started (`sleep`), the
 rest never. Each row is a fresh `wakeproxy` start; *resync* is the proxy's own log line
-(`docker: synced N containers in X ms (I inspected, C cached)`: one listing + one inspect, 8 threads, per
+(`docker: synced N containers in X ms (I inspected, C cached)`: one listing + one inspect, 4 threads, per
 container not in `state_dir/containers.json`; the first start with the {n:,} has no such file, the restart
 reuses the one it wrote), RSS is
 `VmRSS` of the proxy after {seconds + 1} s of traffic, req/s is `wrk -c{conns}` for the one serving site
