@@ -191,7 +191,12 @@ def test_the_lean_master_dispatches_like_stock_mitmproxy(tmp_path) -> None:
             assert [(id(a), f) for a, f in m.addons.handlers(name)] == [(id(a), f) for a, f in expected], name
         assert len(m.addons.handlers("requestheaders")) >= 4  # the bundle's, not an empty table
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        from wakeproxy import lean
+
+        lean.restore_message_type_checks()  # build_master dropped it for the whole process
 
 
 def _named(event_cls: type) -> hooks.Hook:
