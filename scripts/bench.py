@@ -795,7 +795,8 @@ CPU milliseconds per request by component: each proxy sampled by py-spy (250 Hz,
 innermost frame of each sample decides the component) under the same load as above, one run each, its
 shares multiplied by the CPU per request measured during that run (so ±10 % or so). The columns explain
 two targets: wakeproxy vs stock `mitmdump -s` (hook dispatch: mitmproxy walks every addon for every
-hook, the `wakeproxy` command calls only the handlers a hook has), and HTTP/2 vs HTTP/1.1 over TLS
+hook, the `wakeproxy` command calls only the handlers a hook has; request/response objects: the
+`wakeproxy` command skips mitmproxy's debug-only type check of their fields), and HTTP/2 vs HTTP/1.1 over TLS
 through wakeproxy (the difference is the pure-Python HTTP/2 stack: h2/hpack/hyperframe and mitmproxy's
 HTTP/2 layer).
 
