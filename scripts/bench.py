@@ -1123,11 +1123,12 @@ httpd's own start.
         ]
 
         def draw(fig, axes):
-            names = ["empty\n(mean of 2)", f"{full['containers']} containers\n({n} labelled)", "restarted\n(cache warm)"]
+            names = ["empty", f"+{n:,}\nfirst start", f"+{n:,}\nrestart"]
             panels = [("resync ms", "sync_ms"), ("RSS MB", "rss"), ("req/s, one site", "rps")]
             for ax, (title, key) in zip(axes, panels):
                 ax.bar(names, [empty[key], full[key], warm[key]], 0.5, color=["tab:blue", "tab:orange", "tab:green"])
                 ax.set_title(title)
+                ax.tick_params(axis="x", labelsize=7)
             ax = axes[3]
             ax.bar([0, 1], [lk["exact_1"], lk["wild_1"]], 0.35, label="1 host")
             ax.bar([0.35, 1.35], [lk["exact_n"], lk["wild_n"]], 0.35, label=f"{n} hosts")
