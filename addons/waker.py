@@ -22,7 +22,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from mitmproxy import ctx, http
+from mitmproxy import http
 
 from . import pages
 from .docker_ops import DockerOpError, DockerOps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import glob
 import importlib.util
@@ -20,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import docker
 import httpx
@@ -222,6 +223,24 @@ def build_busybox_image(client, tag: str) -> str:
         )
         client.images.build(path=ctx, tag=tag, rm=True, forcerm=True)
     return tag
+
+
+@contextlib.contextmanager
+def exposed_image(client, base: str, tag: str, port: int) -> Iterator[str]:
+    """`base` + `EXPOSE port` (one exposed port, no label) as `tag`; removed on exit, after the
+    containers made from it (removing an image still in use only untags it: a dangling image)."""
+    with tempfile.TemporaryDirectory(prefix="wptest-exp-") as ctx:
+        Path(ctx, "Dockerfile").write_text(f"FROM {base}\nEXPOSE {port}\n")
+        client.images.build(path=ctx, tag=tag, rm=True, forcerm=True)
+    try:
+        yield tag
+    finally:
+        try:
+            for c in client.containers.list(all=True, filters={"ancestor": tag}):
+                c.remove(force=True)
+            client.images.remove(tag, force=True)
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def build_pyback_image(client, tag: str, busybox_tag: str) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import httpx
 import pytest
 
 from harness import backend_of, proxied, wait_for
+from harness import exposed_image as build_exposed_image
 
 N = 30
 SYNC = re.compile(r"docker: synced (\d+) containers in (\d+) ms \((\d+) inspected, (\d+) cached\)")
@@ -31,15 +31,8 @@ INSPECTED = re.compile(r"docker: inspected (\S+) \(not in the container cache\)"
 @pytest.fixture
 def exposed_image(docker_client, pyback_image, run_id):
     """The backend image with `EXPOSE 8086`: its only exposed port is where it is routed."""
-    tag = f"{run_id}-pyback-exposed8086"
-    with tempfile.TemporaryDirectory(prefix="wptest-exp-") as ctx:
-        Path(ctx, "Dockerfile").write_text(f"FROM {pyback_image.image}\nEXPOSE 8086\n")
-        docker_client.images.build(path=ctx, tag=tag, rm=True, forcerm=True)
-    yield tag
-    try:
-        docker_client.images.remove(tag, force=True)
-    except Exception:  # noqa: BLE001
-        pass
+    with build_exposed_image(docker_client, pyback_image.image, f"{run_id}-pyback-exposed8086", 8086) as tag:
+        yield tag
 
 
 def sync_of(p) -> dict[str, int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +18,7 @@ import httpx
 import pytest
 
 from harness import backend_of, proxied, wait_for
+from harness import exposed_image as build_exposed_image
 
 # Stopped containers are woken on request since the Waker landed; the routing
 # tests check the "asleep" answer itself, so their client is one the proxy is
@@ -30,19 +30,8 @@ NO_WAKE = {"wake": {"ignore_user_agents": ["^wptest-no-wake"]}}
 @pytest.fixture(scope="module")
 def exposed_image(docker_client, pyback_image, run_id):
     """pyback image with `EXPOSE 8082` (one exposed port, no label)."""
-    tag = f"{run_id}-pyback-exposed"
-    with tempfile.TemporaryDirectory(prefix="wptest-exp-") as ctx:
-        Path(ctx, "Dockerfile").write_text(f"FROM {pyback_image.image}\nEXPOSE 8082\n")
-        docker_client.images.build(path=ctx, tag=tag, rm=True, forcerm=True)
-    yield tag
-    # This fixture may be torn down before the module's containers: remove the ones made from the
-    # image first (removing an image still in use only untags it and leaks a dangling image).
-    try:
-        for c in docker_client.containers.list(all=True, filters={"ancestor": tag}):
-            c.remove(force=True)
-        docker_client.images.remove(tag, force=True)
-    except Exception:  # noqa: BLE001
-        pass
+    with build_exposed_image(docker_client, pyback_image.image, f"{run_id}-pyback-exposed", 8082) as tag:
+        yield tag
 
 
 @pytest.fixture(scope="module")
