@@ -94,16 +94,13 @@ def test_restart_inspects_only_containers_it_has_not_seen(
     assert H("cache-env") in raw
 
     # 2. Restart, same state_dir, nothing of ours changed: none of ours inspected, same routes.
-    before = {c["Id"] for c in docker_client.api.containers(all=True)}
+    # (Other tests and projects on this engine may create containers meanwhile, even ones gone
+    # again before we could list them: only ours are asserted on.)
     p2 = proxy(cfg, extra_args=["--verbose"])
     s2 = sync_of(p2)
     print(f"restart: {s2}")
-    after = {c["Id"] for c in docker_client.api.containers(all=True)}
     assert not ours & inspected_by(p2), inspected_by(p2) & ours
     assert s2["cached"] >= N, s2
-    if before == after and after <= cached_ids(state):
-        # Nobody else created a container meanwhile: the whole resync came from the cache.
-        assert s2["inspected"] == 0, s2
     assert groups(p2, run_id + "-cache-") == expected
     # A request wakes a container routed by its cached env, and one routed to its cached exposed port.
     for name in ("cache-env", "cache-exposed"):
