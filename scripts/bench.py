@@ -750,10 +750,12 @@ the proxy; CPU per request is the steadier measure of what each proxy costs.
     def _profile_components(self, pids: dict[str, int], targets: dict, scenarios: dict, host: str,
                             stock_name: str) -> str:
         """Sample the proxies with py-spy under load; a markdown table of CPU ms per request by component."""
+        if self.quick:  # keeps --quick under 2 minutes
+            return "\n(No CPU breakdown with `--quick`: a full run measures where the CPU goes.)\n"
         spy = VENV_BIN / "py-spy"
         if not spy.exists():
             return "\n(py-spy missing: no CPU breakdown; install the `bench` extra)\n"
-        seconds = 3 if self.quick else 5
+        seconds = 5
         runs = [("wakeproxy", "h1-small"), (stock_name, "h1-small"), ("wakeproxy", "h1tls-small"),
                 ("wakeproxy", "h2-small")]
         columns: list[tuple[str, dict[str, float], float]] = []
