@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from .hostnames import is_hostname
+
 
 class ConfigError(Exception):
     """A configuration problem, already phrased for the user (file:line: key: what)."""
@@ -54,19 +56,32 @@ class SourcesConfig:
     traefik: bool = True
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def ip_in(ip: str, networks: tuple[Network, ...]) -> bool:
+    """Is the client address `ip` (IPv4, IPv6, IPv4-mapped IPv6, with or without a zone) in `networks`?"""
+    if not networks:
+        return False
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks)
+
+
+LOOPBACK: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
 @dataclass(frozen=True)
 class ForwardedConfig:
     # Peers whose X-Forwarded-* headers are believed (CIDRs). Empty: nobody.
-    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    trusted_proxies: tuple[Network, ...] = ()
 
     def trusts(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self.trusted_proxies)
+        return ip_in(ip, self.trusted_proxies)
 
 
 @dataclass(frozen=True)
@@ -123,6 +138,9 @@ class Config:
     docker: DockerConfig = field(default_factory=DockerConfig)
     state_dir: Path = Path("/var/lib/wakeproxy")
     default_host: str | None = None
+    # Clients (CIDRs) that see internal detail (container, group and network names, exit codes)
+    # in error and waking pages; everyone else gets only what a visitor can act on.
+    debug_clients: tuple[Network, ...] = LOOPBACK
     sources: SourcesConfig = field(default_factory=SourcesConfig)
     forwarded: ForwardedConfig = field(default_factory=ForwardedConfig)
     wake: WakeConfig = field(default_factory=WakeConfig)
@@ -131,6 +149,10 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     acme: AcmeConfig = field(default_factory=AcmeConfig)
     source: str = "<defaults>"
+
+    def shows_detail(self, ip: str) -> bool:
+        """May the client at `ip` see internal detail in pages (debug_clients)?"""
+        return ip_in(ip, self.debug_clients)
 
 
 # --- value parsers -----------------------------------------------------------
@@ -175,13 +197,10 @@ def parse_address(value: Any) -> Address | None:
     return Address(host, port)
 
 
-_HOSTNAME = re.compile(r"^([a-z0-9_]([a-z0-9_-]*[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?$")
-
-
 def _hostname(value: Any) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not _HOSTNAME.match(value.lower().rstrip(".")):
+    if not isinstance(value, str) or not is_hostname(value.lower().rstrip(".")):
         raise ValueError(f"{value!r} is not a hostname")
     return value.lower().rstrip(".")
 
@@ -372,12 +391,14 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         raise ConfigError(f"{source}{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
     if root is None:
         return Config(source=source)
-    top = r.mapping(root, "", {"state_dir", "default_host", *_SECTIONS})
+    top = r.mapping(root, "", {"state_dir", "default_host", "debug_clients", *_SECTIONS})
     kwargs: dict[str, Any] = {"source": source}
     if "state_dir" in top:
         kwargs["state_dir"] = Path(r.value(top["state_dir"], "state_dir", _str)).expanduser()
     if "default_host" in top:
         kwargs["default_host"] = r.value(top["default_host"], "default_host", _hostname)
+    if "debug_clients" in top:
+        kwargs["debug_clients"] = r.list_of(top["debug_clients"], "debug_clients", _network)
     for name, (cls, parsers) in _SECTIONS.items():
         if name in top:
             kwargs[name] = _section(r, top[name], name, cls, parsers)

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .config import SourcesConfig, parse_duration
+from .hostnames import is_host_pattern, normalize_host
 
 
 # Every environment variable the proxy reads. `docker_view` keeps only these of a container's
@@ -88,21 +89,10 @@ class Route:
     source: str = "wakeproxy"
 
 
-_LABEL_HOST = re.compile(r"^(\*\.)?([a-z0-9_]([a-z0-9_-]*[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?$")
 _TRAEFIK_HOST_CALL = re.compile(r"\bHost\s*\(([^)]*)\)")
 _TRAEFIK_ARG = re.compile(r"`([^`]*)`|\"([^\"]*)\"")
 _FALSE = {"false", "0", "no", "off"}
 _TRUE = {"true", "1", "yes", "on"}
-
-
-def normalize_host(host: str) -> str:
-    """Lower-case, drop a trailing dot and any `:port`; IPv6 literals keep their brackets."""
-    h = host.strip().lower()
-    if h.startswith("["):
-        end = h.find("]")
-        return h[: end + 1] if end != -1 else h
-    h = h.split(":", 1)[0]
-    return h.rstrip(".")
 
 
 def parse_hosts(value: str, what: str) -> list[str]:
@@ -112,7 +102,7 @@ def parse_hosts(value: str, what: str) -> list[str]:
         if not part:
             continue
         h = normalize_host(part)
-        if not _LABEL_HOST.match(h):
+        if not is_host_pattern(h):
             raise LabelError(f"{what}: {part!r} is not a hostname or a *.domain wildcard")
         if h not in hosts:
             hosts.append(h)

@@ -9,12 +9,20 @@ from string import Template
 
 from mitmproxy import http
 
-_REASONS = {404: "Not Found", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+_REASONS = {400: "Bad Request", 404: "Not Found", 429: "Too Many Requests", 431: "Request Header Fields Too Large", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
 @cache
 def _template(name: str) -> Template:
     return Template(resources.files(__package__).joinpath(name).read_text(encoding="utf-8"))
+
+
+# Longest piece of client input (a Host header) a page repeats; longer input is cut with "…".
+MAX_ECHO = 100
+
+
+def bounded(text: str, limit: int = MAX_ECHO) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def wants_html(request: http.Request) -> bool:
@@ -40,7 +48,7 @@ def error_response(
             title=html.escape(title),
             message=html.escape(message),
             hint=html.escape(hint),
-            host=html.escape(host or "(none)"),
+            host=html.escape(bounded(host) if host else "(none)"),
         )
         return http.Response.make(status, body, {"Content-Type": "text/html; charset=utf-8", **extra})
     line = f"wakeproxy: {status} {title}: {message} {hint}\n"
@@ -51,7 +59,7 @@ def waking_response(request: http.Request, host: str, groups: str, wait_path: st
     """The "waking up" page: 503 so nothing caches or indexes it; it long-polls `wait_path`
     and reloads into the app as soon as the proxy says the group is ready."""
     body = _template("waking.html").substitute(
-        host=html.escape(host), groups=html.escape(groups), wait_path=wait_path,
+        host=html.escape(bounded(host)), groups=html.escape(groups), wait_path=wait_path,
     )
     return http.Response.make(503, body, {
         "Content-Type": "text/html; charset=utf-8",
