@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .hostnames import is_hostname
+from .hostnames import is_host_pattern, is_hostname
 
 
 class ConfigError(Exception):
@@ -85,6 +85,29 @@ class ForwardedConfig:
 
 
 @dataclass(frozen=True)
+class NamesConfig:
+    """Which names container labels may claim, and how ownership of a name is kept (see policy.py)."""
+
+    # Patterns labels may claim; () = any name. "example.com": that name; "*.example.com": every
+    # name under it (and wildcards under it); "{group}" stands for the claiming group's name.
+    allow: tuple[str, ...] = ()
+    wildcards: bool = True  # may labels declare `*.domain` at all
+    max_per_group: int = 50  # names (hosts and wildcards) one group may own
+    reserved: tuple[tuple[str, str], ...] = ()  # (name, group): names only that group may claim
+    release_after: float = 60.0  # an owner keeps its name this long after its last claim is gone
+
+
+@dataclass(frozen=True)
+class LabelTrustConfig:
+    """Labels that weaken the server's posture are honoured only when the operator allows them."""
+
+    network: bool = False  # wakeproxy.network / traefik.docker.network outside docker.networks
+    cert_name: bool = False  # wakeproxy.cert-name / io.docksal.cert-name
+    https_redirect: bool = False  # wakeproxy.https-redirect=false
+    keep_awake: bool = True  # io.docksal.permanent, wakeproxy.idle-timeout=0 or above idle.timeout
+
+
+@dataclass(frozen=True)
 class WakeConfig:
     """How a request for a sleeping group is answered while the group starts."""
 
@@ -92,6 +115,7 @@ class WakeConfig:
     timeout: float = 60.0  # a held request gets 504 after this long
     retry_after: float = 10.0  # cool-down after a failed wake before another is tried
     ignore_user_agents: tuple[re.Pattern[str], ...] = ()  # these never wake anything
+    per_client: int = 10  # new wakes one client (IPv4 address or IPv6 /64) may cause per minute; 0 = no limit
 
     def ignores(self, user_agent: str) -> bool:
         return any(p.search(user_agent) for p in self.ignore_user_agents)
@@ -130,6 +154,8 @@ class AcmeConfig:
     eab_hmac_key: str | None = None
     key_type: str = "ec256"  # ec256 | ec384 | rsa2048 | rsa4096
     concurrency: int = 2
+    max_names_per_group: int = 10  # names one group may have certificates ordered for
+    max_orders_per_group: int = 30  # orders (attempts) one group may cause per 24 hours
 
 
 @dataclass(frozen=True)
@@ -142,6 +168,8 @@ class Config:
     # in error and waking pages; everyone else gets only what a visitor can act on.
     debug_clients: tuple[Network, ...] = LOOPBACK
     sources: SourcesConfig = field(default_factory=SourcesConfig)
+    names: NamesConfig = field(default_factory=NamesConfig)
+    labels: LabelTrustConfig = field(default_factory=LabelTrustConfig)
     forwarded: ForwardedConfig = field(default_factory=ForwardedConfig)
     wake: WakeConfig = field(default_factory=WakeConfig)
     idle: IdleConfig = field(default_factory=IdleConfig)
@@ -203,6 +231,30 @@ def _hostname(value: Any) -> str | None:
     if not isinstance(value, str) or not is_hostname(value.lower().rstrip(".")):
         raise ValueError(f"{value!r} is not a hostname")
     return value.lower().rstrip(".")
+
+
+def _hostname_or_wildcard(value: Any) -> str:
+    if not isinstance(value, str) or not is_host_pattern(value.lower().rstrip(".")):
+        raise ValueError(f"{value!r} is not a hostname or a *.domain wildcard")
+    return value.lower().rstrip(".")
+
+
+def _name_pattern(value: Any) -> str:
+    """A names.allow pattern: a hostname or *.domain, where `{group}` may stand for labels."""
+    if not isinstance(value, str):
+        raise ValueError("expected a name pattern such as \"*.sandbox.example.com\" or \"{group}.example.com\"")
+    v = value.lower().rstrip(".")
+    if v.replace("{group}", "x").count("{") or v.replace("{group}", "x").count("}"):
+        raise ValueError(f"{value!r}: the only placeholder is {{group}}")
+    if not is_host_pattern(v.replace("{group}", "x")):
+        raise ValueError(f"{value!r} is not a hostname or *.domain pattern")
+    return v
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("expected a whole number (0 or more)")
+    return value
 
 
 def _regex(value: Any) -> re.Pattern[str]:
@@ -298,6 +350,21 @@ class _Reader:
         except (ValueError, TypeError) as e:
             raise self.fail(node, key, str(e)) from None
 
+    def pairs(self, node: yaml.Node, key: str, parse_key: Callable[[Any], Any],
+              parse_value: Callable[[Any], Any]) -> tuple[tuple[Any, Any], ...]:
+        """A mapping of free-form keys (e.g. hostname → group) → sorted (key, value) pairs."""
+        if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
+            return ()
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(node, key, "expected a mapping")
+        out: dict[Any, Any] = {}
+        for knode, vnode in node.value:
+            k = self.value(knode, f"{key}.{knode.value}", parse_key)
+            if k in out:
+                raise self.fail(knode, f"{key}.{knode.value}", "key given twice")
+            out[k] = self.value(vnode, f"{key}.{knode.value}", parse_value)
+        return tuple(sorted(out.items()))
+
     def list_of(self, node: yaml.Node, key: str, parse: Callable[[Any], Any]) -> tuple[Any, ...]:
         if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
             return ()
@@ -348,12 +415,21 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[_Reader, yaml.Node, str], A
     "listen": (ListenConfig, {"http": _scalar_field(parse_address), "https": _scalar_field(parse_address)}),
     "docker": (DockerConfig, {"url": _scalar_field(_opt_str), "networks": _list_field(_str)}),
     "sources": (SourcesConfig, {f.name: _scalar_field(_bool) for f in dataclasses.fields(SourcesConfig)}),
+    "names": (NamesConfig, {
+        "allow": _list_field(_name_pattern),
+        "wildcards": _scalar_field(_bool),
+        "max_per_group": _scalar_field(_positive_int),
+        "reserved": lambda r, n, k: r.pairs(n, k, _hostname_or_wildcard, _str),
+        "release_after": _scalar_field(parse_duration),
+    }),
+    "labels": (LabelTrustConfig, {f.name: _scalar_field(_bool) for f in dataclasses.fields(LabelTrustConfig)}),
     "forwarded": (ForwardedConfig, {"trusted_proxies": _list_field(_network)}),
     "wake": (WakeConfig, {
         "strategy": _scalar_field(_choice("auto", "hold", "page")),
         "timeout": _scalar_field(_positive_duration),
         "retry_after": _scalar_field(parse_duration),
         "ignore_user_agents": _list_field(_regex),
+        "per_client": _scalar_field(_count),
     }),
     "idle": (IdleConfig, {
         "timeout": _scalar_field(parse_duration),
@@ -377,6 +453,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[_Reader, yaml.Node, str], A
         "eab_hmac_key": _scalar_field(_opt_str),
         "key_type": _scalar_field(_choice("ec256", "ec384", "rsa2048", "rsa4096")),
         "concurrency": _scalar_field(_positive_int),
+        "max_names_per_group": _scalar_field(_positive_int),
+        "max_orders_per_group": _scalar_field(_positive_int),
     }),
 }
 

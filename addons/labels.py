@@ -21,7 +21,11 @@ from .hostnames import is_host_pattern, normalize_host
 # Every environment variable the proxy reads. `docker_view` keeps only these of a container's
 # environment (the rest, often secrets, is never held in memory or written to the state dir).
 NGINX_PROXY_ENV = ("VIRTUAL_HOST", "VIRTUAL_PORT", "VIRTUAL_PROTO")  # read by _nginx_proxy below
-LETSENCRYPT_ENV = "LETSENCRYPT_HOST"  # read by acme.names_of
+LETSENCRYPT_ENV = "LETSENCRYPT_HOST"  # read by settings_for
+ACME_LABEL = "wakeproxy.acme"
+CERT_NAME_LABELS = ("wakeproxy.cert-name", "io.docksal.cert-name")
+REDIRECT_LABEL = "wakeproxy.https-redirect"
+_CERT_BASE = re.compile(r"[a-z0-9_*][a-z0-9_.*-]{0,253}")
 USED_ENV: frozenset[str] = frozenset({*NGINX_PROXY_ENV, LETSENCRYPT_ENV})
 
 
@@ -42,6 +46,7 @@ class ContainerInfo:
     networks: Mapping[str, str] = field(default_factory=dict)  # network name → IP ("" when stopped)
     health: str | None = None  # starting | healthy | unhealthy | None (no HEALTHCHECK)
     exit_code: int | None = None
+    created: float = 0.0  # creation time, whole seconds since the epoch (as the listing gives it)
 
     @property
     def running(self) -> bool:
@@ -49,12 +54,42 @@ class ContainerInfo:
 
     @property
     def group(self) -> str:
-        """The unit that is woken and put to sleep together."""
-        return (
-            self.labels.get("wakeproxy.group")
-            or self.labels.get("com.docker.compose.project")
-            or self.name
-        )
+        """The unit that is woken and put to sleep together (see `group_of`)."""
+        return group_of(self)[2]
+
+
+GROUP_LABEL = "wakeproxy.group"
+PROJECT_LABEL = "com.docker.compose.project"
+_GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def group_of(info: ContainerInfo) -> tuple[str, str, str]:
+    """(kind, base name, key) of the container's group, from its own labels only.
+
+    - A Compose project `P` is one group, `P`; a `wakeproxy.group=G` label inside it makes a
+      group `P/G` (a project can be split, but never joined with another project's containers).
+    - Outside Compose, `wakeproxy.group=G` makes a group `G` of the containers that say so.
+    - A container with neither is a group of its own, named like the container.
+    A label never pulls another project's (or an unlabelled) container into a group: the kind
+    ("compose", "group", "container") is part of who the group is.
+    """
+    project = info.labels.get(PROJECT_LABEL) or ""
+    own = (info.labels.get(GROUP_LABEL) or "").strip()
+    if project:
+        key = project if not own or own == project else f"{project}/{own}"
+        return "compose", key, key
+    if own:
+        return "group", own, own
+    return "container", info.name, info.name
+
+
+def check_group_labels(labels: Mapping[str, str]) -> None:
+    """The group labels must be plain names (they end up in logs, pages and the state files)."""
+    for key in (PROJECT_LABEL, GROUP_LABEL):
+        value = labels.get(key)
+        if value is not None and value.strip() and not _GROUP_NAME.fullmatch(value.strip()):
+            raise LabelError(f"label {key}: {value[:80]!r} is not a name (letters, digits, '_', '.', '-'; "
+                             "at most 63 characters)")
 
 
 @dataclass(frozen=True)
@@ -76,6 +111,10 @@ class ContainerSettings:
     depends_on: tuple[Dependency, ...] = ()
     idle_timeout: float | None = None  # wakeproxy.idle-timeout; 0 = never (io.docksal.permanent=true too)
     idle_action: str | None = None  # wakeproxy.idle-action: stop | pause
+    acme: bool = False  # wakeproxy.acme=true: certificates for the container's own hosts
+    letsencrypt: tuple[str, ...] = ()  # env LETSENCRYPT_HOST (acme-companion's convention)
+    cert_name: str | None = None  # wakeproxy.cert-name / io.docksal.cert-name: a custom certificate file base
+    https_redirect: bool | None = None  # wakeproxy.https-redirect
 
 
 @dataclass(frozen=True)
@@ -308,10 +347,19 @@ def settings_for(info: ContainerInfo) -> ContainerSettings:
     idle_timeout = _duration_label(labels, "wakeproxy.idle-timeout")
     if _flag(labels.get("io.docksal.permanent"), "label io.docksal.permanent"):
         idle_timeout = 0.0
+    check_group_labels(labels)
+    acme = _flag(labels.get(ACME_LABEL), f"label {ACME_LABEL}") or False
+    letsencrypt: tuple[str, ...] = ()
+    if info.env.get(LETSENCRYPT_ENV, "").strip():
+        letsencrypt = tuple(parse_hosts(info.env[LETSENCRYPT_ENV], f"env {LETSENCRYPT_ENV}"))
+    cert_name = next((labels[k].strip().lower() for k in CERT_NAME_LABELS if labels.get(k, "").strip()), None)
+    if cert_name is not None and not _CERT_BASE.fullmatch(cert_name):
+        raise LabelError(f"label cert-name: {cert_name[:80]!r} is not a certificate file name")
+    redirect = _flag(labels.get(REDIRECT_LABEL), f"label {REDIRECT_LABEL}")
     idle_action = labels.get("wakeproxy.idle-action")
     if idle_action is not None:
         idle_action = idle_action.strip().lower()
         if idle_action not in ("stop", "pause"):
             raise LabelError(f"label wakeproxy.idle-action: {labels['wakeproxy.idle-action']!r} is not stop or pause")
     return ContainerSettings(strategy, timeout, ready_path, labels.get("com.docker.compose.service"), deps,
-                             idle_timeout, idle_action)
+                             idle_timeout, idle_action, acme, letsencrypt, cert_name, redirect)

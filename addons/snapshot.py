@@ -9,12 +9,15 @@ plane could ship them to other processes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .labels import ContainerInfo, ContainerSettings, LabelError, Route, normalize_host, routes_for, settings_for
-from .config import SourcesConfig
+from .config import Config, LabelTrustConfig, SourcesConfig
+from .labels import ContainerInfo, ContainerSettings, LabelError, Route, group_of, normalize_host, routes_for, settings_for
+from .policy import Claim, GroupId, NamePolicy, Ownership, Refusal, parents
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +98,21 @@ class Group:
 
 
 @dataclass(frozen=True)
+class Policy:
+    """Everything of the config that decides what labels may do (an immutable value)."""
+
+    names: NamePolicy = field(default_factory=NamePolicy)
+    trust: LabelTrustConfig = field(default_factory=LabelTrustConfig)
+    idle_timeout: float = 1800.0  # the config's; labels may not exceed it unless trust.keep_awake
+    acme_max: int = 10  # names one group may have certificates for
+
+    @classmethod
+    def from_config(cls, config: Config) -> "Policy":
+        return cls(NamePolicy.from_config(config), config.labels, config.idle.timeout,
+                   config.acme.max_names_per_group)
+
+
+@dataclass(frozen=True)
 class Snapshot:
     exact: Mapping[str, Site] = field(default_factory=dict)
     wildcards: Mapping[str, Site] = field(default_factory=dict)  # "example.com" for "*.example.com"
@@ -104,6 +122,10 @@ class Snapshot:
     endpoints: Mapping[str, tuple[Backend, ...]] = field(default_factory=dict)  # container id → its backends
     skipped: Mapping[str, str] = field(default_factory=dict)  # container name → why it was skipped
     synced: bool = False  # False until the first full listing has been read
+    refused: tuple[Refusal, ...] = ()  # claims on names that do not stand (another owner, the policy)
+    acme: Mapping[str, str] = field(default_factory=dict)  # name → container that wants a certificate for it
+    cert_names: Mapping[str, str] = field(default_factory=dict)  # host → custom certificate file base (label)
+    no_redirect: frozenset[str] = frozenset()  # site hosts whose owner turned the https redirect off (label)
 
     def lookup(self, host: str) -> Site | None:
         """Exact name first; else the longest `*.suffix` that matches (any depth)."""
@@ -162,52 +184,133 @@ def _choose_address(
     return None, f"container '{info.name}' cannot be reached: {why}"
 
 
+_Parsed = tuple[list[Route], ContainerSettings, tuple[str, ...]]  # routes, settings, notes (ignored labels)
+
+
+def _parse(info: ContainerInfo, sources: SourcesConfig, allowed: tuple[str, ...], policy: Policy) -> _Parsed:
+    """One container's labels with the operator's label trust applied; raises LabelError."""
+    routes, settings = routes_for(info, sources), settings_for(info)
+    notes: list[str] = []
+    trust = policy.trust
+    if allowed and not trust.network:
+        for i, r in enumerate(routes):
+            if r.network and r.network not in allowed:
+                notes.append(f"its network label '{r.network}' is ignored: not in docker.networks "
+                             "(labels.network: true honours it)")
+                routes[i] = Route(r.host, r.port, r.scheme, None, r.source)
+    if settings.cert_name and not trust.cert_name:
+        notes.append("its cert-name label is ignored (labels.cert_name: true honours it)")
+    if settings.https_redirect is False and not trust.https_redirect:
+        notes.append("its https-redirect=false label is ignored (labels.https_redirect: true honours it)")
+    t = settings.idle_timeout
+    if t is not None and not trust.keep_awake and policy.idle_timeout > 0 and (t <= 0 or t > policy.idle_timeout):
+        notes.append(f"its idle timeout is capped at idle.timeout ({policy.idle_timeout:g} s; "
+                     "labels.keep_awake: true honours it)")
+        settings = dataclasses.replace(settings, idle_timeout=policy.idle_timeout)
+    return routes, settings, tuple(dict.fromkeys(notes))
+
+
+def _group_keys(parsed: Mapping[str, tuple[ContainerInfo, _Parsed]]) -> dict[str, tuple[GroupId, str]]:
+    """container id → (group identity, key in the snapshot).
+
+    Keys are the group names users see. A Compose project keeps its own name; a `wakeproxy.group`
+    outside Compose or a lone container whose name equals a project's (or a group's) is shown as
+    `group:NAME` / `container:NAME`, so it never merges with it."""
+    ids: dict[str, GroupId] = {}
+    taken: dict[str, set[str]] = {"compose": set(), "group": set(), "container": set()}
+    for cid, (info, _) in parsed.items():
+        kind, base, _key = group_of(info)
+        ids[cid] = GroupId(kind, base)
+        taken[kind].add(base)
+    out: dict[str, tuple[GroupId, str]] = {}
+    for cid, gid in ids.items():
+        key = gid.base
+        if gid.kind == "group" and key in taken["compose"]:
+            key = f"group:{key}"
+        elif gid.kind == "container" and (key in taken["compose"] or key in taken["group"]):
+            key = f"container:{key}"
+        out[cid] = (gid, key)
+    return out
+
+
+def _usable_networks(info: ContainerInfo, allowed: tuple[str, ...], drivers: Mapping[str, str]) -> set[str]:
+    """The container's networks the proxy may use (a stopped container keeps its attachments)."""
+    nets = [n for n in info.networks if n in allowed] if allowed else list(info.networks)
+    return {n for n in nets if drivers.get(n, "bridge" if n == "bridge" else "") in ROUTABLE_DRIVERS or n == "host"}
+
+
 def build_snapshot(
     containers: Iterable[ContainerInfo],
     sources: SourcesConfig,
     allowed_networks: tuple[str, ...],
     network_drivers: Mapping[str, str],
     synced: bool = True,
-    route_cache: dict[str, tuple[ContainerInfo, tuple[list[Route], ContainerSettings] | str]] | None = None,
+    route_cache: dict[str, tuple[ContainerInfo, _Parsed | str]] | None = None,
+    policy: Policy | None = None,
+    ownership: Ownership | None = None,
+    now: float | None = None,
 ) -> Snapshot:
-    """Index every container's routes by host.
+    """Index every container's routes by host, with one owner group per name.
 
-    `route_cache` (id → (info, routes or error)) lets the Docker view skip
+    `route_cache` (id → (info, parsed labels or error)) lets the Docker view skip
     re-parsing labels of containers whose labels and env did not change; label
-    errors are logged only when first seen.
+    errors and ignored labels are logged only when first seen.  `ownership`
+    keeps who owns which name across snapshots (and restarts); without it,
+    owners are decided by container creation time alone.
     """
-    by_host: dict[str, list[Backend]] = {}
+    policy = policy or Policy()
+    ownership = ownership if ownership is not None else Ownership()
     all_containers: dict[str, ContainerInfo] = {}
     skipped: dict[str, str] = {}
-    settings: dict[str, ContainerSettings] = {}
-    members: dict[str, list[ContainerInfo]] = {}
-    routed: set[str] = set()
+    parsed: dict[str, tuple[ContainerInfo, _Parsed]] = {}
     for info in containers:
         all_containers[info.id] = info
         cached = route_cache.get(info.id) if route_cache is not None else None
+        result: _Parsed | str
         if cached is not None and cached[0].labels == info.labels and cached[0].env == info.env \
                 and cached[0].exposed_ports == info.exposed_ports:
-            parsed = cached[1]
+            result = cached[1]
         else:
             try:
-                parsed = (routes_for(info, sources), settings_for(info))
+                result = _parse(info, sources, allowed_networks, policy)
             except LabelError as e:
-                parsed = str(e)
+                result = str(e)
                 logger.warning(f"container '{info.name}' skipped: {e}")
+            else:
+                for note in result[2]:
+                    logger.warning(f"container '{info.name}': {note}")
             if route_cache is not None:
-                route_cache[info.id] = (info, parsed)
-        if isinstance(parsed, str):
-            skipped[info.name] = parsed
+                route_cache[info.id] = (info, result)
+        if isinstance(result, str):
+            skipped[info.name] = result
             continue
-        routes, settings[info.id] = parsed
-        members.setdefault(info.group, []).append(info)
+        parsed[info.id] = (info, result)
+
+    keys = _group_keys(parsed)
+    claims = [
+        Claim(r.host, keys[cid][1], keys[cid][0], info.created, info.name)
+        for cid, (info, (routes, _, _)) in parsed.items() for r in routes
+    ]
+    owners, refused = ownership.resolve(claims, policy.names, time.time() if now is None else now)
+
+    by_host: dict[str, list[Backend]] = {}
+    settings: dict[str, ContainerSettings] = {}
+    members: dict[str, list[ContainerInfo]] = {}
+    routed: set[str] = set()
+    own_hosts: dict[str, list[str]] = {}  # container id → the hosts it serves (accepted claims)
+    for cid, (info, (routes, st, _)) in parsed.items():
+        key = keys[cid][1]
+        settings[cid] = st
+        members.setdefault(key, []).append(info)
         for route in routes:
+            if owners.get(route.host) != key:
+                continue  # refused: another group owns the name, or the policy does not allow it
+            own_hosts.setdefault(cid, []).append(route.host)
             address, problem = _choose_address(info, route, allowed_networks, network_drivers)
             if problem is None:
-                routed.add(info.id)  # only containers we may reach are ever started or stopped
+                routed.add(cid)  # only containers we may reach are ever started or stopped
             by_host.setdefault(route.host, []).append(
-                Backend(info.id, info.name, info.group, info.state, route.scheme, route.port, address, problem,
-                        settings[info.id].ready_path)
+                Backend(cid, info.name, key, info.state, route.scheme, route.port, address, problem, st.ready_path)
             )
     exact: dict[str, Site] = {}
     wildcards: dict[str, Site] = {}
@@ -225,11 +328,14 @@ def build_snapshot(
                 endpoints[b.container_id].append(b)
     groups: dict[str, Group] = {}
     for name, infos in members.items():
-        infos.sort(key=lambda i: i.name)
-        ids = tuple(i.id for i in infos)
-        group_routed = frozenset(i for i in ids if i in routed)
+        group_routed = frozenset(i.id for i in infos if i.id in routed)
         if not group_routed:
             continue  # nothing routes to it, so no request may ever start it
+        # Members the proxy may touch: on a network it may use, or on one of a routed member's networks.
+        shared = {n for i in infos if i.id in group_routed for n in i.networks}
+        infos = sorted((i for i in infos if i.id in group_routed or _usable_networks(i, allowed_networks, network_drivers)
+                        or shared.intersection(i.networks)), key=lambda i: i.name)
+        ids = tuple(i.id for i in infos)
         strategies = [settings[i].wake_strategy for i in ids if settings[i].wake_strategy]
         timeouts = [settings[i].wake_timeout for i in ids if settings[i].wake_timeout]
         idle = [settings[i].idle_timeout for i in ids if settings[i].idle_timeout is not None]
@@ -238,8 +344,53 @@ def build_snapshot(
                              max(timeouts) if timeouts else None,
                              (0.0 if 0.0 in idle else max(idle)) if idle else None,
                              actions[0] if actions else None)
+    acme, acme_refused = _acme_names(parsed, keys, owners, own_hosts, policy)
+    cert_names: dict[str, str] = {}
+    no_redirect: set[str] = set()
+    for cid, hosts in own_hosts.items():
+        st = settings[cid]
+        for host in hosts:
+            if st.cert_name and policy.trust.cert_name:
+                cert_names.setdefault(host, st.cert_name)
+            if st.https_redirect is False and policy.trust.https_redirect:
+                no_redirect.add(host)
     if route_cache is not None:
         for gone in set(route_cache) - set(all_containers):
             del route_cache[gone]
     return Snapshot(exact, wildcards, all_containers, settings, groups,
-                    {cid: tuple(bs) for cid, bs in endpoints.items()}, skipped, synced)
+                    {cid: tuple(bs) for cid, bs in endpoints.items()}, skipped, synced,
+                    tuple(sorted([*refused, *acme_refused], key=lambda r: (r.name, r.group))),
+                    acme, cert_names, frozenset(no_redirect))
+
+
+def _acme_names(parsed: Mapping[str, tuple[ContainerInfo, _Parsed]], keys: Mapping[str, tuple[GroupId, str]],
+                owners: Mapping[str, str], own_hosts: Mapping[str, list[str]],
+                policy: Policy) -> tuple[dict[str, str], list[Refusal]]:
+    """name → container, for the names a container wants certificates for that its group owns
+    (an exact host, or a name under a wildcard it owns), at most `policy.acme_max` per group."""
+    wanted: dict[str, dict[str, list[str]]] = {}  # group → name → containers
+    refused: list[Refusal] = []
+    for cid, (info, (_, st, _)) in sorted(parsed.items(), key=lambda kv: kv[1][0].name):
+        key = keys[cid][1]
+        names = [h for h in own_hosts.get(cid, ()) if not h.startswith("*.")] if st.acme else []
+        for n in st.letsencrypt:
+            if n.startswith("*."):
+                continue  # HTTP-01 cannot prove a wildcard
+            if owners.get(n) == key or any(owners.get("*." + d) == key for d in parents(n)):
+                names.append(n)
+            else:
+                refused.append(Refusal(n, key, (info.name,), "LETSENCRYPT_HOST names a host this group does not "
+                                       "serve (certificates are ordered only for a group's own hosts)"))
+        for n in names:
+            if "." in n:
+                wanted.setdefault(key, {}).setdefault(n, []).append(info.name)
+    out: dict[str, str] = {}
+    for key, names in wanted.items():
+        for i, (n, containers) in enumerate(sorted(names.items())):
+            if i < policy.acme_max:
+                out[n] = containers[0]
+            else:
+                refused.append(Refusal(n, key, tuple(containers), f"no certificate: the group already has "
+                                       f"{policy.acme_max} (acme.max_names_per_group)"))
+    return out, refused
+

@@ -405,11 +405,21 @@ def test_a_malformed_lower_priority_source_still_fails_the_container():
 # --- ContainerInfo ---------------------------------------------------------------------------
 
 
-def test_group_precedence():
-    assert info({"wakeproxy.group": "g", "com.docker.compose.project": "p"}, name="n").group == "g"
+def test_group_from_own_labels():
+    # A wakeproxy.group label splits a Compose project; it never joins another project.
+    assert info({"wakeproxy.group": "g", "com.docker.compose.project": "p"}, name="n").group == "p/g"
+    assert info({"wakeproxy.group": "p", "com.docker.compose.project": "p"}, name="n").group == "p"
     assert info({"com.docker.compose.project": "p"}, name="n").group == "p"
+    assert info({"wakeproxy.group": "g"}, name="n").group == "g"
     assert info({}, name="n").group == "n"
     assert info({"wakeproxy.group": "", "com.docker.compose.project": "p"}, name="n").group == "p"
+
+
+@pytest.mark.parametrize("label", ["wakeproxy.group", "com.docker.compose.project"])
+@pytest.mark.parametrize("value", ["a\nb", "a/b", "-x", "x" * 64, "a b", "ä"])
+def test_group_labels_must_be_plain_names(label, value):
+    with pytest.raises(LabelError, match=label):
+        settings_for(info({label: value}))
 
 
 @pytest.mark.parametrize("state, running", [("running", True), ("exited", False), ("paused", False), ("restarting", False), ("created", False)])

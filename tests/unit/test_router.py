@@ -233,9 +233,9 @@ def test_trusted_range_does_not_cover_other_peers():
 
 def test_round_robin_over_ready_backends():
     router = make_router(
-        c("w1", "a.test", networks={"bridge": "10.0.0.1"}),
-        c("w2", "a.test", networks={"bridge": "10.0.0.2"}),
-        c("w0", "a.test", state="exited"),
+        c("w1", "a.test", networks={"bridge": "10.0.0.1"}, project="p"),
+        c("w2", "a.test", networks={"bridge": "10.0.0.2"}, project="p"),
+        c("w0", "a.test", state="exited", project="p"),
     )
     seen = [route(router, make_flow("a.test")).request.host for _ in range(4)]
     assert seen == ["10.0.0.1", "10.0.0.2", "10.0.0.1", "10.0.0.2"]
@@ -243,10 +243,10 @@ def test_round_robin_over_ready_backends():
 
 def test_round_robin_is_per_site():
     router = make_router(
-        c("a1", "a.test", networks={"bridge": "10.0.0.1"}),
-        c("a2", "a.test", networks={"bridge": "10.0.0.2"}),
-        c("b1", "b.test", networks={"bridge": "10.0.1.1"}),
-        c("b2", "b.test", networks={"bridge": "10.0.1.2"}),
+        c("a1", "a.test", networks={"bridge": "10.0.0.1"}, project="p"),
+        c("a2", "a.test", networks={"bridge": "10.0.0.2"}, project="p"),
+        c("b1", "b.test", networks={"bridge": "10.0.1.1"}, project="p"),
+        c("b2", "b.test", networks={"bridge": "10.0.1.2"}, project="p"),
     )
     assert route(router, make_flow("a.test")).request.host == "10.0.0.1"
     assert route(router, make_flow("b.test")).request.host == "10.0.1.1"
@@ -362,8 +362,8 @@ NETS = {"proxy": "bridge", "other": "bridge"}
 @pytest.mark.parametrize("state", ["exited", "paused", "created"])
 def test_any_wakeable_backend_goes_to_the_waker(state):
     waker = FakeWaker()
-    router = make_router(c("web", "a.test", state=state, networks={"proxy": ""}),
-                         c("api", "a.test", networks={"other": "172.20.0.2"}),  # running, but unreachable
+    router = make_router(c("web", "a.test", state=state, networks={"proxy": ""}, project="p"),
+                         c("api", "a.test", networks={"other": "172.20.0.2"}, project="p"),  # running, but unreachable
                          allowed=("proxy",), drivers=NETS, waker=waker)
     router.requestheaders(make_flow("a.test"))
     assert [call[0] for call in waker.calls] == ["asleep"]

@@ -7,14 +7,16 @@ import logging
 import pytest
 
 import wakeproxy.snapshot as snapshot_mod
-from wakeproxy.config import SourcesConfig
+from wakeproxy.config import LabelTrustConfig, SourcesConfig
 from wakeproxy.labels import ContainerInfo
-from wakeproxy.snapshot import Backend, Site, Snapshot, build_snapshot
+from wakeproxy.snapshot import Backend, Policy, Site, Snapshot, build_snapshot
 
 ALL = SourcesConfig()
+P = {"com.docker.compose.project": "p"}  # containers of one Compose project: one group
 
 
-def c(name, host=None, state="running", networks=None, labels=None, env=None, exposed=(), cid=None) -> ContainerInfo:
+def c(name, host=None, state="running", networks=None, labels=None, env=None, exposed=(), cid=None,
+      created=0.0) -> ContainerInfo:
     labels = dict(labels or {})
     if host is not None:
         labels["wakeproxy.host"] = host
@@ -22,7 +24,7 @@ def c(name, host=None, state="running", networks=None, labels=None, env=None, ex
         networks = {"bridge": "172.17.0.2"} if state == "running" else {"bridge": ""}
     return ContainerInfo(
         id=cid or f"id-{name}", name=name, state=state, labels=labels, env=env or {},
-        exposed_ports=tuple(exposed), networks=networks,
+        exposed_ports=tuple(exposed), networks=networks, created=created,
     )
 
 
@@ -86,19 +88,20 @@ def test_wildcard_does_not_match(asked):
 
 
 def test_exact_beats_wildcard():
-    snap = build(c("wild", "*.example.com"), c("www", "www.example.com"))
+    snap = build(c("wild", "*.example.com", labels=P), c("www", "www.example.com", labels=P))
     assert only_backend(snap, "www.example.com").container_name == "www"
     assert only_backend(snap, "api.example.com").container_name == "wild"
     assert only_backend(snap, "a.www.example.com").container_name == "wild"
 
 
 def test_longest_wildcard_suffix_wins():
-    snap = build(c("wide", "*.example.com"), c("narrow", "*.b.example.com"), c("tld", "*.com"))
+    snap = build(c("wide", "*.example.com", labels=P), c("narrow", "*.b.example.com", labels=P),
+                 c("tld", "*.co.example", labels=P))
     assert only_backend(snap, "a.b.example.com").container_name == "narrow"
     assert only_backend(snap, "x.a.b.example.com").container_name == "narrow"
     assert only_backend(snap, "b.example.com").container_name == "wide"
     assert only_backend(snap, "a.example.com").container_name == "wide"
-    assert only_backend(snap, "example.com").container_name == "tld"
+    assert only_backend(snap, "x.co.example").container_name == "tld"
 
 
 def test_hosts_listing():
@@ -109,19 +112,21 @@ def test_hosts_listing():
 
 
 def test_two_running_containers_on_one_host():
-    snap = build(c("web2", "a.test", networks={"bridge": "172.17.0.3"}), c("web1", "a.test"))
+    snap = build(c("web2", "a.test", networks={"bridge": "172.17.0.3"}, labels=P), c("web1", "a.test", labels=P))
     site = snap.lookup("a.test")
     assert [b.container_name for b in site.backends] == ["web1", "web2"]  # sorted by name
     assert [b.address for b in site.ready_backends] == ["172.17.0.2", "172.17.0.3"]
 
 
-def test_groups_of_a_site():
+def test_a_site_belongs_to_one_group():
     snap = build(
-        c("a1", "a.test", labels={"com.docker.compose.project": "p"}),
-        c("a2", "a.test", labels={"com.docker.compose.project": "p"}),
-        c("b", "a.test", labels={"wakeproxy.group": "g"}),
+        c("a1", "a.test", labels={"com.docker.compose.project": "p"}, created=1),
+        c("a2", "a.test", labels={"com.docker.compose.project": "p"}, created=3),
+        c("b", "a.test", labels={"wakeproxy.group": "g"}, created=2),
     )
-    assert snap.lookup("a.test").groups == ("p", "g")
+    assert snap.lookup("a.test").groups == ("p",)
+    assert [b.container_name for b in snap.lookup("a.test").backends] == ["a1", "a2"]
+    assert [(r.name, r.group, r.owner) for r in snap.refused] == [("a.test", "g", "p")]
 
 
 def test_one_container_many_hosts_and_sources():
@@ -204,13 +209,19 @@ def test_network_label_naming_a_network_the_container_is_not_on():
     assert "'missing'" in b.problem and "front" in b.problem
 
 
-def test_network_label_overrides_allowed_networks():
-    # By design (the router's 503 hint offers "docker.networks in the config, or the wakeproxy.network
-    # label"): a container's own label picks its network even outside docker.networks.  The container
-    # can only point the proxy at its own address, so this is no escape.
+def test_network_label_outside_allowed_networks_needs_the_operator(caplog):
+    # A network outside docker.networks weakens the server's posture: honoured only with labels.network.
     info = c("web", "a.test", labels={"wakeproxy.network": "private"}, networks={"private": "10.9.0.2", "proxy": "10.1.0.2"})
-    b = only_backend(build(info, allowed=("proxy",), drivers={"private": "bridge", "proxy": "bridge"}), "a.test")
+    drivers = {"private": "bridge", "proxy": "bridge"}
+    b = only_backend(build(info, allowed=("proxy",), drivers=drivers), "a.test")
+    assert b.address == "10.1.0.2"
+    assert "network label 'private' is ignored" in caplog.text
+    trusting = Policy(trust=LabelTrustConfig(network=True))
+    b = only_backend(build(info, allowed=("proxy",), drivers=drivers, policy=trusting), "a.test")
     assert b.address == "10.9.0.2"
+    # Naming an allowed network is always fine.
+    info = c("web", "a.test", labels={"wakeproxy.network": "proxy"}, networks={"private": "10.9.0.2", "proxy": "10.1.0.2"})
+    assert only_backend(build(info, allowed=("private", "proxy"), drivers=drivers), "a.test").address == "10.1.0.2"
 
 
 def test_overlay_network_is_never_chosen():
@@ -356,9 +367,9 @@ def test_removed_container_is_dropped_from_cache(counting):
 
 def test_cache_is_keyed_by_container_id(counting):
     cache: dict = {}
-    build(c("a", "a.test", cid="1"), route_cache=cache)
+    build(c("a", "a.test", cid="1", labels=P), route_cache=cache)
     counting.clear()
-    snap = build(c("a", "a.test", cid="1"), c("a-copy", "a.test", cid="2"), route_cache=cache)
+    snap = build(c("a", "a.test", cid="1", labels=P), c("a-copy", "a.test", cid="2", labels=P), route_cache=cache)
     assert counting == ["a-copy"]
     assert [b.container_id for b in snap.lookup("a.test").backends] == ["1", "2"]
 
@@ -409,11 +420,11 @@ def test_groups_hold_every_member_but_only_routed_groups_exist():
     assert snap.lookup("a.test").groups == ("p",)
 
 
-def test_group_label_overrides_compose_project():
+def test_group_label_splits_a_compose_project():
     snap = build(c("one", "a.test", labels={"com.docker.compose.project": "p", "wakeproxy.group": "g"}),
                  c("two", None, labels={"com.docker.compose.project": "p"}))
-    assert set(snap.groups) == {"g"}
-    assert snap.groups["g"].members == ("id-one",)
+    assert set(snap.groups) == {"p/g"}
+    assert snap.groups["p/g"].members == ("id-one",)
 
 
 def test_group_wake_settings_from_members():
