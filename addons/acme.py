@@ -54,7 +54,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,14 +69,12 @@ from cryptography.x509.oid import NameOID
 from mitmproxy import http, tls
 from OpenSSL import SSL, crypto
 
-from .config import AcmeConfig, SourcesConfig
-from .labels import LETSENCRYPT_ENV, ContainerInfo, LabelError, parse_hosts, routes_for
+from .config import AcmeConfig
 from .runtime import Runtime
 from .tls import CHALLENGE_PREFIX, Certificates, LoadedCert, load_cert, write_private
 
 logger = logging.getLogger(__name__)
 
-ACME_LABEL = "wakeproxy.acme"
 RENEW_FRACTION = 1 / 3  # renew when this much of the lifetime is left
 BACKOFF_MIN = 60.0
 BACKOFF_MAX = 6 * 3600.0
@@ -84,61 +82,11 @@ ARI_RECHECK = 6 * 3600.0  # how often a certificate's renewalInfo is asked again
 INLINE_RETRY_MAX = 30.0  # a Retry-After up to this long is waited out inside the attempt
 REQUEST_RETRIES = 4  # per request, for badNonce / 429 / 5xx
 ORDER_TIMEOUT = 90.0
+ORDER_WINDOW = 24 * 3600.0  # acme.max_orders_per_group counts orders in this window
 TEST_BACKOFF_ENV = "WAKEPROXY_ACME_TEST_BACKOFF"
 ACME_TLS_ALPN = b"acme-tls/1"
 ID_PE_ACME_IDENTIFIER = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")  # RFC 8737
 _TLSALPN01 = getattr(challenges, "TLSALPN01", None)  # gone in acme 5.x
-_NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_TRUE = {"true", "1", "yes", "on"}
-
-
-# --- which names ------------------------------------------------------------------
-
-
-def names_of(info: ContainerInfo, sources: SourcesConfig) -> tuple[str, ...]:
-    """The names `info` wants certificates for (wildcards left out: HTTP-01 cannot prove them)."""
-    out: list[str] = []
-    if info.labels.get(ACME_LABEL, "").strip().lower() in _TRUE:
-        try:
-            out.extend(r.host for r in routes_for(info, sources))
-        except LabelError:
-            pass  # the snapshot already logged it; the container has no routes
-    raw = info.env.get(LETSENCRYPT_ENV, "")
-    if raw.strip():
-        try:
-            out.extend(parse_hosts(raw, f"env {LETSENCRYPT_ENV}"))
-        except LabelError as e:
-            logger.warning(f"container '{info.name}': {e}")
-    return tuple(dict.fromkeys(h for h in out if not h.startswith("*.") and _NAME.match(h)))
-
-
-class WantedNames:
-    """Names wanted across all containers, recomputed per snapshot with a per-container cache.
-
-    Label parsing is skipped for containers whose labels and env did not
-    change, so a snapshot of a thousand sandboxes costs a dict walk.
-    """
-
-    def __init__(self) -> None:
-        self._cache: dict[str, tuple[Mapping[str, str], Mapping[str, str], tuple[str, ...]]] = {}
-
-    def update(self, containers: Iterable[ContainerInfo], sources: SourcesConfig) -> dict[str, str]:
-        """name → the first container (by name) that wants it."""
-        seen: set[str] = set()
-        out: dict[str, str] = {}
-        for info in sorted(containers, key=lambda i: i.name):
-            seen.add(info.id)
-            cached = self._cache.get(info.id)
-            if cached is not None and cached[0] == info.labels and cached[1] == info.env:
-                names = cached[2]
-            else:
-                names = names_of(info, sources)
-                self._cache[info.id] = (info.labels, info.env, names)
-            for n in names:
-                out.setdefault(n, info.name)
-        for gone in set(self._cache) - seen:
-            del self._cache[gone]
-        return out
 
 
 # --- timing (pure) -------------------------------------------------------------------
@@ -614,6 +562,7 @@ class NameState:
 
     name: str
     container: str = ""
+    group: str = ""
     cert: LoadedCert | None = None
     renew_at: datetime.datetime | None = None
     ari_checked: float = 0.0  # monotonic
@@ -663,7 +612,8 @@ class AcmeManager:
         self.tokens = ChallengeTokens()
         self.states: dict[str, NameState] = {}
         self.client: AcmeClient | None = None
-        self._wanted = WantedNames()
+        self._orders: dict[str, list[float]] = {}  # group → times of its orders in the last 24 h
+        self._capped: set[str] = set()  # groups whose cap was logged in the current window
         self._kick: asyncio.Event | None = None
         self._sem: asyncio.Semaphore | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -745,11 +695,13 @@ class AcmeManager:
             await self.runtime.changed(60.0)
 
     def _apply_snapshot(self) -> None:
+        """The names to manage: those the snapshot says a group owns and wants a certificate for."""
         assert self._kick is not None
-        wanted = self._wanted.update(self.runtime.snapshot.containers.values(), self.runtime.config.sources)
+        wanted = self.runtime.snapshot.acme
         new = [n for n in wanted if n not in self.states or not self.states[n].container]
-        for name, container in wanted.items():
-            self.states.setdefault(name, NameState(name)).container = container
+        for name, (container, group) in wanted.items():
+            st = self.states.setdefault(name, NameState(name))
+            st.container, st.group = container, group
         for name, st in self.states.items():
             if name not in wanted:
                 st.container = ""  # keep serving what we have; stop renewing
@@ -765,9 +717,10 @@ class AcmeManager:
             for st in list(self.states.values()):
                 if not st.container or st.busy:
                     continue
-                due = st.due(now)
+                due = max(st.due(now), self._order_allowed_at(st.group, now))
                 if due <= now:
                     st.busy = True
+                    self._orders.setdefault(st.group, []).append(now)
                     self._spawn(self._attempt(st))
                 else:
                     wake_at = min(wake_at, due)
@@ -779,6 +732,22 @@ class AcmeManager:
                 await asyncio.wait_for(self._kick.wait(), max(0.05, wake_at - time.time()))
             except asyncio.TimeoutError:
                 pass
+
+    def _order_allowed_at(self, group: str, now: float) -> float:
+        """When `group` may cause its next order: at most acme.max_orders_per_group per 24 hours,
+        so one sandbox cannot spend the CA's rate limits that every other sandbox shares."""
+        times = [t for t in self._orders.get(group, ()) if t > now - ORDER_WINDOW]
+        self._orders[group] = times
+        cap = self.runtime.config.acme.max_orders_per_group
+        if len(times) < cap:
+            self._capped.discard(group)
+            return now
+        if group not in self._capped:
+            self._capped.add(group)
+            logger.warning(f"acme: group '{group}' made {len(times)} orders in 24 h "
+                           f"(acme.max_orders_per_group); its next order waits until "
+                           f"{datetime.datetime.fromtimestamp(times[0] + ORDER_WINDOW, datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+        return times[0] + ORDER_WINDOW
 
     async def _attempt(self, st: NameState) -> None:
         assert self.client is not None and self._sem is not None and self._kick is not None

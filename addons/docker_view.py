@@ -35,7 +35,8 @@ import docker.errors
 from .config import Config
 from .labels import USED_ENV, ContainerInfo
 from .runtime import ContainerEvent
-from .snapshot import Snapshot, build_snapshot
+from .policy import OWNERS_FILE, Ownership
+from .snapshot import Policy, Snapshot, build_snapshot
 from .tls import write_private
 
 logger = logging.getLogger(__name__)
@@ -158,7 +159,24 @@ def info_from_inspect(data: dict[str, Any]) -> ContainerInfo:
         networks={name: (n or {}).get("IPAddress") or "" for name, n in nets.items()},
         health=health if status == "running" else None,
         exit_code=state.get("ExitCode") if status in ("exited", "dead") else None,
+        created=_created(data.get("Created")),
     )
+
+
+def _created(value: Any) -> float:
+    """Creation time in whole seconds, from the listing (an int) or inspect (RFC 3339 with ns)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(int(value))
+    if isinstance(value, str) and value:
+        import datetime
+
+        text = value.rstrip("Z").split(".", 1)[0]
+        try:
+            dt = datetime.datetime.fromisoformat(text).replace(tzinfo=datetime.timezone.utc)
+        except ValueError:
+            return 0.0
+        return float(int(dt.timestamp()))
+    return 0.0
 
 
 def _health_from_status(status: str) -> str | None:
@@ -182,6 +200,7 @@ def info_from_listing(entry: dict[str, Any], static: _Static) -> ContainerInfo:
         exposed_ports=static.exposed_ports,
         networks={name: (n or {}).get("IPAddress") or "" for name, n in nets.items()},
         health=_health_from_status(entry.get("Status") or "") if state == "running" else None,
+        created=_created(entry.get("Created")),
     )
 
 
@@ -252,6 +271,10 @@ class DockerView:
         self._drivers: dict[str, str] = {}
         self._inspector: Inspector | None = None
         self._route_cache: dict[str, Any] = {}
+        self._policy = Policy.from_config(config)
+        self._ownership = Ownership()
+        self._owners_path = config.state_dir / OWNERS_FILE
+        self._owners_on = True  # False once the file could not be written
         self._stop = threading.Event()
         self._events: Any = None
         self._thread = threading.Thread(target=self._run, name="wakeproxy-docker", daemon=True)
@@ -278,6 +301,7 @@ class DockerView:
 
     def _run(self) -> None:
         self._load_cache()
+        self._ownership.load(self._owners_path)
         try:
             self._run_connected()
         finally:
@@ -350,10 +374,17 @@ class DockerView:
             if wait == 0.0:
                 self._save_cache()
                 wait = None
+            release = self._ownership.next_release(self._policy.names.release_after)
+            if release is not None:
+                due = max(0.0, release - time.time())
+                if due == 0.0:
+                    self._publish()  # a held name is free now: the next claimant gets it
+                    continue
+                wait = due if wait is None else min(wait, due)
             try:
                 batch = [inbox.get(timeout=wait)]
             except queue.Empty:
-                continue  # the cache is due: written at the top of the loop
+                continue  # the cache or a name release is due: handled at the top of the loop
             while len(batch) < MAX_BATCH and not isinstance(batch[-1], _StreamEnd):
                 try:
                     batch.append(inbox.get_nowait())
@@ -495,6 +526,8 @@ class DockerView:
     def _save_cache(self) -> None:
         """Write the cache file atomically if its content changed; give up for good when it cannot be written."""
         self._unsaved_since = None
+        if self._ownership.dirty:
+            self._save_owners()
         if not self._cache_on:
             return
         data = encode_cache(self._static)
@@ -519,8 +552,24 @@ class DockerView:
             self._drivers,
             synced=True,
             route_cache=self._route_cache,
+            policy=self._policy,
+            ownership=self._ownership,
         )
+        if self._ownership.dirty:
+            self._mark_unsaved()  # written with the container cache, at most every CACHE_SAVE_DELAY
         self._call(self.publish, snap)
+
+    def _save_owners(self) -> None:
+        """Who owns which name, written atomically whenever it changed (rare: a new name, a release)."""
+        self._ownership.dirty = False
+        if not self._owners_on:
+            return
+        try:
+            write_private(self._owners_path, self._ownership.encode())
+        except OSError as e:
+            self._owners_on = False
+            logger.warning(f"names: cannot write {self._owners_path} ({e}); owners are kept in memory only "
+                           "(after a restart they are decided by container creation time)")
 
     def _call(self, fn: Callable[..., None], *args: Any) -> None:
         try:

@@ -195,6 +195,7 @@ class Ownership:
     def __init__(self) -> None:
         self._records: dict[str, _Record] = {}
         self._logged: set[tuple[str, str, str]] = set()
+        self._resolved_at = 0.0  # `now` of the last resolve: records seen before it have no claim
         self.dirty = False
 
     # --- the decision -------------------------------------------------------------------
@@ -266,9 +267,19 @@ class Ownership:
                 self.dirty = True
             else:
                 rec.seen, rec.group = now, cs[0].group
+        for name, rec in list(self._records.items()):
+            if rec.gid in by_name.get(name, {}) and table.owner.get(name) != rec.gid:
+                del self._records[name]  # its owner still claims it, but the policy no longer lets it
+                self.dirty = True
         refusals.sort(key=lambda r: (r.name, r.group))
+        self._resolved_at = now
         self._log(refusals)
         return owners, refusals
+
+    def next_release(self, release_after: float) -> float | None:
+        """When the earliest name held for a vanished claim becomes free (wall clock), if any."""
+        held = [r.seen for r in self._records.values() if r.seen < self._resolved_at]
+        return min(held) + release_after if held else None
 
     def _log(self, refusals: list[Refusal]) -> None:
         current = {(r.name, r.group, r.reason) for r in refusals}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from .config import Config, LabelTrustConfig, SourcesConfig
 from .labels import ContainerInfo, ContainerSettings, LabelError, Route, group_of, normalize_host, routes_for, settings_for
-from .policy import Claim, GroupId, NamePolicy, Ownership, Refusal, parents
+from .policy import Claim, GroupId, NamePolicy, Ownership, Refusal
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class Snapshot:
     skipped: Mapping[str, str] = field(default_factory=dict)  # container name → why it was skipped
     synced: bool = False  # False until the first full listing has been read
     refused: tuple[Refusal, ...] = ()  # claims on names that do not stand (another owner, the policy)
-    acme: Mapping[str, str] = field(default_factory=dict)  # name → container that wants a certificate for it
+    acme: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # name → (container, group) wanting a certificate
     cert_names: Mapping[str, str] = field(default_factory=dict)  # host → custom certificate file base (label)
     no_redirect: frozenset[str] = frozenset()  # site hosts whose owner turned the https redirect off (label)
 
@@ -287,9 +287,12 @@ def build_snapshot(
         parsed[info.id] = (info, result)
 
     keys = _group_keys(parsed)
+    # Every routed host is a claim, and so is every LETSENCRYPT_HOST name: a certificate is as
+    # much a part of a name as its traffic.
     claims = [
-        Claim(r.host, keys[cid][1], keys[cid][0], info.created, info.name)
-        for cid, (info, (routes, _, _)) in parsed.items() for r in routes
+        Claim(name, keys[cid][1], keys[cid][0], info.created, info.name)
+        for cid, (info, (routes, st, _)) in parsed.items()
+        for name in dict.fromkeys([*(r.host for r in routes), *(n for n in st.letsencrypt if not n.startswith("*."))])
     ]
     owners, refused = ownership.resolve(claims, policy.names, time.time() if now is None else now)
 
@@ -365,32 +368,24 @@ def build_snapshot(
 
 def _acme_names(parsed: Mapping[str, tuple[ContainerInfo, _Parsed]], keys: Mapping[str, tuple[GroupId, str]],
                 owners: Mapping[str, str], own_hosts: Mapping[str, list[str]],
-                policy: Policy) -> tuple[dict[str, str], list[Refusal]]:
-    """name → container, for the names a container wants certificates for that its group owns
-    (an exact host, or a name under a wildcard it owns), at most `policy.acme_max` per group."""
+                policy: Policy) -> tuple[dict[str, tuple[str, str]], list[Refusal]]:
+    """name → (container, group), for the names a container wants certificates for that its group
+    owns, at most `policy.acme_max` per group (HTTP-01 cannot prove wildcards: left out)."""
     wanted: dict[str, dict[str, list[str]]] = {}  # group → name → containers
-    refused: list[Refusal] = []
     for cid, (info, (_, st, _)) in sorted(parsed.items(), key=lambda kv: kv[1][0].name):
         key = keys[cid][1]
         names = [h for h in own_hosts.get(cid, ()) if not h.startswith("*.")] if st.acme else []
-        for n in st.letsencrypt:
-            if n.startswith("*."):
-                continue  # HTTP-01 cannot prove a wildcard
-            if owners.get(n) == key or any(owners.get("*." + d) == key for d in parents(n)):
-                names.append(n)
-            else:
-                refused.append(Refusal(n, key, (info.name,), "LETSENCRYPT_HOST names a host this group does not "
-                                       "serve (certificates are ordered only for a group's own hosts)"))
+        names += [n for n in st.letsencrypt if owners.get(n) == key]  # the others are refused claims
         for n in names:
-            if "." in n:
+            if "." in n and not n.rsplit(".", 1)[1].isdigit():  # a public name, not localhost or an IP
                 wanted.setdefault(key, {}).setdefault(n, []).append(info.name)
-    out: dict[str, str] = {}
-    for key, names in wanted.items():
-        for i, (n, containers) in enumerate(sorted(names.items())):
+    out: dict[str, tuple[str, str]] = {}
+    refused: list[Refusal] = []
+    for key, names_of_group in wanted.items():
+        for i, (n, containers) in enumerate(sorted(names_of_group.items())):
             if i < policy.acme_max:
-                out[n] = containers[0]
+                out[n] = (containers[0], key)
             else:
                 refused.append(Refusal(n, key, tuple(containers), f"no certificate: the group already has "
                                        f"{policy.acme_max} (acme.max_names_per_group)"))
     return out, refused
-

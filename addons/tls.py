@@ -34,7 +34,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from cryptography.x509.oid import NameOID
 from mitmproxy import certs, ctx, exceptions, http, tls
 
 from .config import Config
-from .labels import ContainerInfo, normalize_host
+from .labels import normalize_host
 from .runtime import Runtime
 from .snapshot import Snapshot
 
@@ -54,11 +54,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CERT_NAME = "default-cert.pem"
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
-CERT_NAME_LABELS = ("wakeproxy.cert-name", "io.docksal.cert-name")
-REDIRECT_LABEL = "wakeproxy.https-redirect"
 CUSTOM_RESCAN = 30.0  # seconds between looks at tls.certs_dir for changed files
 
-_FALSE = {"false", "0", "no", "off"}
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -260,30 +257,6 @@ def _dir_signature(directory: Path | None) -> tuple[tuple[str, int, int], ...]:
 # --- which certificate for which name ---------------------------------------------
 
 
-def label_cert_names(containers: Iterable[ContainerInfo], hosts_of: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
-    """host → custom file base, for containers that name a certificate in a label."""
-    out: dict[str, str] = {}
-    for info in containers:
-        base = next((info.labels[k].strip() for k in CERT_NAME_LABELS if info.labels.get(k, "").strip()), None)
-        if base is None:
-            continue
-        for host in hosts_of.get(info.id, ()):
-            out.setdefault(host, base.lower())
-    return out
-
-
-def hosts_by_container(snapshot: Snapshot) -> dict[str, tuple[str, ...]]:
-    """container id → the hosts (and `*.x` wildcards) it serves, from the snapshot's sites."""
-    out: dict[str, list[str]] = {}
-    for host, site in snapshot.exact.items():
-        for b in site.backends:
-            out.setdefault(b.container_id, []).append(host)
-    for suffix, site in snapshot.wildcards.items():
-        for b in site.backends:
-            out.setdefault(b.container_id, []).append(f"*.{suffix}")
-    return {cid: tuple(dict.fromkeys(hs)) for cid, hs in out.items()}
-
-
 @dataclass
 class CertRegistry:
     """Everything we can serve, and the resulting name → certificate table (pure, no I/O).
@@ -401,7 +374,8 @@ class Certificates:
         self.sync()
 
     def _update_labels(self, snapshot: Snapshot) -> None:
-        names = label_cert_names(snapshot.containers.values(), hosts_by_container(snapshot))
+        # host → file base, from the cert-name labels of each host's owner (when labels.cert_name allows)
+        names = dict(snapshot.cert_names)
         if names != self.registry.label_names:
             self.registry.label_names = names
             self.registry.changed()
@@ -477,10 +451,6 @@ class Certificates:
         return cert
 
 
-def _flag_false(value: str | None) -> bool:
-    return value is not None and value.strip().lower() in _FALSE
-
-
 class HttpsPolicy:
     """Plain HTTP → 308 https for hosts with a real certificate; HSTS on HTTPS answers.
 
@@ -511,15 +481,12 @@ class HttpsPolicy:
             308, b"", {"Location": location, "Content-Length": "0", "Cache-Control": "no-store"})
 
     def _opted_out(self, host: str) -> bool:
-        site = self.runtime.snapshot.lookup(host)
-        if site is None:
+        """Did the host's owner turn the redirect off (wakeproxy.https-redirect=false, where trusted)?"""
+        snapshot = self.runtime.snapshot
+        if not snapshot.no_redirect:
             return False
-        containers = self.runtime.snapshot.containers
-        for b in site.backends:
-            info = containers.get(b.container_id)
-            if info is not None and _flag_false(info.labels.get(REDIRECT_LABEL)):
-                return True
-        return False
+        site = snapshot.lookup(host)
+        return site is not None and site.host in snapshot.no_redirect
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         max_age = int(self.runtime.config.tls.hsts)

@@ -3,6 +3,7 @@ answers, storage, retries as RFC 8555 asks, status()."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import random
 import time
@@ -20,11 +21,12 @@ from mitmproxy.test.tutils import treq
 
 from wakeproxy import acme
 from wakeproxy.acme import (
-    BACKOFF_MAX, BACKOFF_MIN, AcmeFailure, CertStorage, ChallengeTokens, NameState, RetryingNetwork, WantedNames,
-    ari_cert_id, ari_pick, backoff_delay, describe, names_of, new_certificate_key, parse_retry_after, renewal_time,
+    BACKOFF_MAX, BACKOFF_MIN, AcmeFailure, CertStorage, ChallengeTokens, NameState, RetryingNetwork,
+    ari_cert_id, ari_pick, backoff_delay, describe, new_certificate_key, parse_retry_after, renewal_time,
 )
 from wakeproxy.config import SourcesConfig
 from wakeproxy.labels import ContainerInfo
+from wakeproxy.snapshot import build_snapshot
 from wakeproxy.tls import load_cert
 
 UTC = datetime.timezone.utc
@@ -34,39 +36,79 @@ def info(name, labels=None, env=None, state="exited") -> ContainerInfo:
     return ContainerInfo(id=f"id-{name}", name=name, state=state, labels=labels or {}, env=env or {})
 
 
-# --- names --------------------------------------------------------------------------------
+# --- names (decided in the snapshot: only names the group owns) ------------------------------
+
+
+def acme_names(*containers, **kw) -> dict[str, str]:
+    return {n: c for n, (c, _) in build_snapshot(containers, SourcesConfig(), (), {}, **kw).acme.items()}
 
 
 def test_label_takes_every_non_wildcard_host_of_any_convention():
     c = info("a", labels={"wakeproxy.acme": "true", "wakeproxy.host": "a.example.com,*.x.example.com",
                           "traefik.http.routers.r.rule": "Host(`t.example.com`)"})
-    assert names_of(c, SourcesConfig()) == ("a.example.com", "t.example.com")
+    assert acme_names(c) == {"a.example.com": "a", "t.example.com": "a"}
 
 
 def test_no_label_no_names_and_false_means_false():
-    assert names_of(info("a", labels={"wakeproxy.host": "a.example.com"}), SourcesConfig()) == ()
-    assert names_of(info("a", labels={"wakeproxy.host": "a.example.com", "wakeproxy.acme": "false"}),
-                    SourcesConfig()) == ()
+    assert acme_names(info("a", labels={"wakeproxy.host": "a.example.com"})) == {}
+    assert acme_names(info("a", labels={"wakeproxy.host": "a.example.com", "wakeproxy.acme": "false"})) == {}
+
+
+def test_a_malformed_acme_label_skips_the_container():
+    snap = build_snapshot([info("a", labels={"wakeproxy.host": "a.example.com", "wakeproxy.acme": "maybe"})],
+                          SourcesConfig(), (), {})
+    assert snap.acme == {} and "wakeproxy.acme" in snap.skipped["a"]
 
 
 def test_letsencrypt_host_env_alone_is_enough_and_is_deduplicated():
     c = info("a", env={"LETSENCRYPT_HOST": "A.example.com, b.example.com,a.example.com"})
-    assert names_of(c, SourcesConfig()) == ("a.example.com", "b.example.com")
+    assert acme_names(c) == {"a.example.com": "a", "b.example.com": "a"}
 
 
-def test_bad_names_are_skipped_not_fatal():
-    c = info("a", env={"LETSENCRYPT_HOST": "localhost,*.w.example.com,ok.example.com"})
-    assert names_of(c, SourcesConfig()) == ("ok.example.com",)
-    assert names_of(info("b", env={"LETSENCRYPT_HOST": "not a host!"}), SourcesConfig()) == ()
+def test_names_without_a_public_form_are_left_out():
+    c = info("a", env={"LETSENCRYPT_HOST": "localhost,*.w.example.com,ok.example.com,10.0.0.1"})
+    assert acme_names(c) == {"ok.example.com": "a"}
 
 
-def test_wanted_names_cover_stopped_containers_and_forget_removed_ones():
-    w = WantedNames()
+def test_a_malformed_letsencrypt_host_skips_the_container():
+    snap = build_snapshot([info("b", env={"LETSENCRYPT_HOST": "not a host!"})], SourcesConfig(), (), {})
+    assert snap.acme == {} and "LETSENCRYPT_HOST" in snap.skipped["b"]
+
+
+def test_names_cover_stopped_containers_and_forget_removed_ones():
     a = info("a", env={"LETSENCRYPT_HOST": "a.example.com"}, state="created")
     b = info("b", labels={"wakeproxy.acme": "1", "wakeproxy.host": "b.example.com"}, state="running")
-    assert w.update([a, b], SourcesConfig()) == {"a.example.com": "a", "b.example.com": "b"}
-    assert w.update([b], SourcesConfig()) == {"b.example.com": "b"}
-    assert set(w._cache) == {"id-b"}
+    assert acme_names(a, b) == {"a.example.com": "a", "b.example.com": "b"}
+    assert acme_names(b) == {"b.example.com": "b"}
+
+
+def test_no_certificate_for_another_groups_name():
+    owner = info("owner", labels={"wakeproxy.host": "bank.example.com"}, state="running")
+    owner = dataclasses.replace(owner, created=1.0)
+    thief = dataclasses.replace(info("thief", env={"LETSENCRYPT_HOST": "bank.example.com,thief.example.com"}),
+                                created=2.0)
+    snap = build_snapshot([owner, thief], SourcesConfig(), (), {})
+    assert {n: c for n, (c, _) in snap.acme.items()} == {"thief.example.com": "thief"}
+    assert [(r.name, r.group, r.owner) for r in snap.refused] == [("bank.example.com", "thief", "owner")]
+
+
+def test_names_outside_the_policy_get_no_certificate():
+    from wakeproxy.policy import NamePolicy
+    from wakeproxy.snapshot import Policy
+
+    c = info("pr-1", env={"LETSENCRYPT_HOST": "pr-1.sb.example.com,www.some-bank.example"})
+    policy = Policy(names=NamePolicy(allow=("{group}.sb.example.com",)))
+    assert acme_names(c, policy=policy) == {"pr-1.sb.example.com": "pr-1"}
+
+
+def test_names_per_group_are_capped():
+    from wakeproxy.snapshot import Policy
+
+    hosts = ",".join(f"n{i}.example.com" for i in range(5))
+    snap = build_snapshot([info("a", env={"LETSENCRYPT_HOST": hosts})], SourcesConfig(), (), {},
+                          policy=Policy(acme_max=3))
+    assert sorted(snap.acme) == ["n0.example.com", "n1.example.com", "n2.example.com"]
+    assert sum("acme.max_names_per_group" in r.reason for r in snap.refused) == 2
 
 
 # --- timing -------------------------------------------------------------------------------

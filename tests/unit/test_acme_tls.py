@@ -16,12 +16,12 @@ from cryptography.x509.oid import NameOID
 from mitmproxy.test import tflow
 from mitmproxy.test.tutils import treq
 
-from wakeproxy.config import Address, Config, ListenConfig, SourcesConfig, TlsConfig
+from wakeproxy.config import Address, Config, LabelTrustConfig, ListenConfig, SourcesConfig, TlsConfig
 from wakeproxy.labels import ContainerInfo
 from wakeproxy.runtime import Runtime
-from wakeproxy.snapshot import build_snapshot
+from wakeproxy.snapshot import Policy, build_snapshot
 from wakeproxy.tls import (
-    CertRegistry, Certificates, HttpsPolicy, file_base_to_name, hosts_by_container, label_cert_names,
+    CertRegistry, Certificates, HttpsPolicy, file_base_to_name,
     load_cert, name_matches, scan_custom_dir,
 )
 
@@ -93,14 +93,19 @@ def test_priority_acme_then_custom_then_label_then_default(tmp_path):
     assert reg.choose("a.example.com") is acme_a
 
 
-def test_label_cert_names_follow_the_container_hosts():
+def test_cert_name_labels_follow_the_owners_hosts_when_trusted():
     c1 = ContainerInfo("id1", "one", "exited", labels={"wakeproxy.host": "a.test,*.w.test",
                                                        "io.docksal.cert-name": "Team"})
     c2 = ContainerInfo("id2", "two", "running", labels={"wakeproxy.host": "b.test"},
                        networks={"bridge": "172.17.0.3"})
-    snap = build_snapshot([c1, c2], SourcesConfig(), (), {})
-    assert label_cert_names(snap.containers.values(), hosts_by_container(snap)) == {"a.test": "team",
-                                                                                     "*.w.test": "team"}
+    # A second group naming a certificate for a name it does not own changes nothing.
+    c3 = ContainerInfo("id3", "three", "running", labels={"wakeproxy.host": "a.test", "wakeproxy.cert-name": "evil"},
+                       networks={"bridge": "172.17.0.4"}, created=5)
+    trusting = Policy(trust=LabelTrustConfig(cert_name=True))
+    snap = build_snapshot([c1, c2, c3], SourcesConfig(), (), {}, policy=trusting)
+    assert snap.cert_names == {"a.test": "team", "*.w.test": "team"}
+    # Untrusted by default: ignored.
+    assert build_snapshot([c1, c2], SourcesConfig(), (), {}).cert_names == {}
 
 
 class FakeStore:
@@ -149,7 +154,7 @@ def _flow(host: str, path: str = "/p?q=1", tls: bool = False):
     return f
 
 
-def _policy(tmp_path, https_port=8443, redirect=True, hsts=0.0, labels=None):
+def _policy(tmp_path, https_port=8443, redirect=True, hsts=0.0, labels=None, trust_redirect=True):
     certs_dir = tmp_path / "certs"
     certs_dir.mkdir(exist_ok=True)
     make_cert(certs_dir, "a.test", "a.test")
@@ -159,10 +164,17 @@ def _policy(tmp_path, https_port=8443, redirect=True, hsts=0.0, labels=None):
                  tls=TlsConfig(certs_dir=certs_dir, redirect=redirect, hsts=hsts))
     containers = [ContainerInfo("id1", "one", "running", labels={"wakeproxy.host": "a.test", **(labels or {})},
                                 networks={"bridge": "172.17.0.2"})]
-    rt = Runtime(config=cfg, snapshot=build_snapshot(containers, SourcesConfig(), (), {}))
+    policy = Policy(trust=LabelTrustConfig(https_redirect=trust_redirect))
+    rt = Runtime(config=cfg, snapshot=build_snapshot(containers, SourcesConfig(), (), {}, policy=policy))
     c = Certificates(rt)
     c.load_static(cfg)
     return HttpsPolicy(rt, c)
+
+
+def test_redirect_label_is_ignored_unless_the_operator_trusts_it(tmp_path):
+    f = _flow("a.test", "/p")
+    _policy(tmp_path, labels={"wakeproxy.https-redirect": "false"}, trust_redirect=False).requestheaders(f)
+    assert f.response.status_code == 308
 
 
 def test_redirect_308_keeps_path_and_query(tmp_path):
