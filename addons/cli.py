@@ -159,11 +159,27 @@ def _status(config_path: str, url: str | None, as_json: bool) -> int:
         cw = [max(len(r[i]) for r in crows) for i in range(len(crows[0]))]
         for r in crows:
             print("  ".join(col.ljust(w) for col, w in zip(r, cw)).rstrip())
+    conflicts = report.get("conflicts") or []
+    if conflicts:
+        print("\nconflicts (claims on names another group owns; never routed, no certificate):")
+        _table([("NAME", "CLAIMED BY", "CONTAINERS", "OWNER")] + [
+            (c["name"], c["group"], ",".join(c["containers"]), c["owner"] or "-") for c in conflicts])
+    refused = report.get("refused") or []
+    if refused:
+        print("\nrefused names (outside the names policy):")
+        _table([("NAME", "GROUP", "CONTAINERS", "WHY")] + [
+            (c["name"], c["group"], ",".join(c["containers"]), c["reason"]) for c in refused])
     if report.get("skipped"):
         print("\nskipped containers (bad labels):")
         for name, why in report["skipped"].items():
             print(f"  {name}: {why}")
     return 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ never Docker.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Coroutine
 from typing import Any
@@ -24,14 +25,12 @@ logger = logging.getLogger(__name__)
 
 _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE", "CONNECT"})
 
+# A request that arrives before the first Docker listing is held this long for it (then routed).
+STARTUP_HOLD = 10.0
+
 # How many WebSocket messages a flow keeps for mitmweb; mitmproxy would keep all of them
 # for the life of the connection.
 WEBSOCKET_HISTORY = 100
-
-
-def _client_ip(flow: http.HTTPFlow) -> str:
-    ip = str(flow.client_conn.peername[0]) if flow.client_conn.peername else ""
-    return ip[7:] if ip.startswith("::ffff:") else ip
 
 
 class Router:
@@ -48,6 +47,22 @@ class Router:
         """Route at once; return a coroutine (which mitmproxy awaits) only to hold a request during a wake."""
         if flow.response is not None:
             return None  # already answered by an earlier addon (e.g. an ACME challenge)
+        if not self.runtime.snapshot.synced:
+            return self._after_first_listing(flow)
+        return self._route(flow)
+
+    async def _after_first_listing(self, flow: http.HTTPFlow) -> None:
+        """The listeners open before Docker has been read: hold the request (at most STARTUP_HOLD)
+        instead of answering for a routing table that is not there yet."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STARTUP_HOLD
+        while not self.runtime.snapshot.synced and loop.time() < deadline:
+            await self.runtime.changed(deadline - loop.time())
+        held = self._route(flow)
+        if held is not None:
+            await held
+
+    def _route(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
         host_header = flow.request.host_header or ""
         host = normalize_host(host_header)
         site = self.lookup(host)
@@ -133,7 +148,7 @@ class Router:
 
     def _forwarded_headers(self, flow: http.HTTPFlow, host_header: str) -> None:
         headers = flow.request.headers
-        client_ip = _client_ip(flow)
+        client_ip = pages.client_ip(flow)
         trusted = self.runtime.config.forwarded.trusts(client_ip)
         prior_xff = headers.get("x-forwarded-for", "") if trusted else ""
         if not trusted:
@@ -158,8 +173,8 @@ class Router:
         if not self.runtime.snapshot.synced:
             return pages.error_response(
                 flow.request, 503, "Starting up",
-                "wakeproxy has not finished reading the Docker engine's containers yet.",
-                "Try again in a moment.", host, {"Retry-After": "1"},
+                "The proxy has not been able to read its list of sites from the Docker engine yet.",
+                "Try again in a moment.", host, {"Retry-After": "5"},
             )
         return pages.error_response(
             flow.request, 404, "Unknown site",
@@ -172,6 +187,10 @@ class Router:
     def _unreachable(self, flow: http.HTTPFlow, host: str, site: Site) -> http.Response:
         problems = [b.problem for b in site.backends if b.problem]
         logger.debug(f"{host}: {'; '.join(problems)}")
+        if not self.runtime.config.shows_detail(pages.client_ip(flow)):
+            return pages.error_response(
+                flow.request, 503, "Site unreachable", f"The site '{host}' exists, but the proxy cannot reach it.",
+                "If you run this site: `wakeproxy status` and the proxy's log say why.", host)
         return pages.error_response(
             flow.request, 503, "Site unreachable", "; ".join(problems) + ".",
             "Connect the container to a network the proxy uses (docker.networks in the config, "

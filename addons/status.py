@@ -101,6 +101,9 @@ class StatusServer:
             "hosts": len(snap.exact) + len(snap.wildcards),
             "skipped": dict(snap.skipped),
             "groups": self.groups(),
+            # Claims that do not stand: on a name another group owns, and outside the operator's policy.
+            "conflicts": [r.as_dict() for r in snap.refused if r.owner is not None],
+            "refused": [r.as_dict() for r in snap.refused if r.owner is None],
         }
         for key, fn in self.extra.items():
             try:

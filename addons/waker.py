@@ -25,6 +25,7 @@ from typing import Any
 from mitmproxy import http
 
 from . import pages
+from .budget import WakeBudget, client_key
 from .docker_ops import DockerOpError, DockerOps
 from .labels import ContainerInfo
 from .runtime import ContainerEvent, Runtime
@@ -37,7 +38,16 @@ WAIT_PATH = CONTROL_PREFIX + "wait"
 PROBE_INTERVAL = 0.05  # seconds between readiness checks when no Docker event arrives
 PROBE_INTERVAL_MAX = 0.2
 PROBE_CONNECT_TIMEOUT = 0.5
-LONG_POLL = 20.0  # the waking page's readiness request is answered within this long
+LONG_POLL = 20.0  # the waking page's readiness request is answered within this long (at most wake.timeout)
+BUDGET_LOG_INTERVAL = 10.0  # refusals by the wake budget are summed up in one log line per this long
+
+# What an anonymous visitor is told when a wake fails (the detail goes to debug_clients and the log).
+_PUBLIC_FAILURE = {
+    502: ("Wake-up failed", "The site '{host}' could not be started.",
+          "Try again in a minute. If it keeps failing, tell the people who run this site."),
+    504: ("Wake-up timed out", "The site '{host}' did not become ready in time.",
+          "Reload the page to try again."),
+}
 
 
 class WakeFailed(Exception):
@@ -93,6 +103,9 @@ class Waker:
         self.ops = DockerOps(runtime.config.docker)
         self._wakes: dict[str, Wake] = {}
         self._cooldown: dict[str, tuple[float, WakeFailed]] = {}
+        self.budget = WakeBudget(runtime.config.wake.per_client)
+        self._budget_refused = 0
+        self._budget_logged_at = 0.0
         runtime.listeners.append(self._on_event)
 
     # --- addon hooks ------------------------------------------------------------
@@ -100,6 +113,7 @@ class Waker:
     def configure(self, updated: set[str]) -> None:
         if "wakeproxy_config" in updated:
             self.ops = DockerOps(self.runtime.config.docker)
+            self.budget = WakeBudget(self.runtime.config.wake.per_client)
 
     def done(self) -> None:
         for wake in self._wakes.values():
@@ -132,14 +146,45 @@ class Waker:
             return None
         failure = self._cooling(groups)
         if failure is not None:
-            flow.response = self._failure_response(request, failure, host)
+            flow.response = self._failure_response(flow, failure, host)
+            return None
+        retry = self._spend_budget(flow, groups)
+        if retry is not None:
+            flow.response = self._budget_response(flow, host, retry)
             return None
         strategy = next((g.wake_strategy for g in groups if g.wake_strategy), config.strategy)
         wakes = [self.wake(g) for g in groups]
         if strategy != "hold" and is_navigation(request):
-            flow.response = self._waking_page(request, host, wakes)
+            flow.response = self._waking_page(flow, host, wakes)
             return None
         return self._hold(flow, site, host, wakes, forward)
+
+    def _spend_budget(self, flow: http.HTTPFlow, groups: list[Group]) -> float | None:
+        """Starting a wake costs the client one of wake.per_client per minute; joining one is free.
+        Returns None when allowed, else the seconds until the client may start one."""
+        if all(g.name in self._wakes for g in groups):
+            return None
+        ip = pages.client_ip(flow)
+        if self.runtime.config.forwarded.trusts(ip):
+            # Behind a trusted proxy the budget belongs to the client it names, not to the proxy.
+            xff = flow.request.headers.get("x-forwarded-for", "")
+            ip = xff.rsplit(",", 1)[-1].strip() or ip
+        retry = self.budget.take(client_key(ip), time.monotonic())
+        if retry is not None:
+            self._budget_refused += 1
+            now = time.monotonic()
+            if now - self._budget_logged_at >= BUDGET_LOG_INTERVAL:
+                logger.warning(f"wake budget: {self._budget_refused} wake(s) refused in the last "
+                               f"{BUDGET_LOG_INTERVAL:.0f} s (wake.per_client = {self.budget.per_window} a minute; "
+                               f"latest from {client_key(ip)})")
+                self._budget_logged_at, self._budget_refused = now, 0
+        return retry
+
+    def _budget_response(self, flow: http.HTTPFlow, host: str, retry: float) -> http.Response:
+        return pages.error_response(
+            flow.request, 429, "Too many wake-ups",
+            f"This client has started too many sleeping sites in the last minute; '{host}' was not started.",
+            f"Try again in {retry:.0f} s.", host, {"Retry-After": f"{retry:.0f}"})
 
     def control(self, flow: http.HTTPFlow, site: Site, host: str) -> Coroutine[Any, Any, None] | None:
         """The reserved path the waking page long-polls: `/__wakeproxy/wait`."""
@@ -414,7 +459,12 @@ class Waker:
                 del self._cooldown[g.name]
         return None
 
-    def _failure_response(self, request: http.Request, failure: WakeFailed, host: str) -> http.Response:
+    def _failure_response(self, flow: http.HTTPFlow, failure: WakeFailed, host: str) -> http.Response:
+        request = flow.request
+        if not self.runtime.config.shows_detail(pages.client_ip(flow)):
+            title, message, hint = _PUBLIC_FAILURE.get(failure.status, _PUBLIC_FAILURE[502])
+            return pages.error_response(request, failure.status, title, message.format(host=pages.bounded(host)),
+                                        hint, host)
         hint = {
             502: "Look at the container's logs (docker logs NAME). wakeproxy tries again after a "
                  f"cool-down of {self.runtime.config.wake.retry_after:.0f} s.",
@@ -427,47 +477,58 @@ class Waker:
         try:
             await asyncio.gather(*(asyncio.shield(w.task) for w in wakes if w.task is not None))
         except WakeFailed as e:
-            flow.response = self._failure_response(flow.request, e, host)
+            flow.response = self._failure_response(flow, e, host)
             return
         except asyncio.CancelledError:
             raise
         except Exception as e:  # an internal error has been logged by _finished
-            flow.response = self._failure_response(
-                flow.request, WakeFailed(502, "Wake-up failed", str(e)), host)
+            flow.response = self._failure_response(flow, WakeFailed(502, "Wake-up failed", str(e)), host)
             return
         flow.metadata["wakeproxy.wake"] = wakes[0]  # the router logs the first byte's timing
         forward(flow, site)
 
-    def _waking_page(self, request: http.Request, host: str, wakes: list[Wake]) -> http.Response:
-        names = ", ".join(w.group for w in wakes)
-        return pages.waking_response(request, host, names, WAIT_PATH)
+    def _waking_page(self, flow: http.HTTPFlow, host: str, wakes: list[Wake]) -> http.Response:
+        detail = self.runtime.config.shows_detail(pages.client_ip(flow))
+        names = ", ".join(w.group for w in wakes) if detail else ""
+        return pages.waking_response(flow.request, host, names, WAIT_PATH)
 
     async def _wait_endpoint(self, flow: http.HTTPFlow, site: Site, host: str) -> None:
-        def answer(state: str, **extra: Any) -> None:
+        """Long-poll for the waking page: "waking", "ready" or "failed". Anonymous clients learn
+        only that; debug_clients also get what each container is doing and why a wake failed."""
+        config = self.runtime.config
+        detail = config.shows_detail(pages.client_ip(flow))
+
+        def answer(state: str, status: int = 200, headers: dict[str, str] | None = None, **extra: Any) -> None:
+            body = {"state": state, **(extra if detail else {})}
             flow.response = http.Response.make(
-                200, json.dumps({"state": state, **extra}),
-                {"Content-Type": "application/json", "Cache-Control": "no-store"},
+                status, json.dumps(body),
+                {"Content-Type": "application/json", "Cache-Control": "no-store", **(headers or {})},
             )
 
         if site.ready_backends and not self.busy(site):
             return answer("ready")
         groups = self._groups(site)
+        if not groups or (config.wake.ignore_user_agents and config.wake.ignores(flow.request.headers.get("user-agent", ""))):
+            return answer("failed", 503, {"Retry-After": "60"}, title="Site asleep",
+                          message=f"No container behind '{host}' may be started by this client.")
         failure = self._cooling(groups)
         if failure is not None:
             return answer("failed", status=failure.status, title=failure.title, message=failure.message)
-        if not groups:
-            return answer("failed", status=503, title="Site asleep", message=f"No container behind '{host}' can be started.")
+        retry = self._spend_budget(flow, groups)
+        if retry is not None:
+            return answer("failed", 429, {"Retry-After": f"{retry:.0f}"}, title="Too many wake-ups",
+                          message=f"Try again in {retry:.0f} s.")
         wakes = [self.wake(g) for g in groups]
         tasks = [w.task for w in wakes if w.task is not None]
-        done, _ = await asyncio.wait([asyncio.shield(t) for t in tasks], timeout=LONG_POLL)
+        poll = min(LONG_POLL, min((w.deadline - time.monotonic() for w in wakes), default=LONG_POLL))
+        done, _ = await asyncio.wait([asyncio.shield(t) for t in tasks], timeout=max(0.0, poll))
         for w in wakes:
             if w.failure is not None:
                 f = w.failure
-                return answer("failed", status=f.status, title=f.title, message=f.message)
+                return answer("failed", title=f.title, message=f.message)
         if len(done) == len(tasks):
             failed = [t for t in tasks if not t.cancelled() and t.exception() is not None]
             if not failed:
                 return answer("ready")
-            exc = failed[0].exception()
-            return answer("failed", status=502, title="Wake-up failed", message=str(exc))
+            return answer("failed", title="Wake-up failed", message=str(failed[0].exception()))
         return answer("waking", containers={n: s for w in wakes for n, s in w.status.items()})

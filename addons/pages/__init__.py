@@ -17,6 +17,12 @@ def _template(name: str) -> Template:
     return Template(resources.files(__package__).joinpath(name).read_text(encoding="utf-8"))
 
 
+def client_ip(flow: http.HTTPFlow) -> str:
+    """The address of the client that sent `flow` (IPv4-mapped IPv6 as plain IPv4)."""
+    ip = str(flow.client_conn.peername[0]) if flow.client_conn.peername else ""
+    return ip[7:] if ip.startswith("::ffff:") else ip
+
+
 # Longest piece of client input (a Host header) a page repeats; longer input is cut with "…".
 MAX_ECHO = 100
 
@@ -59,7 +65,7 @@ def waking_response(request: http.Request, host: str, groups: str, wait_path: st
     """The "waking up" page: 503 so nothing caches or indexes it; it long-polls `wait_path`
     and reloads into the app as soon as the proxy says the group is ready."""
     body = _template("waking.html").substitute(
-        host=html.escape(bounded(host)), groups=html.escape(groups), wait_path=wait_path,
+        host=html.escape(bounded(host)), groups=html.escape(f" · group {groups}") if groups else "", wait_path=wait_path,
     )
     return http.Response.make(503, body, {
         "Content-Type": "text/html; charset=utf-8",
