@@ -339,7 +339,8 @@ def settings_for(info: ContainerInfo) -> ContainerSettings:
     ready_path = labels.get("wakeproxy.ready-path")
     if ready_path is not None:
         ready_path = ready_path.strip()
-        if not ready_path.startswith("/") or any(c.isspace() for c in ready_path):
+        if not ready_path.startswith("/") or not ready_path.isascii() or not ready_path.isprintable() \
+                or " " in ready_path or len(ready_path) > 1024:
             raise LabelError(f"label wakeproxy.ready-path: {ready_path!r} must be a path starting with /")
     deps: tuple[Dependency, ...] = ()
     if labels.get("com.docker.compose.depends_on"):

@@ -412,16 +412,20 @@ class Waker:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(backend.address, backend.port, ssl=context), 2
             )
+        except (OSError, asyncio.TimeoutError, ssl.SSLError):
+            return False
+        try:
             writer.write(
                 f"GET {backend.ready_path} HTTP/1.1\r\nHost: {backend.address}\r\nConnection: close\r\n"
                 f"User-Agent: wakeproxy-readiness\r\n\r\n".encode()
             )
             line = await asyncio.wait_for(reader.readline(), 2)
-            writer.close()
             parts = line.split()
             return len(parts) >= 2 and parts[1].isdigit() and int(parts[1]) < 500
-        except (OSError, asyncio.TimeoutError, ssl.SSLError):
+        except (OSError, asyncio.TimeoutError, ssl.SSLError, ValueError):
             return False
+        finally:
+            writer.close()  # also when the app never answers: no half-open probe is left behind
 
     def _on_event(self, event: ContainerEvent) -> None:
         for wake in self._wakes.values():
