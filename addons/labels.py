@@ -48,7 +48,8 @@ _ALWAYS_READ = frozenset({
 _DOCKSAL_READ = frozenset({"io.docksal.virtual-host", "io.docksal.virtual-port"})
 _TRAEFIK_READ = frozenset({"traefik.enable", "traefik.docker.network"})
 _ROUTERS = "traefik.http.routers."
-_SERVICES = "traefik.http.services."
+_SERVICES = "traefik.http.services."  # the service names are read from every such label's name
+_SERVER_KEYS = (".loadbalancer.server.port", ".loadbalancer.server.scheme")  # and these values
 
 
 class LabelError(ValueError):
@@ -134,8 +135,8 @@ def _over(value: str, limit: int) -> bool:
     return len(value) > limit // 4 and _size(value) > limit
 
 
-def _reads_label(key: str, sources: SourcesConfig | None) -> bool:
-    """Does the proxy read label `key`? (`sources` None: only the labels settings_for reads.)"""
+def _reads_value(key: str, sources: SourcesConfig | None) -> bool:
+    """Does the proxy read the value of label `key`? (`sources` None: the labels settings_for reads.)"""
     if key.startswith("wakeproxy.") or key in _ALWAYS_READ:
         return True
     if sources is None:
@@ -143,9 +144,11 @@ def _reads_label(key: str, sources: SourcesConfig | None) -> bool:
     if sources.docksal and key in _DOCKSAL_READ:
         return True
     if sources.traefik:
-        if key in _TRAEFIK_READ or key.startswith(_SERVICES):  # a service's name is read from any of its keys
+        if key in _TRAEFIK_READ:
             return True
         if key.startswith(_ROUTERS) and key.endswith((".rule", ".service")):
+            return True
+        if key.startswith(_SERVICES) and key.endswith(_SERVER_KEYS):
             return True
     return False
 
@@ -153,14 +156,15 @@ def _reads_label(key: str, sources: SourcesConfig | None) -> bool:
 def check_limits(info: ContainerInfo, sources: SourcesConfig | None) -> None:
     """LabelError when a label or env value the proxy reads is over MAX_VALUE_BYTES, or a label
     name over MAX_KEY_BYTES; the message gives the size, never the value.  Linear in the size of
-    the labels and env, and cheap for a container without our labels (one prefix test a label)."""
+    the labels and env; a few prefix tests a label for the labels it does not read."""
     for key, value in info.labels.items():
-        if not _reads_label(key, sources):
+        value_read = _reads_value(key, sources)
+        if not value_read and not (sources is not None and sources.traefik and key.startswith(_SERVICES)):
             continue
         if _over(key, MAX_KEY_BYTES):
             raise LabelError(f"label {_shown(key)}: the label name is {_size(key)} bytes, "
                              f"more than the {MAX_KEY_BYTES} allowed")
-        if _over(value, MAX_VALUE_BYTES):
+        if value_read and _over(value, MAX_VALUE_BYTES):
             raise LabelError(f"label {key}: the value is {_size(value)} bytes, more than the {MAX_VALUE_BYTES} allowed")
     env_read = (*NGINX_PROXY_ENV, LETSENCRYPT_ENV) if sources is not None and sources.nginx_proxy else (LETSENCRYPT_ENV,)
     for name in env_read:

@@ -540,7 +540,8 @@ def test_the_size_limit_counts_utf8_bytes_and_allows_exactly_the_limit():
 
 @pytest.mark.parametrize(
     "key", ["traefik.http.middlewares.auth.basicauth.users", "com.docker.compose.project.config_files",
-            "io.docksal.project-root", "maintainer", "traefik.http.routers.r.middlewares"],
+            "io.docksal.project-root", "maintainer", "traefik.http.routers.r.middlewares",
+            "traefik.http.services.s.loadbalancer.healthcheck.path"],
 )
 def test_an_oversized_label_we_do_not_read_is_fine(key):
     assert hosts_of(routes({"wakeproxy.host": "a.test", key: BIG})) == ["a.test"]
@@ -570,6 +571,11 @@ def test_an_oversized_label_name_is_rejected_without_echoing_it():
     key = "traefik.http.routers." + "r" * MAX_KEY_BYTES + ".rule"
     msg = label_error({key: "Host(`a.test`)"})
     assert "the label name is" in msg and len(msg) < 200
+
+
+def test_an_oversized_service_name_is_rejected_from_any_of_its_labels():
+    key = "traefik.http.services." + "s" * MAX_KEY_BYTES + ".loadbalancer.healthcheck.path"
+    assert "the label name is" in label_error({"traefik.http.routers.r.rule": "Host(`a.test`)", key: "/"})
 
 
 def test_router_limit():
