@@ -683,3 +683,11 @@ def test_nginx_proxy_trailing_wildcard_check_is_linear():
     start = time.perf_counter()
     assert routes(env={"VIRTUAL_HOST": raw}) == [Route("x", 80, "http", None, "nginx-proxy")]
     assert time.perf_counter() - start < 0.05
+
+
+def test_parse_hosts_is_bounded_on_its_own():
+    # acme.names_of calls it on LETSENCRYPT_HOST directly, without routes_for's check_limits.
+    with pytest.raises(LabelError, match=r"^env LETSENCRYPT_HOST: the value is \d+ bytes"):
+        parse_hosts("a.test " * 1000, "env LETSENCRYPT_HOST")
+    with pytest.raises(LabelError, match=f"more than {MAX_HOSTS} hosts"):
+        parse_hosts(" ".join(f"h{i}.t" for i in range(MAX_HOSTS + 1)), "x")
