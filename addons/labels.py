@@ -5,7 +5,15 @@ and they answer with `Route`s or raise `LabelError` with a message that names
 the offending label.  Four conventions are understood so that users can move
 over without relabelling: ours (`wakeproxy.*`), Docksal's
 (`io.docksal.virtual-*`), nginx-proxy's (`VIRTUAL_*` environment variables)
-and Traefik's Host rules.
+and Traefik's Host rules (syntax: `traefik_rule`).
+
+The input is written by whoever writes a sandbox's docker-compose.yml, so
+every parser here is linear in its input and the input is bounded first:
+`check_limits` rejects a container whose labels or env values that the proxy
+reads are over `MAX_VALUE_BYTES` (or whose label names are over
+`MAX_KEY_BYTES`), with more than `MAX_ROUTERS` Traefik routers or more than
+`MAX_HOSTS` hosts.  Error messages quote at most `_SHOWN` characters of a
+value, and never a value that is over the limit.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from dataclasses import dataclass, field
 
 from .config import SourcesConfig, parse_duration
 from .hostnames import is_host_pattern, normalize_host
+from .traefik_rule import RuleError, parse_rule, positive_matchers
 
 
 # Every environment variable the proxy reads. `docker_view` keeps only these of a container's
@@ -27,6 +36,25 @@ CERT_NAME_LABELS = ("wakeproxy.cert-name", "io.docksal.cert-name")
 REDIRECT_LABEL = "wakeproxy.https-redirect"
 _CERT_BASE = re.compile(r"[a-z0-9_*][a-z0-9_.*-]{0,253}")
 USED_ENV: frozenset[str] = frozenset({*NGINX_PROXY_ENV, LETSENCRYPT_ENV})
+
+# Limits on what a container may declare (see check_limits). Generous for real use: a host list
+# of 100 long names fits in 4 KB, and no real Traefik rule comes near it.
+MAX_VALUE_BYTES = 4096  # one label or env value the proxy reads, UTF-8 encoded
+MAX_KEY_BYTES = 256  # the name of a label the proxy reads (Traefik router and service names are in it)
+MAX_ROUTERS = 32  # traefik.http.routers.<name>.rule labels on one container
+MAX_HOSTS = 100  # distinct hosts (and wildcards) one container declares, over all conventions
+_SHOWN = 64  # characters of a value quoted in an error message
+
+# The labels the proxy reads besides every `wakeproxy.*` one (some are read by acme.py and tls.py).
+_ALWAYS_READ = frozenset({
+    "io.docksal.permanent", "io.docksal.cert-name",
+    "com.docker.compose.project", "com.docker.compose.service", "com.docker.compose.depends_on",
+})
+_DOCKSAL_READ = frozenset({"io.docksal.virtual-host", "io.docksal.virtual-port"})
+_TRAEFIK_READ = frozenset({"traefik.enable", "traefik.docker.network"})
+_ROUTERS = "traefik.http.routers."
+_SERVICES = "traefik.http.services."  # the service names are read from every such label's name
+_SERVER_KEYS = (".loadbalancer.server.port", ".loadbalancer.server.scheme")  # and these values
 
 
 class LabelError(ValueError):
@@ -128,42 +156,102 @@ class Route:
     source: str = "wakeproxy"
 
 
-_TRAEFIK_HOST_CALL = re.compile(r"\bHost\s*\(([^)]*)\)")
-_TRAEFIK_ARG = re.compile(r"`([^`]*)`|\"([^\"]*)\"")
 _FALSE = {"false", "0", "no", "off"}
 _TRUE = {"true", "1", "yes", "on"}
 
 
-def parse_hosts(value: str, what: str) -> list[str]:
-    """A comma/space separated host list → validated, normalised hostnames."""
-    hosts: list[str] = []
-    for part in re.split(r"[,\s]+", value):
-        if not part:
+def _shown(value: str) -> str:
+    """`value` quoted for an error message, cut to `_SHOWN` characters."""
+    return repr(value if len(value) <= _SHOWN else value[:_SHOWN] + "…")
+
+
+def _size(value: str) -> int:
+    """Bytes, UTF-8 encoded."""
+    return len(value.encode("utf-8", "surrogatepass"))
+
+
+def _over(value: str, limit: int) -> bool:
+    """Is `value` more than `limit` bytes? (A character is at most 4 bytes: short values are not encoded.)"""
+    return len(value) > limit // 4 and _size(value) > limit
+
+
+def _reads_value(key: str, sources: SourcesConfig | None) -> bool:
+    """Does the proxy read the value of label `key`? (`sources` None: the labels settings_for reads.)"""
+    if key.startswith("wakeproxy.") or key in _ALWAYS_READ:
+        return True
+    if sources is None:
+        return False
+    if sources.docksal and key in _DOCKSAL_READ:
+        return True
+    if sources.traefik:
+        if key in _TRAEFIK_READ:
+            return True
+        if key.startswith(_ROUTERS) and key.endswith((".rule", ".service")):
+            return True
+        if key.startswith(_SERVICES) and key.endswith(_SERVER_KEYS):
+            return True
+    return False
+
+
+def check_limits(info: ContainerInfo, sources: SourcesConfig | None) -> None:
+    """LabelError when a label or env value the proxy reads is over MAX_VALUE_BYTES, or a label
+    name over MAX_KEY_BYTES; the message gives the size, never the value.  Linear in the size of
+    the labels and env; a few prefix tests a label for the labels it does not read."""
+    for key, value in info.labels.items():
+        value_read = _reads_value(key, sources)
+        if not value_read and not (sources is not None and sources.traefik and key.startswith(_SERVICES)):
             continue
-        h = normalize_host(part)
-        if not is_host_pattern(h):
-            raise LabelError(f"{what}: {part!r} is not a hostname or a *.domain wildcard")
-        if h not in hosts:
-            hosts.append(h)
+        if _over(key, MAX_KEY_BYTES):
+            raise LabelError(f"label {_shown(key)}: the label name is {_size(key)} bytes, "
+                             f"more than the {MAX_KEY_BYTES} allowed")
+        if value_read and _over(value, MAX_VALUE_BYTES):
+            raise LabelError(f"label {key}: the value is {_size(value)} bytes, more than the {MAX_VALUE_BYTES} allowed")
+    env_read = (*NGINX_PROXY_ENV, LETSENCRYPT_ENV) if sources is not None and sources.nginx_proxy else (LETSENCRYPT_ENV,)
+    for name in env_read:
+        value = info.env.get(name)
+        if value is not None and _over(value, MAX_VALUE_BYTES):
+            raise LabelError(f"env {name}: the value is {_size(value)} bytes, more than the {MAX_VALUE_BYTES} allowed")
+
+
+def parse_host(value: str, what: str) -> str:
+    """One hostname or `*.domain` wildcard → its normalised form (`hostnames` decides what is one)."""
+    h = normalize_host(value)
+    if not is_host_pattern(h):
+        raise LabelError(f"{what}: {_shown(value.strip())} is not a hostname or a *.domain wildcard")
+    return h
+
+
+def parse_hosts(value: str, what: str) -> list[str]:
+    """A comma/space separated host list → validated, normalised hostnames, each once.
+
+    At most MAX_VALUE_BYTES of input and MAX_HOSTS hosts (acme.py calls this on
+    LETSENCRYPT_HOST directly, so the bounds are checked here too)."""
+    if _over(value, MAX_VALUE_BYTES):
+        raise LabelError(f"{what}: the value is {_size(value)} bytes, more than the {MAX_VALUE_BYTES} allowed")
+    hosts: dict[str, None] = {}
+    for part in value.replace(",", " ").split():
+        hosts[parse_host(part, what)] = None
+        if len(hosts) > MAX_HOSTS:
+            raise LabelError(f"{what}: more than {MAX_HOSTS} hosts")
     if not hosts:
         raise LabelError(f"{what}: no hostname given")
-    return hosts
+    return list(hosts)
 
 
 def parse_port(value: str, what: str) -> int:
-    try:
-        port = int(value.strip())
-    except ValueError:
-        raise LabelError(f"{what}: {value!r} is not a port number") from None
-    if not 0 < port < 65536:
-        raise LabelError(f"{what}: port {port} is out of range 1-65535")
-    return port
+    v = value.strip()
+    digits = v[1:] if v[:1] in ("+", "-") else v
+    if not (digits.isascii() and digits.isdigit()):  # int() would also take "8_0" and non-ASCII digits
+        raise LabelError(f"{what}: {_shown(value)} is not a port number")
+    if len(digits) > 5 or not 0 < int(v) < 65536:
+        raise LabelError(f"{what}: port {_shown(v)} is out of range 1-65535")
+    return int(v)
 
 
 def parse_scheme(value: str, what: str) -> str:
     scheme = value.strip().lower()
     if scheme not in ("http", "https"):
-        raise LabelError(f"{what}: {value!r} is not a supported backend scheme (use http or https)")
+        raise LabelError(f"{what}: {_shown(value)} is not a supported backend scheme (use http or https)")
     return scheme
 
 
@@ -180,7 +268,7 @@ def _flag(value: str | None, what: str) -> bool | None:
         return True
     if v in _FALSE:
         return False
-    raise LabelError(f"{what}: {value!r} is not true or false")
+    raise LabelError(f"{what}: {_shown(value)} is not true or false")
 
 
 def _ours(info: ContainerInfo) -> list[Route]:
@@ -212,9 +300,11 @@ def _nginx_proxy(info: ContainerInfo) -> list[Route]:
     if not env.get("VIRTUAL_HOST"):
         return []
     raw = env["VIRTUAL_HOST"]
-    if "~" in raw or re.search(r"(^|,)\s*[^,]*\.\*", raw):
+    # nginx-proxy's regex hosts start with "~"; its trailing wildcards (`foo.*`, `foo.example.*`) are
+    # the only other way to write ".*" (no hostname contains it), so a substring test finds both.
+    if "~" in raw or ".*" in raw:
         raise LabelError(
-            f"env VIRTUAL_HOST: {raw!r} uses a regular expression or a trailing wildcard, "
+            f"env VIRTUAL_HOST: {_shown(raw)} uses a regular expression or a trailing wildcard, "
             "which wakeproxy does not support (use exact names or *.domain)"
         )
     hosts = parse_hosts(raw, "env VIRTUAL_HOST")
@@ -224,14 +314,21 @@ def _nginx_proxy(info: ContainerInfo) -> list[Route]:
 
 
 def _traefik_hosts(rule: str, what: str) -> list[str]:
-    hosts: list[str] = []
-    for call in _TRAEFIK_HOST_CALL.finditer(rule):
-        args = [a or b for a, b in _TRAEFIK_ARG.findall(call.group(1))]
-        if not args:
-            raise LabelError(f"{what}: Host() without a quoted hostname in {rule!r}")
-        for a in args:
-            hosts.extend(h for h in parse_hosts(a, what) if h not in hosts)
-    return hosts
+    """The hosts of the rule's Host(…) matchers that are not negated, each once, in rule order.
+
+    Other matchers (PathPrefix, HostRegexp, Header…) are syntax-checked and kept in the tree
+    but add no host (yet): `Host(`a`) && PathPrefix(`/api`)` routes all of a."""
+    try:
+        tree = parse_rule(rule)
+    except RuleError as e:
+        raise LabelError(f"{what}: {e}") from None
+    hosts: dict[str, None] = {}
+    for matcher in positive_matchers(tree, "Host"):
+        for arg in matcher.args:
+            hosts[parse_host(arg, f"{what}: Host at character {matcher.pos + 1}")] = None
+            if len(hosts) > MAX_HOSTS:
+                raise LabelError(f"{what}: more than {MAX_HOSTS} hosts")
+    return list(hosts)
 
 
 def _traefik(info: ContainerInfo) -> list[Route]:
@@ -245,6 +342,8 @@ def _traefik(info: ContainerInfo) -> list[Route]:
     }
     if not routers:
         return []
+    if len(routers) > MAX_ROUTERS:
+        raise LabelError(f"labels {_ROUTERS}*.rule: {len(routers)} routers, more than the {MAX_ROUTERS} allowed")
     services = {
         k.split(".")[3]
         for k in labels
@@ -273,6 +372,8 @@ def _traefik(info: ContainerInfo) -> list[Route]:
 
 
 _SOURCES = (("wakeproxy", _ours), ("docksal", _docksal), ("nginx_proxy", _nginx_proxy), ("traefik", _traefik))
+_DECLARED_BY = {"wakeproxy": "label wakeproxy.host", "docksal": "label io.docksal.virtual-host",
+                "nginx_proxy": "env VIRTUAL_HOST", "traefik": f"labels {_ROUTERS}*.rule"}
 
 
 def routes_for(info: ContainerInfo, sources: SourcesConfig) -> list[Route]:
@@ -280,8 +381,10 @@ def routes_for(info: ContainerInfo, sources: SourcesConfig) -> list[Route]:
 
     A host declared by several conventions keeps the first (ours, Docksal,
     nginx-proxy, Traefik).  Raises LabelError for a malformed declaration, so
-    the caller can skip this one container and keep every other site up.
+    the caller can skip this one container and keep every other site up;
+    also when the container is over one of the limits (check_limits, MAX_HOSTS).
     """
+    check_limits(info, sources)
     if _flag(info.labels.get("wakeproxy.enable"), "label wakeproxy.enable") is False:
         return []
     routes: list[Route] = []
@@ -293,6 +396,8 @@ def routes_for(info: ContainerInfo, sources: SourcesConfig) -> list[Route]:
             if route.host not in seen:
                 seen.add(route.host)
                 routes.append(route)
+        if len(seen) > MAX_HOSTS:
+            raise LabelError(f"{_DECLARED_BY[name]}: brings the container to more than {MAX_HOSTS} hosts")
     return routes
 
 
@@ -303,7 +408,7 @@ _DEP_CONDITIONS = ("service_started", "service_healthy", "service_completed_succ
 def parse_depends_on(value: str, what: str) -> tuple[Dependency, ...]:
     """Compose's `service:condition[:restart]` comma list → Dependency values."""
     deps: list[Dependency] = []
-    for item in value.split(","):
+    for item in value.split(","):  # value is bounded (check_limits), so is the number of items
         item = item.strip()
         if not item:
             continue
@@ -311,7 +416,7 @@ def parse_depends_on(value: str, what: str) -> tuple[Dependency, ...]:
         service = parts[0]
         condition = parts[1] if len(parts) > 1 and parts[1] else "service_started"
         if not service or condition not in _DEP_CONDITIONS:
-            raise LabelError(f"{what}: {item!r} is not service:condition (conditions: {', '.join(_DEP_CONDITIONS)})")
+            raise LabelError(f"{what}: {_shown(item)} is not service:condition (conditions: {', '.join(_DEP_CONDITIONS)})")
         deps.append(Dependency(service, condition))
     return tuple(deps)
 
@@ -319,20 +424,24 @@ def parse_depends_on(value: str, what: str) -> tuple[Dependency, ...]:
 def _duration_label(labels: Mapping[str, str], key: str) -> float | None:
     if key not in labels:
         return None
+    value = labels[key].strip()
     try:
-        return parse_duration(labels[key].strip())
+        return parse_duration(value)  # linear: config._DURATION has no backtracking between its \s runs
     except ValueError as e:
-        raise LabelError(f"label {key}: {e}") from None
+        reason = str(e) if len(value) <= _SHOWN else f"{_shown(value)} is not a duration (write 30s, 5m, 2h or a number of seconds)"
+        raise LabelError(f"label {key}: {reason}") from None
 
 
 def settings_for(info: ContainerInfo) -> ContainerSettings:
-    """The container's wake settings; raises LabelError naming a malformed label."""
+    """The container's wake settings; raises LabelError naming a malformed label (or one over
+    the size limit: check_limits)."""
+    check_limits(info, None)
     labels = info.labels
     strategy = labels.get("wakeproxy.wake-strategy")
     if strategy is not None:
         strategy = strategy.strip().lower()
         if strategy not in WAKE_STRATEGIES:
-            raise LabelError(f"label wakeproxy.wake-strategy: {labels['wakeproxy.wake-strategy']!r} is not one of auto, hold, page")
+            raise LabelError(f"label wakeproxy.wake-strategy: {_shown(labels['wakeproxy.wake-strategy'])} is not one of auto, hold, page")
     timeout = _duration_label(labels, "wakeproxy.wake-timeout")
     if timeout is not None and timeout <= 0:
         raise LabelError("label wakeproxy.wake-timeout: must be more than 0")
@@ -340,8 +449,8 @@ def settings_for(info: ContainerInfo) -> ContainerSettings:
     if ready_path is not None:
         ready_path = ready_path.strip()
         if not ready_path.startswith("/") or not ready_path.isascii() or not ready_path.isprintable() \
-                or " " in ready_path or len(ready_path) > 1024:
-            raise LabelError(f"label wakeproxy.ready-path: {ready_path!r} must be a path starting with /")
+                or " " in ready_path:
+            raise LabelError(f"label wakeproxy.ready-path: {_shown(ready_path)} must be a path starting with /")
     deps: tuple[Dependency, ...] = ()
     if labels.get("com.docker.compose.depends_on"):
         deps = parse_depends_on(labels["com.docker.compose.depends_on"], "label com.docker.compose.depends_on")
@@ -361,6 +470,6 @@ def settings_for(info: ContainerInfo) -> ContainerSettings:
     if idle_action is not None:
         idle_action = idle_action.strip().lower()
         if idle_action not in ("stop", "pause"):
-            raise LabelError(f"label wakeproxy.idle-action: {labels['wakeproxy.idle-action']!r} is not stop or pause")
+            raise LabelError(f"label wakeproxy.idle-action: {_shown(labels['wakeproxy.idle-action'])} is not stop or pause")
     return ContainerSettings(strategy, timeout, ready_path, labels.get("com.docker.compose.service"), deps,
                              idle_timeout, idle_action, acme, letsencrypt, cert_name, redirect)

@@ -518,3 +518,186 @@ def test_idle_settings_errors_name_the_label(labels, named):
     with pytest.raises(LabelError) as exc:
         settings_for(info(labels))
     assert str(exc.value).startswith(f"label {named}: ")
+
+
+# --- limits (check_limits, MAX_*) ---------------------------------------------------------------
+
+from wakeproxy.labels import MAX_HOSTS, MAX_KEY_BYTES, MAX_ROUTERS, MAX_VALUE_BYTES, check_limits  # noqa: E402
+
+BIG = "x" * (MAX_VALUE_BYTES + 1)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "wakeproxy.host", "wakeproxy.port", "wakeproxy.group", "wakeproxy.cert-name", "wakeproxy.something-new",
+        "io.docksal.virtual-host", "io.docksal.virtual-port", "io.docksal.cert-name", "io.docksal.permanent",
+        "traefik.enable", "traefik.docker.network", "traefik.http.routers.r.rule", "traefik.http.routers.r.service",
+        "traefik.http.services.s.loadbalancer.server.port", "com.docker.compose.project",
+        "com.docker.compose.service", "com.docker.compose.depends_on",
+    ],
+)
+def test_an_oversized_label_we_read_skips_the_container_naming_label_and_size(key):
+    msg = label_error({key: BIG, "wakeproxy.host": "a.test"} if key != "wakeproxy.host" else {key: BIG})
+    assert msg == f"label {key}: the value is {MAX_VALUE_BYTES + 1} bytes, more than the {MAX_VALUE_BYTES} allowed"
+
+
+def test_the_size_limit_counts_utf8_bytes_and_allows_exactly_the_limit():
+    at_limit = "é" * (MAX_VALUE_BYTES // 2)  # 2 bytes each
+    assert routes({"wakeproxy.host": "a.test", "wakeproxy.group": at_limit}) != []
+    assert "4098 bytes" in label_error({"wakeproxy.host": "a.test", "wakeproxy.group": at_limit + "é"})
+
+
+@pytest.mark.parametrize(
+    "key", ["traefik.http.middlewares.auth.basicauth.users", "com.docker.compose.project.config_files",
+            "io.docksal.project-root", "maintainer", "traefik.http.routers.r.middlewares",
+            "traefik.http.services.s.loadbalancer.healthcheck.path"],
+)
+def test_an_oversized_label_we_do_not_read_is_fine(key):
+    assert hosts_of(routes({"wakeproxy.host": "a.test", key: BIG})) == ["a.test"]
+
+
+def test_oversized_labels_of_a_switched_off_source_are_not_read():
+    labels = {"wakeproxy.host": "a.test", "traefik.http.routers.r.rule": BIG, "io.docksal.virtual-host": BIG}
+    assert hosts_of(routes(labels, sources=SourcesConfig(docksal=False, traefik=False))) == ["a.test"]
+    assert hosts_of(routes(env={"VIRTUAL_HOST": BIG}, labels={"wakeproxy.host": "a.test"},
+                           sources=SourcesConfig(nginx_proxy=False))) == ["a.test"]
+
+
+@pytest.mark.parametrize("name", ["VIRTUAL_HOST", "VIRTUAL_PORT", "VIRTUAL_PROTO", "LETSENCRYPT_HOST"])
+def test_an_oversized_env_value_skips_the_container(name):
+    msg = label_error({"wakeproxy.host": "a.test"}, {name: BIG})
+    assert msg.startswith(f"env {name}: the value is {MAX_VALUE_BYTES + 1} bytes")
+
+
+def test_settings_for_checks_the_size_of_its_labels():
+    with pytest.raises(LabelError, match=r"^label com.docker.compose.depends_on: the value is \d+ bytes"):
+        settings_for(info({"com.docker.compose.depends_on": "db," * 2000}))
+    with pytest.raises(LabelError, match=r"^label wakeproxy.wake-timeout: the value is"):
+        settings_for(info({"wakeproxy.wake-timeout": "1" + " " * MAX_VALUE_BYTES + "s"}))
+
+
+def test_an_oversized_label_name_is_rejected_without_echoing_it():
+    key = "traefik.http.routers." + "r" * MAX_KEY_BYTES + ".rule"
+    msg = label_error({key: "Host(`a.test`)"})
+    assert "the label name is" in msg and len(msg) < 200
+
+
+def test_an_oversized_service_name_is_rejected_from_any_of_its_labels():
+    key = "traefik.http.services." + "s" * MAX_KEY_BYTES + ".loadbalancer.healthcheck.path"
+    assert "the label name is" in label_error({"traefik.http.routers.r.rule": "Host(`a.test`)", key: "/"})
+
+
+def test_router_limit():
+    ok = {f"traefik.http.routers.r{i}.rule": f"Host(`r{i}.test`)" for i in range(MAX_ROUTERS)}
+    assert len(routes(ok)) == MAX_ROUTERS
+    too_many = {**ok, "traefik.http.routers.last.rule": "Host(`last.test`)"}
+    assert label_error(too_many) == (f"labels traefik.http.routers.*.rule: {MAX_ROUTERS + 1} routers, "
+                                     f"more than the {MAX_ROUTERS} allowed")
+
+
+def test_host_limit_per_value_and_per_container():
+    names = [f"h{i}.test" for i in range(MAX_HOSTS + 1)]
+    assert len(routes({"wakeproxy.host": ",".join(names[:MAX_HOSTS])})) == MAX_HOSTS
+    assert len(routes({"wakeproxy.host": ",".join(names[:MAX_HOSTS] + names[:5])})) == MAX_HOSTS  # repeats count once
+    assert label_error({"wakeproxy.host": ",".join(names)}) == f"label wakeproxy.host: more than {MAX_HOSTS} hosts"
+    rule = " || ".join(f"Host(`{n}`)" for n in names)
+    assert label_error({"traefik.http.routers.r.rule": rule}).startswith("label traefik.http.routers.r.rule: more than")
+    split = {"wakeproxy.host": ",".join(names[:60]), "io.docksal.virtual-host": ",".join(names[60:])}
+    assert label_error(split) == f"label io.docksal.virtual-host: brings the container to more than {MAX_HOSTS} hosts"
+
+
+def test_check_limits_direct():
+    check_limits(info({"wakeproxy.host": "a.test"}, {"LETSENCRYPT_HOST": "a.test"}), ALL)
+    with pytest.raises(LabelError):
+        check_limits(info(env={"LETSENCRYPT_HOST": BIG}), None)  # acme reads it whatever the sources
+
+
+def test_long_invalid_values_are_cut_in_messages():
+    msg = label_error({"wakeproxy.host": "a.test", "wakeproxy.port": "9" * 3000})
+    assert len(msg) < 200 and "…" in msg
+    msg = label_error({"wakeproxy.host": "-" * 3000})
+    assert len(msg) < 200
+
+
+# --- Traefik rule syntax, through the labels ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rule, where",
+    [
+        ("Host(`a.test`", "at character 5"),  # the "(" without ")"
+        ("Host(`a.test)", "at character 6"),  # the unterminated quote
+        ('Host("a.test)', "at character 6"),
+        ("(Host(`a.test`)", "at character 1"),
+        ("Host(`a.test`))", "at character 15"),
+        ("Host(`a.test`) Path(`/x`)", "at character 16"),
+        ("Host(`a.test`) &", "at character 16"),
+        ("Host()", "at character 6"),
+        ("Host(a.test)", "at character 6"),
+        ("", "at character 1"),
+    ],
+)
+def test_traefik_syntax_errors_name_router_and_position(rule, where):
+    msg = label_error({"traefik.http.routers.web.rule": rule})
+    assert msg.startswith("label traefik.http.routers.web.rule: ")
+    assert msg.endswith(where)
+    assert "a.test" not in msg  # the position, not the value
+
+
+def test_traefik_syntax_of_other_matchers_is_checked_too():
+    assert "character 23" in label_error({"traefik.http.routers.r.rule": "Host(`a.test`) && Path(`/x`"})
+    assert "character 30" in label_error({"traefik.http.routers.r.rule": "Host(`a.test`) && PathPrefix(/x)"})
+
+
+def test_traefik_nested_rules_and_operators():
+    rule = "(Host(`a.test`) || Host(`b.test`)) && !Header(`X`, `1`) && (PathPrefix(`/api`) || Method(`GET`))"
+    assert hosts_of(routes({"traefik.http.routers.r.rule": rule})) == ["a.test", "b.test"]
+
+
+def test_traefik_negated_host_is_not_routed():
+    rule = "Host(`a.test`) && !Host(`admin.a.test`)"
+    assert hosts_of(routes({"traefik.http.routers.r.rule": rule})) == ["a.test"]
+
+
+def test_traefik_quoted_parenthesis_is_part_of_the_argument():
+    rule = "Host(`a.test`) && HostRegexp(`^(x|y)[)]\\.a\\.test$`)"
+    assert hosts_of(routes({"traefik.http.routers.r.rule": rule})) == ["a.test"]
+
+
+def test_traefik_host_argument_is_one_hostname():
+    msg = label_error({"traefik.http.routers.r.rule": "Host(`a.test b.test`)"})
+    assert msg.startswith("label traefik.http.routers.r.rule: Host at character 1: ")
+
+
+def test_traefik_too_deep_is_an_error():
+    rule = "(" * 40 + "Host(`a.test`)" + ")" * 40
+    assert "nested more than" in label_error({"traefik.http.routers.r.rule": rule})
+    assert hosts_of(routes({"traefik.http.routers.r.rule": "((((Host(`a.test`))))) && !!PathPrefix(`/`)"})) == ["a.test"]
+
+
+def test_the_150kb_host_label_is_rejected_fast():
+    import time
+
+    labels = {"traefik.http.routers.r.rule": "Host(" * 30_000}
+    start = time.perf_counter()
+    msg = label_error(labels)
+    assert time.perf_counter() - start < 0.05
+    assert msg == f"label traefik.http.routers.r.rule: the value is 150000 bytes, more than the {MAX_VALUE_BYTES} allowed"
+
+
+def test_nginx_proxy_trailing_wildcard_check_is_linear():
+    import time
+
+    raw = "," + " " * (MAX_VALUE_BYTES - 2) + "x"  # the old regex backtracked over the spaces
+    start = time.perf_counter()
+    assert routes(env={"VIRTUAL_HOST": raw}) == [Route("x", 80, "http", None, "nginx-proxy")]
+    assert time.perf_counter() - start < 0.05
+
+
+def test_parse_hosts_is_bounded_on_its_own():
+    # acme.names_of calls it on LETSENCRYPT_HOST directly, without routes_for's check_limits.
+    with pytest.raises(LabelError, match=r"^env LETSENCRYPT_HOST: the value is \d+ bytes"):
+        parse_hosts("a.test " * 1000, "env LETSENCRYPT_HOST")
+    with pytest.raises(LabelError, match=f"more than {MAX_HOSTS} hosts"):
+        parse_hosts(" ".join(f"h{i}.t" for i in range(MAX_HOSTS + 1)), "x")
