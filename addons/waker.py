@@ -517,7 +517,7 @@ class Waker:
                           message=f"No container behind '{host}' may be started by this client.")
         failure = self._cooling(groups)
         if failure is not None:
-            return answer("failed", status=failure.status, title=failure.title, message=failure.message)
+            return answer("failed", title=failure.title, message=failure.message)
         retry = self._spend_budget(flow, groups)
         if retry is not None:
             return answer("failed", 429, {"Retry-After": f"{retry:.0f}"}, title="Too many wake-ups",

@@ -535,7 +535,10 @@ http {{
             f'docker: {{networks: [{nets}]}}\n'
             f'idle: {{timeout: 0}}\n'
             f'status: {{listen: null}}\n'
-            f'wake: {{ignore_user_agents: ["{PROBE_UA}"]}}\n'
+            f'wake: {{ignore_user_agents: ["{PROBE_UA}"], per_client: 0}}\n'
+            # The host-network site names its own network (outside docker.networks): a single-tenant
+            # setting. The wake section wakes far more than 10 sites a minute from one client.
+            f'labels: {{network: true}}\n'
         )
         return cfg, ports
 

@@ -85,7 +85,9 @@ def custom(tmp_path_factory, host, module_containers, module_proxy):
     module_containers("noredirect", labels={"wakeproxy.host": names["noredirect"],
                                             "wakeproxy.https-redirect": "false"})
     module_containers("plain", labels={"wakeproxy.host": names["plain"]})
-    proxy = module_proxy({"tls": {"certs_dir": str(d), "hsts": "1h"}})
+    # The labels that choose a certificate or turn the redirect off are the operator's to allow.
+    proxy = module_proxy({"tls": {"certs_dir": str(d), "hsts": "1h"},
+                          "labels": {"cert_name": True, "https_redirect": True}})
     for n in names.values():  # 308 or the backend's 200: routed (404 until the snapshot has it)
         wait_for(lambda: http_get(proxy, n).status_code in (200, 308), 10, 0.1, f"{n} routed")
     return ca, names, certs, proxy

@@ -40,13 +40,18 @@ def sites(module_containers, module_proxy, host, run_id, docker_client, test_net
     """All routing cases as containers, then one proxy that reads them at start."""
     H = host
     tls = tls_backend_files
+
+    def project(name: str) -> dict:
+        return {"com.docker.compose.project": f"{run_id}-{name}"}
+
     pyback = module_containers.pyback
     specs = {
         "plain": dict(labels={"wakeproxy.host": H("plain")}),
         "multi": dict(labels={"wakeproxy.host": f"{H('m1')},{H('m2')}"}),
-        "wild": dict(labels={"wakeproxy.host": f"*.wild.{run_id}.test"}),
-        "exactwild": dict(labels={"wakeproxy.host": f"exact.wild.{run_id}.test"}),
-        "deepwild": dict(labels={"wakeproxy.host": f"*.deep.wild.{run_id}.test"}),
+        # One Compose project: names under a wildcard belong to the wildcard's owner.
+        "wild": dict(labels={"wakeproxy.host": f"*.wild.{run_id}.test", **project("wild")}),
+        "exactwild": dict(labels={"wakeproxy.host": f"exact.wild.{run_id}.test", **project("wild")}),
+        "deepwild": dict(labels={"wakeproxy.host": f"*.deep.wild.{run_id}.test", **project("wild")}),
         "port": dict(labels={"wakeproxy.host": H("port"), "wakeproxy.port": "8081"}, env={"PORT": "8081"}),
         # pyback + EXPOSE 8082: command and mounts given explicitly for the derived image.
         "exposed": dict(image=exposed_image, labels={"wakeproxy.host": H("exposed")},
@@ -65,8 +70,8 @@ def sites(module_containers, module_proxy, host, run_id, docker_client, test_net
             "traefik.http.services.web.loadbalancer.server.port": "8085",
         }, env={"PORT": "8085"}),
         "disabled": dict(labels={"wakeproxy.host": H("disabled"), "wakeproxy.enable": "false"}),
-        "rr1": dict(labels={"wakeproxy.host": H("rr")}),
-        "rr2": dict(labels={"wakeproxy.host": H("rr")}),
+        "rr1": dict(labels={"wakeproxy.host": H("rr"), **project("rr")}),  # replicas of one project
+        "rr2": dict(labels={"wakeproxy.host": H("rr"), **project("rr")}),
         "isolated": dict(labels={"wakeproxy.host": H("isolated")}, network=other_network),
         "multinet": dict(labels={"wakeproxy.host": H("multinet"), "wakeproxy.network": test_network},
                          network=other_network, start=False),
@@ -267,7 +272,8 @@ def test_trusted_proxy_keeps_and_appends_xff(sites, proxy):
 
 
 def test_default_host_serves_unknown_hosts(sites, proxy, run_id):
-    p = proxy({"default_host": sites.H("plain")})
+    # The default host's site is the operator's choice: its group is named in names.reserved.
+    p = proxy({"default_host": sites.H("plain"), "names": {"reserved": {sites.H("plain"): sites.c["plain"].name}}})
     r = wait_for(lambda: (lambda r: r if r.status_code == 200 else None)(
         proxied(p, f"nobody.{run_id}.test")), 10, 0.1)
     assert r.json()["backend"] == "plain"

@@ -185,7 +185,7 @@ def sleepers(module_containers, busybox_image, host, run_id, tmp_path_factory):
         return {"w-mig": mig, "w-cache": cache, "w-web2": web2}
 
     def own_group():
-        # wakeproxy.group beats the Compose project: g1 and g2 wake together, g3 (project only) does not.
+        # wakeproxy.group splits the Compose project: g1 and g2 wake together, g3 (project only) does not.
         g = {"wakeproxy.group": f"{run_id}-grp", "com.docker.compose.project": f"{project}3"}
         return {
             "w-g1": mk("w-g1", start=False, labels={**g, "wakeproxy.host": H("w-g1")}),
@@ -293,7 +293,7 @@ def test_wakeproxy_group_label_wakes_its_members_only(sleepers, wp, docker_clien
     assert r.status_code == 200 and backend_of(r) == "w-g1", r.text
     assert state_of(g1) == "running" and state_of(g2) == "running"
     assert state_of(g3) == "created"
-    assert_wake_logged(wp, f"{run_id}-grp")
+    assert_wake_logged(wp, f"{sleepers.project}3/{run_id}-grp")
 
 
 def test_paused_container_is_unpaused(sleepers, wp, docker_client):
