@@ -525,7 +525,9 @@ class Waker:
         wakes = [self.wake(g) for g in groups]
         tasks = [w.task for w in wakes if w.task is not None]
         poll = min(LONG_POLL, min((w.deadline - time.monotonic() for w in wakes), default=LONG_POLL))
-        done, _ = await asyncio.wait([asyncio.shield(t) for t in tasks], timeout=max(0.0, poll))
+        # (asyncio.wait never cancels what it waits for, and the tasks' outcome is read below or by
+        # Waker._finished: no shield, whose unread copy of a failure would be logged at exit.)
+        done, _ = await asyncio.wait(tasks, timeout=max(0.0, poll))
         for w in wakes:
             if w.failure is not None:
                 f = w.failure

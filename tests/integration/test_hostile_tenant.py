@@ -413,9 +413,10 @@ def test_sleeping_victim_is_woken_not_the_attacker(world, docker_client):
     p, c, n = world.proxy, world.c, world.names
     c["hijacker"].stop(timeout=5)
     c["victim"].stop(timeout=5)
-    wait_for(lambda: status_json(p) and next(g for g in status_json(p)["groups"]
-                                             if g["group"] == world.P_V)["state"] == "asleep",
-             10, 0.1, "the victim asleep in the status")
+    def web_exited():
+        g = next(g for g in status_json(p)["groups"] if g["group"] == world.P_V)
+        return any(m["name"] == c["victim"].name and m["state"] == "exited" for m in g["containers"])
+    wait_for(web_exited, 10, 0.1, "the victim's web container exited in the status")
     t0 = time.time()
     r = proxied(p, n.victim, https=True, headers=JSON, timeout=30)
     assert r.status_code == 200 and backend_of(r) == "victim-web", (r.status_code, r.text[:300])
@@ -466,6 +467,7 @@ def test_ownership_survives_restart_and_recreate(backend_container, proxy, docke
     attacker = backend_container("own6-squat", labels=_compose(pa, "web", h))
     wait_for(lambda: conflict(status_json(p1), h, pa), 5, 0.1, "the attacker's claim refused")
     # `docker compose up --force-recreate`: the victim's container is replaced, now YOUNGER than the attacker.
+    _younger_than(attacker)
     v1.remove(force=True)
     v2 = backend_container("own6-v2", labels=_compose(pv, "web", h))
     assert state_created(v2) > state_created(attacker)
@@ -509,6 +511,13 @@ def test_name_moves_only_after_owner_removed_and_release_after(backend_container
     while time.time() < t_rm + 1.5:
         early.append(backend_of(proxied(p, h, timeout=2)))
         time.sleep(0.1)
+    # DEFECT: the name moves at once, not release_after after the removal. Ownership.resolve
+    # (addons/policy.py) measures release_after from `rec.seen`, the last *snapshot* in which the
+    # owner claimed the name; with no Docker event for longer than release_after before the
+    # removal (here: 3 s of a stopped victim; in production: any sandbox quiet for 60 s, then
+    # `docker compose up --force-recreate`), the record is already "expired" when the claim
+    # vanishes, and a waiting attacker takes the name for good (the recreated victim is then the
+    # refused one). The clock should start at the first resolve that no longer sees the claim.
     assert "own7-taker" not in early, f"the name moved before release_after: {early}"
     wait_for(lambda: backend_of(proxied(p, h, timeout=2)) == "own7-taker", 6, 0.1, "the name released")
     moved = time.time() - t_rm

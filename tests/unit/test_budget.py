@@ -1,0 +1,163 @@
+"""wakeproxy.budget and its use by the Waker: a client may start only so many wakes a minute."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from ipaddress import ip_network
+
+from mitmproxy import http
+from mitmproxy.test import tflow
+from mitmproxy.test.tutils import treq
+
+from wakeproxy.budget import WakeBudget, client_key
+from wakeproxy.config import Config, SourcesConfig, WakeConfig
+from wakeproxy.labels import ContainerInfo
+from wakeproxy.runtime import Runtime
+from wakeproxy.snapshot import build_snapshot
+from wakeproxy.waker import WAIT_PATH, WakeFailed, Waker
+
+
+def test_bucket_refills_at_its_rate():
+    b = WakeBudget(3, window=60)
+    assert [b.take("a", 0.0) for _ in range(3)] == [None, None, None]
+    assert b.take("a", 0.0) == 20  # one token every 20 s
+    assert b.take("b", 0.0) is None  # per client
+    assert b.take("a", 20.0) is None
+    assert b.take("a", 21.0) == 19
+
+
+def test_zero_means_no_limit():
+    b = WakeBudget(0)
+    assert all(b.take("a", 0.0) is None for _ in range(1000))
+
+
+def test_the_table_is_bounded():
+    b = WakeBudget(1, max_clients=100)
+    for i in range(1000):
+        b.take(f"10.0.{i // 256}.{i % 256}", 0.0)
+    assert len(b._buckets) == 100
+
+
+def test_client_keys():
+    assert client_key("192.0.2.7") == "192.0.2.7"
+    assert client_key("::ffff:192.0.2.7") == "192.0.2.7"
+    assert client_key("2001:db8:1:2:3:4:5:6") == "2001:db8:1:2::/64"
+    assert client_key("2001:db8:1:2:ffff::1") == "2001:db8:1:2::/64"
+    assert client_key("fe80::1%eth0") == "fe80::/64"
+    assert client_key("garbage") == "garbage"
+
+
+class FakeOps:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    async def start(self, cid: str, name: str) -> None:
+        self.calls.append(("start", name))
+
+    async def unpause(self, cid: str, name: str) -> None:
+        self.calls.append(("unpause", name))
+
+
+def _sleepers(n: int):
+    return [ContainerInfo(f"id{i}", f"s{i}", "exited", labels={"wakeproxy.host": f"s{i}.test"},
+                          networks={"bridge": ""}) for i in range(n)]
+
+
+def _flow(host: str, path: str = "/", peer: str = "192.0.2.7", ua: str = "curl/8") -> http.HTTPFlow:
+    f = tflow.tflow(req=treq(path=path.encode(), headers=http.Headers(host=host, accept="*/*", user_agent=ua)))
+    f.client_conn.peername = (peer, 5555)
+    return f
+
+
+def _waker(config: Config, containers) -> tuple[Waker, FakeOps]:
+    rt = Runtime(config=config, snapshot=build_snapshot(containers, SourcesConfig(), (), {}))
+    w = Waker(rt)
+    ops = FakeOps()
+    w.ops = ops  # type: ignore[assignment]
+    return w, ops
+
+
+def test_over_the_budget_429_and_nothing_started():
+    async def run():
+        w, ops = _waker(Config(wake=WakeConfig(per_client=3, strategy="page")), _sleepers(6))
+        answers = []
+        for i in range(6):
+            f = _flow(f"s{i}.test")
+            site = w.runtime.snapshot.lookup(f"s{i}.test")
+            held = w.asleep(f, site, f"s{i}.test", lambda flow, site: None)
+            answers.append((f.response.status_code if f.response else "held", held))
+        await asyncio.sleep(0.05)
+        for _, h in answers:
+            if h is not None:
+                h.close()
+        for wake in list(w._wakes.values()):
+            wake.task.cancel()
+        return answers, ops.calls, f
+
+    answers, calls, last = asyncio.run(run())
+    assert [a for a, _ in answers] == ["held", "held", "held", 429, 429, 429]
+    assert sorted(n for _, n in calls) == ["s0", "s1", "s2"]
+    assert last.response.headers["Retry-After"] == "20"
+
+
+def test_joining_a_wake_costs_nothing():
+    async def run():
+        w, ops = _waker(Config(wake=WakeConfig(per_client=1)), _sleepers(1))
+        site = w.runtime.snapshot.lookup("s0.test")
+        statuses = []
+        for _ in range(5):
+            f = _flow("s0.test")
+            held = w.asleep(f, site, "s0.test", lambda flow, site: None)
+            statuses.append(f.response.status_code if f.response else "held")
+            if held is not None:
+                held.close()
+        for wake in list(w._wakes.values()):
+            wake.task.cancel()
+        return statuses
+
+    assert asyncio.run(run()) == ["held"] * 5
+
+
+def _wait(w: Waker, host: str, **kw) -> http.HTTPFlow:
+    f = _flow(host, WAIT_PATH, **kw)
+    site = w.runtime.snapshot.lookup(host)
+
+    async def run():
+        coro = w.control(f, site, host)
+        if coro is not None:
+            task = asyncio.ensure_future(coro)
+            await asyncio.sleep(0.05)
+            for wake in list(w._wakes.values()):
+                wake.fail(WakeFailed(502, "Wake-up failed", "container 's0' exited with code 3 while starting"))
+            await asyncio.wait_for(task, 2)
+        await asyncio.sleep(0)  # let the wakes finish (Waker._finished reads their outcome)
+
+    asyncio.run(run())
+    return f
+
+
+def test_wait_endpoint_honours_ignored_user_agents_and_starts_nothing():
+    import re
+
+    w, ops = _waker(Config(wake=WakeConfig(ignore_user_agents=(re.compile("EvilBot", re.I),))), _sleepers(1))
+    f = _wait(w, "s0.test", ua="EvilBot/1.0")
+    assert json.loads(f.response.content) == {"state": "failed"}
+    assert ops.calls == [] and w._wakes == {}
+
+
+def test_wait_endpoint_spends_the_budget():
+    w, ops = _waker(Config(wake=WakeConfig(per_client=1)), _sleepers(2))
+    _wait(w, "s0.test")
+    f = _wait(w, "s1.test")
+    assert f.response.status_code == 429 and json.loads(f.response.content) == {"state": "failed"}
+    assert [n for _, n in ops.calls] == ["s0"]
+
+
+def test_wait_endpoint_tells_anonymous_clients_only_the_state():
+    w, _ = _waker(Config(), _sleepers(1))
+    f = _wait(w, "s0.test")
+    assert json.loads(f.response.content) == {"state": "failed"}
+    w, _ = _waker(Config(debug_clients=(ip_network("192.0.2.0/24"),)), _sleepers(1))
+    body = json.loads(_wait(w, "s0.test").response.content)
+    assert body["state"] == "failed" and "exited with code 3" in body["message"]
