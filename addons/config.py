@@ -494,6 +494,13 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     for name, broken, key, message in pairs:
         if name in kwargs and broken(kwargs[name]):
             raise r.fail(top[name], key, message)
+    default_host = kwargs.get("default_host")
+    reserved = dict(kwargs["names"].reserved) if "names" in kwargs else {}
+    if default_host and default_host not in reserved:
+        # The site that answers every unknown name is the operator's choice, never a label's.
+        raise r.fail(top["default_host"], "default_host",
+                     f"name the group that serves it in names.reserved (e.g. names: {{reserved: "
+                     f"{{{default_host}: my-landing-page}}}}): no label may claim the default host")
     return Config(**kwargs)
 
 

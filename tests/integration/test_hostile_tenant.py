@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
+import docker.errors
 import httpx
 import pytest
 from cryptography import x509
@@ -371,6 +372,8 @@ def test_letsencrypt_host_gets_no_certificate_for_foreign_names(world):
     assert bank is not None and "names.allow" in bank["reason"], report["refused"]
     assert conflict(report, n.victim, world.P_E) is not None, report["conflicts"]
     assert not any("acme: internal error" in ln for ln in log_lines(p)), p.log()[-3000:]
+    text = cli_status(p)
+    assert "refused names" in text and n.bank in text, text
 
 
 def test_cert_name_and_redirect_labels_change_nothing_for_victim(world):
@@ -496,33 +499,54 @@ def test_name_moves_only_after_owner_removed_and_release_after(backend_container
     victim = backend_container("own7-victim", labels=_compose(pv, "web", h), keep_awake=False)
     _younger_than(victim)
     backend_container("own7-taker", labels=_compose(pa, "web", h))
-    p = proxy({"names": {"release_after": "2s"}, "wake": {"ignore_user_agents": ["EvilBot"]}})
+    p = proxy({"names": {"release_after": "2s"}})
     wait_for(lambda: backend_of(proxied(p, h, timeout=5)) == "own7-victim", 10, 0.1, "victim routed")
-    # Stopped is not gone: the name stays the victim's well past release_after.
-    victim.stop(timeout=5)
-    time.sleep(3.0)
-    r = proxied(p, h, headers={"User-Agent": EVIL_UA, **JSON})
-    assert r.status_code == 503 and backend_of(r) is None, (r.status_code, r.text[:200])
-    assert conflict(status_json(p), h, pa) is not None
-    # Removed: held for release_after, then the next claimant gets it.
+    assert backends(p, h, 5) == ["own7-victim"] * 5
+    # Removed (a running container: kill, die, destroy): held for release_after, then the claimant gets it.
     victim.remove(force=True)
     t_rm = time.time()
     early = []
     while time.time() < t_rm + 1.5:
         early.append(backend_of(proxied(p, h, timeout=2)))
         time.sleep(0.1)
-    # DEFECT: the name moves at once, not release_after after the removal. Ownership.resolve
-    # (addons/policy.py) measures release_after from `rec.seen`, the last *snapshot* in which the
-    # owner claimed the name; with no Docker event for longer than release_after before the
-    # removal (here: 3 s of a stopped victim; in production: any sandbox quiet for 60 s, then
-    # `docker compose up --force-recreate`), the record is already "expired" when the claim
-    # vanishes, and a waiting attacker takes the name for good (the recreated victim is then the
-    # refused one). The clock should start at the first resolve that no longer sees the claim.
     assert "own7-taker" not in early, f"the name moved before release_after: {early}"
+    assert conflict(status_json(p), h, pa) is not None  # "still held for group …"
     wait_for(lambda: backend_of(proxied(p, h, timeout=2)) == "own7-taker", 6, 0.1, "the name released")
     moved = time.time() - t_rm
     assert moved >= 1.8, f"moved after {moved:.2f} s, release_after is 2 s"
     print(f"name moved {moved:.2f} s after the owner's container was removed (release_after 2 s)")
+
+
+def test_quiet_owner_keeps_name_for_release_after_when_removed(backend_container, proxy, run_id, host):
+    """`docker compose up --force-recreate` of a sandbox that has been quiet (no Docker event) for
+    longer than release_after: the name must stay the owner's for release_after after the removal."""
+    h = host("own8")
+    pv, pa = f"{run_id}-zz-own8", f"{run_id}-aa-own8"
+    victim = backend_container("own8-victim", labels=_compose(pv, "web", h), keep_awake=False)
+    _younger_than(victim)
+    backend_container("own8-taker", labels=_compose(pa, "web", h))
+    p = proxy({"names": {"release_after": "2s"}, "wake": {"ignore_user_agents": ["EvilBot"]}})
+    wait_for(lambda: backend_of(proxied(p, h, timeout=5)) == "own8-victim", 10, 0.1, "victim routed")
+    # Stopped is not gone: the name stays the victim's well past release_after.
+    victim.stop(timeout=5)
+    time.sleep(3.0)
+    r = proxied(p, h, headers={"User-Agent": EVIL_UA, **JSON})
+    assert r.status_code == 503 and backend_of(r) is None, (r.status_code, r.text[:200])
+    assert conflict(status_json(p), h, pa) is not None
+    victim.remove(force=True)
+    t_rm = time.time()
+    early = []
+    while time.time() < t_rm + 1.5:
+        early.append(backend_of(proxied(p, h, timeout=2, headers={"User-Agent": EVIL_UA})))
+        time.sleep(0.1)
+    # DEFECT: the name moves at once, not release_after after the removal. Ownership.resolve
+    # (addons/policy.py, step 2) measures release_after from `rec.seen`, the last *snapshot* in
+    # which the owner claimed the name; with no Docker event for longer than release_after before
+    # the removal (here: 3 s of a stopped victim; in production: any sandbox quiet for 60 s, then
+    # `docker compose up --force-recreate`), the record is already "expired" when the claim
+    # vanishes, and a waiting attacker takes the name for good (the recreated victim is then the
+    # refused one). The clock should start at the first resolve that no longer sees the claim.
+    assert "own8-taker" not in early, f"the name moved at once after the removal: {early}"
 
 
 # --------------------------------------------------------------------------
@@ -648,25 +672,79 @@ def test_pages_disclose_nothing_to_anonymous_clients(backend_container, proxy, d
 # --------------------------------------------------------------------------
 # 10. a group's name in names.allow / names.reserved is taken over by a look-alike group
 
+LOOKALIKE_DEFECT = """the victim's key becomes `container:<name>` (or `group:<name>`) once another tenant
+creates a Compose project with that name (addons/snapshot.py `_group_keys`), and NamePolicy
+(addons/policy.py: `allowed` substitutes `{group}` with that display key, `refuse` compares
+names.reserved with it) then refuses the victim and accepts the look-alike; Ownership.resolve even
+drops the victim's record ("no longer allowed"). Policy should match the GroupId (kind + base)."""
 
-def test_lookalike_group_cannot_take_a_lone_containers_names(backend_container, proxy, run_id, host):
-    """`{group}` in names.allow (and names.reserved) is matched against the group's *display key*.
-    A lone container N (group key `N`) owns `N.<domain>`; another tenant then creates a Compose
-    project named N: the project keeps the key `N` and the lone container becomes `container:N`."""
-    solo = f"{run_id}-solo"
-    h = f"{solo}.{run_id}.test"
-    backend_container("solo", labels={"wakeproxy.host": h})
-    p = proxy({"names": {"allow": [f"{{group}}.{run_id}.test"]}})
-    wait_for(lambda: backend_of(proxied(p, h, timeout=5)) == "solo", 10, 0.1, "the lone container routed")
-    backend_container("solo-lookalike", labels={"com.docker.compose.project": solo,
-                                                "com.docker.compose.service": "web", "wakeproxy.host": h})
-    time.sleep(1.5)  # the event is in
+
+def _solo_and_lookalike(backend_container, run_id, suffix, h, after_proxy):
+    solo = f"{run_id}-{suffix}"
+    backend_container(suffix, labels={"wakeproxy.host": h})
+    p = after_proxy()
+    wait_for(lambda: backend_of(proxied(p, h, timeout=5)) == suffix, 10, 0.1, "the lone container routed")
+    backend_container(f"{suffix}-lookalike", labels={"com.docker.compose.project": solo,
+                                                     "com.docker.compose.service": "web", "wakeproxy.host": h})
+    time.sleep(1.5)  # the create event is in
+    return p
+
+
+def test_lookalike_group_cannot_take_a_lone_containers_allowed_names(backend_container, proxy, run_id):
+    """names.allow `{group}.<domain>`: a lone container N owns `N.<domain>`; another tenant then
+    creates a Compose project named N claiming the same name."""
+    h = f"{run_id}-solo.{run_id}.test"
+    p = _solo_and_lookalike(backend_container, run_id, "solo", h,
+                            lambda: proxy({"names": {"allow": [f"{{group}}.{run_id}.test"]}}))
     got = backends(p, h, 10)
-    # DEFECT: the attacker's Compose project named like the victim's lone container takes the
-    # victim's name: the victim's key becomes `container:<name>`, which `{group}` no longer matches
-    # (NamePolicy.allowed in addons/policy.py substitutes the display key made by _group_keys in
-    # addons/snapshot.py), the owner's record is dropped as "no longer allowed", and the look-alike
-    # is allowed. The same happens to names.reserved (reserved_for != group). `{group}` and
-    # reserved should be matched against the GroupId (kind + base), or the kind must be part of
-    # what the operator writes.
+    # DEFECT: requests for the lone container's name go to the look-alike project: see LOOKALIKE_DEFECT.
     assert got == ["solo"] * 10, f"requests for the lone container's name went to: {got}"
+
+
+def test_lookalike_group_cannot_take_a_reserved_default_host(backend_container, proxy, run_id, host):
+    h = host("solohome")
+    p = _solo_and_lookalike(backend_container, run_id, "solor", h, lambda: proxy({
+        "default_host": h, "names": {"reserved": {h: f"{run_id}-solor"}, "allow": [f"*.{run_id}.test"]}}))
+    got = backends(p, h, 5) + backends(p, "unknown.example", 5)
+    # DEFECT: the reserved default_host (and with it every unknown host) goes to the look-alike
+    # project: see LOOKALIKE_DEFECT.
+    assert got == ["solor"] * 10, f"the reserved default_host went to: {got}"
+
+
+def test_presquatted_project_name_returns_to_the_project(backend_container, proxy, run_id):
+    """Before project P exists, a lone container labelled wakeproxy.group=P claims `P.<domain>`
+    (allowed by `{group}`); when the real Compose project P appears, the name is P's."""
+    proj = f"{run_id}-future"
+    h = f"{proj}.{run_id}.test"
+    backend_container("squatter", labels={"wakeproxy.group": proj, "wakeproxy.host": h})
+    p = proxy({"names": {"allow": [f"{{group}}.{run_id}.test"]}})
+    wait_for(lambda: backend_of(proxied(p, h, timeout=5)) == "squatter", 10, 0.1, "the squatter routed")
+    backend_container("future-web", labels={"com.docker.compose.project": proj,
+                                            "com.docker.compose.service": "web", "wakeproxy.host": h})
+    wait_for(lambda: backend_of(proxied(p, h, timeout=5)) == "future-web", 5, 0.1, "the project gets its name")
+    assert backends(p, h, 10) == ["future-web"] * 10
+    r = refusal(status_json(p), h, f"group:{proj}")
+    assert r is not None, status_json(p)
+
+
+def test_traefik_label_names_cannot_forge_log_lines(world, backend_container, docker_client, host):
+    """Label NAMES (the Traefik router name is part of one) and traefik.docker.network values."""
+    p = world.proxy
+    made = []
+    for suffix, labels in (
+        ("forged-router", {"traefik.http.routers.x\nFORGED router ready\nx.rule": "Host(`bad host!`)"}),
+        ("forged-tnet", {"traefik.http.routers.web.rule": f"Host(`{host('forged-tnet')}`)",
+                         "traefik.docker.network": "x\nFORGED traefik network ready"}),
+    ):
+        try:
+            made.append(backend_container(suffix, labels=labels, start=False))
+        except docker.errors.APIError as e:  # the engine refuses such a label: nothing to forge
+            print(f"{suffix}: Docker refuses the label: {e}")
+    if not made:
+        pytest.skip("Docker refuses newlines in these labels")
+    wait_for(lambda: all(any(c.name in ln for ln in log_lines(p)) for c in made), 5, 0.1, "the containers seen")
+    forged = [ln for ln in log_lines(p) if ln.lstrip().startswith("FORGED")]
+    # DEFECT (expected, same cause as test_label_with_newline_cannot_forge_log_lines): the Traefik
+    # router name (addons/labels.py `_traefik`: `what = f"label traefik.http.routers.{router}.rule"`)
+    # and the traefik.docker.network value reach the log unquoted.
+    assert forged == [], f"forged log lines: {forged}"

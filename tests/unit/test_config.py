@@ -243,7 +243,15 @@ def test_state_dir_wrong_type(value):
 
 
 def test_default_host_is_lower_cased():
-    assert parse_config("default_host: Fallback.Example.COM\n").default_host == "fallback.example.com"
+    cfg = parse_config("default_host: Fallback.Example.COM\nnames: {reserved: {fallback.example.com: landing}}\n")
+    assert cfg.default_host == "fallback.example.com"
+    assert cfg.names.reserved == (("fallback.example.com", "landing"),)
+
+
+def test_default_host_needs_its_group_in_names_reserved():
+    assert_error("default_host: fallback.test\n", 1, "default_host", "names.reserved")
+    assert_error("default_host: fallback.test\nnames: {reserved: {other.test: x}}\n", 1, "default_host",
+                 "names.reserved")
 
 
 def test_default_host_null():
@@ -256,7 +264,7 @@ def test_default_host_invalid(value):
 
 
 def test_default_host_accepts_every_host_a_label_can_declare():
-    assert parse_config("default_host: my_app.test\n").default_host == "my_app.test"
+    assert parse_config("default_host: my_app.test\nnames: {reserved: {my_app.test: g}}\n").default_host == "my_app.test"
 
 
 # --- sources -------------------------------------------------------------------------------
