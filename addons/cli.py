@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 DEFAULT_CONFIG = "config/wakeproxy.yaml"
 EXIT_CONFIG = 2
+EXIT_NO_DOCKER = 3  # `wakeproxy status`: the proxy runs but cannot see the Docker engine
 
 
 def build_master(config_path: str, verbosity: str = "info") -> "master.Master":
@@ -100,8 +102,6 @@ def _check(path: str) -> int:
 def _ago(iso: str | None) -> str:
     if not iso:
         return "-"
-    import datetime
-
     delta = datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(iso)
     return _duration(delta.total_seconds()) + " ago"
 
@@ -135,9 +135,19 @@ def _status(config_path: str, url: str | None, as_json: bool) -> int:
     except (urllib.error.URLError, OSError, ValueError) as e:
         print(f"wakeproxy: cannot read {url}: {e}. Is the proxy running with this config?", file=sys.stderr)
         return 1
+    engine = report.get("docker") or {}
+    blind = engine.get("state") != "connected"  # the proxy cannot see Docker: say so, exit non-zero
     if as_json:
         print(json.dumps(report, indent=1))
-        return 0
+        return EXIT_NO_DOCKER if blind else 0
+    if engine:
+        since = engine.get("since")
+        iso = datetime.datetime.fromtimestamp(since, datetime.timezone.utc).isoformat() if since else None
+        if blind:
+            print(f"docker: {engine.get('state')} since {_ago(iso)} — cannot reach {engine.get('url')}: "
+                  f"{engine.get('last_error') or 'not connected yet'}")
+        else:
+            print(f"docker: connected to {engine.get('url')} (since {_ago(iso)})")
     rows = [("GROUP", "STATE", "HOSTS", "CONTAINERS", "IN FLIGHT", "OPEN", "LAST ACTIVITY", "STOPS IN")]
     for g in report["groups"]:
         rows.append((
@@ -173,7 +183,7 @@ def _status(config_path: str, url: str | None, as_json: bool) -> int:
         print("\nskipped containers (bad labels):")
         for name, why in report["skipped"].items():
             print(f"  {name}: {why}")
-    return 0
+    return EXIT_NO_DOCKER if blind else 0
 
 
 def _table(rows: list[tuple[str, ...]]) -> None:

@@ -17,7 +17,7 @@ from mitmproxy import ctx, exceptions, tls
 
 from .config import Config, ConfigError, load_config
 from .docker_view import DockerView
-from .runtime import Runtime
+from .runtime import EngineState, Runtime
 from .snapshot import Snapshot
 from .tls import ensure_default_cert
 
@@ -107,8 +107,12 @@ class WakeProxy:
         if self.view is not None:
             self.view.stop()
         self._ready_logged = False
-        self.view = DockerView(self.runtime.config, asyncio.get_running_loop(), self._publish, self.runtime.emit)
+        self.view = DockerView(self.runtime.config, asyncio.get_running_loop(), self._publish, self.runtime.emit,
+                               self._engine)
         self.view.start()
+
+    def _engine(self, state: EngineState) -> None:
+        self.runtime.engine = state
 
     def _publish(self, snapshot: Snapshot) -> None:
         self.runtime.publish(snapshot)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -34,7 +35,7 @@ import docker.errors
 
 from .config import Config
 from .labels import USED_ENV, ContainerInfo
-from .runtime import ContainerEvent
+from .runtime import ContainerEvent, EngineState
 from .policy import OWNERS_FILE, Ownership
 from .snapshot import Policy, Snapshot, build_snapshot
 from .tls import write_private
@@ -49,6 +50,23 @@ _CONTAINER_ACTIONS = {
 
 
 MAX_BATCH = 1000  # events applied as one snapshot at most
+BACKOFF_MAX = 5.0  # seconds between attempts to reach the engine, at most
+RETRY_LOG_INTERVAL = 60.0  # during an outage, one "still cannot reach" line per this long
+
+
+def engine_url(config: Config) -> str:
+    """Where the engine is expected, for messages: the config's URL, DOCKER_HOST, or the default socket."""
+    return config.docker.url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+
+def _reason(e: BaseException) -> str:
+    """A one-line reason for a failed engine call (the SDK nests the socket error deep inside)."""
+    text = str(e)
+    for marker in ("FileNotFoundError", "ConnectionRefusedError", "PermissionError", "TimeoutError"):
+        if marker in text:
+            inner = text[text.index(marker):].split(")", 1)[0]
+            return inner.replace("(", ": ", 1).replace("'", "")[:200]
+    return f"{type(e).__name__}: {text}"[:200]
 CACHE_FILE = "containers.json"  # in state_dir: the _Static parts per container ID
 CACHE_VERSION = 1
 CACHE_SAVE_DELAY = 2.0  # after events that added/removed containers, the cache is written at most this often
@@ -257,11 +275,14 @@ class DockerView:
         loop: asyncio.AbstractEventLoop,
         publish: Callable[[Snapshot], None],
         emit: Callable[[ContainerEvent], None] | None = None,
+        report: Callable[[EngineState], None] | None = None,
     ) -> None:
         self.config = config
         self.loop = loop
         self.publish = publish
         self.emit = emit
+        self.report = report
+        self.engine = EngineState(url=engine_url(config))
         self._containers: dict[str, ContainerInfo] = {}
         self._static: dict[str, _Static] = {}
         self._cache_path = config.state_dir / CACHE_FILE
@@ -308,11 +329,22 @@ class DockerView:
             if self._unsaved_since is not None:
                 self._save_cache()
 
+    def _set_engine(self, state: str, error: str | None = None) -> None:
+        e = self.engine
+        connected = e.ever_connected or state == "connected"
+        since = e.since if state == e.state and e.since else time.time()
+        self.engine = EngineState(state, e.url, since, error if error is not None else e.last_error, connected)
+        if self.report is not None:
+            self._call(self.report, self.engine)
+
     def _run_connected(self) -> None:
         backoff = 0.25
         outage_logged = False
+        attempts = 0
+        last_line = 0.0
         while not self._stop.is_set():
             try:
+                attempts += 1
                 client = self._connect()
                 # Subscribe first, then list: nothing that happens in between is missed.
                 self._events = client.api.events(
@@ -327,23 +359,33 @@ class DockerView:
                 logger.info(
                     f"docker: synced {len(self._containers)} containers in "
                     f"{(time.monotonic() - t0) * 1000:.0f} ms ({inspected} inspected, {cached} cached)"
-                    + (" (after reconnecting)" if outage_logged else "")
+                    + (f" (after {attempts} attempts)" if outage_logged else "")
                 )
+                self._set_engine("connected")
                 if self._unsaved_since is not None:
                     self._save_cache()
-                backoff, outage_logged = 0.25, False
+                backoff, outage_logged, attempts = 0.25, False, 0
                 self._follow(client, inbox)
             except Exception as e:
                 if self._stop.is_set():
                     return
+                reason = _reason(e)
+                next_in = min(backoff * 2, BACKOFF_MAX)
                 if not outage_logged:
-                    logger.warning(
-                        f"docker: lost the engine ({type(e).__name__}: {e}); serving the last known "
-                        "routes and reconnecting"
-                    )
-                    outage_logged = True
+                    if self.engine.ever_connected:
+                        logger.warning(f"docker: lost the engine at {self.engine.url} ({reason}); serving the "
+                                       f"last known routes; retrying every {backoff:g}–{BACKOFF_MAX:g} s")
+                    else:
+                        logger.warning(f"docker: cannot reach the Docker engine at {self.engine.url}: {reason}; "
+                                       f"retrying every {backoff:g}–{BACKOFF_MAX:g} s (no site is known until then)")
+                    outage_logged, last_line = True, time.monotonic()
+                elif time.monotonic() - last_line >= RETRY_LOG_INTERVAL:
+                    logger.warning(f"docker: still cannot reach {self.engine.url} after {attempts} attempts "
+                                   f"({reason}); next attempt in {next_in:g} s")
+                    last_line = time.monotonic()
                 else:
-                    logger.debug(f"docker: still unreachable: {e}")
+                    logger.debug(f"docker: attempt {attempts} failed ({reason}); next in {next_in:g} s")
+                self._set_engine("retrying", reason)
             finally:
                 events, self._events = self._events, None
                 if events is not None:
@@ -352,7 +394,7 @@ class DockerView:
                     except Exception:
                         pass
             self._stop.wait(backoff)
-            backoff = min(backoff * 2, 5.0)
+            backoff = min(backoff * 2, BACKOFF_MAX)
 
     @staticmethod
     def _read(events: Any, inbox: "queue.Queue[Any]") -> None:

@@ -171,11 +171,14 @@ class Router:
 
     def _no_site(self, flow: http.HTTPFlow, host: str) -> http.Response:
         if not self.runtime.snapshot.synced:
-            return pages.error_response(
-                flow.request, 503, "Starting up",
-                "The proxy has not been able to read its list of sites from the Docker engine yet.",
-                "Try again in a moment.", host, {"Retry-After": "5"},
-            )
+            engine = self.runtime.engine
+            message = "The proxy has not been able to read its list of sites from the Docker engine yet."
+            if engine.state == "retrying":
+                message = "The proxy cannot reach the Docker engine, so it does not know this site yet."
+                if self.runtime.config.shows_detail(pages.client_ip(flow)):
+                    message += f" ({engine.url}: {engine.last_error})"
+            return pages.error_response(flow.request, 503, "Starting up", message, "Try again in a moment.",
+                                        host, {"Retry-After": "5"})
         return pages.error_response(
             flow.request, 404, "Unknown site",
             f"No container declares the host '{host or '(no Host header)'}'.",

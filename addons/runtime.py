@@ -28,10 +28,26 @@ class ContainerEvent:
     health: str | None = None  # for health_status
 
 
+@dataclass(frozen=True)
+class EngineState:
+    """Whether the proxy can see the Docker engine (shown by `wakeproxy status` and in pages)."""
+
+    state: str = "connecting"  # connecting | connected | retrying
+    url: str = ""
+    since: float = 0.0  # wall clock of the last change of `state`
+    last_error: str | None = None
+    ever_connected: bool = False
+
+    def as_dict(self) -> dict[str, object]:
+        return {"state": self.state, "url": self.url, "since": self.since, "last_error": self.last_error,
+                "ever_connected": self.ever_connected}
+
+
 @dataclass
 class Runtime:
     config: Config = field(default_factory=Config)
     snapshot: Snapshot = field(default_factory=Snapshot)
+    engine: EngineState = field(default_factory=EngineState)
     listeners: list[Callable[[ContainerEvent], None]] = field(default_factory=list)
     # Groups being put to sleep by the idle keeper: a request for one waits for the stop, then wakes it.
     stopping: dict[str, asyncio.Task[None]] = field(default_factory=dict)

@@ -97,6 +97,7 @@ class StatusServer:
         snap = self.runtime.snapshot
         report: dict[str, Any] = {
             "synced": snap.synced,
+            "docker": self.runtime.engine.as_dict(),
             "containers": len(snap.containers),
             "hosts": len(snap.exact) + len(snap.wildcards),
             "skipped": dict(snap.skipped),
