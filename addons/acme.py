@@ -715,8 +715,8 @@ class AcmeManager:
             now = time.time()
             wake_at = now + 3600.0
             for st in list(self.states.values()):
-                if not st.container or st.busy:
-                    continue
+                if not st.container or st.busy or not self.runtime.manage:
+                    continue  # (a debugging copy serves the stored certificates and orders nothing)
                 due = max(st.due(now), self._order_allowed_at(st.group, now))
                 if due <= now:
                     st.busy = True

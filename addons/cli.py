@@ -6,6 +6,7 @@
                                        groups, their state and idle clocks, from the running proxy
     wakeproxy web [--config FILE] [MITMWEB ARGS…]
                                        the same proxy inside mitmweb, to watch live traffic
+    wakeproxy --version                wakeproxy's, mitmproxy's and Python's versions
 
 The lean Master holds only the built-in addons a reverse proxy needs (core,
 proxyserver, next_layer, tlsconfig, errorcheck, termlog) plus ours, and dispatches
@@ -90,11 +91,17 @@ async def _serve(config_path: str, verbosity: str) -> None:
 
 
 def _check(path: str) -> int:
-    try:
-        cfg = load_config(path)
-    except ConfigError as e:
-        print(f"wakeproxy: {e}", file=sys.stderr)
+    """Parse the config and look at every file it names, as start-up would; exit 2 on a problem."""
+    from . import preflight
+
+    cfg = load_config(path)  # main() has validated it already
+    found = preflight.problems(cfg)
+    for problem in found:
+        print(f"wakeproxy: {cfg.source}: {problem}", file=sys.stderr)
+    if found:
         return EXIT_CONFIG
+    for taken in preflight.taken_ports(cfg):  # the running proxy itself may hold them: a note, not an error
+        print(f"note: {taken}")
     print(f"{path}: ok (http {cfg.listen.http}, https {cfg.listen.https}, state_dir {cfg.state_dir})")
     return 0
 
@@ -192,13 +199,39 @@ def _table(rows: list[tuple[str, ...]]) -> None:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
+COMMANDS = {
+    "run": "run the proxy (the default)",
+    "check": "validate the config and the files it names, then exit (status 2 on a problem)",
+    "status": "groups, conflicts, certificates and the Docker engine, from the running proxy",
+    "web": "the same proxy inside mitmweb, to watch live traffic (starts, stops and orders nothing unless --manage)",
+}
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    def v(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    return f"wakeproxy {v('wakeproxy')} (mitmproxy {v('mitmproxy')}, Python {sys.version.split()[0]})"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "run"
-    if argv and argv[0] in ("run", "check", "web", "status"):
+    if argv and argv[0] in COMMANDS:
         command = argv.pop(0)
-    parser = argparse.ArgumentParser(prog=f"wakeproxy {command}" if command != "run" else "wakeproxy")
+    epilog = "commands:\n" + "\n".join(f"  {name:<8} {what}" for name, what in COMMANDS.items()) + \
+        "\n\nwakeproxy COMMAND --help shows the options of one command."
+    parser = argparse.ArgumentParser(
+        prog=f"wakeproxy {command}" if command != "run" else "wakeproxy",
+        description=COMMANDS[command] if command != "run" else "Reverse proxy for Docker sandboxes.",
+        epilog=epilog if command == "run" else None, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--version", action="version", version=_version())
     if command == "status":
         parser.add_argument("--json", action="store_true", help="print the raw JSON")
         parser.add_argument("--url", help="status endpoint (default: http://<status.listen>/status from the config)")
@@ -211,20 +244,32 @@ def main(argv: list[str] | None = None) -> int:
 
     # Validate before anything starts: a bad config names file, line and key, and exits 2.
     try:
-        load_config(args.config)
+        config = load_config(args.config)
     except ConfigError as e:
         print(f"wakeproxy: {e}", file=sys.stderr)
         return EXIT_CONFIG
 
-    if command == "check":
-        return _check(args.config)
-    if command == "status":
-        return _status(args.config, args.url, args.json)
+    if command in ("check", "status"):
+        try:
+            return _check(args.config) if command == "check" else _status(args.config, args.url, args.json)
+        except BrokenPipeError:  # `wakeproxy status | head`: the reader left, nothing to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+    from . import preflight
+
+    found = preflight.problems(config) + preflight.taken_ports(config)
+    for problem in found:
+        print(f"wakeproxy: {config.source}: {problem}", file=sys.stderr)
+    if found:
+        return EXIT_CONFIG
     if command == "web":
         script = Path(__file__).resolve().parent / "wakeproxy.py"
         mitmweb = Path(sys.executable).parent / "mitmweb"
         exe = str(mitmweb) if mitmweb.exists() else "mitmweb"
-        os.execvp(exe, [exe, "-s", str(script), "--set", f"wakeproxy_config={args.config}", *rest])
+        manage = "--manage" in rest
+        rest = [a for a in rest if a != "--manage"]
+        os.execvp(exe, [exe, "-s", str(script), "--set", f"wakeproxy_config={args.config}",
+                        "--set", f"wakeproxy_manage={'true' if manage else 'false'}", *rest])
     verbosity = "debug" if args.verbose else "warn" if args.quiet else "info"
     try:
         asyncio.run(_serve(args.config, verbosity))

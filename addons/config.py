@@ -306,6 +306,26 @@ def _url(value: Any) -> str:
     return v
 
 
+_DOCKER_URL = re.compile(r"(unix|tcp|ssh|http|https)://[^\s]+")
+
+
+def _docker_url(value: Any) -> str | None:
+    """`unix:///var/run/docker.sock`, `tcp://host:2375`, `ssh://user@host`, or null (DOCKER_HOST / the default)."""
+    if value is None:
+        return None
+    v = _str(value)
+    if not _DOCKER_URL.fullmatch(v) or (v.startswith("unix://") and not v[len("unix://"):].startswith("/")):
+        raise ValueError(f"{v!r} is not a Docker engine URL (unix:///var/run/docker.sock, tcp://HOST:PORT, "
+                         "ssh://USER@HOST)")
+    return v
+
+
+def _overlap(a: Address, b: Address) -> bool:
+    """Would two listeners fight over one port?"""
+    wildcard = ("0.0.0.0", "::", "")
+    return a.port == b.port and (a.host == b.host or a.host in wildcard or b.host in wildcard)
+
+
 def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     if not isinstance(value, str):
         raise ValueError("expected a CIDR string such as \"10.0.0.0/8\"")
@@ -415,7 +435,7 @@ def _list_field(parse: Callable[[Any], Any]) -> Callable[[_Reader, yaml.Node, st
 # Each config section: its dataclass and a parser per key (the keys are the public contract).
 _SECTIONS: dict[str, tuple[type, dict[str, Callable[[_Reader, yaml.Node, str], Any]]]] = {
     "listen": (ListenConfig, {"http": _scalar_field(parse_address), "https": _scalar_field(parse_address)}),
-    "docker": (DockerConfig, {"url": _scalar_field(_opt_str), "networks": _list_field(_str)}),
+    "docker": (DockerConfig, {"url": _scalar_field(_docker_url), "networks": _list_field(_str)}),
     "sources": (SourcesConfig, {f.name: _scalar_field(_bool) for f in dataclasses.fields(SourcesConfig)}),
     "names": (NamesConfig, {
         "allow": _list_field(_name_pattern),
@@ -494,6 +514,14 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     for name, broken, key, message in pairs:
         if name in kwargs and broken(kwargs[name]):
             raise r.fail(top[name], key, message)
+    listen = kwargs.get("listen", ListenConfig())
+    if listen.http is not None and listen.https is not None and _overlap(listen.http, listen.https):
+        raise r.fail(top.get("listen"), "listen.https", f"{listen.https} and listen.http {listen.http} use one port")
+    status_addr = kwargs.get("status", StatusConfig()).listen
+    for name, addr in (("http", listen.http), ("https", listen.https)):
+        if status_addr is not None and addr is not None and _overlap(status_addr, addr):
+            raise r.fail(top.get("status") or top.get("listen"), "status.listen",
+                         f"{status_addr} is also listen.{name} ({addr})")
     default_host = kwargs.get("default_host")
     reserved = dict(kwargs["names"].reserved) if "names" in kwargs else {}
     if default_host and default_host not in reserved:

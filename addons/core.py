@@ -19,7 +19,7 @@ from .config import Config, ConfigError, load_config
 from .docker_view import DockerView
 from .runtime import EngineState, Runtime
 from .snapshot import Snapshot
-from .tls import ensure_default_cert
+from .tls import ensure_default_cert, repair_mitmproxy_confdir
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,23 @@ def proxy_options(config: Config, default_cert: str, known: set[str]) -> dict[st
     return {k: v for k, v in opts.items() if k in known}
 
 
+class _ListenLine(logging.Filter):
+    """mitmproxy announces each listener as "reverse proxy to http://127.0.0.1:1 listening at …", which
+    reads like a wrong upstream: say what the listener is instead."""
+
+    PREFIX = f"reverse proxy to {_PLACEHOLDER} listening at "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg.startswith(self.PREFIX):
+            record.msg = f"listening on {msg[len(self.PREFIX):].rstrip('.')} (HTTP and HTTPS; sites from Docker labels)"
+            record.args = ()
+        return True
+
+
+_LISTEN_LINE = _ListenLine()
+
+
 class WakeProxy:
     """Owns the config and the Docker view; publishes snapshots into the runtime."""
 
@@ -66,8 +83,19 @@ class WakeProxy:
             "wakeproxy_config", Optional[str], None,
             "Path of wakeproxy's YAML config (listeners, Docker, state directory).",
         )
+        loader.add_option(
+            "wakeproxy_manage", bool, True,
+            "Start, stop and pause containers and order certificates. `wakeproxy web` (a debugging copy "
+            "beside the real proxy) turns this off unless given --manage.",
+        )
+        logging.getLogger("mitmproxy.proxy.mode_servers").addFilter(_LISTEN_LINE)
 
     def configure(self, updated: set[str]) -> None:
+        if "wakeproxy_manage" in updated:
+            self.runtime.manage = ctx.options.wakeproxy_manage
+            if not self.runtime.manage:
+                logger.warning("wakeproxy: a debugging copy: it never starts, stops or pauses containers and "
+                               "orders no certificates (the proxy serving these sites does that)")
         if "wakeproxy_config" not in updated or not ctx.options.wakeproxy_config:
             return
         try:
@@ -76,6 +104,7 @@ class WakeProxy:
             raise exceptions.OptionsError(str(e)) from None
         try:
             cert = ensure_default_cert(config.state_dir)
+            repair_mitmproxy_confdir(config.state_dir / "mitmproxy")
         except OSError as e:
             raise exceptions.OptionsError(
                 f"state_dir {config.state_dir}: cannot write the default certificate: {e}"
@@ -98,6 +127,7 @@ class WakeProxy:
             data.context.client.alpn = b"h2"
 
     def done(self) -> None:
+        logging.getLogger("mitmproxy.proxy.mode_servers").removeFilter(_LISTEN_LINE)
         self._running = False
         if self.view is not None:
             self.view.stop()

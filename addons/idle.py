@@ -152,8 +152,8 @@ class IdleKeeper:
     def check(self, now: float) -> None:
         """Start a stop for every running group that has been idle for its timeout."""
         snap = self.runtime.snapshot
-        if not snap.synced:
-            return
+        if not snap.synced or not self.runtime.manage:
+            return  # (a debugging copy never puts anything to sleep)
         for name, group in snap.groups.items():
             running = any(
                 (c := snap.containers.get(cid)) is not None and c.state == "running" for cid in group.members

@@ -48,6 +48,7 @@ class Runtime:
     config: Config = field(default_factory=Config)
     snapshot: Snapshot = field(default_factory=Snapshot)
     engine: EngineState = field(default_factory=EngineState)
+    manage: bool = True  # False in a debugging copy (`wakeproxy web`): no start, stop, pause, ACME order
     listeners: list[Callable[[ContainerEvent], None]] = field(default_factory=list)
     # Groups being put to sleep by the idle keeper: a request for one waits for the stop, then wakes it.
     stopping: dict[str, asyncio.Task[None]] = field(default_factory=dict)

@@ -98,11 +98,37 @@ def self_signed_pem(common_name: str = "wakeproxy default certificate", days: in
 
 
 def ensure_default_cert(state_dir: Path) -> Path:
-    """The path of the default certificate (key + cert PEM), generating it on first use."""
+    """The path of the default certificate (key + cert PEM), generating it on first use.
+
+    The file is ours: when it cannot be used (empty after a full disk, truncated, edited), it is moved
+    aside with a warning and a new one is generated, rather than failing every start."""
+    from .preflight import move_aside
+
     path = state_dir / DEFAULT_CERT_NAME
-    if not path.exists():
-        write_private(path, self_signed_pem())
+    if path.exists():
+        try:
+            load_cert(path, None, "default")
+            return path
+        except (OSError, ValueError) as e:
+            move_aside(path, str(e))
+    write_private(path, self_signed_pem())
     return path
+
+
+def repair_mitmproxy_confdir(confdir: Path) -> None:
+    """mitmproxy's own store (its CA, which never signs what we serve) in our state_dir: a broken CA
+    file would stop mitmproxy at start, so the folder is moved aside and mitmproxy makes a new one."""
+    from .preflight import move_aside
+
+    ca = confdir / "mitmproxy-ca.pem"
+    if not ca.exists():
+        return
+    try:
+        raw = ca.read_bytes()
+        serialization.load_pem_private_key(raw, password=None)
+        x509.load_pem_x509_certificate(raw)
+    except (OSError, ValueError, TypeError) as e:
+        move_aside(confdir, f"{ca.name}: {e}")
 
 
 # --- one certificate ------------------------------------------------------------

@@ -132,6 +132,11 @@ class Waker:
         config = self.runtime.config.wake
         request = flow.request
         groups = self._groups(site)
+        if not self.runtime.manage:
+            flow.response = pages.error_response(
+                request, 503, "Site asleep", f"'{host}' is asleep, and this debugging copy of the proxy does not "
+                "wake sites.", "Open it through the proxy that serves it.", host, {"Retry-After": "60"})
+            return None
         if not groups:
             flow.response = pages.error_response(
                 request, 503, "Site asleep", f"No container behind '{host}' can be started.",
@@ -512,7 +517,7 @@ class Waker:
         if site.ready_backends and not self.busy(site):
             return answer("ready")
         groups = self._groups(site)
-        if not groups or (config.wake.ignore_user_agents and config.wake.ignores(flow.request.headers.get("user-agent", ""))):
+        if not groups or not self.runtime.manage or (config.wake.ignore_user_agents and config.wake.ignores(flow.request.headers.get("user-agent", ""))):
             return answer("failed", 503, {"Retry-After": "60"}, title="Site asleep",
                           message=f"No container behind '{host}' may be started by this client.")
         failure = self._cooling(groups)
