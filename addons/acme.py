@@ -69,11 +69,12 @@ from cryptography.x509.oid import NameOID
 from mitmproxy import http, tls
 from OpenSSL import SSL, crypto
 
+from .logsafe import get_logger
 from .config import AcmeConfig
 from .runtime import Runtime
 from .tls import CHALLENGE_PREFIX, Certificates, LoadedCert, load_cert, write_private
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 RENEW_FRACTION = 1 / 3  # renew when this much of the lifetime is left
 BACKOFF_MIN = 60.0

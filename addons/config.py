@@ -253,6 +253,15 @@ def _name_pattern(value: Any) -> str:
     return v
 
 
+def _group_ref(value: Any) -> str:
+    """A group in names.reserved: `NAME`, or `KIND:NAME` with KIND compose, group or container."""
+    v = _str(value)
+    kind, sep, name = v.partition(":")
+    if sep and kind not in ("compose", "group", "container") or not (name if sep else v):
+        raise ValueError(f"{v!r} is not a group (NAME, or compose:NAME, group:NAME, container:NAME)")
+    return v
+
+
 def _count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError("expected a whole number (0 or more)")
@@ -441,7 +450,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[_Reader, yaml.Node, str], A
         "allow": _list_field(_name_pattern),
         "wildcards": _scalar_field(_bool),
         "max_per_group": _scalar_field(_positive_int),
-        "reserved": lambda r, n, k: r.pairs(n, k, _hostname_or_wildcard, _str),
+        "reserved": lambda r, n, k: r.pairs(n, k, _hostname_or_wildcard, _group_ref),
         "release_after": _scalar_field(parse_duration),
     }),
     "labels": (LabelTrustConfig, {f.name: _scalar_field(_bool) for f in dataclasses.fields(LabelTrustConfig)}),

@@ -15,13 +15,14 @@ from typing import Any, Optional
 
 from mitmproxy import ctx, exceptions, tls
 
+from .logsafe import get_logger
 from .config import Config, ConfigError, load_config
 from .docker_view import DockerView
 from .runtime import EngineState, Runtime
 from .snapshot import Snapshot
 from .tls import ensure_default_cert, repair_mitmproxy_confdir
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 # Placeholder reverse target: we route per request, so it is never contacted.
 _PLACEHOLDER = "http://127.0.0.1:1"

@@ -32,7 +32,9 @@ from typing import Any
 
 from mitmproxy import addonmanager, exceptions, flow, hooks
 
-logger = logging.getLogger(__name__)
+from .logsafe import get_logger
+
+logger = get_logger(__name__)
 
 Handler = tuple[Any, Callable[..., Any]]
 

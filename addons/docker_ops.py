@@ -16,9 +16,10 @@ from typing import Any
 import docker
 import docker.errors
 
+from .logsafe import get_logger
 from .config import DockerConfig
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 class DockerOpError(Exception):

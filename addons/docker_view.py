@@ -33,6 +33,7 @@ from typing import Any
 import docker
 import docker.errors
 
+from .logsafe import get_logger
 from .config import Config
 from .labels import USED_ENV, ContainerInfo
 from .runtime import ContainerEvent, EngineState
@@ -40,7 +41,7 @@ from .policy import OWNERS_FILE, Ownership
 from .snapshot import Policy, Snapshot, build_snapshot
 from .tls import write_private
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 # Container actions that can change routing; others (exec_*, attach, top, …) are ignored.
 _CONTAINER_ACTIONS = {

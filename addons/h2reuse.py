@@ -57,7 +57,9 @@ import re
 import time
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from .logsafe import get_logger
+
+logger = get_logger(__name__)
 
 # An idle upstream connection is reused only this soon after its last response ended.
 REUSE_WITHIN_SECONDS = 1.0

@@ -25,13 +25,14 @@ from typing import Any
 
 from mitmproxy import http
 
+from .logsafe import get_logger
 from .docker_ops import DockerOpError, DockerOps
 from .runtime import Runtime
 from .snapshot import Group, Snapshot
 from .tls import write_private
 from .waker import Waker
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 CHECK_INTERVAL = 0.5  # seconds between idle checks: groups stop within timeout + this (+ the stop itself)
 SAVE_INTERVAL = 10.0  # the state file is written at most this often

@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-logger = logging.getLogger(__name__)
+from .logsafe import get_logger
+
+logger = get_logger(__name__)
 
 _original: Callable[..., None] | None = None  # mitmproxy's check, while replaced
 

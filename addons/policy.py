@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .logsafe import get_logger
 from .config import Config
 from .hostnames import is_host_pattern, is_under
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 OWNERS_FILE = "owners.json"
 OWNERS_VERSION = 1
@@ -84,7 +85,7 @@ class _Record:
     group: str  # the owner's key (as last seen)
     gid: GroupId
     since: float  # when it became the owner
-    seen: float  # last time one of its containers claimed the name
+    gone: float | None = None  # since when no container of the owner claims it (release_after counts from here)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class NamePolicy:
     allow: tuple[str, ...] = ()
     wildcards: bool = True
     max_per_group: int = 50
-    reserved: Mapping[str, str] = field(default_factory=dict)  # name → group key
+    reserved: Mapping[str, str] = field(default_factory=dict)  # name → "[kind:]group name"
     default_host: str | None = None
     release_after: float = 60.0
 
@@ -103,18 +104,33 @@ class NamePolicy:
         n = config.names
         return cls(n.allow, n.wildcards, n.max_per_group, dict(n.reserved), config.default_host, n.release_after)
 
-    def allowed(self, name: str, group: str) -> bool:
-        """Does names.allow let `group` claim `name`? (An empty list allows every name.)"""
+    def allowed(self, name: str, gid: GroupId) -> bool:
+        """Does names.allow let the group claim `name`? (An empty list allows every name.)
+
+        `{group}` stands for the group's own name — the Compose project for a project (also when a
+        wakeproxy.group label splits it), never the `group:`/`container:` form a look-alike gets."""
         if not self.allow:
             return True
-        project = group.split("/", 1)[0].lower()
-        return any(_pattern_covers(p.replace("{group}", project), name) for p in self.allow)
+        own = gid.base.split("/", 1)[0].lower()
+        return any(_pattern_covers(p.replace("{group}", own), name) for p in self.allow)
 
-    def refuse(self, name: str, group: str) -> str | None:
-        """Why the policy (not another owner) refuses `group`'s claim on `name`, else None."""
+    def reserved_for(self, name: str, gid: GroupId) -> str | None:
+        """The names.reserved entry that `gid` does not match, or None (not reserved, or its group).
+        An entry is `NAME` (any kind of group of that name) or `KIND:NAME` (compose, group, container)."""
+        entry = self.reserved.get(name)
+        if entry is None:
+            return None
+        kind, sep, base = entry.partition(":")
+        if not sep:
+            kind, base = "", entry
+        return None if base == gid.base and kind in ("", gid.kind) else entry
+
+    def refuse(self, name: str, gid: GroupId) -> str | None:
+        """Why the policy (not another owner) refuses the group's claim on `name`, else None."""
+        other = self.reserved_for(name, gid)
+        if other is not None:
+            return f"reserved for group '{other}' (names.reserved)"
         reserved_for = self.reserved.get(name)
-        if reserved_for is not None and reserved_for != group:
-            return f"reserved for group '{reserved_for}' (names.reserved)"
         if name == self.default_host and reserved_for is None:
             return "it is the default_host, which labels may claim only when names.reserved assigns it to a group"
         if name.startswith("*."):
@@ -124,12 +140,12 @@ class NamePolicy:
             if "." not in domain:
                 return "a wildcard must name at least two labels (*.example.com, not *.com)"
             if self.default_host and is_under(self.default_host, domain) and \
-                    self.reserved.get(self.default_host) != group:
+                    self.reserved_for(self.default_host, gid) is not None:
                 return f"it covers the default_host {self.default_host}"
             if self.default_host and not self.allow:
                 return ("with a default_host, a wildcard would take unknown names from it: list its domain "
                         "in names.allow")
-        if not self.allowed(name, group):
+        if not self.allowed(name, gid):
             return "outside names.allow"
         return None
 
@@ -195,7 +211,6 @@ class Ownership:
     def __init__(self) -> None:
         self._records: dict[str, _Record] = {}
         self._logged: set[tuple[str, str, str]] = set()
-        self._resolved_at = 0.0  # `now` of the last resolve: records seen before it have no claim
         self.dirty = False
 
     # --- the decision -------------------------------------------------------------------
@@ -220,7 +235,7 @@ class Ownership:
         for name, groups in by_name.items():
             for gid, cs in groups.items():
                 keys[gid] = cs[0].group
-                why = policy.refuse(name, cs[0].group)
+                why = policy.refuse(name, gid)
                 if why is not None:
                     refuse(name, cs, why)
                     continue
@@ -234,7 +249,10 @@ class Ownership:
         for name, rec in list(self._records.items()):
             if rec.gid in by_name.get(name, {}):
                 continue
-            if now - rec.seen >= policy.release_after:
+            if rec.gone is None:  # the first snapshot without the owner's claim: the clock starts
+                rec.gone = now
+                self.dirty = True
+            if now - rec.gone >= policy.release_after:
                 del self._records[name]
                 self.dirty = True
                 continue
@@ -263,22 +281,22 @@ class Ownership:
             owners[name] = cs[0].group
             rec = self._records.get(name)
             if rec is None or rec.gid != gid:
-                self._records[name] = _Record(cs[0].group, gid, now, now)
+                self._records[name] = _Record(cs[0].group, gid, now)
                 self.dirty = True
-            else:
-                rec.seen, rec.group = now, cs[0].group
+            elif rec.gone is not None or rec.group != cs[0].group:
+                rec.gone, rec.group = None, cs[0].group  # claimed again (e.g. recreated within release_after)
+                self.dirty = True
         for name, rec in list(self._records.items()):
             if rec.gid in by_name.get(name, {}) and table.owner.get(name) != rec.gid:
                 del self._records[name]  # its owner still claims it, but the policy no longer lets it
                 self.dirty = True
         refusals.sort(key=lambda r: (r.name, r.group))
-        self._resolved_at = now
         self._log(refusals)
         return owners, refusals
 
     def next_release(self, release_after: float) -> float | None:
         """When the earliest name held for a vanished claim becomes free (wall clock), if any."""
-        held = [r.seen for r in self._records.values() if r.seen < self._resolved_at]
+        held = [r.gone for r in self._records.values() if r.gone is not None]
         return min(held) + release_after if held else None
 
     def _log(self, refusals: list[Refusal]) -> None:
@@ -295,7 +313,7 @@ class Ownership:
         data = {
             "version": OWNERS_VERSION,
             "owners": {
-                name: {"group": r.group, "kind": r.gid.kind, "base": r.gid.base, "since": r.since, "seen": r.seen}
+                name: {"group": r.group, "kind": r.gid.kind, "base": r.gid.base, "since": r.since, "gone": r.gone}
                 for name, r in sorted(self._records.items())
             },
         }
@@ -327,11 +345,12 @@ def _decode(raw: bytes) -> dict[str, _Record]:
     for name, r in data["owners"].items():
         if not isinstance(name, str) or not is_host_pattern(name):
             raise ValueError(f"{name!r} is not a name")
-        since, seen = float(r["since"]), float(r["seen"])
-        if not (math.isfinite(since) and math.isfinite(seen)):
+        since = float(r["since"])
+        gone = None if r.get("gone") is None else float(r["gone"])
+        if not (math.isfinite(since) and (gone is None or math.isfinite(gone))):
             raise ValueError("a time is not a finite number")
         group, kind, base = r["group"], r["kind"], r["base"]
         if not all(isinstance(v, str) for v in (group, kind, base)):
-            raise ValueError(f"the entry of {name} is not {{group, kind, base, since, seen}}")
-        out[name] = _Record(group, GroupId(kind, base), since, seen)
+            raise ValueError(f"the entry of {name} is not {{group, kind, base, since, gone}}")
+        out[name] = _Record(group, GroupId(kind, base), since, gone)
     return out

@@ -16,9 +16,10 @@ import os
 import socket
 from pathlib import Path
 
+from .logsafe import get_logger
 from .config import Address, Config
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 def problems(config: Config) -> list[str]:

@@ -15,13 +15,14 @@ from typing import Any
 
 from mitmproxy import http
 
+from .logsafe import get_logger
 from . import pages
 from .labels import normalize_host
 from .runtime import Runtime
 from .snapshot import Backend, Site
 from .waker import CONTROL_PREFIX, Wake, Waker
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE", "CONNECT"})
 

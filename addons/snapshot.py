@@ -15,11 +15,12 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from .logsafe import get_logger
 from .config import Config, LabelTrustConfig, SourcesConfig
 from .labels import ContainerInfo, ContainerSettings, LabelError, Route, group_of, normalize_host, routes_for, settings_for
 from .policy import Claim, GroupId, NamePolicy, Ownership, Refusal
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 # Network drivers whose container IPs the host can reach directly through a local bridge.
 # Overlay (Swarm) IPs are not local: traffic to them would leave the machine.

@@ -15,11 +15,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .logsafe import get_logger
 from .idle import IdleKeeper
 from .runtime import Runtime
 from .waker import Waker
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 def _iso(ts: float | None) -> str | None:

@@ -45,12 +45,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from mitmproxy import certs, ctx, exceptions, http, tls
 
+from .logsafe import get_logger
 from .config import Config
 from .labels import normalize_host
 from .runtime import Runtime
 from .snapshot import Snapshot
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 DEFAULT_CERT_NAME = "default-cert.pem"
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"

@@ -24,6 +24,7 @@ from typing import Any
 
 from mitmproxy import http
 
+from .logsafe import get_logger
 from . import pages
 from .budget import WakeBudget, client_key
 from .docker_ops import DockerOpError, DockerOps
@@ -31,7 +32,7 @@ from .labels import ContainerInfo
 from .runtime import ContainerEvent, Runtime
 from .snapshot import Backend, Group, Site, Snapshot
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 CONTROL_PREFIX = "/__wakeproxy/"
 WAIT_PATH = CONTROL_PREFIX + "wait"

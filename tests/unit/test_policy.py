@@ -14,6 +14,10 @@ from wakeproxy.policy import Claim, GroupId, NamePolicy, Ownership
 from wakeproxy.snapshot import Policy, build_snapshot
 
 
+def G(base: str, kind: str = "compose") -> GroupId:
+    return GroupId(kind, base)
+
+
 def claim(name: str, group: str, created: float = 0.0, kind: str = "compose") -> Claim:
     return Claim(name, group, GroupId(kind, group), created, f"{group}-web-1")
 
@@ -70,10 +74,14 @@ def test_ownership_moves_only_after_the_owner_is_gone_for_release_after():
     own = Ownership()
     policy = NamePolicy(release_after=60)
     resolve(own, claim("app.test", "victim"), policy=policy, now=1000)
-    owners, refused = resolve(own, claim("app.test", "attacker"), policy=policy, now=1030)
+    # No snapshot for a long while (a quiet server), then the victim's containers are removed:
+    # the clock starts at the first snapshot without its claim, not at the last one with it.
+    owners, refused = resolve(own, claim("app.test", "attacker"), policy=policy, now=5000)
     assert owners == {} and "still held for group 'victim'" in refused[0].reason
-    assert own.next_release(60) == 1060
-    owners, refused = resolve(own, claim("app.test", "attacker"), policy=policy, now=1061)
+    assert own.next_release(60) == 5060
+    owners, refused = resolve(own, claim("app.test", "attacker"), policy=policy, now=5059)
+    assert owners == {}
+    owners, refused = resolve(own, claim("app.test", "attacker"), policy=policy, now=5061)
     assert owners == {"app.test": "attacker"} and refused == []
     assert own.next_release(60) is None
 
@@ -124,9 +132,9 @@ def test_a_group_may_combine_its_own_wildcard_and_names():
 
 def test_wildcard_rules_of_the_policy():
     p = NamePolicy()
-    assert "at least two labels" in p.refuse("*.com", "g")
-    assert p.refuse("*.example.com", "g") is None
-    assert "names.wildcards" in NamePolicy(wildcards=False).refuse("*.example.com", "g")
+    assert "at least two labels" in p.refuse("*.com", G("g"))
+    assert p.refuse("*.example.com", G("g")) is None
+    assert "names.wildcards" in NamePolicy(wildcards=False).refuse("*.example.com", G("g"))
 
 
 # --- the operator's policy -----------------------------------------------------------------
@@ -134,28 +142,43 @@ def test_wildcard_rules_of_the_policy():
 
 def test_allow_list_with_group_placeholder():
     p = NamePolicy(allow=("{group}.sb.example.com", "*.{group}.sb.example.com", "docs.example.com"))
-    assert p.refuse("pr-42.sb.example.com", "pr-42") is None
-    assert p.refuse("a.b.pr-42.sb.example.com", "pr-42") is None
-    assert p.refuse("*.pr-42.sb.example.com", "pr-42") is None
-    assert p.refuse("docs.example.com", "pr-42") is None
-    assert p.refuse("pr-43.sb.example.com", "pr-42") == "outside names.allow"
-    assert p.refuse("www.some-bank.example", "pr-42") == "outside names.allow"
-    assert p.refuse("*.sb.example.com", "pr-42") == "outside names.allow"
+    assert p.refuse("pr-42.sb.example.com", G("pr-42")) is None
+    assert p.refuse("a.b.pr-42.sb.example.com", G("pr-42")) is None
+    assert p.refuse("*.pr-42.sb.example.com", G("pr-42")) is None
+    assert p.refuse("docs.example.com", G("pr-42")) is None
+    assert p.refuse("pr-43.sb.example.com", G("pr-42")) == "outside names.allow"
+    assert p.refuse("www.some-bank.example", G("pr-42")) == "outside names.allow"
+    assert p.refuse("*.sb.example.com", G("pr-42")) == "outside names.allow"
     # A group split with wakeproxy.group (project/group) stands for its project.
-    assert p.refuse("pr-42.sb.example.com", "pr-42/api") is None
+    assert p.refuse("pr-42.sb.example.com", G("pr-42/api")) is None
+
+
+def test_reserved_entries_may_name_the_kind_of_group():
+    p = NamePolicy(reserved={"home.test": "container:landing", "any.test": "landing"})
+    assert p.refuse("home.test", G("landing", "container")) is None
+    assert "reserved for group 'container:landing'" in p.refuse("home.test", G("landing", "compose"))
+    assert p.refuse("any.test", G("landing", "compose")) is None
+    assert p.refuse("any.test", G("landing", "container")) is None
+
+
+def test_group_placeholder_is_the_groups_own_name_not_its_display_key():
+    # A lone container N shown as `container:N` next to a look-alike Compose project N is still N.
+    p = NamePolicy(allow=("{group}.sb.test",))
+    assert p.refuse("n.sb.test", G("n", "container")) is None
+    assert p.refuse("pr-1.sb.test", G("pr-1/api", "compose")) is None
 
 
 def test_default_host_and_reserved_names():
     p = NamePolicy(default_host="fallback.test", reserved={"fallback.test": "landing"})
-    assert p.refuse("fallback.test", "landing") is None
-    assert "reserved for group 'landing'" in p.refuse("fallback.test", "attacker")
+    assert p.refuse("fallback.test", G("landing")) is None
+    assert "reserved for group 'landing'" in p.refuse("fallback.test", G("attacker"))
     assert "labels may claim only when names.reserved" in NamePolicy(default_host="fallback.test").refuse(
         "fallback.test", "anyone")
     p2 = NamePolicy(default_host="www.fallback.test", reserved={"www.fallback.test": "landing"})
-    assert "covers the default_host" in p2.refuse("*.fallback.test", "attacker")
+    assert "covers the default_host" in p2.refuse("*.fallback.test", G("attacker"))
     # With a default host, a wildcard would take unknown names from it unless the operator allowed it.
-    assert "names.allow" in p.refuse("*.other.test", "g")
-    assert NamePolicy(default_host="fallback.test", allow=("*.other.test",)).refuse("*.x.other.test", "g") is None
+    assert "names.allow" in p.refuse("*.other.test", G("g"))
+    assert NamePolicy(default_host="fallback.test", allow=("*.other.test",)).refuse("*.x.other.test", G("g")) is None
 
 
 def test_names_per_group_are_capped():
