@@ -231,6 +231,9 @@ def world(module_containers, module_proxy, docker_client, run_id, host, other_ne
         # many certificates from one group (the CA's rate limits are shared by every tenant)
         "flood": lambda: mk("acme-flood", keep_awake=False, start=False, labels={"wakeproxy.host": H("flood")},
                             env={"LETSENCRYPT_HOST": ",".join(f"f{i}.flood.{run_id}.test" for i in range(15))}),
+        # many names from one group (names.max_per_group, default 50)
+        "name_flood": lambda: mk("name-flood", keep_awake=False, start=False, labels={
+            "wakeproxy.host": ",".join(f"n{i}.nflood.{run_id}.test" for i in range(55))}),
         # log forging: Docker allows newlines in label values
         "forged_group": lambda: mk("forged-group", keep_awake=False, start=False, labels={
             "wakeproxy.host": H("forged-group"), "wakeproxy.group": "x\nFORGED wake ready"}),
@@ -410,6 +413,14 @@ def test_one_group_gets_at_most_max_names_per_group_certificates(world):
     assert len(ordered) == 10, ordered  # acme.max_names_per_group (default 10)
     capped = [r for r in report["refused"] if r["group"] == group and "max_names_per_group" in r["reason"]]
     assert sorted(r["name"] for r in capped) == sorted(set(flood) - set(ordered)), report["refused"]
+
+
+def test_one_group_owns_at_most_max_per_group_names(world):
+    report = status_json(world.proxy)
+    group = world.c["name_flood"].name
+    hosts = next(g for g in report["groups"] if g["group"] == group)["hosts"]
+    capped = [r for r in report["refused"] if r["group"] == group and "max_per_group" in r["reason"]]
+    assert len(hosts) == 50 and len(capped) == 5, (len(hosts), capped)
 
 
 def test_cert_name_and_redirect_labels_change_nothing_for_victim(world):
@@ -668,7 +679,8 @@ def test_pages_disclose_nothing_to_anonymous_clients(backend_container, proxy, d
         assert resp.status_code == status, (what, resp.status_code, resp.text[:300])
         found = _leaks(resp, secrets)
         if found:
-            leaks[what] = found
+            server = resp.headers.get("server", "")
+            leaks[what] = [*found, f"Server: {server}", f"body: {resp.text[-300:]!r}"]
 
     for accept in (NAV, JSON):
         kind = "html" if accept is NAV else "plain"
@@ -693,6 +705,9 @@ def test_pages_disclose_nothing_to_anonymous_clients(backend_container, proxy, d
     # and "Connect call failed ('<container IP>', <port>)" to every client, debug or not. The
     # proxy should answer upstream errors with its own page (an `error` hook in addons/router.py,
     # or a `responseheaders`/`error` handler that replaces mitmproxy's), detail only for debug_clients.
+    # A Host header is echoed escaped (no markup from the client).
+    r = proxied(public, "a<script>x", headers=NAV)
+    assert r.status_code in (400, 404) and "<script>" not in r.text, r.text[:300]
     assert leaks == {}, f"internal detail shown to an anonymous client: {leaks}"
 
     # The same pages for a debug client (loopback, the default) carry the detail.
