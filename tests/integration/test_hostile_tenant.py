@@ -773,6 +773,13 @@ def test_presquatted_project_name_returns_to_the_project(backend_container, prox
     wait_for(lambda: backend_of(proxied(p, h, timeout=5)) == "squatter", 10, 0.1, "the squatter routed")
     backend_container("future-web", labels={"com.docker.compose.project": proj,
                                             "com.docker.compose.service": "web", "wakeproxy.host": h})
+    # DEFECT (since 3b5654e; this passed before it): `{group}` now stands for the identity's own
+    # name whatever its kind (NamePolicy.allowed in addons/policy.py: `gid.base`), so a non-Compose
+    # container labelled wakeproxy.group=P (or a lone container named P) may claim P's `{group}`
+    # names before project P exists, and as the first owner it keeps them: the real project P is
+    # refused ("owned by group 'group:P'") for good. Any tenant can pre-claim the names of every
+    # future pr-NN project. `{group}` should stand for Compose projects only (or the kind must match),
+    # or a project should win its `{group}` names over a non-Compose look-alike.
     wait_for(lambda: backend_of(proxied(p, h, timeout=5)) == "future-web", 5, 0.1, "the project gets its name")
     assert backends(p, h, 10) == ["future-web"] * 10
     r = refusal(status_json(p), h, f"group:{proj}")
