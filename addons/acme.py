@@ -655,6 +655,9 @@ class AcmeManager:
         if test_backoff:
             self._backoff_min = float(test_backoff)
             logger.warning(f"acme: {TEST_BACKOFF_ENV}={test_backoff}: test-only backoff in effect")
+        if not config.names.allow:
+            logger.warning("acme: names.allow is empty, so a label may get a certificate ordered for any name "
+                           "nobody else owns; on a shared server list your domains in names.allow")
         self.client = AcmeClient(config.acme, CertStorage(config.state_dir), self.tokens, kinds)
         self._kick = asyncio.Event()
         self._sem = asyncio.Semaphore(config.acme.concurrency)

@@ -107,12 +107,15 @@ class NamePolicy:
     def allowed(self, name: str, gid: GroupId) -> bool:
         """Does names.allow let the group claim `name`? (An empty list allows every name.)
 
-        `{group}` stands for the group's own name — the Compose project for a project (also when a
-        wakeproxy.group label splits it), never the `group:`/`container:` form a look-alike gets."""
+        `{group}` stands for a Compose project's name (also when a wakeproxy.group label splits the
+        project): a project is the unit a tenant controls, so a pattern with `{group}` never lets a
+        lone container or a `wakeproxy.group` outside Compose pre-claim the names of a project that
+        does not exist yet. Their names come from patterns without `{group}`."""
         if not self.allow:
             return True
-        own = gid.base.split("/", 1)[0].lower()
-        return any(_pattern_covers(p.replace("{group}", own), name) for p in self.allow)
+        own = gid.base.split("/", 1)[0].lower() if gid.kind == "compose" else None
+        return any(_pattern_covers(p.replace("{group}", own), name) if "{group}" in p else _pattern_covers(p, name)
+                   for p in self.allow if own is not None or "{group}" not in p)
 
     def reserved_for(self, name: str, gid: GroupId) -> str | None:
         """The names.reserved entry that `gid` does not match, or None (not reserved, or its group).

@@ -96,9 +96,10 @@ def test_names_outside_the_policy_get_no_certificate():
     from wakeproxy.policy import NamePolicy
     from wakeproxy.snapshot import Policy
 
-    c = info("pr-1", env={"LETSENCRYPT_HOST": "pr-1.sb.example.com,www.some-bank.example"})
+    c = info("pr-1-web-1", env={"LETSENCRYPT_HOST": "pr-1.sb.example.com,www.some-bank.example"},
+             labels={"com.docker.compose.project": "pr-1"})
     policy = Policy(names=NamePolicy(allow=("{group}.sb.example.com",)))
-    assert acme_names(c, policy=policy) == {"pr-1.sb.example.com": "pr-1"}
+    assert acme_names(c, policy=policy) == {"pr-1.sb.example.com": "pr-1-web-1"}
 
 
 def test_names_per_group_are_capped():

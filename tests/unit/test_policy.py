@@ -161,11 +161,13 @@ def test_reserved_entries_may_name_the_kind_of_group():
     assert p.refuse("any.test", G("landing", "container")) is None
 
 
-def test_group_placeholder_is_the_groups_own_name_not_its_display_key():
-    # A lone container N shown as `container:N` next to a look-alike Compose project N is still N.
-    p = NamePolicy(allow=("{group}.sb.test",))
-    assert p.refuse("n.sb.test", G("n", "container")) is None
+def test_group_placeholder_stands_for_compose_projects_only():
+    # A lone container or a wakeproxy.group outside Compose cannot pre-claim a future project's names.
+    p = NamePolicy(allow=("{group}.sb.test", "ops.test"))
     assert p.refuse("pr-1.sb.test", G("pr-1/api", "compose")) is None
+    assert p.refuse("n.sb.test", G("n", "container")) == "outside names.allow"
+    assert p.refuse("n.sb.test", G("n", "group")) == "outside names.allow"
+    assert p.refuse("ops.test", G("n", "container")) is None
 
 
 def test_default_host_and_reserved_names():
