@@ -51,7 +51,14 @@ def error_response(
             host=html.escape(bounded(host) if host else "(none)"),
         )
         return http.Response.make(status, body, {"Content-Type": "text/html; charset=utf-8", **extra})
+    return plain_response(status, title, message, hint, extra)
+
+
+def plain_response(status: int, title: str, message: str, hint: str,
+                   headers: dict[str, str] | None = None) -> http.Response:
+    """One plain line, for clients that did not ask for HTML (or whose request is not parsed yet)."""
     line = f"wakeproxy: {status} {title}: {message} {hint}\n"
+    extra = {"Cache-Control": "no-store", "X-Wakeproxy": "error", **(headers or {})}
     return http.Response.make(status, line, {"Content-Type": "text/plain; charset=utf-8", **extra})
 
 
