@@ -7,6 +7,7 @@ from typing import Any
 from . import h2reuse
 from .acme import AcmeManager
 from .core import WakeProxy
+from .hygiene import Hygiene
 from .router import Router
 from .idle import IdleKeeper
 from .runtime import Runtime
@@ -25,4 +26,5 @@ def make_addons(runtime: Runtime | None = None) -> list[Any]:
     acme = AcmeManager(runtime, certificates)
     tls_addons = [certificates, acme, HttpsPolicy(runtime, certificates)]
     status = StatusServer(runtime, waker, idle, extra={"certificates": acme.status})
-    return [WakeProxy(runtime), *tls_addons, waker, Router(runtime, waker), idle, status]
+    # Hygiene right after the config: its requestheaders runs before every other addon's.
+    return [WakeProxy(runtime), Hygiene(runtime), *tls_addons, waker, Router(runtime, waker), idle, status]
