@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import h2reuse
+from . import errorpages, h2reuse, headbound
 from .acme import AcmeManager
 from .core import WakeProxy
 from .hygiene import Hygiene
@@ -18,6 +18,8 @@ from .waker import Waker
 
 def make_addons(runtime: Runtime | None = None) -> list[Any]:
     h2reuse.install()  # HTTP/2 clients reuse idle HTTP/1.1 upstream connections (idempotent)
+    headbound.install()  # at most max_header_bytes buffered of an unfinished HTTP/1 request head
+    errorpages.install()  # our page, not mitmproxy's, when a backend fails
     runtime = runtime or Runtime()
     waker = Waker(runtime)
     idle = IdleKeeper(runtime, waker)
@@ -27,4 +29,5 @@ def make_addons(runtime: Runtime | None = None) -> list[Any]:
     tls_addons = [certificates, acme, HttpsPolicy(runtime, certificates)]
     status = StatusServer(runtime, waker, idle, extra={"certificates": acme.status})
     # Hygiene right after the config: its requestheaders runs before every other addon's.
-    return [WakeProxy(runtime), Hygiene(runtime), *tls_addons, waker, Router(runtime, waker), idle, status]
+    return [WakeProxy(runtime), Hygiene(runtime), *tls_addons, waker, Router(runtime, waker), idle, status,
+            errorpages.UpstreamErrors(runtime)]
