@@ -10,6 +10,7 @@ from .core import WakeProxy
 from .hygiene import Hygiene
 from .router import Router
 from .idle import IdleKeeper
+from .limits import ConnectionLimits
 from .runtime import Runtime
 from .status import StatusServer
 from .tls import Certificates, HttpsPolicy
@@ -29,5 +30,5 @@ def make_addons(runtime: Runtime | None = None) -> list[Any]:
     tls_addons = [certificates, acme, HttpsPolicy(runtime, certificates)]
     status = StatusServer(runtime, waker, idle, extra={"certificates": acme.status})
     # Hygiene right after the config: its requestheaders runs before every other addon's.
-    return [WakeProxy(runtime), Hygiene(runtime), *tls_addons, waker, Router(runtime, waker), idle, status,
+    return [WakeProxy(runtime), Hygiene(runtime), ConnectionLimits(runtime), *tls_addons, waker, Router(runtime, waker), idle, status,
             errorpages.UpstreamErrors(runtime)]
