@@ -140,7 +140,7 @@ class LimitsConfig:
     idle_timeout: float = 60.0  # keep-alive connection with nothing in flight
     max_header_bytes: int = 32768  # request line + headers; more → 431 and the connection is closed
     max_connections: int | None = None  # client connections at once; None (auto) = derived from the file limit
-    connection_reserve: int = 128  # file descriptors kept free for upstreams, Docker, state files
+    connection_reserve: int = 512  # file descriptors kept free: upstreams, Docker, state files, accept bursts
 
 
 @dataclass(frozen=True)

@@ -64,9 +64,12 @@ def raise_nofile_limit() -> int:
     return soft
 
 
+AUTO_CAP_MAX = 10_000  # auto never goes beyond this: each idle connection costs memory too
+
+
 def connection_cap(nofile: int, reserve: int, configured: int | None) -> int:
     """How many client connections may be open at once with `nofile` file descriptors."""
-    auto = max(1, (nofile - reserve) // 2)
+    auto = max(1, min(AUTO_CAP_MAX, (nofile - reserve) // 2))
     if configured is None:
         return auto
     if configured > nofile - reserve:
@@ -74,6 +77,10 @@ def connection_cap(nofile: int, reserve: int, configured: int | None) -> int:
                        f"with connection_reserve {reserve}; using {max(1, nofile - reserve)}")
         return max(1, nofile - reserve)
     return configured
+
+
+def _default_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    loop.default_exception_handler(context)
 
 
 @dataclass
@@ -101,6 +108,8 @@ class ConnectionLimits:
         self._nofile: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._warned_no_close = False
+        self._previous_handler: Any = None
+        self.accept_errors = 0
         self._sweep_failed = False
 
     # --- options and lifecycle --------------------------------------------------------------
@@ -123,12 +132,23 @@ class ConnectionLimits:
 
     def running(self) -> None:
         headbound.add_listener(self.head_started)
+        loop = asyncio.get_running_loop()
+        if self._previous_handler is None:
+            self._previous_handler = loop.get_exception_handler() or _default_handler
+            loop.set_exception_handler(self._loop_exception)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._sweep_forever())
         logger.debug(f"connection cap {self.cap} (file limit {self._nofile})")
 
     def done(self) -> None:
         headbound.remove_listener(self.head_started)
+        if self._previous_handler is not None:
+            try:
+                asyncio.get_running_loop().set_exception_handler(
+                    None if self._previous_handler is _default_handler else self._previous_handler)
+            except RuntimeError:
+                pass
+            self._previous_handler = None
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -227,15 +247,18 @@ class ConnectionLimits:
         if handler is None:
             return False
         io = handler.transports.get(handler.client)
-        task = getattr(io, "handler", None)
-        if task is not None:
-            task.cancel("wakeproxy: connection limit")
-            return True
         writer = getattr(io, "writer", None)
+        task = getattr(io, "handler", None)
+        if writer is None and task is None:
+            return False
+        # Both: the writer, because a handler task cancelled before its first step never closes
+        # it (mitmproxy's handle_connection does that on its way out: the socket would stay open),
+        # and the task, so mitmproxy tears the connection down as after its own timeout.
         if writer is not None:
             writer.close()
-            return True
-        return False
+        if task is not None:
+            task.cancel("wakeproxy: connection limit")
+        return True
 
     def _handler(self, cid: str) -> Any:
         proxyserver = ctx.master.addons.get("proxyserver")
@@ -267,8 +290,20 @@ class ConnectionLimits:
                     self._sweep_failed = True
                     logger.exception("wakeproxy: connection sweep failed")
 
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """asyncio logs a traceback for every accept() that fails for lack of file descriptors;
+        count them instead, for the flood line (the cap should keep this from happening)."""
+        if context.get("message") == "socket.accept() out of system resource":
+            self.accept_errors += 1
+            return
+        self._previous_handler(loop, context)
+
     def report(self) -> None:
         """One line per interval about refused and evicted connections, if there were any."""
+        if self.accept_errors:
+            logger.warning(f"out of file descriptors: accept() failed {self.accept_errors} times in the last "
+                           f"{FLOOD_LOG_INTERVAL:.0f} s (raise the file limit or limits.connection_reserve)")
+            self.accept_errors = 0
         if self.refused or self.evicted:
             logger.warning(
                 f"connection flood: refused {self.refused}, evicted {self.evicted} idle connections "

@@ -185,6 +185,7 @@ def test_without_proxyserver_connections_one_warning_and_refusal_still_works(wor
 
 def test_connection_cap_from_the_file_limit():
     assert connection_cap(1024, 128, None) == 448
+    assert connection_cap(10**6, 512, None) == limits.AUTO_CAP_MAX
     assert connection_cap(200, 128, 10) == 10
     assert connection_cap(200, 128, 500) == 72
     assert connection_cap(100, 128, None) == 1
