@@ -23,6 +23,7 @@ checks against precomputed tables; nothing is echoed beyond `pages.bounded`.
 
 from __future__ import annotations
 
+import functools
 import logging
 from mitmproxy import ctx, http
 
@@ -47,6 +48,8 @@ _FRAMING = frozenset({b"transfer-encoding", b"content-length", b"host"})
 # Names a backend would read as ours once "_" is "-" (CGI turns both into HTTP_X_FORWARDED_FOR).
 _OURS = frozenset({b"x-real-ip", b"forwarded", b"proxy", b"x-forwarded-for", b"x-forwarded-proto",
                    b"x-forwarded-host", b"x-forwarded-port"})
+_CONNECTION_ONLY = frozenset({b"connection"})
+_PLAIN_TOKENS = frozenset({b"keep-alive", b"close"})
 _PSEUDO_CHECKED = ("scheme", "authority")  # (the method is a token, the path has no CTL: checked below)
 DEFAULT_MAX_HEADER_BYTES = 32768
 
@@ -63,8 +66,27 @@ class Rejection(Exception):
         self.status, self.title, self.message = status, title, message
 
 
-def check(request: http.Request, max_header_bytes: int) -> None:
-    """Raise Rejection when `request` must not be forwarded."""
+# Validated Host values repeat: remember a bounded number of verdicts.
+_authority = functools.lru_cache(maxsize=4096)(parse_authority)
+_BAD_VALUE_BYTES = (b"\r", b"\n", b"\0")
+
+
+def _bad_header(fields: tuple[tuple[bytes, bytes], ...]) -> Rejection:
+    """The slow path: which header is wrong, for the page."""
+    for name, value in fields:
+        if not name or name.translate(None, _TCHAR):
+            return Rejection(400, "Bad request", f"A header name is not a token: '{_show(name)}'.")
+        if any(b in value for b in _BAD_VALUE_BYTES):
+            return Rejection(400, "Bad request",
+                             f"The header '{_show(name)}' contains CR, LF or NUL (or is folded over lines).")
+    return Rejection(400, "Bad request", "A header is malformed.")  # pragma: no cover
+
+
+def check(request: http.Request, max_header_bytes: int) -> list[bytes]:
+    """Raise Rejection when `request` must not be forwarded; return the lower-case header names.
+
+    The headers are checked as two joined blobs (names, values) with C-level `translate`,
+    `in` and `count`: no Python work per header on the good path."""
     data = request.data
     method = data.method
     if not method or method.translate(None, _TCHAR):
@@ -76,27 +98,27 @@ def check(request: http.Request, max_header_bytes: int) -> None:
     path = data.path
     if path.translate(None, _CTL_SP) != path:
         raise Rejection(400, "Bad request", "The request target contains control characters or spaces.")
-    total = len(method) + len(path) + len(data.authority) + 16
-    hosts = 0
-    host_value = b""
-    for name, value in data.headers.fields:
-        total += len(name) + len(value) + 4
-        if not name or name.translate(None, _TCHAR):
-            raise Rejection(400, "Bad request", f"A header name is not a token: '{_show(name)}'.")
-        if b"\r" in value or b"\n" in value or b"\0" in value:
-            raise Rejection(400, "Bad request",
-                            f"The header '{_show(name)}' contains CR, LF or NUL (or is folded over lines).")
-        if len(name) == 4 and name.lower() == b"host":
-            hosts += 1
-            host_value = value
-    if total > max_header_bytes:
+    fields = data.headers.fields
+    names = b"\n".join([f[0] for f in fields])
+    values = b"\n".join([f[1] for f in fields])
+    count = len(fields)
+    if not count:
+        names = values = b""
+    # Names: tokens only, so what is left after deleting every tchar is the count-1 separators.
+    if names.translate(None, _TCHAR) != b"\n" * (count - 1) or (count and not all([f[0] for f in fields])):
+        raise _bad_header(fields)
+    if (count and values.count(b"\n") != count - 1) or b"\r" in values or b"\0" in values:
+        raise _bad_header(fields)
+    if len(method) + len(path) + len(data.authority) + len(names) + len(values) + 4 * count > max_header_bytes:
         raise Rejection(431, "Request header fields too large",
                         "The request line and headers are longer than this server accepts.")
+    lower = names.lower().split(b"\n") if count else []
+    hosts = lower.count(b"host")
     if hosts > 1:
         raise Rejection(400, "Bad request", "The request has more than one Host header.")
-    is_h2 = request.is_http2 or request.is_http3
+    host_value = fields[lower.index(b"host")][1] if hosts else b""
     authority = data.authority
-    if is_h2:
+    if request.is_http2 or request.is_http3:
         if authority and hosts and normalize_host(authority.decode("latin-1")) != \
                 normalize_host(host_value.decode("latin-1")):
             raise Rejection(400, "Bad request", "The :authority and Host of the request disagree.")
@@ -109,11 +131,12 @@ def check(request: http.Request, max_header_bytes: int) -> None:
         host = host_value
         if authority and method != b"CONNECT":
             # absolute-form (GET http://a.test/ HTTP/1.1): its authority must be the Host's.
-            target = parse_authority(authority.decode("latin-1"))
-            if target is None or not hosts or target[0] != (parse_authority(host.decode("latin-1")) or ("",))[0]:
+            target = _authority(authority.decode("latin-1"))
+            if target is None or not hosts or target[0] != (_authority(host.decode("latin-1")) or ("",))[0]:
                 raise Rejection(400, "Bad request", "The request target's host is not the Host header's.")
-    if host and parse_authority(host.decode("latin-1")) is None:
+    if host and _authority(host.decode("latin-1")) is None:
         raise Rejection(400, "Bad request", "The Host header is not a hostname with an optional port.")
+    return lower
 
 
 def _looks_like_ours(lname: bytes) -> bool:
@@ -124,11 +147,18 @@ def _looks_like_ours(lname: bytes) -> bool:
     return alias in _OURS or alias.startswith(b"x-forwarded-")
 
 
-def clean(request: http.Request) -> None:
-    """Remove hop-by-hop headers, headers named in Connection, and look-alikes of ours."""
+def clean(request: http.Request, lower: list[bytes] | None = None) -> None:
+    """Remove hop-by-hop headers, headers named in Connection, and look-alikes of ours.
+
+    `lower`: the lower-case header names, as `check` returns them."""
     fields = request.data.headers.fields
-    if not any(b"_" in n or n.lower() in _HOP_BY_HOP for n, _ in fields):
-        return  # the common case: nothing to remove
+    if lower is None:
+        lower = [f[0].lower() for f in fields]
+    hop = _HOP_BY_HOP.intersection(lower)
+    underscore = b"_" in b"".join(lower)
+    if not underscore and (not hop or (hop == _CONNECTION_ONLY and lower.count(b"connection") == 1 and all(
+            t.strip() in _PLAIN_TOKENS for t in fields[lower.index(b"connection")][1].lower().split(b",")))):
+        return  # the common cases: nothing to remove, or only `Connection: keep-alive` / `close`
     tokens: set[bytes] = set()
     upgrade_websocket = False
     for name, value in fields:
@@ -171,12 +201,12 @@ class Hygiene:
             return
         request = flow.request
         try:
-            check(request, self.max_header_bytes)
+            lower = check(request, self.max_header_bytes)
         except Rejection as r:
             flow.response = self._reject(flow, r)
             flow.metadata["wakeproxy.rejected"] = r.status
             return
-        clean(request)
+        clean(request, lower)
 
     def _reject(self, flow: http.HTTPFlow, r: Rejection) -> http.Response:
         request = flow.request

@@ -71,6 +71,14 @@ def test_bad_http1_requests_get_400(headers):
 
 def test_http10_without_host_passes():
     assert status(run(h1([(b"X-A", b"b")], version=b"HTTP/1.0"))) is None
+    assert status(run(h1([], version=b"HTTP/1.0"))) is None
+
+
+def test_connection_keep_alive_alone_leaves_the_fields_alone():
+    f = h1([HOST, (b"Connection", b"Keep-Alive")])
+    before = f.request.headers.fields
+    clean(f.request)
+    assert f.request.headers.fields is before
 
 
 @pytest.mark.parametrize("method,path", [
