@@ -20,6 +20,9 @@ says the connection timed out, mitmproxy's own code otherwise, e.g. 400), intern
 - `Http1Server.send` and `Http2Server._handle_event` are wrapped: a `ResponseProtocolError`
   that mitmproxy would answer with its page is answered with ours instead, under exactly
   mitmproxy's conditions (HTTP/2: the stream is open for us and no headers were sent yet).
+- `Http2Server.handle_h2_event` is wrapped: an HTTP/2 request whose `:authority` is not
+  `hostname[:port]` (CR/LF, user info…) gets our 400 on its stream. mitmproxy would fail to
+  parse it and end the whole connection (GOAWAY) before any addon sees a request.
 
 The `UpstreamErrors` addon renders the page (it knows the config) and logs upstream failures
 throttled. `install()` checks every attribute used; when mitmproxy is not the shape expected,
@@ -90,6 +93,7 @@ def set_renderer(render: Renderer | None) -> None:
 
 def compatible() -> str | None:
     try:
+        import h2.events
         from mitmproxy.connection import ConnectionState
         from mitmproxy.net.http import http1, status_codes
         from mitmproxy.proxy import commands
@@ -100,7 +104,8 @@ def compatible() -> str | None:
     checks: list[tuple[Any, str]] = [
         (_http1, "make_error_response"), (_http1, "Http1Server"), (_http1.Http1Server, "send"),
         (_http2, "Http2Server"), (_http2.Http2Server, "_handle_event"), (_http2.Http2Server, "is_closed"),
-        (_http2.Http2Server, "is_open_for_us"), (http1, "assemble_response"), (status_codes, "NO_RESPONSE"),
+        (_http2.Http2Server, "is_open_for_us"), (_http2.Http2Server, "handle_h2_event"),
+        (h2.events, "RequestReceived"), (http1, "assemble_response"), (status_codes, "NO_RESPONSE"),
         (ConnectionState, "CAN_WRITE"), (commands, "SendData"), (commands, "CloseConnection"),
         (ResponseProtocolError, "__init__"),
     ]
@@ -141,6 +146,8 @@ def install() -> bool:
     _http1.make_error_response = _make_error_response
     _http1.Http1Server.send = _wrap_h1_send(_http1.Http1Server.send)
     _http2.Http2Server._handle_event = _wrap_h2_handle_event(_http2.Http2Server._handle_event)
+    _ORIGINALS["h2_event"] = _http2.Http2Server.handle_h2_event
+    _http2.Http2Server.handle_h2_event = _wrap_h2_request_received(_http2.Http2Server.handle_h2_event)
     return True
 
 
@@ -151,6 +158,7 @@ def uninstall() -> None:
         _http1.make_error_response = _ORIGINALS.pop("make_error_response")
         _http1.Http1Server.send = _ORIGINALS.pop("h1_send")
         _http2.Http2Server._handle_event = _ORIGINALS.pop("h2_handle")
+        _http2.Http2Server.handle_h2_event = _ORIGINALS.pop("h2_event")
 
 
 def _make_error_response(status_code: int, message: str = "") -> bytes:
@@ -205,16 +213,53 @@ def _wrap_h2_handle_event(original: Any) -> Any:
                     and not stream.state_machine.headers_sent):
                 request = _failed_request(self.context.client, event.message)
                 resp = _renderer(event.code, event.message, self.context.client, request)
-                headers = [(b":status", b"%d" % resp.status_code)] + [
-                    (k.lower(), v) for k, v in resp.headers.fields if k.lower() != b"connection"]
-                self.h2_conn.send_headers(sid, headers)
-                self.h2_conn.send_data(sid, resp.content or b"", end_stream=True)
+                _send_h2_page(self, sid, resp)
                 yield commands.SendData(self.conn, self.h2_conn.data_to_send())
                 return
         yield from original(self, event)
 
     setattr(_handle_event, _MARK, True)
     return _handle_event
+
+
+def _send_h2_page(layer: Any, sid: int, resp: http.Response) -> None:
+    headers = [(b":status", b"%d" % resp.status_code)] + [
+        (k.lower(), v) for k, v in resp.headers.fields if k.lower() != b"connection"]
+    layer.h2_conn.send_headers(sid, headers)
+    layer.h2_conn.send_data(sid, resp.content or b"", end_stream=True)
+
+
+def _authority_of(headers: Any) -> bytes | None:
+    """The `:authority` of an HTTP/2 header list (pseudo-headers come first), or None."""
+    for name, value in headers:
+        if name == b":authority":
+            return value
+        if not name.startswith(b":"):
+            return None
+    return None
+
+
+def _wrap_h2_request_received(original: Any) -> Any:
+    import h2.events
+    from mitmproxy.proxy import commands
+
+    from .hygiene import valid_authority
+
+    @functools.wraps(original)
+    def handle_h2_event(self: Any, event: Any):
+        if isinstance(event, h2.events.RequestReceived):
+            authority = _authority_of(event.headers)
+            if authority and not valid_authority(authority):
+                resp = pages.plain_response(400, "Bad request",
+                                            "The request's :authority is not a hostname with an optional port.",
+                                            "Fix the client: this request is never forwarded.")
+                _send_h2_page(self, event.stream_id, resp)
+                yield commands.SendData(self.conn, self.h2_conn.data_to_send())
+                return False
+        return (yield from original(self, event))
+
+    setattr(handle_h2_event, _MARK, True)
+    return handle_h2_event
 
 
 class _Throttle:

@@ -71,6 +71,11 @@ _authority = functools.lru_cache(maxsize=4096)(parse_authority)
 _BAD_VALUE_BYTES = (b"\r", b"\n", b"\0")
 
 
+def valid_authority(value: bytes) -> bool:
+    """Is `value` (a Host header or `:authority`) `hostname[:port]`?"""
+    return _authority(value.decode("latin-1")) is not None
+
+
 def _bad_header(fields: tuple[tuple[bytes, bytes], ...]) -> Rejection:
     """The slow path: which header is wrong, for the page."""
     for name, value in fields:

@@ -162,6 +162,20 @@ def test_h2_plain_for_api_clients(patched):
     assert sim.h2_status[sid]["headers"]["content-type"].startswith("text/plain")
 
 
+def test_h2_bad_authority_is_a_400_on_its_stream_not_a_goaway(patched):
+    sim = Sim(http2=True, addon=addon())
+    assert sim.h2 is not None
+    sid = sim.h2.get_next_available_stream_id()
+    sim.h2.send_headers(sid, [(":method", "GET"), (":scheme", "https"), (":path", "/"),
+                              (":authority", "a.test:abc@evil")], end_stream=True)
+    sim.feed(events.DataReceived(sim.client, sim.h2.data_to_send()))
+    assert sim.h2_status[sid]["headers"][":status"] == "400"
+    assert b"evil" not in sim.h2_status[sid]["body"]
+    # The connection is still usable.
+    ok = sim.h2_request()
+    assert sim.h2_status[ok]["headers"][":status"] == "502"
+
+
 def test_unparseable_request_line_is_not_echoed(patched):
     sim = Sim(http2=False)
     sim.feed(events.DataReceived(sim.client, b"GET /" + b"<script>" * 100 + b" HTTP/1.1 extra\r\n\r\n"))
