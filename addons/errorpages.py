@@ -64,6 +64,19 @@ _TITLES = {
 }
 
 
+def http_status(code: Any) -> int | None:
+    """The HTTP status mitmproxy would answer a protocol error with, None for none.
+
+    mitmproxy 11 carries an int (444 NO_RESPONSE: send nothing); 12 an `ErrorCode` enum with
+    `http_status_code()` (None: send nothing)."""
+    to_status = getattr(code, "http_status_code", None)
+    if to_status is not None:
+        return to_status()
+    from mitmproxy.net.http import status_codes
+
+    return None if code == status_codes.NO_RESPONSE else int(code)
+
+
 def status_for(code: int, message: str) -> int:
     lower = message.lower()
     if code == 502 and ("timed out" in lower or "timeout" in lower or "[errno 110]" in lower):
@@ -179,16 +192,16 @@ def _failed_request(client: Any, message: str) -> http.Request | None:
 
 def _wrap_h1_send(original: Any) -> Any:
     from mitmproxy.connection import ConnectionState
-    from mitmproxy.net.http import http1, status_codes
+    from mitmproxy.net.http import http1
     from mitmproxy.proxy import commands
     from mitmproxy.proxy.layers.http._events import ResponseProtocolError
 
     @functools.wraps(original)
     def send(self: Any, event: Any):
-        if (isinstance(event, ResponseProtocolError) and self.conn.state & ConnectionState.CAN_WRITE
-                and not self.response and event.code != status_codes.NO_RESPONSE):
+        status = http_status(event.code) if isinstance(event, ResponseProtocolError) else None
+        if status is not None and self.conn.state & ConnectionState.CAN_WRITE and not self.response:
             request = _failed_request(self.context.client, event.message) or self.request
-            resp = _renderer(event.code, event.message, self.context.client, request)
+            resp = _renderer(status, event.message, self.context.client, request)
             resp.headers["Connection"] = "close"
             yield commands.SendData(self.conn, http1.assemble_response(resp))
             yield commands.CloseConnection(self.conn)
@@ -200,19 +213,19 @@ def _wrap_h1_send(original: Any) -> Any:
 
 
 def _wrap_h2_handle_event(original: Any) -> Any:
-    from mitmproxy.net.http import status_codes
     from mitmproxy.proxy import commands
     from mitmproxy.proxy.layers.http._events import ResponseProtocolError
 
     @functools.wraps(original)
     def _handle_event(self: Any, event: Any):
-        if isinstance(event, ResponseProtocolError) and event.code != status_codes.NO_RESPONSE:
+        status = http_status(event.code) if isinstance(event, ResponseProtocolError) else None
+        if status is not None:
             sid = event.stream_id
             stream = self.h2_conn.streams.get(sid)
             if (stream is not None and not self.is_closed(sid) and self.is_open_for_us(sid)
                     and not stream.state_machine.headers_sent):
                 request = _failed_request(self.context.client, event.message)
-                resp = _renderer(event.code, event.message, self.context.client, request)
+                resp = _renderer(status, event.message, self.context.client, request)
                 _send_h2_page(self, sid, resp)
                 yield commands.SendData(self.conn, self.h2_conn.data_to_send())
                 return

@@ -159,10 +159,22 @@ def _wrap_read_headers(original: Any) -> Any:
     return read_headers
 
 
+def _client_gone_code() -> Any:
+    """The code mitmproxy gives "the client went away": an ErrorCode in 12, an int in 11."""
+    try:
+        from mitmproxy.proxy.layers.http._events import ErrorCode  # mitmproxy 12+
+    except ImportError:
+        from mitmproxy.net.http import status_codes
+
+        return status_codes.CLIENT_CLOSED_REQUEST
+    return ErrorCode.CLIENT_DISCONNECTED
+
+
 def _wrap_wait(original: Any) -> Any:
-    from mitmproxy.net.http import status_codes
     from mitmproxy.proxy import commands, events
     from mitmproxy.proxy.layers.http._base import ReceiveHttp
+
+    gone = _client_gone_code()
 
     @functools.wraps(original)
     def wait(self: Any, event: Any):
@@ -173,7 +185,7 @@ def _wrap_wait(original: Any) -> Any:
             self.state = self.done
             yield commands.CloseConnection(self.conn)
             yield ReceiveHttp(self.ReceiveProtocolError(
-                self.stream_id, "pipelined data beyond max_header_bytes", code=status_codes.CLIENT_CLOSED_REQUEST))
+                self.stream_id, "pipelined data beyond max_header_bytes", code=gone))
             return
         yield from original(self, event)
 
