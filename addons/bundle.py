@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import errorpages, h2reuse, headbound
+from . import earlyanswer, errorpages, h2reuse, headbound
 from .acme import AcmeManager
 from .core import WakeProxy
 from .hygiene import Hygiene
@@ -21,6 +21,7 @@ def make_addons(runtime: Runtime | None = None) -> list[Any]:
     h2reuse.install()  # HTTP/2 clients reuse idle HTTP/1.1 upstream connections (idempotent)
     headbound.install()  # at most max_header_bytes buffered of an unfinished HTTP/1 request head
     errorpages.install()  # our page, not mitmproxy's, when a backend fails
+    earlyanswer.install()  # an answer set in requestheaders for a request with a body over 1 MB
     runtime = runtime or Runtime()
     waker = Waker(runtime)
     idle = IdleKeeper(runtime, waker)

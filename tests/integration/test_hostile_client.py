@@ -436,3 +436,40 @@ def test_connection_flood_above_the_file_limit(proxy, site, host):
     assert len(lines) < 20, "\n".join(lines[:40])
     assert not any("Traceback" in line or "Too many open files" in line for line in lines), "\n".join(lines[:40])
     assert p.alive()
+
+
+# --- early answers to large bodies -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["bad header", "unknown host"])
+def test_large_body_with_an_early_answer_is_answered_without_tracebacks(site, run_id, case):
+    """A 3 MB upload that gets our answer in requestheaders (400, 404): answered at once, the body
+    dropped; mitmproxy would log a traceback per chunk and never answer."""
+    host = site.host if case == "bad header" else f"nobody.{run_id}.test"
+    extra = "X-A: one\rtwo\r\n" if case == "bad header" else ""
+    size = 3_000_000
+    log_before = len(site.proxy.log())
+
+    def upload() -> bytes:
+        with socket.create_connection(("127.0.0.1", site.proxy.http_port), timeout=10) as s:
+            s.sendall(f"POST /up HTTP/1.1\r\nHost: {host}\r\n{extra}Content-Length: {size}\r\n\r\n".encode())
+            sent = 0
+            try:
+                while sent < size:
+                    s.sendall(b"u" * 65536)
+                    sent += 65536
+            except OSError:
+                pass
+            s.settimeout(5)
+            out = b""
+            try:
+                while not _complete(out) and (chunk := s.recv(65536)):
+                    out += chunk
+            except OSError:
+                pass
+            return out
+
+    answer = assert_nothing_reached_backend(site, upload)
+    assert_our_page(answer, 400 if case == "bad header" else 404)
+    new_log = site.proxy.log()[log_before:]
+    assert "Traceback" not in new_log and "crashed" not in new_log, new_log[:2000]
