@@ -98,7 +98,7 @@ class ConnectionLimits:
         limits = runtime.config.limits
         self.header_timeout = limits.header_timeout
         self.idle_timeout = limits.idle_timeout
-        self.cap = limits.max_connections or 1_000_000
+        self.cap = limits.max_connections or AUTO_CAP_MAX  # until configure() knows the file limit
         self.conns: dict[str, _Conn] = {}
         # Connections with nothing in flight, by the time their deadline counts from (oldest first):
         self.fresh: OrderedDict[str, float] = OrderedDict()  # no request yet: header_timeout from connect
