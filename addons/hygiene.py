@@ -43,8 +43,9 @@ _HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization", b"proxy-authenticate",
     b"te", b"trailer", b"upgrade", b"proxy",
 })
-# mitmproxy frames the body with these: never removed, even when Connection names them.
-_FRAMING = frozenset({b"transfer-encoding", b"content-length", b"host"})
+# Never removed, even when Connection names them: mitmproxy frames the body with the first two,
+# routing needs Host.
+_NEVER_NAMED = frozenset({b"transfer-encoding", b"content-length", b"host"})
 # Names a backend would read as ours once "_" is "-" (CGI turns both into HTTP_X_FORWARDED_FOR).
 _OURS = frozenset({b"x-real-ip", b"forwarded", b"proxy", b"x-forwarded-for", b"x-forwarded-proto",
                    b"x-forwarded-host", b"x-forwarded-port"})
@@ -173,7 +174,7 @@ def clean(request: http.Request, lower: list[bytes] | None = None) -> None:
         elif lname == b"upgrade" and b"websocket" in value.lower():
             upgrade_websocket = True
     websocket = upgrade_websocket and b"upgrade" in tokens
-    named = {t for t in tokens if t and t not in _FRAMING}
+    named = {t for t in tokens if t and t not in _NEVER_NAMED}
     out: list[tuple[bytes, bytes]] = []
     for name, value in fields:
         lname = name.lower()
