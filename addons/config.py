@@ -159,6 +159,17 @@ class AcmeConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """What one client may cost the proxy: time, header bytes, connections."""
+
+    header_timeout: float = 10.0  # connect (or first byte of a keep-alive request) → request headers complete
+    idle_timeout: float = 60.0  # keep-alive connection with nothing in flight
+    max_header_bytes: int = 32768  # request line + headers; more → 431 and the connection is closed
+    max_connections: int | None = None  # client connections at once; None (auto) = derived from the file limit
+    connection_reserve: int = 512  # file descriptors kept free: upstreams, Docker, state files, accept bursts
+
+
+@dataclass(frozen=True)
 class Config:
     listen: ListenConfig = field(default_factory=ListenConfig)
     docker: DockerConfig = field(default_factory=DockerConfig)
@@ -176,6 +187,7 @@ class Config:
     status: StatusConfig = field(default_factory=StatusConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     acme: AcmeConfig = field(default_factory=AcmeConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     source: str = "<defaults>"
 
     def shows_detail(self, ip: str) -> bool:
@@ -300,6 +312,20 @@ def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError("expected a whole number of at least 1")
     return value
+
+
+def _auto_or_positive_int(value: Any) -> int | None:
+    if value == "auto" or value is None:
+        return None
+    return _positive_int(value)
+
+
+def _int_at_least(minimum: int, unit: str) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"expected a whole number of {unit}, at least {minimum}")
+        return value
+    return parse
 
 
 def _hsts(value: Any) -> float:
@@ -486,6 +512,13 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[_Reader, yaml.Node, str], A
         "concurrency": _scalar_field(_positive_int),
         "max_names_per_group": _scalar_field(_positive_int),
         "max_orders_per_group": _scalar_field(_positive_int),
+    }),
+    "limits": (LimitsConfig, {
+        "header_timeout": _scalar_field(_positive_duration),
+        "idle_timeout": _scalar_field(_positive_duration),
+        "max_header_bytes": _scalar_field(_int_at_least(1024, "bytes")),
+        "max_connections": _scalar_field(_auto_or_positive_int),
+        "connection_reserve": _scalar_field(_int_at_least(16, "file descriptors")),
     }),
 }
 

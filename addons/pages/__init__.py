@@ -9,7 +9,7 @@ from string import Template
 
 from mitmproxy import http
 
-_REASONS = {400: "Bad Request", 404: "Not Found", 429: "Too Many Requests", 431: "Request Header Fields Too Large", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+_REASONS = {400: "Bad Request", 405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large", 404: "Not Found", 429: "Too Many Requests", 431: "Request Header Fields Too Large", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
 @cache
@@ -56,9 +56,20 @@ def error_response(
             hint=html.escape(hint),
             host=html.escape(bounded(host) if host else "(none)"),
         )
-        return http.Response.make(status, body, {"Content-Type": "text/html; charset=utf-8", **extra})
+        resp = http.Response.make(status, body, {"Content-Type": "text/html; charset=utf-8", **extra})
+        resp.reason = resp.reason or _REASONS.get(status, "")
+        return resp
+    return plain_response(status, title, message, hint, extra)
+
+
+def plain_response(status: int, title: str, message: str, hint: str,
+                   headers: dict[str, str] | None = None) -> http.Response:
+    """One plain line, for clients that did not ask for HTML (or whose request is not parsed yet)."""
     line = f"wakeproxy: {status} {title}: {message} {hint}\n"
-    return http.Response.make(status, line, {"Content-Type": "text/plain; charset=utf-8", **extra})
+    extra = {"Cache-Control": "no-store", "X-Wakeproxy": "error", **(headers or {})}
+    resp = http.Response.make(status, line, {"Content-Type": "text/plain; charset=utf-8", **extra})
+    resp.reason = resp.reason or _REASONS.get(status, "")  # mitmproxy's table has no 431
+    return resp
 
 
 def waking_response(request: http.Request, host: str, groups: str, wait_path: str) -> http.Response:

@@ -16,10 +16,14 @@ Endpoints (HTTP/1.1, keep-alive):
   POST /upload           body (Content-Length or chunked) -> {"size", "sha256"}
   GET  /sse              text/event-stream, 5 events 200 ms apart
   GET  /ws               WebSocket echo (text, binary, ping, close)
+  GET  /sleep?s=N        answers after N seconds (at most 30)
   anything else          same as GET /
 
 Every request is printed to stdout ("REQ <method> <target> host=<host>") so a
-test can prove from `docker logs` whether the container was contacted.
+test can prove from `docker logs` whether the container was contacted. With
+RAW_CAPTURE=1 every accepted connection prints "CONN" and every byte read from
+it is printed too ("RAW <base64>"), so a test can prove that nothing of a
+request reached the backend.
 """
 
 from __future__ import annotations
@@ -267,8 +271,40 @@ async def handle_ws(reader, writer, hdrs) -> None:
 
 # --- connection loop ---------------------------------------------------------
 
+RAW_CAPTURE = os.environ.get("RAW_CAPTURE") == "1"
+
+
+class RecordingReader:
+    """A StreamReader that prints every byte it hands out (RAW_CAPTURE=1)."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._reader = reader
+
+    @staticmethod
+    def _log(data: bytes) -> bytes:
+        if data:
+            log("RAW " + base64.b64encode(data).decode())
+        return data
+
+    async def readline(self) -> bytes:
+        return self._log(await self._reader.readline())
+
+    async def read(self, n: int = -1) -> bytes:
+        return self._log(await self._reader.read(n))
+
+    async def readexactly(self, n: int) -> bytes:
+        try:
+            return self._log(await self._reader.readexactly(n))
+        except asyncio.IncompleteReadError as e:
+            self._log(e.partial)
+            raise
+
+
 async def handle_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     peer = writer.get_extra_info("peername")
+    if RAW_CAPTURE:
+        log("CONN")
+        reader = RecordingReader(reader)  # type: ignore[assignment]
     try:
         while True:
             req = await read_headers(reader)
@@ -294,6 +330,9 @@ async def handle_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                 await handle_upload(reader, writer, hdrs)
             elif path == "/sse" and method == "GET":
                 await handle_sse(writer)
+            elif path == "/sleep":
+                await asyncio.sleep(min(30.0, float(query.get("s", ["1"])[0])))
+                await send_json(writer, {"backend": NAME, "slept": True}, keep_alive=keep_alive)
             else:
                 # Drain any body so keep-alive stays in sync.
                 async for _ in iter_body(reader, hdrs):

@@ -493,7 +493,9 @@ class ProxyLauncher:
         }
 
     def __call__(self, overrides: dict | None = None, launcher: str = "module",
-                 ready_timeout: float = 20.0, extra_args: list[str] | None = None) -> ProxyProcess:
+                 ready_timeout: float = 20.0, extra_args: list[str] | None = None,
+                 wrapper: list[str] | None = None) -> ProxyProcess:
+        """`wrapper` runs the proxy under another command, e.g. ["prlimit", "--nofile=1024:1024", "--"]."""
         workdir = self.workdir / f"proxy{len(self.started)}"
         workdir.mkdir(parents=True)
         http_port = free_port()
@@ -503,7 +505,7 @@ class ProxyLauncher:
         config = deep_merge(self.base_config(workdir, http_port, https_port), overrides or {})
         cfg_path = workdir / "wakeproxy.yaml"
         cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        cmd = proxy_command(launcher, cfg_path) + list(extra_args or [])
+        cmd = list(wrapper or []) + proxy_command(launcher, cfg_path) + list(extra_args or [])
         if os.environ.get("WPTEST_PROXY_VERBOSE") and launcher == "module":
             cmd.append("--verbose")
         p = ProxyProcess(cmd, config, cfg_path,

@@ -711,3 +711,32 @@ def test_cli_check_rejects_extra_arguments(good_config, capsys, nothing_starts):
         cli.main(["check", "--config", str(good_config), "--bogus"])
     assert exc.value.code == 2
     assert "--bogus" in capsys.readouterr().err
+
+
+# --- limits ------------------------------------------------------------------------------------
+
+
+def test_limits_defaults_and_values():
+    from wakeproxy.config import LimitsConfig
+
+    assert parse_config("").limits == LimitsConfig(header_timeout=10.0, idle_timeout=60.0, max_header_bytes=32768,
+                                                   max_connections=None, connection_reserve=512)
+    cfg = parse_config("limits:\n  header_timeout: 2s\n  idle_timeout: 1m\n  max_header_bytes: 8192\n"
+                       "  max_connections: 100\n  connection_reserve: 64\n")
+    assert cfg.limits == LimitsConfig(2.0, 60.0, 8192, 100, 64)
+    assert parse_config("limits: {max_connections: auto}").limits.max_connections is None
+
+
+@pytest.mark.parametrize("text,key", [
+    ("limits: {header_timeout: 0}", "limits.header_timeout"),
+    ("limits: {idle_timeout: -1}", "limits.idle_timeout"),
+    ("limits: {max_header_bytes: 100}", "limits.max_header_bytes"),
+    ("limits: {max_header_bytes: true}", "limits.max_header_bytes"),
+    ("limits: {max_connections: 0}", "limits.max_connections"),
+    ("limits: {max_connections: many}", "limits.max_connections"),
+    ("limits: {connection_reserve: 1}", "limits.connection_reserve"),
+    ("limits: {max_conns: 1}", "limits.max_conns"),
+])
+def test_limits_errors_name_the_key(text, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        parse_config(text)
