@@ -14,6 +14,7 @@ from .limits import ConnectionLimits
 from .runtime import Runtime
 from .status import StatusServer
 from .tls import Certificates, HttpsPolicy
+from .upstream import Upstream
 from .waker import Waker
 
 
@@ -31,5 +32,5 @@ def make_addons(runtime: Runtime | None = None) -> list[Any]:
     tls_addons = [certificates, acme, HttpsPolicy(runtime, certificates)]
     status = StatusServer(runtime, waker, idle, extra={"certificates": acme.status})
     # Hygiene right after the config: its requestheaders runs before every other addon's.
-    return [WakeProxy(runtime), Hygiene(runtime), ConnectionLimits(runtime), *tls_addons, waker, Router(runtime, waker), idle, status,
-            errorpages.UpstreamErrors(runtime)]
+    return [WakeProxy(runtime), Hygiene(runtime), ConnectionLimits(runtime), *tls_addons, waker,
+            Router(runtime, waker), idle, status, Upstream(runtime, waker), errorpages.UpstreamErrors(runtime)]

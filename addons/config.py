@@ -170,6 +170,15 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class UpstreamConfig:
+    """Connections from the proxy to containers."""
+
+    connect_timeout: float = 5.0  # a container that does not accept within this long: 504
+    read_timeout: float = 300.0  # a response whose headers have not come this long after the request: 502
+    keepalive: float = 15.0  # TCP keepalive: first probe after this long idle (0 = off)
+
+
+@dataclass(frozen=True)
 class Config:
     listen: ListenConfig = field(default_factory=ListenConfig)
     docker: DockerConfig = field(default_factory=DockerConfig)
@@ -188,6 +197,7 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     acme: AcmeConfig = field(default_factory=AcmeConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     source: str = "<defaults>"
 
     def shows_detail(self, ip: str) -> bool:
@@ -512,6 +522,11 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[_Reader, yaml.Node, str], A
         "concurrency": _scalar_field(_positive_int),
         "max_names_per_group": _scalar_field(_positive_int),
         "max_orders_per_group": _scalar_field(_positive_int),
+    }),
+    "upstream": (UpstreamConfig, {
+        "connect_timeout": _scalar_field(_positive_duration),
+        "read_timeout": _scalar_field(_positive_duration),
+        "keepalive": _scalar_field(parse_duration),
     }),
     "limits": (LimitsConfig, {
         "header_timeout": _scalar_field(_positive_duration),

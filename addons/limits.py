@@ -84,6 +84,18 @@ def _default_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -
     loop.default_exception_handler(context)
 
 
+def connection_handler(client_id: str) -> Any:
+    """mitmproxy's handler of the client connection `client_id` (the Proxyserver addon's
+    `connections[id]`, with `transports` and `client`), or None when it is not there or not of
+    that shape. The one place that reaches into mitmproxy for a live connection."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    connections = getattr(proxyserver, "connections", None)
+    handler = connections.get(client_id) if isinstance(connections, dict) else None
+    if handler is not None and isinstance(getattr(handler, "transports", None), dict) and hasattr(handler, "client"):
+        return handler
+    return None
+
+
 @dataclass
 class _Conn:
     client: Any
@@ -262,13 +274,11 @@ class ConnectionLimits:
         return True
 
     def _handler(self, cid: str) -> Any:
-        proxyserver = ctx.master.addons.get("proxyserver")
-        connections = getattr(proxyserver, "connections", None)
-        handler = connections.get(cid) if isinstance(connections, dict) else None
-        if handler is not None and isinstance(getattr(handler, "transports", None), dict) \
-                and hasattr(handler, "client"):
+        handler = connection_handler(cid)
+        if handler is not None:
             return handler
-        if not self._warned_no_close and (not isinstance(connections, dict) or handler is not None):
+        connections = getattr(ctx.master.addons.get("proxyserver"), "connections", None)
+        if not self._warned_no_close and (not isinstance(connections, dict) or cid in connections):
             self._warned_no_close = True
             logger.warning("wakeproxy: this mitmproxy's Proxyserver connections are not the shape expected "
                            "(connections[id].transports[client].handler): slow and idle connections are not "

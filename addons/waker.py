@@ -224,6 +224,23 @@ class Waker:
         logger.info(f"wake {group.name}: starting {len(group.members)} container(s)")
         return wake
 
+    async def wake_until_ready(self, group: Group) -> None:
+        """Wake `group` (or join its wake) and return when it is ready; raises WakeFailed. For
+        requests already on their way to a container that stopped under them (upstream.py)."""
+        failure = self._cooling([group])
+        if failure is not None:
+            raise failure
+        wake = self.wake(group)
+        assert wake.task is not None
+        try:
+            await asyncio.shield(wake.task)
+        except WakeFailed:
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # an internal error, logged by _finished
+            raise WakeFailed(502, "Wake-up failed", str(e)) from None
+
     def _finished(self, wake: Wake, task: asyncio.Task[None]) -> None:
         if self._wakes.get(wake.group) is wake:
             del self._wakes[wake.group]
