@@ -84,8 +84,11 @@ async def _serve(config_path: str, verbosity: str) -> None:
         logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
     m = build_master(config_path, verbosity)
     loop = asyncio.get_running_loop()
+    from .shutdown import GracefulStop
+
+    stop = GracefulStop(m, load_config(config_path).shutdown.drain)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, m.shutdown)
+        loop.add_signal_handler(sig, stop.signal, sig.name)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     await m.run()
 

@@ -179,6 +179,11 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class ShutdownConfig:
+    drain: float = 10.0  # after SIGTERM, requests in flight get this long to finish
+
+
+@dataclass(frozen=True)
 class Config:
     listen: ListenConfig = field(default_factory=ListenConfig)
     docker: DockerConfig = field(default_factory=DockerConfig)
@@ -198,6 +203,7 @@ class Config:
     acme: AcmeConfig = field(default_factory=AcmeConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     source: str = "<defaults>"
 
     def shows_detail(self, ip: str) -> bool:
@@ -523,6 +529,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[_Reader, yaml.Node, str], A
         "max_names_per_group": _scalar_field(_positive_int),
         "max_orders_per_group": _scalar_field(_positive_int),
     }),
+    "shutdown": (ShutdownConfig, {"drain": _scalar_field(parse_duration)}),
     "upstream": (UpstreamConfig, {
         "connect_timeout": _scalar_field(_positive_duration),
         "read_timeout": _scalar_field(_positive_duration),

@@ -103,3 +103,50 @@ def test_external_stop_under_load_is_a_wake_not_a_hang(backend_container, proxy,
     c.reload()
     assert c.status == "running", "the stopped container was not woken again"
     assert "stopped by someone else" in p.log() or "wake " in p.log()
+
+
+def test_sigterm_under_load_drains_without_cuts_or_tracebacks(backend_container, proxy, host):
+    """SIGTERM while 24 clients each have a 1.5 s request in flight: every one of those is answered,
+    new connections are refused (a retry goes elsewhere), the log has one line per phase and no
+    traceback."""
+    backend_container("drain", labels={"wakeproxy.host": host("drain")})
+    p = proxy({"shutdown": {"drain": "8s"}})
+    h = host("drain")
+    wait_for(lambda: backend_of(proxied(p, h, timeout=5)) == "drain", 10, 0.1, "routed")
+    outcomes: list[str] = []
+    lock = threading.Lock()
+    idle = httpx.Client(timeout=10, trust_env=False)  # a keep-alive connection with nothing in flight
+    assert idle.get(f"{p.http_url}/", headers={"Host": h}).status_code == 200
+
+    def one() -> None:
+        try:
+            r = httpx.get(f"{p.http_url}/sleep?s=1.5", headers={"Host": h, "Connection": "close"}, timeout=15,
+                          trust_env=False)
+            outcome = f"{r.status_code}"
+        except httpx.ConnectError:
+            outcome = "refused"  # after the listeners closed: not a cut request
+        except httpx.HTTPError as e:
+            outcome = f"CUT {type(e).__name__}: {e}"
+        with lock:
+            outcomes.append(outcome)
+
+    with ThreadPoolExecutor(24) as pool:
+        futures = [pool.submit(one) for _ in range(24)]
+        time.sleep(0.7)  # all 24 are in flight at the backend
+        t0 = time.monotonic()
+        p.proc.send_signal(__import__("signal").SIGTERM)
+        time.sleep(0.2)
+        late = [pool.submit(one) for _ in range(4)]  # arrive after the listeners closed
+        for f in futures + late:
+            f.result()
+    code = p.proc.wait(15)
+    took = time.monotonic() - t0
+    idle.close()
+    log = p.log()
+    print(f"outcomes: {sorted(outcomes)}; the proxy exited {code} after {took:.2f} s")
+    assert outcomes.count("200") == 24, outcomes
+    assert not [o for o in outcomes if o.startswith("CUT")], outcomes
+    assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
+    for phase in ("listeners closed", "every request in flight was answered", "wakeproxy: stopped"):
+        assert phase in log, (phase, log[-2000:])
+    assert took < 8, f"the drain took {took:.2f} s although every request was done after ~1 s"
