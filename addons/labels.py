@@ -1,11 +1,13 @@
 """One container's labels and environment → the routes it declares.
 
 Pure functions, no Docker calls: `docker_view` feeds them a `ContainerInfo`
-and they answer with `Route`s or raise `LabelError` with a message that names
-the offending label.  Four conventions are understood so that users can move
-over without relabelling: ours (`wakeproxy.*`), Docksal's
-(`io.docksal.virtual-*`), nginx-proxy's (`VIRTUAL_*` environment variables)
-and Traefik's Host rules (syntax: `traefik_rule`).
+and they answer with `Route`s (a host, and the paths of it: `path_matches`) or
+raise one `LabelError` that names every offending label.  Four conventions are
+understood so that users can move over without relabelling: ours
+(`wakeproxy.*`), Docksal's (`io.docksal.virtual-*`), nginx-proxy's (`VIRTUAL_*`
+environment variables) and Traefik's Host/Path/PathPrefix rules (syntax:
+`traefik_rule`; meaning: `traefik_routes`, which refuses what it cannot route
+exactly).
 
 The input is written by whoever writes a sandbox's docker-compose.yml, so
 every parser here is linear in its input and the input is bounded first:
@@ -46,6 +48,7 @@ MAX_ROUTERS = 32  # traefik.http.routers.<name>.rule labels on one container
 MAX_HOSTS = 100  # distinct hosts (and wildcards) one container declares, over all conventions
 MAX_ROUTES = 256  # distinct (host, path) routes of one container, and alternatives of one Traefik rule
 _SHOWN = 64  # characters of a value quoted in an error message
+MAX_ERRORS = 10  # errors named in one container's LabelError (the rest are counted)
 
 # The labels the proxy reads besides every `wakeproxy.*` one (some are read by acme.py and tls.py).
 _ALWAYS_READ = frozenset({
@@ -93,8 +96,12 @@ class _Errors:
         self.messages.append(message)
 
     def raise_any(self, hosts: Iterable[str] = ()) -> None:
-        if self.messages:
-            raise LabelError(*dict.fromkeys(self.messages), hosts=hosts)
+        """Raise the collected errors as one LabelError (each once, at most MAX_ERRORS named)."""
+        messages = list(dict.fromkeys(self.messages))
+        if len(messages) > MAX_ERRORS:
+            messages[MAX_ERRORS:] = [f"and {len(messages) - MAX_ERRORS} more errors"]
+        if messages:
+            raise LabelError(*messages, hosts=hosts)
 
 
 @dataclass(frozen=True)

@@ -295,7 +295,7 @@ def _parse(info: ContainerInfo, sources: SourcesConfig, allowed: tuple[str, ...]
             check_group_labels(info.labels)
         except LabelError:
             hosts = ()
-        raise LabelError(*dict.fromkeys(errors), hosts=hosts)
+        raise LabelError(*dict.fromkeys(errors), hosts=hosts)  # (each part is at most MAX_ERRORS long)
     notes: list[str] = []
     trust = policy.trust
     if allowed and not trust.network:

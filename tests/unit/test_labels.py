@@ -885,3 +885,14 @@ def test_every_oversized_value_is_named():
         routes({"wakeproxy.host": BIG, "wakeproxy.port": BIG}, env={"VIRTUAL_HOST": BIG})
     assert [m.split(":")[0] for m in exc.value.errors] == ["label wakeproxy.host", "label wakeproxy.port",
                                                           "env VIRTUAL_HOST"]
+
+
+def test_the_number_of_errors_named_is_bounded():
+    from wakeproxy.labels import MAX_ERRORS
+
+    labels = {f"traefik.http.routers.r{i}.rule": f"Host(`r{i}.test`) && Method(`GET`)" for i in range(20)}
+    with pytest.raises(LabelError) as exc:
+        routes(labels)
+    assert len(exc.value.errors) == MAX_ERRORS + 1
+    assert exc.value.errors[-1] == f"and {20 - MAX_ERRORS} more errors"
+    assert len(exc.value.hosts) == 20
