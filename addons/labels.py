@@ -493,9 +493,19 @@ def _alternatives(expr: Expr, what: str) -> list[tuple[_Atom, ...]]:
     return out
 
 
+def _traefik_host(atom: _Atom, what: str) -> str:
+    """A Host argument: one hostname. Traefik matches `*.d` literally (wildcards are HostRegexp's)."""
+    where = f"{what}: Host at character {atom.pos + 1}"
+    host = parse_host(atom.arg, where)
+    if host.startswith("*."):
+        raise LabelError(f"{where}: {_shown(atom.arg.strip())} is a wildcard, which Traefik's Host does not match "
+                         "(HostRegexp is not supported; wakeproxy.host takes *.domain)")
+    return host
+
+
 def _rule_route(alt: tuple[_Atom, ...], what: str) -> RuleRoute:
     """One alternative → its route: exactly one host, at most one path matcher."""
-    hosts = {parse_host(a.arg, f"{what}: Host at character {a.pos + 1}"): a for a in alt if a.kind == "host"}
+    hosts = {_traefik_host(a, what): a for a in alt if a.kind == "host"}
     paths = {(a.kind, a.arg): a for a in alt if a.kind != "host"}
     if not hosts:
         first = alt[0]

@@ -824,6 +824,7 @@ def test_traefik_two_routers_of_one_host_split_its_paths():
         ("Host(`a.test`) && Path(`/a b`)", "Path at character 19: '/a b' is not a path"),
         ("Host(`a.test`) && Path(`/p/{id:[0-9]+}`)", "is a path template"),
         ("Host(`a..test`) && Path(`/p`)", "Host at character 1: 'a..test' is not a hostname"),
+        ("Host(`*.a.test`)", "Host at character 1: '*.a.test' is a wildcard, which Traefik's Host does not match"),
     ],
 )
 def test_traefik_refused_forms_name_the_router_and_the_part(rule, fragment):
