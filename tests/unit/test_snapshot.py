@@ -6,12 +6,13 @@ import logging
 from dataclasses import FrozenInstanceError
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import wakeproxy.snapshot as snapshot_mod
 from wakeproxy.config import LabelTrustConfig, SourcesConfig
-from wakeproxy.labels import ContainerInfo
+from wakeproxy.labels import ContainerInfo, path_matches
 from wakeproxy.policy import NamePolicy, Ownership
-from wakeproxy.snapshot import Backend, Policy, Site, Snapshot, build_snapshot
+from wakeproxy.snapshot import Backend, PathRoute, Policy, Site, Snapshot, build_snapshot, route_order
 
 ALL = SourcesConfig()
 P = {"com.docker.compose.project": "p"}  # containers of one Compose project: one group
@@ -728,3 +729,23 @@ def test_snapshot_and_site_stay_plain_values():
         snap.misconfigured = {}  # type: ignore[misc]
     site = snap.lookup("a.test")
     assert site == Site(site.host, site.routes) and hash(site.routes)
+
+
+# --- the path choice, against a brute-force reading of the rules ------------------------------------
+
+_segment = st.sampled_from(["a", "ab", "b", ""])
+_path = st.lists(_segment, min_size=0, max_size=3).map(lambda parts: "/" + "/".join(parts))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_path, st.booleans()), min_size=1, max_size=6, unique=True), _path,
+       st.sampled_from(["", "?q", "?a/b"]))
+def test_route_for_is_the_longest_match_exact_first(declared, path, query):
+    routes = tuple(sorted((PathRoute(p, exact, ()) for p, exact in declared), key=route_order))
+    chosen = Site("a.test", routes).route_for(path + query)
+    matching = [(p, exact) for p, exact in declared if path_matches(p, exact, path)]
+    if not matching:
+        assert chosen is None
+        return
+    best = max(matching, key=lambda m: (len(m[0]), m[1]))
+    assert chosen is not None and (chosen.path, chosen.exact) == best
