@@ -3,8 +3,10 @@
 `build_snapshot` turns the containers the Docker view knows into a `Snapshot`;
 the request path only ever calls `Snapshot.lookup`, which costs one dict probe
 for an exact name plus one per label of the name for wildcards — independent
-of how many sites exist.  Snapshots are plain frozen data, so a later control
-plane could ship them to other processes.
+of how many sites exist — and then `Site.route_for`, a scan over the host's
+few path routes, sorted longest first when the snapshot is built.  Snapshots
+are plain frozen data, so a later control plane could ship them to other
+processes.
 """
 
 from __future__ import annotations
