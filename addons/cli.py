@@ -193,6 +193,9 @@ def _status(config_path: str, url: str | None, as_json: bool) -> int:
         print("\nskipped containers (bad labels):")
         for name, why in report["skipped"].items():
             print(f"  {name}: {why}")
+    if report.get("misconfigured"):
+        print("\nmisconfigured hosts (declared only by skipped containers):")
+        print("  " + ", ".join(report["misconfigured"]))
     return EXIT_NO_DOCKER if blind else 0
 
 

@@ -1,11 +1,13 @@
 """One container's labels and environment → the routes it declares.
 
 Pure functions, no Docker calls: `docker_view` feeds them a `ContainerInfo`
-and they answer with `Route`s or raise `LabelError` with a message that names
-the offending label.  Four conventions are understood so that users can move
-over without relabelling: ours (`wakeproxy.*`), Docksal's
-(`io.docksal.virtual-*`), nginx-proxy's (`VIRTUAL_*` environment variables)
-and Traefik's Host rules (syntax: `traefik_rule`).
+and they answer with `Route`s (a host, and the paths of it: `path_matches`) or
+raise one `LabelError` that names every offending label.  Four conventions are
+understood so that users can move over without relabelling: ours
+(`wakeproxy.*`), Docksal's (`io.docksal.virtual-*`), nginx-proxy's (`VIRTUAL_*`
+environment variables) and Traefik's Host/Path/PathPrefix rules (syntax:
+`traefik_rule`; meaning: `traefik_routes`, which refuses what it cannot route
+exactly).
 
 The input is written by whoever writes a sandbox's docker-compose.yml, so
 every parser here is linear in its input and the input is bounded first:
@@ -19,17 +21,18 @@ value, and never a value that is over the limit.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple, TypeVar
 
 from .config import SourcesConfig, parse_duration
 from .hostnames import is_host_pattern, normalize_host
-from .traefik_rule import RuleError, parse_rule, positive_matchers
+from .traefik_rule import And, Expr, Matcher, Not, Or, RuleError, host_arguments, parse_rule
 
 
 # Every environment variable the proxy reads. `docker_view` keeps only these of a container's
 # environment (the rest, often secrets, is never held in memory or written to the state dir).
-NGINX_PROXY_ENV = ("VIRTUAL_HOST", "VIRTUAL_PORT", "VIRTUAL_PROTO")  # read by _nginx_proxy below
+NGINX_PROXY_ENV = ("VIRTUAL_HOST", "VIRTUAL_PORT", "VIRTUAL_PROTO", "VIRTUAL_PATH", "VIRTUAL_DEST")  # _nginx_proxy
 LETSENCRYPT_ENV = "LETSENCRYPT_HOST"  # read by settings_for
 ACME_LABEL = "wakeproxy.acme"
 CERT_NAME_LABELS = ("wakeproxy.cert-name", "io.docksal.cert-name")
@@ -43,7 +46,9 @@ MAX_VALUE_BYTES = 4096  # one label or env value the proxy reads, UTF-8 encoded
 MAX_KEY_BYTES = 256  # the name of a label the proxy reads (Traefik router and service names are in it)
 MAX_ROUTERS = 32  # traefik.http.routers.<name>.rule labels on one container
 MAX_HOSTS = 100  # distinct hosts (and wildcards) one container declares, over all conventions
+MAX_ROUTES = 256  # distinct (host, path) routes of one container, and alternatives of one Traefik rule
 _SHOWN = 64  # characters of a value quoted in an error message
+MAX_ERRORS = 10  # errors named in one container's LabelError (the rest are counted)
 
 # The labels the proxy reads besides every `wakeproxy.*` one (some are read by acme.py and tls.py).
 _ALWAYS_READ = frozenset({
@@ -58,7 +63,45 @@ _SERVER_KEYS = (".loadbalancer.server.port", ".loadbalancer.server.scheme")  # a
 
 
 class LabelError(ValueError):
-    """A container's routing labels cannot be understood; the message says which and why."""
+    """A container's routing labels cannot be understood; the message says which and why.
+
+    `errors` holds one message per bad label, each starting with the label's name (the message
+    joins them with "; "); `hosts` the hosts the container declares that could still be read,
+    so that they can answer "misconfigured" rather than "unknown site" (may be empty)."""
+
+    def __init__(self, *errors: str, hosts: Iterable[str] = ()) -> None:
+        super().__init__("; ".join(errors))
+        self.errors: tuple[str, ...] = errors
+        self.hosts: tuple[str, ...] = tuple(hosts)
+
+
+_T = TypeVar("_T")
+
+
+class _Errors:
+    """Collects the LabelErrors of one container, so that every bad label is reported at once."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def check(self, parse: Callable[..., _T], *args: object) -> _T | None:
+        """`parse(*args)`, or None after recording its LabelError."""
+        try:
+            return parse(*args)
+        except LabelError as e:
+            self.messages.extend(e.errors)
+            return None
+
+    def add(self, message: str) -> None:
+        self.messages.append(message)
+
+    def raise_any(self, hosts: Iterable[str] = ()) -> None:
+        """Raise the collected errors as one LabelError (each once, at most MAX_ERRORS named)."""
+        messages = list(dict.fromkeys(self.messages))
+        if len(messages) > MAX_ERRORS:
+            messages[MAX_ERRORS:] = [f"and {len(messages) - MAX_ERRORS} more errors"]
+        if messages:
+            raise LabelError(*messages, hosts=hosts)
 
 
 @dataclass(frozen=True)
@@ -154,6 +197,22 @@ class Route:
     scheme: str = "http"
     network: str | None = None  # a network the container must be reached on (label), else any allowed
     source: str = "wakeproxy"
+    path: str = "/"  # the requests of `host` this route takes: paths under this prefix (see path_matches)
+    exact: bool = False  # True: only the path `path` itself (Traefik's Path matcher)
+
+
+def path_matches(prefix: str, exact: bool, path: str) -> bool:
+    """Does the request path `path` (without its query) fall under a route's `prefix`?
+
+    Exact routes take `prefix` only.  Prefixes match whole path segments: `/api` takes `/api`
+    and `/api/x`, not `/apix`; a prefix that ends in `/` takes what is below it (`/api/` takes
+    `/api/` and `/api/x`, not `/api`), so `/` takes every path.  Case-sensitive, and the path
+    is compared as the client sent it (no percent-decoding, no `..` resolution)."""
+    if exact:
+        return path == prefix
+    if not path.startswith(prefix):
+        return False
+    return len(path) == len(prefix) or prefix.endswith("/") or path[len(prefix)] == "/"
 
 
 _FALSE = {"false", "0", "no", "off"}
@@ -186,7 +245,7 @@ def _reads_value(key: str, sources: SourcesConfig | None) -> bool:
     if sources.traefik:
         if key in _TRAEFIK_READ:
             return True
-        if key.startswith(_ROUTERS) and key.endswith((".rule", ".service")):
+        if key.startswith(_ROUTERS) and key.endswith((".rule", ".service", ".priority")):
             return True
         if key.startswith(_SERVICES) and key.endswith(_SERVER_KEYS):
             return True
@@ -196,21 +255,24 @@ def _reads_value(key: str, sources: SourcesConfig | None) -> bool:
 def check_limits(info: ContainerInfo, sources: SourcesConfig | None) -> None:
     """LabelError when a label or env value the proxy reads is over MAX_VALUE_BYTES, or a label
     name over MAX_KEY_BYTES; the message gives the size, never the value.  Linear in the size of
-    the labels and env; a few prefix tests a label for the labels it does not read."""
+    the labels and env; a few prefix tests a label for the labels it does not read.  Every
+    label and variable over a limit is named in the one error."""
+    errors = _Errors()
     for key, value in info.labels.items():
         value_read = _reads_value(key, sources)
         if not value_read and not (sources is not None and sources.traefik and key.startswith(_SERVICES)):
             continue
         if _over(key, MAX_KEY_BYTES):
-            raise LabelError(f"label {_shown(key)}: the label name is {_size(key)} bytes, "
-                             f"more than the {MAX_KEY_BYTES} allowed")
-        if value_read and _over(value, MAX_VALUE_BYTES):
-            raise LabelError(f"label {key}: the value is {_size(value)} bytes, more than the {MAX_VALUE_BYTES} allowed")
+            errors.add(f"label {_shown(key)}: the label name is {_size(key)} bytes, "
+                       f"more than the {MAX_KEY_BYTES} allowed")
+        elif value_read and _over(value, MAX_VALUE_BYTES):
+            errors.add(f"label {key}: the value is {_size(value)} bytes, more than the {MAX_VALUE_BYTES} allowed")
     env_read = (*NGINX_PROXY_ENV, LETSENCRYPT_ENV) if sources is not None and sources.nginx_proxy else (LETSENCRYPT_ENV,)
     for name in env_read:
         value = info.env.get(name)
         if value is not None and _over(value, MAX_VALUE_BYTES):
-            raise LabelError(f"env {name}: the value is {_size(value)} bytes, more than the {MAX_VALUE_BYTES} allowed")
+            errors.add(f"env {name}: the value is {_size(value)} bytes, more than the {MAX_VALUE_BYTES} allowed")
+    errors.raise_any()
 
 
 def parse_host(value: str, what: str) -> str:
@@ -271,35 +333,78 @@ def _flag(value: str | None, what: str) -> bool | None:
     raise LabelError(f"{what}: {_shown(value)} is not true or false")
 
 
-def _ours(info: ContainerInfo) -> list[Route]:
+_NOT_A_PATH = "must start with / and hold only printable ASCII, without spaces, '?' or '#'"
+
+
+def parse_path(value: str, what: str) -> str:
+    """One path prefix (`/api`, `/api/`, `/`), kept as written apart from surrounding spaces."""
+    p = value.strip()
+    if "{" in p or "}" in p:
+        raise LabelError(f"{what}: {_shown(p)} is a path template ({{name:regexp}}), which wakeproxy does not "
+                         "support (write the prefix itself)")
+    if not p.startswith("/") or not p.isascii() or not p.isprintable() or any(ch in p for ch in " ?#"):
+        raise LabelError(f"{what}: {_shown(p)} is not a path: it {_NOT_A_PATH}")
+    return p
+
+
+def parse_paths(value: str, what: str) -> list[str]:
+    """A comma/space separated list of path prefixes, each once (bounded: check_limits)."""
+    paths = list(dict.fromkeys(parse_path(part, what) for part in value.replace(",", " ").split()))
+    if not paths:
+        raise LabelError(f"{what}: no path given")
+    return paths
+
+
+def _valid_hosts(values: Iterable[str]) -> list[str]:
+    """The values that are hostnames or wildcards, normalised (for `LabelError.hosts`)."""
+    return [h for h in (normalize_host(v) for v in values) if is_host_pattern(h)]
+
+
+@dataclass
+class _Declaration:
+    """What one container declares, collected source by source (see routes_for)."""
+
+    errors: _Errors = field(default_factory=_Errors)
+    hosts: dict[str, None] = field(default_factory=dict)  # every host that could be read, even beside an error
+
+    def routes(self, source: str, hosts: list[str] | None, paths: list[str] | None, port: int | None,
+               scheme: str | None, network: str | None = None) -> list[Route]:
+        """hosts × path prefixes, unless a part could not be read (then its error is recorded)."""
+        self.hosts.update(dict.fromkeys(hosts or ()))
+        if hosts is None or paths is None or port is None or scheme is None:
+            return []
+        return [Route(h, port, scheme, network, source, p) for h in hosts for p in paths]
+
+
+def _ours(info: ContainerInfo, out: _Declaration) -> list[Route]:
     labels = info.labels
+    check = out.errors.check
     if "wakeproxy.host" not in labels:
+        if "wakeproxy.path" in labels:
+            out.errors.add("label wakeproxy.path: it applies to the hosts of wakeproxy.host, which is not set")
         return []
-    hosts = parse_hosts(labels["wakeproxy.host"], "label wakeproxy.host")
-    port = parse_port(labels["wakeproxy.port"], "label wakeproxy.port") if "wakeproxy.port" in labels else _default_port(info)
-    scheme = parse_scheme(labels["wakeproxy.scheme"], "label wakeproxy.scheme") if "wakeproxy.scheme" in labels else "http"
-    network = labels.get("wakeproxy.network") or None
-    return [Route(h, port, scheme, network, "wakeproxy") for h in hosts]
+    hosts = check(parse_hosts, labels["wakeproxy.host"], "label wakeproxy.host")
+    port = check(parse_port, labels["wakeproxy.port"], "label wakeproxy.port") if "wakeproxy.port" in labels \
+        else _default_port(info)
+    scheme = check(parse_scheme, labels["wakeproxy.scheme"], "label wakeproxy.scheme") \
+        if "wakeproxy.scheme" in labels else "http"
+    paths = check(parse_paths, labels["wakeproxy.path"], "label wakeproxy.path") if "wakeproxy.path" in labels \
+        else ["/"]
+    return out.routes("wakeproxy", hosts, paths, port, scheme, labels.get("wakeproxy.network") or None)
 
 
-def _docksal(info: ContainerInfo) -> list[Route]:
+def _docksal(info: ContainerInfo, out: _Declaration) -> list[Route]:
     labels = info.labels
     if "io.docksal.virtual-host" not in labels:
         return []
-    hosts = parse_hosts(labels["io.docksal.virtual-host"], "label io.docksal.virtual-host")
-    port = (
-        parse_port(labels["io.docksal.virtual-port"], "label io.docksal.virtual-port")
-        if "io.docksal.virtual-port" in labels
-        else 80
-    )
-    return [Route(h, port, "http", None, "docksal") for h in hosts]
+    check = out.errors.check
+    hosts = check(parse_hosts, labels["io.docksal.virtual-host"], "label io.docksal.virtual-host")
+    port = check(parse_port, labels["io.docksal.virtual-port"], "label io.docksal.virtual-port") \
+        if "io.docksal.virtual-port" in labels else 80
+    return out.routes("docksal", hosts, ["/"], port, "http")
 
 
-def _nginx_proxy(info: ContainerInfo) -> list[Route]:
-    env = info.env
-    if not env.get("VIRTUAL_HOST"):
-        return []
-    raw = env["VIRTUAL_HOST"]
+def _virtual_host(raw: str) -> list[str]:
     # nginx-proxy's regex hosts start with "~"; its trailing wildcards (`foo.*`, `foo.example.*`) are
     # the only other way to write ".*" (no hostname contains it), so a substring test finds both.
     if "~" in raw or ".*" in raw:
@@ -307,67 +412,192 @@ def _nginx_proxy(info: ContainerInfo) -> list[Route]:
             f"env VIRTUAL_HOST: {_shown(raw)} uses a regular expression or a trailing wildcard, "
             "which wakeproxy does not support (use exact names or *.domain)"
         )
-    hosts = parse_hosts(raw, "env VIRTUAL_HOST")
-    port = parse_port(env["VIRTUAL_PORT"], "env VIRTUAL_PORT") if env.get("VIRTUAL_PORT") else _default_port(info)
-    scheme = parse_scheme(env["VIRTUAL_PROTO"], "env VIRTUAL_PROTO") if env.get("VIRTUAL_PROTO") else "http"
-    return [Route(h, port, scheme, None, "nginx-proxy") for h in hosts]
+    return parse_hosts(raw, "env VIRTUAL_HOST")
 
 
-def _traefik_hosts(rule: str, what: str) -> list[str]:
-    """The hosts of the rule's Host(…) matchers that are not negated, each once, in rule order.
+def _virtual_path(raw: str) -> str:
+    if raw.strip().startswith("~"):
+        raise LabelError(f"env VIRTUAL_PATH: {_shown(raw.strip())} is a regular expression, which wakeproxy does "
+                         "not support (write the path prefix itself)")
+    return parse_path(raw, "env VIRTUAL_PATH")
 
-    Other matchers (PathPrefix, HostRegexp, Header…) are syntax-checked and kept in the tree
-    but add no host (yet): `Host(`a`) && PathPrefix(`/api`)` routes all of a."""
+
+def _nginx_proxy(info: ContainerInfo, out: _Declaration) -> list[Route]:
+    env = info.env
+    if not env.get("VIRTUAL_HOST"):
+        return []
+    check = out.errors.check
+    hosts = check(_virtual_host, env["VIRTUAL_HOST"])
+    port = check(parse_port, env["VIRTUAL_PORT"], "env VIRTUAL_PORT") if env.get("VIRTUAL_PORT") else _default_port(info)
+    scheme = check(parse_scheme, env["VIRTUAL_PROTO"], "env VIRTUAL_PROTO") if env.get("VIRTUAL_PROTO") else "http"
+    path = check(_virtual_path, env["VIRTUAL_PATH"]) if env.get("VIRTUAL_PATH", "").strip() else "/"
+    if env.get("VIRTUAL_DEST", "").strip():
+        out.errors.add(f"env VIRTUAL_DEST: {_shown(env['VIRTUAL_DEST'].strip())}: rewriting the request path is not "
+                       "supported (wakeproxy forwards the path unchanged)")
+    return out.routes("nginx-proxy", hosts, None if path is None else [path], port, scheme)
+
+
+# --- Traefik rules → (host, path) routes ---------------------------------------------------------
+
+# The matchers wakeproxy routes, under their Traefik names (v2 also takes them in lower case).
+_ROUTED = {"Host": "host", "Path": "path", "PathPrefix": "prefix"}
+_ROUTED.update({k.lower(): v for k, v in list(_ROUTED.items())})
+
+
+class RuleRoute(NamedTuple):
+    """One alternative of a Traefik rule: a host and the paths of it that the rule takes."""
+
+    host: str
+    path: str = "/"
+    exact: bool = False
+
+
+class _Atom(NamedTuple):
+    kind: str  # host | path | prefix
+    name: str  # the matcher's name as written
+    arg: str
+    pos: int
+
+
+def _unsupported(expr: Expr, found: list[str]) -> None:
+    """Describe every part of `expr` wakeproxy cannot route (a `!`, a matcher other than
+    Host, Path, PathPrefix) into `found`, in rule order."""
+    if isinstance(expr, Matcher):
+        if expr.name not in _ROUTED:
+            found.append(f"{expr.name[:32]}(…) at character {expr.pos + 1}")
+    elif isinstance(expr, Not):
+        found.append(f"'!' at character {expr.pos + 1}")
+    else:
+        for operand in expr.operands:
+            _unsupported(operand, found)
+
+
+def _alternatives(expr: Expr, what: str) -> list[tuple[_Atom, ...]]:
+    """`expr` (only Host/Path/PathPrefix, `&&`, `||`) multiplied out into alternatives, each the
+    matchers that must all hold (a matcher with several arguments is one alternative per
+    argument, as in Traefik v2).  At most MAX_ROUTES alternatives."""
+    if isinstance(expr, Matcher):
+        return [(_Atom(_ROUTED[expr.name], expr.name, arg, expr.pos),) for arg in expr.args]
+    assert isinstance(expr, (And, Or))  # Not was refused by _unsupported
+    parts = [_alternatives(operand, what) for operand in expr.operands]
+    count = 0 if isinstance(expr, Or) else 1
+    for p in parts:  # each part has at most MAX_ROUTES alternatives already
+        count = count + len(p) if isinstance(expr, Or) else count * len(p)
+        if count > MAX_ROUTES:
+            raise LabelError(f"{what}: the rule has more than {MAX_ROUTES} alternatives (host × path)")
+    if isinstance(expr, Or):
+        return [alt for p in parts for alt in p]
+    out: list[tuple[_Atom, ...]] = [()]
+    for p in parts:
+        out = [a + b for a in out for b in p]
+    return out
+
+
+def _traefik_host(atom: _Atom, what: str) -> str:
+    """A Host argument: one hostname. Traefik matches `*.d` literally (wildcards are HostRegexp's)."""
+    where = f"{what}: Host at character {atom.pos + 1}"
+    host = parse_host(atom.arg, where)
+    if host.startswith("*."):
+        raise LabelError(f"{where}: {_shown(atom.arg.strip())} is a wildcard, which Traefik's Host does not match "
+                         "(HostRegexp is not supported; wakeproxy.host takes *.domain)")
+    return host
+
+
+def _rule_route(alt: tuple[_Atom, ...], what: str) -> RuleRoute:
+    """One alternative → its route: exactly one host, at most one path matcher."""
+    hosts = {_traefik_host(a, what): a for a in alt if a.kind == "host"}
+    paths = {(a.kind, a.arg): a for a in alt if a.kind != "host"}
+    if not hosts:
+        first = alt[0]
+        raise LabelError(f"{what}: {first.name}(…) at character {first.pos + 1} has no Host(…) with it: routes "
+                         "without a host are not supported")
+    if len(hosts) > 1:
+        second = list(hosts.values())[1]
+        raise LabelError(f"{what}: Host at character {second.pos + 1}: two different hosts joined by && are "
+                         "not supported")
+    if len(paths) > 1:
+        second = list(paths.values())[1]
+        raise LabelError(f"{what}: {second.name} at character {second.pos + 1}: two path matchers joined by && "
+                         "are not supported")
+    host = next(iter(hosts))
+    if not paths:
+        return RuleRoute(host)
+    atom = next(iter(paths.values()))
+    return RuleRoute(host, parse_path(atom.arg, f"{what}: {atom.name} at character {atom.pos + 1}"),
+                     atom.kind == "path")
+
+
+def traefik_routes(rule: str, what: str) -> list[RuleRoute]:
+    """A Traefik rule → the (host, path) routes it stands for, each once, in rule order.
+
+    Routed: Host, Path (exact) and PathPrefix matchers joined by `&&`, `||` and parentheses,
+    when every alternative of the multiplied-out rule has one host and at most one path
+    matcher: `Host(a) || Host(b)`, `Host(a) && (PathPrefix(x) || Path(y))`, `(Host(a) &&
+    PathPrefix(x)) || Host(b)`.  Anything else — another matcher (HostRegexp, Header, Method,
+    Query, ClientIP, PathRegexp…), a `!`, an alternative without a host — is a LabelError that
+    names the part: a route that matched more or less than Traefik's would be worse than none."""
     try:
         tree = parse_rule(rule)
     except RuleError as e:
         raise LabelError(f"{what}: {e}") from None
-    hosts: dict[str, None] = {}
-    for matcher in positive_matchers(tree, "Host"):
-        for arg in matcher.args:
-            hosts[parse_host(arg, f"{what}: Host at character {matcher.pos + 1}")] = None
-            if len(hosts) > MAX_HOSTS:
-                raise LabelError(f"{what}: more than {MAX_HOSTS} hosts")
-    return list(hosts)
+    found: list[str] = []
+    _unsupported(tree, found)
+    if found:
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise LabelError(f"{what}: {shown} {'is' if len(found) == 1 else 'are'} not supported (wakeproxy routes "
+                         "Host, Path and PathPrefix joined by && and ||)")
+    routes: dict[RuleRoute, None] = {}
+    for alt in _alternatives(tree, what):
+        routes[_rule_route(alt, what)] = None
+    if len({r.host for r in routes}) > MAX_HOSTS:
+        raise LabelError(f"{what}: more than {MAX_HOSTS} hosts")
+    return list(routes)
 
 
-def _traefik(info: ContainerInfo) -> list[Route]:
+def _traefik(info: ContainerInfo, out: _Declaration) -> list[Route]:
     labels = info.labels
-    if _flag(labels.get("traefik.enable"), "label traefik.enable") is False:
+    check = out.errors.check
+    if check(_flag, labels.get("traefik.enable"), "label traefik.enable") is False:
         return []
     routers = {
-        k[len("traefik.http.routers."): -len(".rule")]: v
+        k[len(_ROUTERS): -len(".rule")]: v
         for k, v in labels.items()
-        if k.startswith("traefik.http.routers.") and k.endswith(".rule")
+        if k.startswith(_ROUTERS) and k.endswith(".rule")
     }
     if not routers:
         return []
     if len(routers) > MAX_ROUTERS:
-        raise LabelError(f"labels {_ROUTERS}*.rule: {len(routers)} routers, more than the {MAX_ROUTERS} allowed")
+        out.errors.add(f"labels {_ROUTERS}*.rule: {len(routers)} routers, more than the {MAX_ROUTERS} allowed")
+        return []
     services = {
         k.split(".")[3]
         for k in labels
-        if k.startswith("traefik.http.services.") and len(k.split(".")) > 4
+        if k.startswith(_SERVICES) and len(k.split(".")) > 4
     }
     network = labels.get("traefik.docker.network") or None
     routes: list[Route] = []
     for router, rule in sorted(routers.items()):
-        what = f"label traefik.http.routers.{router}.rule"
-        hosts = _traefik_hosts(rule, what)
-        if not hosts:
-            continue  # a rule without Host() (PathPrefix only, HostRegexp…) is not ours to route
-        service = labels.get(f"traefik.http.routers.{router}.service")
+        what = f"label {_ROUTERS}{router}.rule"
+        matched = check(traefik_routes, rule, what)
+        if matched is None:
+            out.hosts.update(dict.fromkeys(_valid_hosts(host_arguments(rule))))
+        if f"{_ROUTERS}{router}.priority" in labels:
+            out.errors.add(f"label {_ROUTERS}{router}.priority: router priorities are not supported "
+                           "(the longest matching path wins)")
+        service = labels.get(f"{_ROUTERS}{router}.service")
         if service is None and len(services) == 1:
             service = next(iter(services))
-        port = _default_port(info)
-        scheme = "http"
+        port: int | None = _default_port(info)
+        scheme: str | None = "http"
         if service is not None:
-            base = f"traefik.http.services.{service}.loadbalancer.server"
+            base = f"{_SERVICES}{service}.loadbalancer.server"
             if f"{base}.port" in labels:
-                port = parse_port(labels[f"{base}.port"], f"label {base}.port")
+                port = check(parse_port, labels[f"{base}.port"], f"label {base}.port")
             if f"{base}.scheme" in labels:
-                scheme = parse_scheme(labels[f"{base}.scheme"], f"label {base}.scheme")
-        routes.extend(Route(h, port, scheme, network, "traefik") for h in hosts)
+                scheme = check(parse_scheme, labels[f"{base}.scheme"], f"label {base}.scheme")
+        out.hosts.update(dict.fromkeys(r.host for r in matched or ()))
+        if matched is not None and port is not None and scheme is not None:
+            routes.extend(Route(r.host, port, scheme, network, "traefik", r.path, r.exact) for r in matched)
     return routes
 
 
@@ -379,25 +609,35 @@ _DECLARED_BY = {"wakeproxy": "label wakeproxy.host", "docksal": "label io.docksa
 def routes_for(info: ContainerInfo, sources: SourcesConfig) -> list[Route]:
     """Every route `info` declares through the enabled conventions.
 
-    A host declared by several conventions keeps the first (ours, Docksal,
-    nginx-proxy, Traefik).  Raises LabelError for a malformed declaration, so
-    the caller can skip this one container and keep every other site up;
-    also when the container is over one of the limits (check_limits, MAX_HOSTS).
+    A (host, path) declared by several conventions keeps the first (ours, Docksal,
+    nginx-proxy, Traefik).  Raises LabelError for a malformed declaration, so the
+    caller can skip this one container and keep every other site up; the error
+    names every bad label (and carries the hosts that could be read); also when
+    the container is over one of the limits (check_limits, MAX_HOSTS, MAX_ROUTES).
     """
     check_limits(info, sources)
-    if _flag(info.labels.get("wakeproxy.enable"), "label wakeproxy.enable") is False:
+    out = _Declaration()
+    if out.errors.check(_flag, info.labels.get("wakeproxy.enable"), "label wakeproxy.enable") is False:
         return []
     routes: list[Route] = []
-    seen: set[str] = set()
+    seen: set[tuple[str, str, bool]] = set()
+    hosts: set[str] = set()
     for name, parse in _SOURCES:
         if not getattr(sources, name):
             continue
-        for route in parse(info):
-            if route.host not in seen:
-                seen.add(route.host)
+        for route in parse(info, out):
+            key = (route.host, route.path, route.exact)
+            if key not in seen:
+                seen.add(key)
+                hosts.add(route.host)
                 routes.append(route)
-        if len(seen) > MAX_HOSTS:
-            raise LabelError(f"{_DECLARED_BY[name]}: brings the container to more than {MAX_HOSTS} hosts")
+        if len(hosts) > MAX_HOSTS:
+            out.errors.add(f"{_DECLARED_BY[name]}: brings the container to more than {MAX_HOSTS} hosts")
+            break
+        if len(seen) > MAX_ROUTES:
+            out.errors.add(f"{_DECLARED_BY[name]}: brings the container to more than {MAX_ROUTES} routes (host × path)")
+            break
+    out.errors.raise_any(out.hosts)
     return routes
 
 
@@ -432,44 +672,71 @@ def _duration_label(labels: Mapping[str, str], key: str) -> float | None:
         raise LabelError(f"label {key}: {reason}") from None
 
 
-def settings_for(info: ContainerInfo) -> ContainerSettings:
-    """The container's wake settings; raises LabelError naming a malformed label (or one over
-    the size limit: check_limits)."""
-    check_limits(info, None)
-    labels = info.labels
-    strategy = labels.get("wakeproxy.wake-strategy")
-    if strategy is not None:
-        strategy = strategy.strip().lower()
-        if strategy not in WAKE_STRATEGIES:
-            raise LabelError(f"label wakeproxy.wake-strategy: {_shown(labels['wakeproxy.wake-strategy'])} is not one of auto, hold, page")
+def _strategy(value: str) -> str:
+    strategy = value.strip().lower()
+    if strategy not in WAKE_STRATEGIES:
+        raise LabelError(f"label wakeproxy.wake-strategy: {_shown(value)} is not one of auto, hold, page")
+    return strategy
+
+
+def _wake_timeout(labels: Mapping[str, str]) -> float | None:
     timeout = _duration_label(labels, "wakeproxy.wake-timeout")
     if timeout is not None and timeout <= 0:
         raise LabelError("label wakeproxy.wake-timeout: must be more than 0")
-    ready_path = labels.get("wakeproxy.ready-path")
-    if ready_path is not None:
-        ready_path = ready_path.strip()
-        if not ready_path.startswith("/") or not ready_path.isascii() or not ready_path.isprintable() \
-                or " " in ready_path:
-            raise LabelError(f"label wakeproxy.ready-path: {_shown(ready_path)} must be a path starting with /")
-    deps: tuple[Dependency, ...] = ()
-    if labels.get("com.docker.compose.depends_on"):
-        deps = parse_depends_on(labels["com.docker.compose.depends_on"], "label com.docker.compose.depends_on")
-    idle_timeout = _duration_label(labels, "wakeproxy.idle-timeout")
-    if _flag(labels.get("io.docksal.permanent"), "label io.docksal.permanent"):
-        idle_timeout = 0.0
-    check_group_labels(labels)
-    acme = _flag(labels.get(ACME_LABEL), f"label {ACME_LABEL}") or False
-    letsencrypt: tuple[str, ...] = ()
-    if info.env.get(LETSENCRYPT_ENV, "").strip():
-        letsencrypt = tuple(parse_hosts(info.env[LETSENCRYPT_ENV], f"env {LETSENCRYPT_ENV}"))
+    return timeout
+
+
+def _ready_path(value: str) -> str:
+    ready_path = value.strip()
+    if not ready_path.startswith("/") or not ready_path.isascii() or not ready_path.isprintable() \
+            or " " in ready_path:
+        raise LabelError(f"label wakeproxy.ready-path: {_shown(ready_path)} must be a path starting with /")
+    return ready_path
+
+
+def _cert_name(labels: Mapping[str, str]) -> str | None:
     cert_name = next((labels[k].strip().lower() for k in CERT_NAME_LABELS if labels.get(k, "").strip()), None)
     if cert_name is not None and not _CERT_BASE.fullmatch(cert_name):
         raise LabelError(f"label cert-name: {cert_name[:80]!r} is not a certificate file name")
-    redirect = _flag(labels.get(REDIRECT_LABEL), f"label {REDIRECT_LABEL}")
-    idle_action = labels.get("wakeproxy.idle-action")
-    if idle_action is not None:
-        idle_action = idle_action.strip().lower()
-        if idle_action not in ("stop", "pause"):
-            raise LabelError(f"label wakeproxy.idle-action: {_shown(labels['wakeproxy.idle-action'])} is not stop or pause")
+    return cert_name
+
+
+def _idle_action(value: str) -> str:
+    action = value.strip().lower()
+    if action not in ("stop", "pause"):
+        raise LabelError(f"label wakeproxy.idle-action: {_shown(value)} is not stop or pause")
+    return action
+
+
+def settings_for(info: ContainerInfo) -> ContainerSettings:
+    """The container's wake settings; raises LabelError naming every malformed label (or the
+    labels over the size limit: check_limits)."""
+    check_limits(info, None)
+    labels = info.labels
+    errors = _Errors()
+    check = errors.check
+
+    def label(key: str, parse: Callable[[str], _T]) -> _T | None:
+        return check(parse, labels[key]) if key in labels else None
+
+    strategy = label("wakeproxy.wake-strategy", _strategy)
+    timeout = check(_wake_timeout, labels)
+    ready_path = label("wakeproxy.ready-path", _ready_path)
+    deps: tuple[Dependency, ...] = ()
+    if labels.get("com.docker.compose.depends_on"):
+        deps = check(parse_depends_on, labels["com.docker.compose.depends_on"],
+                     "label com.docker.compose.depends_on") or ()
+    idle_timeout = check(_duration_label, labels, "wakeproxy.idle-timeout")
+    if check(_flag, labels.get("io.docksal.permanent"), "label io.docksal.permanent"):
+        idle_timeout = 0.0
+    check(check_group_labels, labels)
+    acme = check(_flag, labels.get(ACME_LABEL), f"label {ACME_LABEL}") or False
+    letsencrypt: tuple[str, ...] = ()
+    if info.env.get(LETSENCRYPT_ENV, "").strip():
+        letsencrypt = tuple(check(parse_hosts, info.env[LETSENCRYPT_ENV], f"env {LETSENCRYPT_ENV}") or ())
+    cert_name = check(_cert_name, labels)
+    redirect = check(_flag, labels.get(REDIRECT_LABEL), f"label {REDIRECT_LABEL}")
+    idle_action = label("wakeproxy.idle-action", _idle_action)
+    errors.raise_any()
     return ContainerSettings(strategy, timeout, ready_path, labels.get("com.docker.compose.service"), deps,
                              idle_timeout, idle_action, acme, letsencrypt, cert_name, redirect)

@@ -1,4 +1,4 @@
-"""Router addon: Host header → a backend container, forwarded headers, error pages.
+"""Router addon: Host header and path → a backend container, forwarded headers, error pages.
 
 Runs in `requestheaders` (not `request`): with streamed uploads mitmproxy opens
 the upstream connection before the `request` hook, so the destination must be
@@ -19,7 +19,7 @@ from .logsafe import get_logger
 from . import pages
 from .labels import normalize_host
 from .runtime import Runtime
-from .snapshot import Backend, Site
+from .snapshot import Backend, PathRoute, Site
 from .waker import CONTROL_PREFIX, Wake, Waker
 
 logger = get_logger(__name__)
@@ -40,7 +40,7 @@ class Router:
     def __init__(self, runtime: Runtime, waker: Waker) -> None:
         self.runtime = runtime
         self.waker = waker
-        self._turn: dict[str, int] = {}
+        self._turn: dict[tuple[str, str, bool], int] = {}  # (host, path, exact) → next replica
 
     # --- hooks ------------------------------------------------------------------
 
@@ -66,31 +66,44 @@ class Router:
     def _route(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
         host_header = flow.request.host_header or ""
         host = normalize_host(host_header)
-        site = self.lookup(host)
+        snapshot = self.runtime.snapshot
+        site = snapshot.lookup(host) if host else None
+        if site is None:
+            why = snapshot.misconfiguration(host) if host else None
+            if why is not None:
+                flow.response = self._misconfigured(flow, host, why)
+                return None
+            site = self._default_site()
         if site is None:
             flow.response = self._no_site(flow, host)
             return None
         if flow.request.path.startswith(CONTROL_PREFIX):
             return self.waker.control(flow, site, host)
-        backends = site.ready_backends
-        if backends and not self.waker.busy(site):
-            self.route_to(flow, self._pick(site, backends), host_header)
+        route = site.route_for(flow.request.path)
+        if route is None:
+            flow.response = self._no_route(flow, host)
             return None
-        if self.waker.busy(site) or any(b.state != "running" and b.problem is None for b in site.backends):
+        backends = route.ready_backends
+        if backends and not self.waker.busy(site):
+            self.route_to(flow, self._pick(site, route, backends), host_header)
+            return None
+        # A sleeping route wakes the site's group as a whole (every path of a host is one group's).
+        if self.waker.busy(site) or any(b.state != "running" and b.problem is None for b in route.backends):
             return self.waker.asleep(flow, site, host, self._forward_after_wake)
-        flow.response = self._unreachable(flow, host, site)
+        flow.response = self._unreachable(flow, host, route)
         return None
 
     def _forward_after_wake(self, flow: http.HTTPFlow, site: Site) -> None:
         host_header = flow.request.host_header or ""
         fresh = self.lookup(normalize_host(host_header)) or site
-        backends = fresh.ready_backends
-        if not backends:
+        route = fresh.route_for(flow.request.path)
+        backends = route.ready_backends if route is not None else ()
+        if route is None or not backends:
             flow.response = pages.error_response(
                 flow.request, 502, "Wake-up failed", f"'{site.host}' started but has no reachable container.",
                 "Check the containers' networks and logs.", site.host)
             return
-        self.route_to(flow, self._pick(fresh, backends), host_header)
+        self.route_to(flow, self._pick(fresh, route, backends), host_header)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         # Stream what must arrive as it is produced: server-sent events, and responses
@@ -116,18 +129,21 @@ class Router:
     # --- routing ----------------------------------------------------------------
 
     def lookup(self, host: str) -> Site | None:
-        snapshot = self.runtime.snapshot
-        site = snapshot.lookup(host) if host else None
-        default = self.runtime.config.default_host
-        if site is None and default:
-            site = snapshot.lookup(default)
-        return site
+        """The site of `host`, else the default_host's (if any)."""
+        site = self.runtime.snapshot.lookup(host) if host else None
+        return site if site is not None else self._default_site()
 
-    def _pick(self, site: Site, backends: tuple[Backend, ...]) -> Backend:
+    def _default_site(self) -> Site | None:
+        default = self.runtime.config.default_host
+        return self.runtime.snapshot.lookup(default) if default else None
+
+    def _pick(self, site: Site, route: PathRoute, backends: tuple[Backend, ...]) -> Backend:
+        """Round robin over the ready replicas of one path of one site."""
         if len(backends) == 1:
             return backends[0]
-        turn = self._turn.get(site.host, 0)
-        self._turn[site.host] = turn + 1
+        key = (site.host, route.path, route.exact)
+        turn = self._turn.get(key, 0)
+        self._turn[key] = turn + 1
         return backends[turn % len(backends)]
 
     def route_to(self, flow: http.HTTPFlow, backend: Backend, host_header: str) -> None:
@@ -188,8 +204,29 @@ class Router:
             host,
         )
 
-    def _unreachable(self, flow: http.HTTPFlow, host: str, site: Site) -> http.Response:
-        problems = [b.problem for b in site.backends if b.problem]
+    def _no_route(self, flow: http.HTTPFlow, host: str) -> http.Response:
+        return pages.error_response(
+            flow.request, 404, "Not found",
+            f"The site '{pages.bounded(host)}' has no container for this path.",
+            "Its containers declare paths (wakeproxy.path, VIRTUAL_PATH, a Traefik Path or PathPrefix rule); "
+            "this one is under none of them.",
+            host,
+        )
+
+    def _misconfigured(self, flow: http.HTTPFlow, host: str, why: str) -> http.Response:
+        """A host whose only declarations come from containers skipped for bad labels."""
+        logger.debug(f"{host}: misconfigured: {why}")
+        if not self.runtime.config.shows_detail(pages.client_ip(flow)):
+            return pages.error_response(
+                flow.request, 503, "Site misconfigured",
+                f"The site '{pages.bounded(host)}' is declared by a container whose labels the proxy cannot use.",
+                "If you run this site: `wakeproxy status` and the proxy's log say which labels.", host)
+        return pages.error_response(
+            flow.request, 503, "Site misconfigured", why + ".",
+            "Fix the labels and recreate the container; routes update without a restart.", host)
+
+    def _unreachable(self, flow: http.HTTPFlow, host: str, route: PathRoute) -> http.Response:
+        problems = [b.problem for b in route.backends if b.problem]
         logger.debug(f"{host}: {'; '.join(problems)}")
         if not self.runtime.config.shows_detail(pages.client_ip(flow)):
             return pages.error_response(

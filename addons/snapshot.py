@@ -3,8 +3,10 @@
 `build_snapshot` turns the containers the Docker view knows into a `Snapshot`;
 the request path only ever calls `Snapshot.lookup`, which costs one dict probe
 for an exact name plus one per label of the name for wildcards — independent
-of how many sites exist.  Snapshots are plain frozen data, so a later control
-plane could ship them to other processes.
+of how many sites exist — and then `Site.route_for`, a scan over the host's
+few path routes, sorted longest first when the snapshot is built.  Snapshots
+are plain frozen data, so a later control plane could ship them to other
+processes.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from .logsafe import get_logger
 from .config import Config, LabelTrustConfig, SourcesConfig
-from .labels import ContainerInfo, ContainerSettings, LabelError, Route, group_of, normalize_host, routes_for, settings_for
+from .labels import (ContainerInfo, ContainerSettings, LabelError, Route, check_group_labels, group_of, normalize_host,
+                     path_matches, routes_for, settings_for)
 from .policy import Claim, GroupId, NamePolicy, Ownership, Refusal
 
 logger = get_logger(__name__)
@@ -47,11 +51,60 @@ class Backend:
 
 
 @dataclass(frozen=True)
+class PathRoute:
+    """The requests of a site under one path (`path_matches`), and the containers that serve them."""
+
+    path: str  # "/" takes every path
+    exact: bool
+    backends: tuple[Backend, ...]  # replicas, by container name: requests are spread round robin
+
+    @property
+    def ready_backends(self) -> tuple[Backend, ...]:
+        return tuple(b for b in self.backends if b.ready)
+
+    def matches(self, path: str) -> bool:
+        return path_matches(self.path, self.exact, path)
+
+
+def route_order(route: PathRoute) -> tuple[int, bool]:
+    """Sort key of a site's routes: longest path first, an exact path before a prefix as long."""
+    return -len(route.path), not route.exact
+
+
+@dataclass(frozen=True)
 class Site:
-    """Everything the proxy needs to answer one declared host (or wildcard)."""
+    """Everything the proxy needs to answer one declared host (or wildcard).
+
+    `routes` are in `route_order`, so the first that matches a path is the longest match.
+    All of them belong to the group that owns the host (policy.py); the waker and idle
+    keeper see the site as a whole: `backends` holds every route's containers, once."""
 
     host: str
-    backends: tuple[Backend, ...]
+    routes: tuple[PathRoute, ...]
+    backends: tuple[Backend, ...] = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        backends = self.routes[0].backends if len(self.routes) == 1 else \
+            tuple(dict.fromkeys(b for r in self.routes for b in r.backends))
+        object.__setattr__(self, "backends", backends)
+
+    @classmethod
+    def of(cls, host: str, backends: tuple[Backend, ...]) -> "Site":
+        """A site whose containers all serve every path."""
+        return cls(host, (PathRoute("/", False, backends),))
+
+    def route_for(self, path: str) -> PathRoute | None:
+        """The route of a request path (its query is ignored): the longest match, else None.
+        A path that is not a path (`*` of `OPTIONS *`, an authority) counts as `/`."""
+        if len(self.routes) == 1 and self.routes[0].path == "/" and not self.routes[0].exact:
+            return self.routes[0]  # the common case: no paths declared
+        path = path.split("?", 1)[0]
+        if not path.startswith("/"):
+            path = "/"
+        for route in self.routes:
+            if route.matches(path):
+                return route
+        return None
 
     @property
     def ready_backends(self) -> tuple[Backend, ...]:
@@ -127,6 +180,14 @@ class Snapshot:
     acme: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # name → (container, group) wanting a certificate
     cert_names: Mapping[str, str] = field(default_factory=dict)  # host → custom certificate file base (label)
     no_redirect: frozenset[str] = frozenset()  # site hosts whose owner turned the https redirect off (label)
+    # Hosts (and "*.d" wildcards) with no site whose owner's only claims on them come from
+    # skipped containers → why, per container ("container 'x': label …; …").
+    misconfigured: Mapping[str, str] = field(default_factory=dict)
+    _misconfigured_under: Mapping[str, str] = field(init=False, repr=False, compare=False)  # "d" for "*.d"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_misconfigured_under",
+                           {k[2:]: v for k, v in self.misconfigured.items() if k.startswith("*.")})
 
     def lookup(self, host: str) -> Site | None:
         """Exact name first; else the longest `*.suffix` that matches (any depth)."""
@@ -134,17 +195,36 @@ class Snapshot:
         site = self.exact.get(h)
         if site is not None or not self.wildcards:
             return site
-        i = h.find(".")
-        while i != -1:
-            site = self.wildcards.get(h[i + 1:])
-            if site is not None:
-                return site
-            i = h.find(".", i + 1)
-        return None
+        return _wildcard(self.wildcards, h)
+
+    def misconfiguration(self, host: str) -> str | None:
+        """Why `host` (which has no site) is not served although a container declares it, else None.
+        Exact name first, then the longest wildcard, like `lookup`."""
+        if not self.misconfigured:
+            return None
+        h = normalize_host(host)
+        why = self.misconfigured.get(h)
+        if why is not None:
+            return why
+        return _wildcard(self._misconfigured_under, h)
 
     @property
     def hosts(self) -> list[str]:
         return sorted(self.exact) + sorted(f"*.{w}" for w in self.wildcards)
+
+
+_V = TypeVar("_V")
+
+
+def _wildcard(by_domain: Mapping[str, _V], host: str) -> _V | None:
+    """The value of the longest domain in `by_domain` that `host` is strictly under (one probe per label)."""
+    i = host.find(".")
+    while i != -1:
+        found = by_domain.get(host[i + 1:])
+        if found is not None:
+            return found
+        i = host.find(".", i + 1)
+    return None
 
 
 def _choose_address(
@@ -188,9 +268,37 @@ def _choose_address(
 _Parsed = tuple[list[Route], ContainerSettings, tuple[str, ...]]  # routes, settings, notes (ignored labels)
 
 
+@dataclass(frozen=True)
+class _Skipped:
+    """A container whose labels cannot be used: why, and the hosts it declares that could be read."""
+
+    reason: str
+    hosts: tuple[str, ...]
+
+
 def _parse(info: ContainerInfo, sources: SourcesConfig, allowed: tuple[str, ...], policy: Policy) -> _Parsed:
-    """One container's labels with the operator's label trust applied; raises LabelError."""
-    routes, settings = routes_for(info, sources), settings_for(info)
+    """One container's labels with the operator's label trust applied; raises one LabelError that
+    names every bad label (routes and settings), with the hosts that could be read — unless the
+    group labels are bad too: then the container's group is unknown, and so is who claims them."""
+    errors: list[str] = []
+    hosts: tuple[str, ...] = ()
+    routes: list[Route] = []
+    settings = ContainerSettings()
+    try:
+        routes = routes_for(info, sources)
+    except LabelError as e:
+        errors.extend(e.errors)
+        hosts = e.hosts
+    try:
+        settings = settings_for(info)
+    except LabelError as e:
+        errors.extend(e.errors)
+    if errors:
+        try:
+            check_group_labels(info.labels)
+        except LabelError:
+            hosts = ()
+        raise LabelError(*dict.fromkeys(errors), hosts=hosts)  # (each part is at most MAX_ERRORS long)
     notes: list[str] = []
     trust = policy.trust
     if allowed and not trust.network:
@@ -198,7 +306,7 @@ def _parse(info: ContainerInfo, sources: SourcesConfig, allowed: tuple[str, ...]
             if r.network and r.network not in allowed:
                 notes.append(f"its network label '{r.network}' is ignored: not in docker.networks "
                              "(labels.network: true honours it)")
-                routes[i] = Route(r.host, r.port, r.scheme, None, r.source)
+                routes[i] = dataclasses.replace(r, network=None)
     if settings.cert_name and not trust.cert_name:
         notes.append("its cert-name label is ignored (labels.cert_name: true honours it)")
     if settings.https_redirect is False and not trust.https_redirect:
@@ -211,7 +319,7 @@ def _parse(info: ContainerInfo, sources: SourcesConfig, allowed: tuple[str, ...]
     return routes, settings, tuple(dict.fromkeys(notes))
 
 
-def _group_keys(parsed: Mapping[str, tuple[ContainerInfo, _Parsed]]) -> dict[str, tuple[GroupId, str]]:
+def _group_keys(infos: Iterable[ContainerInfo]) -> dict[str, tuple[GroupId, str]]:
     """container id → (group identity, key in the snapshot).
 
     Keys are the group names users see. A Compose project keeps its own name; a `wakeproxy.group`
@@ -219,9 +327,9 @@ def _group_keys(parsed: Mapping[str, tuple[ContainerInfo, _Parsed]]) -> dict[str
     `group:NAME` / `container:NAME`, so it never merges with it."""
     ids: dict[str, GroupId] = {}
     taken: dict[str, set[str]] = {"compose": set(), "group": set(), "container": set()}
-    for cid, (info, _) in parsed.items():
+    for info in infos:
         kind, base, _key = group_of(info)
-        ids[cid] = GroupId(kind, base)
+        ids[info.id] = GroupId(kind, base)
         taken[kind].add(base)
     out: dict[str, tuple[GroupId, str]] = {}
     for cid, gid in ids.items():
@@ -246,14 +354,17 @@ def build_snapshot(
     allowed_networks: tuple[str, ...],
     network_drivers: Mapping[str, str],
     synced: bool = True,
-    route_cache: dict[str, tuple[ContainerInfo, _Parsed | str]] | None = None,
+    route_cache: dict[str, tuple[ContainerInfo, _Parsed | _Skipped]] | None = None,
     policy: Policy | None = None,
     ownership: Ownership | None = None,
     now: float | None = None,
 ) -> Snapshot:
-    """Index every container's routes by host, with one owner group per name.
+    """Index every container's routes by host and path, with one owner group per host.
 
-    `route_cache` (id → (info, parsed labels or error)) lets the Docker view skip
+    A skipped container (bad labels) routes nothing, but the hosts it declares that could
+    be read are claims like any other: when its group owns one that no other of its
+    containers serves, the host is `misconfigured` (a page says so) rather than unknown.
+    `route_cache` (id → (info, parsed labels or why skipped)) lets the Docker view skip
     re-parsing labels of containers whose labels and env did not change; label
     errors and ignored labels are logged only when first seen.  `ownership`
     keeps who owns which name across snapshots (and restarts); without it,
@@ -264,10 +375,11 @@ def build_snapshot(
     all_containers: dict[str, ContainerInfo] = {}
     skipped: dict[str, str] = {}
     parsed: dict[str, tuple[ContainerInfo, _Parsed]] = {}
+    broken: dict[str, tuple[ContainerInfo, _Skipped]] = {}
     for info in containers:
         all_containers[info.id] = info
         cached = route_cache.get(info.id) if route_cache is not None else None
-        result: _Parsed | str
+        result: _Parsed | _Skipped
         if cached is not None and cached[0].labels == info.labels and cached[0].env == info.env \
                 and cached[0].exposed_ports == info.exposed_ports:
             result = cached[1]
@@ -275,29 +387,33 @@ def build_snapshot(
             try:
                 result = _parse(info, sources, allowed_networks, policy)
             except LabelError as e:
-                result = str(e)
+                result = _Skipped(str(e), e.hosts)
                 logger.warning(f"container '{info.name}' skipped: {e}")
             else:
                 for note in result[2]:
                     logger.warning(f"container '{info.name}': {note}")
             if route_cache is not None:
                 route_cache[info.id] = (info, result)
-        if isinstance(result, str):
-            skipped[info.name] = result
+        if isinstance(result, _Skipped):
+            skipped[info.name] = result.reason
+            if result.hosts:
+                broken[info.id] = (info, result)
             continue
         parsed[info.id] = (info, result)
 
-    keys = _group_keys(parsed)
+    keys = _group_keys([*(i for i, _ in parsed.values()), *(i for i, _ in broken.values())])
     # Every routed host is a claim, and so is every LETSENCRYPT_HOST name: a certificate is as
-    # much a part of a name as its traffic.
+    # much a part of a name as its traffic.  Paths do not matter here: a host has one owner.
     claims = [
         Claim(name, keys[cid][1], keys[cid][0], info.created, info.name)
         for cid, (info, (routes, st, _)) in parsed.items()
         for name in dict.fromkeys([*(r.host for r in routes), *(n for n in st.letsencrypt if not n.startswith("*."))])
     ]
+    claims += [Claim(name, keys[cid][1], keys[cid][0], info.created, info.name)
+               for cid, (info, skip) in broken.items() for name in skip.hosts]
     owners, refused = ownership.resolve(claims, policy.names, time.time() if now is None else now)
 
-    by_host: dict[str, list[Backend]] = {}
+    by_host: dict[str, dict[tuple[str, bool], list[Backend]]] = {}  # host → (path, exact) → replicas
     settings: dict[str, ContainerSettings] = {}
     members: dict[str, list[ContainerInfo]] = {}
     routed: set[str] = set()
@@ -309,25 +425,28 @@ def build_snapshot(
         for route in routes:
             if owners.get(route.host) != key:
                 continue  # refused: another group owns the name, or the policy does not allow it
-            own_hosts.setdefault(cid, []).append(route.host)
+            mine = own_hosts.setdefault(cid, [])
+            if route.host not in mine:
+                mine.append(route.host)
             address, problem = _choose_address(info, route, allowed_networks, network_drivers)
             if problem is None:
                 routed.add(cid)  # only containers we may reach are ever started or stopped
-            by_host.setdefault(route.host, []).append(
+            by_host.setdefault(route.host, {}).setdefault((route.path, route.exact), []).append(
                 Backend(cid, info.name, key, info.state, route.scheme, route.port, address, problem, st.ready_path)
             )
     exact: dict[str, Site] = {}
     wildcards: dict[str, Site] = {}
-    for host, backends in by_host.items():
-        backends.sort(key=lambda b: b.container_name)
-        site = Site(host, tuple(backends))
+    for host, by_path in by_host.items():
+        paths = [PathRoute(path, is_exact, tuple(sorted(backends, key=lambda b: b.container_name)))
+                 for (path, is_exact), backends in by_path.items()]
+        site = Site(host, tuple(sorted(paths, key=route_order)))
         if host.startswith("*."):
             wildcards[host[2:]] = site
         else:
             exact[host] = site
     endpoints: dict[str, list[Backend]] = {}
-    for backends in by_host.values():
-        for b in backends:
+    for site in [*exact.values(), *wildcards.values()]:
+        for b in site.backends:
             if b not in endpoints.setdefault(b.container_id, []):
                 endpoints[b.container_id].append(b)
     groups: dict[str, Group] = {}
@@ -358,13 +477,19 @@ def build_snapshot(
                 cert_names.setdefault(host, st.cert_name)
             if st.https_redirect is False and policy.trust.https_redirect:
                 no_redirect.add(host)
+    misconfigured: dict[str, list[str]] = {}
+    for cid, (info, skip) in sorted(broken.items(), key=lambda kv: kv[1][0].name):
+        for host in skip.hosts:
+            if owners.get(host) == keys[cid][1] and host not in by_host:
+                misconfigured.setdefault(host, []).append(f"container '{info.name}': {skip.reason}")
     if route_cache is not None:
         for gone in set(route_cache) - set(all_containers):
             del route_cache[gone]
     return Snapshot(exact, wildcards, all_containers, settings, groups,
                     {cid: tuple(bs) for cid, bs in endpoints.items()}, skipped, synced,
                     tuple(sorted([*refused, *acme_refused], key=lambda r: (r.name, r.group))),
-                    acme, cert_names, frozenset(no_redirect))
+                    acme, cert_names, frozenset(no_redirect),
+                    {host: "; ".join(why) for host, why in misconfigured.items()})
 
 
 def _acme_names(parsed: Mapping[str, tuple[ContainerInfo, _Parsed]], keys: Mapping[str, tuple[GroupId, str]],

@@ -102,6 +102,8 @@ class StatusServer:
             "containers": len(snap.containers),
             "hosts": len(snap.exact) + len(snap.wildcards),
             "skipped": dict(snap.skipped),
+            # Hosts declared only by skipped containers (their owner's): they answer "misconfigured".
+            "misconfigured": sorted(snap.misconfigured),
             "groups": self.groups(),
             # Claims that do not stand: on a name another group owns, and outside the operator's policy.
             "conflicts": [r.as_dict() for r in snap.refused if r.owner is not None],

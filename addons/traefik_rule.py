@@ -3,8 +3,8 @@
 This module owns the rule *syntax* and nothing else: a tokenizer and a
 recursive-descent parser written from Traefik's documented v2/v3 rule grammar,
 pure functions, no mitmproxy, no regular expressions.  What a rule means for
-routing (which hosts a container serves) is decided by `labels.py`, which walks
-the tree this module returns.
+routing (which hosts and paths a container serves, which rules are refused) is
+decided by `labels.py`, which walks the tree this module returns.
 
 Grammar (whitespace is allowed between any two tokens):
 
@@ -275,14 +275,26 @@ def parse_rule(rule: str) -> Expr:
     return _Parser(tokenize(rule)).rule()
 
 
-def positive_matchers(expr: Expr, name: str) -> Iterator[Matcher]:
-    """The `name` matchers of `expr` in rule order, leaving out those under a `!`.
-
-    A negated matcher excludes requests, so it can never be why a request is routed."""
-    if isinstance(expr, Matcher):
-        if expr.name == name:
-            yield expr
-    elif isinstance(expr, (And, Or)):
-        for operand in expr.operands:
-            yield from positive_matchers(operand, name)
-    # Not: nothing under it selects a request
+def host_arguments(rule: str) -> list[str]:
+    """The arguments of the rule's `Host(…)` matchers, read token by token as far as the rule
+    tokenizes, so also from a rule that is not valid (``Host(`a.test`` has lost its `)`);
+    a Host right after a `!` is left out.  For naming the hosts of a rule that cannot be
+    routed, never for routing.  Linear, like `tokenize`."""
+    found: list[str] = []
+    prev: _Token | None = None
+    state = ""  # "" | "host" (after Host) | "args" (inside Host's parentheses)
+    try:
+        for tok in tokenize(rule):
+            if state == "args" and tok.kind == _STRING:
+                found.append(tok.text)
+            elif state == "args" and tok.kind == _COMMA:
+                pass
+            elif state == "host" and tok.kind == _LPAREN:
+                state = "args"
+            else:
+                state = "host" if tok.kind == _NAME and tok.text in ("Host", "host") and \
+                    (prev is None or prev.kind != _NOT) else ""
+            prev = tok
+    except RuleError:
+        pass
+    return found

@@ -204,7 +204,7 @@ def test_first_start_inspects_and_saves_then_a_restart_inspects_nothing(tmp_path
     assert sorted(api.inspected) == sorted(ids)
     assert cache_ids(tmp_path) == set(ids)
     raw = (tmp_path / CACHE_FILE).read_bytes()
-    assert b"hunter2" not in raw and b"PATH" not in raw  # no other variable ever reaches the disk
+    assert b"hunter2" not in raw and b"\"PATH\"" not in raw  # no other variable ever reaches the disk
 
     api.inspected.clear()
     again: list[Snapshot] = []

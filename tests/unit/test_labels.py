@@ -236,21 +236,6 @@ def test_traefik_double_quotes_and_spaces():
     assert hosts_of(routes({"traefik.http.routers.r.rule": 'Host ( "X.test" )'})) == ["x.test"]
 
 
-def test_traefik_host_with_path_prefix():
-    rs = routes({"traefik.http.routers.api.rule": "Host(`a.test`) && PathPrefix(`/api`)"})
-    assert hosts_of(rs) == ["a.test"]
-
-
-@pytest.mark.parametrize("rule", ["PathPrefix(`/`)", "HostRegexp(`{sub:[a-z]+}.a.test`)", "HostSNI(`*`)", "Header(`X-Host`, `a`)"])
-def test_traefik_rule_without_host_is_ignored(rule):
-    assert routes({"traefik.http.routers.r.rule": rule}) == []
-
-
-def test_traefik_rule_without_host_does_not_hide_another_router():
-    labels = {"traefik.http.routers.a.rule": "PathPrefix(`/`)", "traefik.http.routers.b.rule": "Host(`b.test`)"}
-    assert hosts_of(routes(labels)) == ["b.test"]
-
-
 def test_traefik_host_without_quoted_name_is_an_error():
     assert "traefik.http.routers.r.rule" in label_error({"traefik.http.routers.r.rule": "Host(a.test)"})
 
@@ -316,11 +301,6 @@ def test_traefik_enable_false_leaves_other_sources():
 def test_traefik_enable_garbage_names_the_label():
     labels = {"traefik.enable": "sometimes", "traefik.http.routers.r.rule": "Host(`a.test`)"}
     assert "traefik.enable" in label_error(labels)
-
-
-def test_traefik_same_host_in_two_routers_once():
-    labels = {"traefik.http.routers.a.rule": "Host(`x.test`)", "traefik.http.routers.b.rule": "Host(`x.test`) && Path(`/b`)"}
-    assert hosts_of(routes(labels)) == ["x.test"]
 
 
 # --- precedence and switching sources off ----------------------------------------------------
@@ -650,21 +630,6 @@ def test_traefik_syntax_of_other_matchers_is_checked_too():
     assert "character 30" in label_error({"traefik.http.routers.r.rule": "Host(`a.test`) && PathPrefix(/x)"})
 
 
-def test_traefik_nested_rules_and_operators():
-    rule = "(Host(`a.test`) || Host(`b.test`)) && !Header(`X`, `1`) && (PathPrefix(`/api`) || Method(`GET`))"
-    assert hosts_of(routes({"traefik.http.routers.r.rule": rule})) == ["a.test", "b.test"]
-
-
-def test_traefik_negated_host_is_not_routed():
-    rule = "Host(`a.test`) && !Host(`admin.a.test`)"
-    assert hosts_of(routes({"traefik.http.routers.r.rule": rule})) == ["a.test"]
-
-
-def test_traefik_quoted_parenthesis_is_part_of_the_argument():
-    rule = "Host(`a.test`) && HostRegexp(`^(x|y)[)]\\.a\\.test$`)"
-    assert hosts_of(routes({"traefik.http.routers.r.rule": rule})) == ["a.test"]
-
-
 def test_traefik_host_argument_is_one_hostname():
     msg = label_error({"traefik.http.routers.r.rule": "Host(`a.test b.test`)"})
     assert msg.startswith("label traefik.http.routers.r.rule: Host at character 1: ")
@@ -673,7 +638,7 @@ def test_traefik_host_argument_is_one_hostname():
 def test_traefik_too_deep_is_an_error():
     rule = "(" * 40 + "Host(`a.test`)" + ")" * 40
     assert "nested more than" in label_error({"traefik.http.routers.r.rule": rule})
-    assert hosts_of(routes({"traefik.http.routers.r.rule": "((((Host(`a.test`))))) && !!PathPrefix(`/`)"})) == ["a.test"]
+    assert hosts_of(routes({"traefik.http.routers.r.rule": "((((Host(`a.test`))))) && ((PathPrefix(`/`)))"})) == ["a.test"]
 
 
 def test_the_150kb_host_label_is_rejected_fast():
@@ -701,3 +666,234 @@ def test_parse_hosts_is_bounded_on_its_own():
         parse_hosts("a.test " * 1000, "env LETSENCRYPT_HOST")
     with pytest.raises(LabelError, match=f"more than {MAX_HOSTS} hosts"):
         parse_hosts(" ".join(f"h{i}.t" for i in range(MAX_HOSTS + 1)), "x")
+
+
+# --- paths: which requests of a host a route takes ----------------------------------------------
+
+from wakeproxy.labels import MAX_ROUTES, USED_ENV, path_matches, traefik_routes  # noqa: E402
+
+
+def paths_of(rs: list[Route]) -> list[tuple[str, str, bool]]:
+    return [(r.host, r.path, r.exact) for r in rs]
+
+
+@pytest.mark.parametrize(
+    "prefix, exact, path, matches",
+    [
+        ("/", False, "/", True), ("/", False, "/anything/at/all", True),
+        ("/api", False, "/api", True), ("/api", False, "/api/", True), ("/api", False, "/api/v1/x", True),
+        ("/api", False, "/apix", False), ("/api", False, "/ap", False), ("/api", False, "/", False),
+        ("/api", False, "/API", False),  # paths are case-sensitive
+        ("/api/", False, "/api/", True), ("/api/", False, "/api/x", True), ("/api/", False, "/api", False),
+        ("/api", True, "/api", True), ("/api", True, "/api/", False), ("/api", True, "/api/x", False),
+        ("/a.b", False, "/a.b/c", True), ("/a%20b", False, "/a b", False),  # compared as sent
+    ],
+)
+def test_path_matches_whole_segments(prefix, exact, path, matches):
+    assert path_matches(prefix, exact, path) is matches
+
+
+def test_routes_default_to_every_path():
+    assert routes({"wakeproxy.host": "a.test"})[0].path == "/"
+    assert routes({"wakeproxy.host": "a.test"})[0].exact is False
+
+
+def test_wakeproxy_path_applies_to_every_host_of_the_label():
+    rs = routes({"wakeproxy.host": "a.test, b.test", "wakeproxy.path": "/api, /v2/ /api"})
+    assert paths_of(rs) == [("a.test", "/api", False), ("a.test", "/v2/", False),
+                            ("b.test", "/api", False), ("b.test", "/v2/", False)]
+    assert {r.source for r in rs} == {"wakeproxy"}
+
+
+@pytest.mark.parametrize(
+    "value, fragment",
+    [("api", "is not a path"), ("/a?b", "is not a path"), ("/a#b", "is not a path"), ("/é", "is not a path"),
+     ("/{id:[0-9]+}", "path template"), ("", "no path given"), (" , ", "no path given")],
+)
+def test_bad_wakeproxy_path(value, fragment):
+    msg = label_error({"wakeproxy.host": "a.test", "wakeproxy.path": value})
+    assert msg.startswith("label wakeproxy.path: ") and fragment in msg
+
+
+def test_wakeproxy_path_without_host_is_an_error():
+    assert label_error({"wakeproxy.path": "/api"}).startswith("label wakeproxy.path: it applies to the hosts")
+
+
+def test_virtual_path():
+    assert "VIRTUAL_PATH" in USED_ENV and "VIRTUAL_DEST" in USED_ENV
+    rs = routes(env={"VIRTUAL_HOST": "a.test,b.test", "VIRTUAL_PATH": " /api "})
+    assert paths_of(rs) == [("a.test", "/api", False), ("b.test", "/api", False)]
+    assert routes(env={"VIRTUAL_HOST": "a.test", "VIRTUAL_PATH": ""})[0].path == "/"
+
+
+@pytest.mark.parametrize(
+    "env, start, fragment",
+    [
+        ({"VIRTUAL_PATH": "~^/api"}, "env VIRTUAL_PATH: ", "regular expression"),
+        ({"VIRTUAL_PATH": "api"}, "env VIRTUAL_PATH: ", "is not a path"),
+        ({"VIRTUAL_PATH": "/api", "VIRTUAL_DEST": "/"}, "env VIRTUAL_DEST: ", "rewriting the request path"),
+    ],
+)
+def test_virtual_path_refusals(env, start, fragment):
+    msg = label_error(env={"VIRTUAL_HOST": "a.test", **env})
+    assert msg.startswith(start) and fragment in msg
+
+
+def test_the_same_host_and_path_keeps_the_first_source_other_paths_add_up():
+    rs = routes({"wakeproxy.host": "a.test", "wakeproxy.port": "1001",
+                 "traefik.http.routers.r.rule": "Host(`a.test`) || Host(`a.test`) && PathPrefix(`/api`)"})
+    assert [(r.path, r.port, r.source) for r in rs] == [("/", 1001, "wakeproxy"), ("/api", 80, "traefik")]
+
+
+def test_route_limit_counts_host_and_path_pairs():
+    hosts = ",".join(f"h{i}.test" for i in range(100))
+    assert len(routes({"wakeproxy.host": hosts, "wakeproxy.path": "/a,/b"})) == 200
+    msg = label_error({"wakeproxy.host": hosts, "wakeproxy.path": "/a,/b,/c"})
+    assert msg == f"label wakeproxy.host: brings the container to more than {MAX_ROUTES} routes (host × path)"
+
+
+# --- Traefik rules → routes: every form that is routed ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rule, expected",
+    [
+        ("Host(`a.test`)", [("a.test", "/", False)]),
+        ("Host(`a.test`) && PathPrefix(`/api`)", [("a.test", "/api", False)]),
+        ("PathPrefix(`/api`) && Host(`A.test`)", [("a.test", "/api", False)]),
+        ("Host(`a.test`) && Path(`/health`)", [("a.test", "/health", True)]),
+        ("Host(`a.test`) && PathPrefix(`/`)", [("a.test", "/", False)]),
+        ("Host(`a.test`) && PathPrefix(`/api/`)", [("a.test", "/api/", False)]),
+        ("Host(`a.test`) || Host(`b.test`)", [("a.test", "/", False), ("b.test", "/", False)]),
+        ("Host(`a.test`, `b.test`)", [("a.test", "/", False), ("b.test", "/", False)]),
+        ("Host(`a.test`) && (PathPrefix(`/x`) || PathPrefix(`/y`))", [("a.test", "/x", False), ("a.test", "/y", False)]),
+        ("Host(`a.test`) && PathPrefix(`/x`, `/y`)", [("a.test", "/x", False), ("a.test", "/y", False)]),
+        ("Host(`a.test`, `b.test`) && PathPrefix(`/x`)", [("a.test", "/x", False), ("b.test", "/x", False)]),
+        ("(Host(`a.test`) || Host(`b.test`)) && (Path(`/x`) || PathPrefix(`/y`))",
+         [("a.test", "/x", True), ("a.test", "/y", False), ("b.test", "/x", True), ("b.test", "/y", False)]),
+        ("(Host(`a.test`) && PathPrefix(`/api`)) || Host(`b.test`)", [("a.test", "/api", False), ("b.test", "/", False)]),
+        ("Host(`a.test`) && PathPrefix(`/x`) || Host(`a.test`) && Path(`/x`)", [("a.test", "/x", False),
+                                                                               ("a.test", "/x", True)]),
+        ("Host(`a.test`) && Host(`A.TEST`) && PathPrefix(`/x`) && PathPrefix(`/x`)", [("a.test", "/x", False)]),
+        ("host(`a.test`) && pathprefix(`/x`) || Host(`b.test`) && path(`/y`)",  # Traefik v2 takes lower case
+         [("a.test", "/x", False), ("b.test", "/y", True)]),
+        ("((((Host(`a.test`)))) && ((Path(`/q`))))", [("a.test", "/q", True)]),
+    ],
+)
+def test_traefik_routed_forms(rule, expected):
+    rs = routes({"traefik.http.routers.r.rule": rule})
+    assert paths_of(rs) == expected
+    assert [tuple(r) for r in traefik_routes(rule, "x")] == expected
+
+
+def test_traefik_two_routers_of_one_host_split_its_paths():
+    labels = {"traefik.http.routers.a.rule": "Host(`x.test`)", "traefik.http.routers.b.rule": "Host(`x.test`) && Path(`/b`)",
+              "traefik.http.routers.a.service": "a", "traefik.http.services.a.loadbalancer.server.port": "8000",
+              "traefik.http.routers.b.service": "b", "traefik.http.services.b.loadbalancer.server.port": "9000"}
+    assert [(r.path, r.exact, r.port) for r in routes(labels)] == [("/", False, 8000), ("/b", True, 9000)]
+
+
+# --- Traefik rules → routes: every form that is refused (never a partial route) ------------------
+
+
+@pytest.mark.parametrize(
+    "rule, fragment",
+    [
+        ("HostRegexp(`^a\\.test$`)", "HostRegexp(…) at character 1 is not supported"),
+        ("Host(`a.test`) && HostRegexp(`x`) || Host(`b.test`)", "HostRegexp(…) at character 19 is not supported"),
+        ("Host(`a.test`) && Headers(`X`, `1`)", "Headers(…) at character 19 is not supported"),
+        ("Host(`a.test`) && Header(`X`, `1`)", "Header(…) at character 19"),
+        ("Host(`a.test`) && HeaderRegexp(`X`, `.*`)", "HeaderRegexp(…) at character 19"),
+        ("Host(`a.test`) && Method(`GET`)", "Method(…) at character 19"),
+        ("Host(`a.test`) && Query(`a`, `1`)", "Query(…) at character 19"),
+        ("Host(`a.test`) && ClientIP(`10.0.0.0/8`)", "ClientIP(…) at character 19"),
+        ("Host(`a.test`) && PathRegexp(`^/a`)", "PathRegexp(…) at character 19"),
+        ("HostSNI(`*`)", "HostSNI(…) at character 1"),
+        ("Hots(`a.test`)", "Hots(…) at character 1"),  # a typo is not a Host
+        ("HOST(`a.test`)", "HOST(…) at character 1"),
+        ("Host(`a.test`) && !PathPrefix(`/admin`)", "'!' at character 19 is not supported"),
+        ("!Host(`a.test`)", "'!' at character 1"),
+        ("Host(`a.test`) && !Method(`POST`) && Header(`X`, `1`)",
+         "'!' at character 19, Header(…) at character 38 are not supported"),
+        ("PathPrefix(`/api`)", "PathPrefix(…) at character 1 has no Host(…) with it"),
+        ("Host(`a.test`) || PathPrefix(`/api`)", "PathPrefix(…) at character 19 has no Host(…)"),
+        ("(Host(`a.test`) || Path(`/x`)) && PathPrefix(`/y`)", "Path(…) at character 20 has no Host(…)"),
+        ("Host(`a.test`) && Host(`b.test`)", "Host at character 19: two different hosts joined by &&"),
+        ("Host(`a.test`) && PathPrefix(`/x`) && Path(`/y`)", "Path at character 39: two path matchers joined by &&"),
+        ("Host(`a.test`) && PathPrefix(`api`)", "PathPrefix at character 19: 'api' is not a path"),
+        ("Host(`a.test`) && Path(`/a b`)", "Path at character 19: '/a b' is not a path"),
+        ("Host(`a.test`) && Path(`/p/{id:[0-9]+}`)", "is a path template"),
+        ("Host(`a..test`) && Path(`/p`)", "Host at character 1: 'a..test' is not a hostname"),
+        ("Host(`*.a.test`)", "Host at character 1: '*.a.test' is a wildcard, which Traefik's Host does not match"),
+    ],
+)
+def test_traefik_refused_forms_name_the_router_and_the_part(rule, fragment):
+    msg = label_error({"traefik.http.routers.api.rule": rule, "wakeproxy.host": "ok.test"})
+    assert msg.startswith("label traefik.http.routers.api.rule: "), msg
+    assert fragment in msg, msg
+
+
+def test_traefik_alternatives_are_bounded():
+    paths = " || ".join(f"PathPrefix(`/{i}`)" for i in range(20))
+    hosts = " || ".join(f"Host(`h{i}.test`)" for i in range(12))
+    assert len(routes({"traefik.http.routers.r.rule": f"({hosts}) && ({paths})"})) == 240
+    hosts = " || ".join(f"Host(`h{i}.test`)" for i in range(13))
+    msg = label_error({"traefik.http.routers.r.rule": f"({hosts}) && ({paths})"})
+    assert msg == f"label traefik.http.routers.r.rule: the rule has more than {MAX_ROUTES} alternatives (host × path)"
+    doubling = " && ".join(["(Host(`a.test`) || Host(`a.test`))"] * 60)  # 2**60 if multiplied out
+    assert "more than" in label_error({"traefik.http.routers.r.rule": doubling})
+
+
+def test_traefik_router_priority_is_refused():
+    msg = label_error({"traefik.http.routers.r.rule": "Host(`a.test`)", "traefik.http.routers.r.priority": "10"})
+    assert msg.startswith("label traefik.http.routers.r.priority: router priorities are not supported")
+
+
+# --- every bad label is reported, with the hosts that could be read ------------------------------
+
+
+def test_every_bad_label_of_a_container_is_named_once():
+    with pytest.raises(LabelError) as exc:
+        routes({"wakeproxy.host": "a.test", "wakeproxy.port": "x", "wakeproxy.scheme": "ftp",
+                "traefik.http.routers.web.rule": "Host(`b.test`) && Method(`GET`)",
+                "traefik.http.routers.old.rule": "Host(`c.test`",
+                "io.docksal.virtual-host": "d.test"}, env={"VIRTUAL_HOST": "e.test", "VIRTUAL_PORT": "0"})
+    e = exc.value
+    assert [m.split(":")[0] for m in e.errors] == [
+        "label wakeproxy.port", "label wakeproxy.scheme", "env VIRTUAL_PORT",
+        "label traefik.http.routers.old.rule", "label traefik.http.routers.web.rule"]
+    assert str(e) == "; ".join(e.errors)
+    assert e.hosts == ("a.test", "d.test", "e.test", "c.test", "b.test")
+
+
+def test_hosts_of_a_bad_declaration_are_left_out():
+    with pytest.raises(LabelError) as exc:
+        routes({"wakeproxy.host": "a..test", "traefik.http.routers.r.rule": "Host(`-x`"})
+    assert exc.value.hosts == ()
+
+
+def test_settings_errors_are_all_reported():
+    with pytest.raises(LabelError) as exc:
+        settings_for(info({"wakeproxy.wake-strategy": "lazy", "wakeproxy.idle-action": "kill",
+                           "wakeproxy.idle-timeout": "soon", "wakeproxy.ready-path": "x"}))
+    assert [m.split(":")[0] for m in exc.value.errors] == [
+        "label wakeproxy.wake-strategy", "label wakeproxy.ready-path", "label wakeproxy.idle-timeout",
+        "label wakeproxy.idle-action"]
+
+
+def test_every_oversized_value_is_named():
+    with pytest.raises(LabelError) as exc:
+        routes({"wakeproxy.host": BIG, "wakeproxy.port": BIG}, env={"VIRTUAL_HOST": BIG})
+    assert [m.split(":")[0] for m in exc.value.errors] == ["label wakeproxy.host", "label wakeproxy.port",
+                                                          "env VIRTUAL_HOST"]
+
+
+def test_the_number_of_errors_named_is_bounded():
+    from wakeproxy.labels import MAX_ERRORS
+
+    labels = {f"traefik.http.routers.r{i}.rule": f"Host(`r{i}.test`) && Method(`GET`)" for i in range(20)}
+    with pytest.raises(LabelError) as exc:
+        routes(labels)
+    assert len(exc.value.errors) == MAX_ERRORS + 1
+    assert exc.value.errors[-1] == f"and {20 - MAX_ERRORS} more errors"
+    assert len(exc.value.hosts) == 20

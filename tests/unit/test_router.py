@@ -16,7 +16,7 @@ from wakeproxy.labels import ContainerInfo
 import wakeproxy.router as router_mod
 from wakeproxy.router import WEBSOCKET_HISTORY, Router
 from wakeproxy.runtime import Runtime
-from wakeproxy.snapshot import Snapshot, build_snapshot
+from wakeproxy.snapshot import Policy, Snapshot, build_snapshot
 from wakeproxy.waker import CONTROL_PREFIX, Waker
 
 CLIENT = ("192.0.2.7", 5555)
@@ -657,3 +657,122 @@ def test_requests_for_a_waking_group_join_the_wake_even_when_docker_says_running
     router.requestheaders(f)
     assert [c[0] for c in waker.calls] == ["asleep"]
     assert f.request.host != "172.17.0.2"
+
+
+# --- paths ---------------------------------------------------------------------------------------
+
+
+def at(host: str, path: str, **kw) -> http.HTTPFlow:
+    f = make_flow(host, **kw)
+    f.request.path = path
+    return f
+
+
+def api(name: str, ip: str, path: str = "/api", state: str = "running", **kw) -> ContainerInfo:
+    return c(name, "a.test", state=state, networks={"bridge": ip} if state == "running" else None,
+             labels={"wakeproxy.path": path}, project="p", **kw)
+
+
+PATHS = (c("web", "a.test", networks={"bridge": "10.0.0.1"}, project="p"), api("api", "10.0.0.2"),
+         ContainerInfo(id="id-health", name="health", state="running", networks={"bridge": "10.0.0.3"},
+                       labels={"traefik.http.routers.h.rule": "Host(`a.test`) && Path(`/api/health`)",
+                               "com.docker.compose.project": "p"}))
+
+
+@pytest.mark.parametrize(
+    "path, ip",
+    [("/", "10.0.0.1"), ("/apix", "10.0.0.1"), ("/index.html?api", "10.0.0.1"),
+     ("/api", "10.0.0.2"), ("/api/", "10.0.0.2"), ("/api?q=1", "10.0.0.2"), ("/api/v1/users", "10.0.0.2"),
+     ("/api/health", "10.0.0.3"), ("/api/health?full", "10.0.0.3"), ("/api/health/x", "10.0.0.2")],
+)
+def test_the_longest_matching_path_chooses_the_container(path, ip):
+    f = route(make_router(*PATHS), at("a.test", path))
+    assert f.response is None
+    assert f.request.host == ip
+    assert f.request.path == path  # forwarded unchanged
+
+
+def test_round_robin_is_per_path():
+    router = make_router(c("w1", "a.test", networks={"bridge": "10.0.0.1"}, project="p"),
+                         c("w2", "a.test", networks={"bridge": "10.0.0.2"}, project="p"),
+                         api("a1", "10.0.1.1"), api("a2", "10.0.1.2"))
+    seen = [route(router, at("a.test", p)).request.host for p in ("/", "/api/x", "/api", "/x", "/", "/api")]
+    assert seen == ["10.0.0.1", "10.0.1.1", "10.0.1.2", "10.0.0.2", "10.0.0.1", "10.0.1.1"]
+
+
+def test_a_path_no_container_declares_is_404():
+    router = make_router(api("api", "10.0.0.2"))
+    f = route(router, at("a.test", "/", headers=[("Accept", "*/*")]))
+    assert f.response.status_code == 404
+    assert "has no container for this path" in body(f)
+    assert f.request.host == "placeholder"
+    assert route(router, at("a.test", "/api/x")).request.host == "10.0.0.2"
+
+
+def test_a_sleeping_path_wakes_the_group_though_another_path_is_up():
+    waker = FakeWaker()
+    router = make_router(c("web", "a.test", networks={"bridge": "10.0.0.1"}, project="p"),
+                         api("api", "", state="exited"), waker=waker)
+    assert route(router, at("a.test", "/")).request.host == "10.0.0.1"
+    assert waker.calls == []
+    f = at("a.test", "/api/x")
+    router.requestheaders(f)
+    kind, _, site, _, forward = waker.calls[0]
+    assert kind == "asleep" and site.groups == ("p",)
+    router.runtime.publish(snap(c("web", "a.test", networks={"bridge": "10.0.0.1"}, project="p"),
+                                api("api", "10.0.0.2")))
+    forward(f, site)  # after the wake: the path's route in the fresh snapshot
+    assert f.request.host == "10.0.0.2"
+
+
+def test_an_unreachable_path_says_why_for_that_path_only():
+    router = make_router(c("web", "a.test", networks={"proxy": "10.0.0.1"}, project="p"),
+                         c("api", "a.test", networks={"other": "172.20.0.2"}, project="p",
+                           labels={"wakeproxy.path": "/api"}),
+                         allowed=("proxy",), drivers=NETS, config=DEBUG)
+    f = route(router, at("a.test", "/api"))
+    assert f.response.status_code == 503 and "container 'api' cannot be reached" in body(f)
+    assert "'web'" not in body(f)
+    assert route(router, at("a.test", "/")).request.host == "10.0.0.1"
+
+
+# --- misconfigured hosts -------------------------------------------------------------------------
+
+BROKEN = c("web", "a.test", labels={"wakeproxy.port": "http"}, project="p")
+
+
+def test_misconfigured_host_tells_an_anonymous_client_nothing_internal():
+    router = make_router(BROKEN, c("b", "b.test"))
+    for accept in ("*/*", "text/html"):
+        f = route(router, make_flow("a.test", headers=[("Accept", accept)]))
+        assert f.response.status_code == 503
+        text = body(f)
+        assert "misconfigured" in text.lower() and "a.test" in text
+        for secret in ("web", "wakeproxy.port", "'http'"):
+            assert secret not in text, (secret, text)
+        assert f.request.host == "placeholder"
+    assert route(router, make_flow("b.test")).response is None
+
+
+def test_misconfigured_host_shows_the_bad_labels_to_debug_clients():
+    f = route(make_router(BROKEN, config=DEBUG), make_flow("a.test"))
+    assert f.response.status_code == 503
+    assert "container 'web': label wakeproxy.port: 'http' is not a port number" in body(f)
+    assert body(f).count("\n") == 1
+
+
+def test_misconfigured_wildcard_and_it_beats_the_default_host():
+    config = parse_config('default_host: www.test\nnames: {reserved: {www.test: home}, allow: ["*.w.test", www.test]}')
+    policy = Policy.from_config(config)
+    snapshot = build_snapshot([c("w", "*.w.test", labels={"wakeproxy.scheme": "gopher"}, project="p"),
+                               c("home", "www.test", project="home", networks={"bridge": "10.9.9.9"})],
+                              SourcesConfig(), (), {}, policy=policy)
+    assert set(snapshot.misconfigured) == {"*.w.test"}
+    router = make_router(snapshot=snapshot, config=config)
+    assert route(router, make_flow("x.w.test")).response.status_code == 503
+    assert route(router, make_flow("unknown.test")).request.host == "10.9.9.9"  # the default host still
+
+
+def test_an_unknown_host_is_still_unknown():
+    f = route(make_router(BROKEN), make_flow("other.test"))
+    assert f.response.status_code == 404 and "Unknown site" in body(f)

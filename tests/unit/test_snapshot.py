@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import FrozenInstanceError
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import wakeproxy.snapshot as snapshot_mod
 from wakeproxy.config import LabelTrustConfig, SourcesConfig
-from wakeproxy.labels import ContainerInfo
-from wakeproxy.snapshot import Backend, Policy, Site, Snapshot, build_snapshot
+from wakeproxy.labels import ContainerInfo, path_matches
+from wakeproxy.policy import NamePolicy, Ownership
+from wakeproxy.snapshot import Backend, PathRoute, Policy, Site, Snapshot, build_snapshot, route_order
 
 ALL = SourcesConfig()
 P = {"com.docker.compose.project": "p"}  # containers of one Compose project: one group
@@ -394,7 +397,7 @@ def test_site_properties():
     b1 = Backend("1", "one", "g1", "running", "http", 80, "10.0.0.1")
     b2 = Backend("2", "two", "g2", "exited", "http", 80, None)
     b3 = Backend("3", "three", "g1", "running", "http", 80, None, "unreachable")
-    site = Site("a.test", (b1, b2, b3))
+    site = Site.of("a.test", (b1, b2, b3))
     assert site.ready_backends == (b1,)
     assert site.groups == ("g1", "g2")
     assert not b3.ready and not b2.ready and b1.ready
@@ -541,3 +544,208 @@ def test_start_order_survives_a_cycle():
     snap = build(compose("p-a", "a", "b", host="a.test"), compose("p-b", "b", "a"), compose("p-c", "c"))
     layers = [sorted(layer) for layer in snap.groups["p"].start_order(snap)]
     assert layers == [["c"], ["a", "b"]]
+
+
+# --- paths: a host's traffic split between containers of its owner --------------------------------
+
+
+def T(rule: str, project: str = "p", port: str | None = None) -> dict:
+    """Traefik labels of one router, in Compose project `project`."""
+    labels = {"traefik.http.routers.r.rule": rule, "com.docker.compose.project": project}
+    if port:
+        labels["traefik.http.services.s.loadbalancer.server.port"] = port
+    return labels
+
+
+def served_by(snap: Snapshot, host: str, path: str) -> list[str] | None:
+    site = snap.lookup(host)
+    assert site is not None, host
+    route = site.route_for(path)
+    return None if route is None else [b.container_name for b in route.backends]
+
+
+def test_longest_prefix_wins_and_segments_count():
+    snap = build(
+        c("web", labels=T("Host(`a.test`)"), networks={"bridge": "10.0.0.1"}),
+        c("api", labels=T("Host(`a.test`) && PathPrefix(`/api`)"), networks={"bridge": "10.0.0.2"}),
+        c("v2", labels=T("Host(`a.test`) && PathPrefix(`/api/v2`)"), networks={"bridge": "10.0.0.3"}),
+    )
+    site = snap.lookup("a.test")
+    assert [(r.path, r.exact) for r in site.routes] == [("/api/v2", False), ("/api", False), ("/", False)]
+    expect = {"/": "web", "/apix": "web", "/api": "api", "/api/": "api", "/api?q=1": "api", "/api/v1": "api",
+              "/api/v2": "v2", "/api/v2/x?y": "v2", "/api/v20": "api", "*": "web"}
+    for path, name in expect.items():
+        assert served_by(snap, "a.test", path) == [name], path
+    assert [b.container_name for b in site.backends] == ["v2", "api", "web"]  # every route's, once
+    assert site.groups == ("p",)
+
+
+def test_exact_path_beats_a_prefix_of_the_same_length_only_for_that_path():
+    snap = build(
+        c("prefix", labels=T("Host(`a.test`) && PathPrefix(`/x`)")),
+        c("exact", labels=T("Host(`a.test`) && Path(`/x`)")),
+    )
+    assert [(r.path, r.exact) for r in snap.lookup("a.test").routes] == [("/x", True), ("/x", False)]
+    assert served_by(snap, "a.test", "/x") == ["exact"]
+    assert served_by(snap, "a.test", "/x?q") == ["exact"]
+    assert served_by(snap, "a.test", "/x/") == ["prefix"]
+    assert served_by(snap, "a.test", "/y") is None  # no route for "/": a 404 of the router
+
+
+def test_trailing_slash_prefix_takes_only_what_is_below():
+    snap = build(c("web", "a.test", labels=P), c("dir", labels={**T("Host(`a.test`) && PathPrefix(`/d/`)")}))
+    assert served_by(snap, "a.test", "/d") == ["web"]
+    assert served_by(snap, "a.test", "/d/") == ["dir"]
+    assert served_by(snap, "a.test", "/d/x") == ["dir"]
+
+
+def test_two_containers_of_one_group_on_one_host_and_path_are_replicas():
+    snap = build(
+        c("api2", labels=T("Host(`a.test`) && PathPrefix(`/api`)"), networks={"bridge": "10.0.0.3"}),
+        c("api1", env={"VIRTUAL_HOST": "a.test", "VIRTUAL_PATH": "/api"}, labels=P, networks={"bridge": "10.0.0.2"}),
+        c("web", "a.test, b.test", labels=P),
+    )
+    assert served_by(snap, "a.test", "/api/x") == ["api1", "api2"]
+    assert served_by(snap, "a.test", "/") == ["web"]
+    assert served_by(snap, "b.test", "/api") == ["web"]  # paths are per host
+
+
+def test_one_container_on_several_paths_is_one_backend():
+    snap = build(c("api", "a.test", labels={**P, "wakeproxy.path": "/api, /v2"}), c("web", "a.test", labels=P))
+    site = snap.lookup("a.test")
+    assert [r.path for r in site.routes] == ["/api", "/v2", "/"]
+    assert [b.container_name for b in site.backends] == ["api", "web"]
+    assert [b.container_name for b in snap.endpoints["id-api"]] == ["api"]
+
+
+def test_every_path_of_a_host_belongs_to_the_hosts_owner():
+    own = Ownership()
+    first = build(c("owner-web", labels=T("Host(`a.test`)", project="owner"), created=1), ownership=own)
+    assert served_by(first, "a.test", "/admin") == ["owner-web"]
+    snap = build(
+        c("owner-web", labels=T("Host(`a.test`)", project="owner"), created=1),
+        c("owner-api", labels=T("Host(`a.test`) && PathPrefix(`/api`)", project="owner"), created=2),
+        c("other-admin", labels=T("Host(`a.test`) && PathPrefix(`/admin`)", project="other"), created=0.5),
+        c("other-api", env={"VIRTUAL_HOST": "a.test", "VIRTUAL_PATH": "/api"}, created=0.5,
+          labels={"com.docker.compose.project": "other"}),
+        ownership=own,
+    )
+    assert served_by(snap, "a.test", "/admin") == ["owner-web"]
+    assert served_by(snap, "a.test", "/api") == ["owner-api"]
+    assert snap.lookup("a.test").groups == ("owner",)
+    assert {(r.name, r.group, r.owner) for r in snap.refused} == {("a.test", "other", "owner")}
+
+
+def test_without_records_the_oldest_claim_on_the_host_takes_every_path():
+    snap = build(
+        c("a-api", labels=T("Host(`x.test`) && PathPrefix(`/api`)", project="a"), created=1),
+        c("b-web", labels=T("Host(`x.test`)", project="b"), created=2),
+    )
+    assert served_by(snap, "x.test", "/api") == ["a-api"]
+    assert served_by(snap, "x.test", "/") is None  # b's route is refused: the host is a's
+    assert [(r.name, r.group) for r in snap.refused] == [("x.test", "b")]
+
+
+# --- misconfigured hosts ---------------------------------------------------------------------------
+
+
+def test_a_skipped_containers_readable_hosts_are_misconfigured_not_unknown():
+    snap = build(
+        c("bad", "a.test, *.w.test", labels={"wakeproxy.port": "nope", **P}),
+        c("broken-rule", labels=T("Host(`b.test`", project="q")),
+        c("unsupported", labels=T("Host(`c.test`) && Method(`GET`)", project="r")),
+        c("good", "ok.test"),
+    )
+    assert snap.hosts == ["ok.test"]
+    assert snap.lookup("a.test") is None
+    assert set(snap.misconfigured) == {"a.test", "*.w.test", "b.test", "c.test"}
+    assert snap.misconfiguration("A.test:80").startswith("container 'bad': label wakeproxy.port: ")
+    assert snap.misconfiguration("x.y.w.test") == snap.misconfigured["*.w.test"]
+    assert "unbalanced '('" in snap.misconfiguration("b.test")
+    assert "Method(…) at character 19 is not supported" in snap.misconfiguration("c.test")
+    assert snap.misconfiguration("ok.test") is None and snap.misconfiguration("nope.test") is None
+
+
+def test_a_host_served_by_the_owner_is_not_misconfigured_by_its_broken_container():
+    # As in Traefik, a router with a bad rule is left out and the others serve the host.
+    snap = build(c("web", "a.test", labels=P), c("api", labels=T("Host(`a.test`) && Header(`X`, `1`)")))
+    assert served_by(snap, "a.test", "/api") == ["web"]
+    assert snap.misconfigured == {}
+    assert "api" in snap.skipped
+
+
+def test_a_broken_container_of_another_group_cannot_mark_an_owned_host():
+    own = Ownership()
+    build(c("victim", "a.test", labels={"com.docker.compose.project": "victim"}), ownership=own)
+    snap = build(c("victim", "a.test", labels={"com.docker.compose.project": "victim"}),
+                 c("evil", "a.test, b.test", labels={"com.docker.compose.project": "evil", "wakeproxy.port": "x"}),
+                 ownership=own)
+    assert only_backend(snap, "a.test").container_name == "victim"
+    assert set(snap.misconfigured) == {"b.test"}
+    assert [(r.name, r.group) for r in snap.refused] == [("a.test", "evil")]
+
+
+def test_the_broken_containers_claim_keeps_the_name_for_its_group():
+    # A typo in a label does not hand the name to the next group that asks.
+    own = Ownership()
+    build(c("mine", "a.test", labels={"com.docker.compose.project": "mine"}), ownership=own, now=0)
+    snap = build(c("mine", "a.test", labels={"com.docker.compose.project": "mine", "wakeproxy.port": "x"}),
+                 c("other", "a.test", labels={"com.docker.compose.project": "other"}), ownership=own, now=1000)
+    assert snap.lookup("a.test") is None and "a.test" in snap.misconfigured
+    assert [(r.name, r.group, r.owner) for r in snap.refused] == [("a.test", "other", "mine")]
+
+
+def test_a_container_with_bad_group_labels_declares_no_hosts():
+    snap = build(c("bad", "a.test", labels={"wakeproxy.group": "a b"}))
+    assert "bad" in snap.skipped and snap.misconfigured == {}
+
+
+def test_misconfigured_hosts_follow_the_policy():
+    names = NamePolicy(allow=("*.ok.test",))
+    snap = build(c("bad", "a.ok.test, a.elsewhere.test", labels={"wakeproxy.port": "x"}), policy=Policy(names=names))
+    assert set(snap.misconfigured) == {"a.ok.test"}
+
+
+def test_skipped_reason_names_every_bad_label_of_routes_and_settings():
+    snap = build(c("bad", "a.test", labels={"wakeproxy.port": "x", "wakeproxy.idle-action": "kill",
+                                            "traefik.http.routers.r.rule": "PathPrefix(`/`)"}))
+    why = snap.skipped["bad"]
+    for part in ("label wakeproxy.port", "label traefik.http.routers.r.rule", "label wakeproxy.idle-action"):
+        assert part in why, why
+
+
+def test_route_cache_keeps_the_hosts_of_a_skipped_container(counting):
+    cache: dict = {}
+    bad = c("bad", "a.test", labels={"wakeproxy.port": "x"})
+    s1 = build(bad, route_cache=cache)
+    s2 = build(bad, route_cache=cache)
+    assert counting == ["bad"]
+    assert s1.misconfigured == s2.misconfigured and "a.test" in s2.misconfigured
+
+
+def test_snapshot_and_site_stay_plain_values():
+    snap = build(c("web", "a.test"), c("bad", "b.test", labels={"wakeproxy.port": "x"}))
+    with pytest.raises(FrozenInstanceError):
+        snap.misconfigured = {}  # type: ignore[misc]
+    site = snap.lookup("a.test")
+    assert site == Site(site.host, site.routes) and hash(site.routes)
+
+
+# --- the path choice, against a brute-force reading of the rules ------------------------------------
+
+_segment = st.sampled_from(["a", "ab", "b", ""])
+_path = st.lists(_segment, min_size=0, max_size=3).map(lambda parts: "/" + "/".join(parts))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_path, st.booleans()), min_size=1, max_size=6, unique=True), _path,
+       st.sampled_from(["", "?q", "?a/b"]))
+def test_route_for_is_the_longest_match_exact_first(declared, path, query):
+    routes = tuple(sorted((PathRoute(p, exact, ()) for p, exact in declared), key=route_order))
+    chosen = Site("a.test", routes).route_for(path + query)
+    matching = [(p, exact) for p, exact in declared if path_matches(p, exact, path)]
+    if not matching:
+        assert chosen is None
+        return
+    best = max(matching, key=lambda m: (len(m[0]), m[1]))
+    assert chosen is not None and (chosen.path, chosen.exact) == best

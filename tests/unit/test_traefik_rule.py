@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wakeproxy.traefik_rule import MAX_DEPTH, And, Matcher, Not, Or, RuleError, parse_rule, positive_matchers
+from wakeproxy.traefik_rule import MAX_DEPTH, And, Matcher, Not, Or, RuleError, host_arguments, parse_rule
 
 
 def test_single_matcher_with_several_arguments_and_both_quotes():
@@ -86,7 +86,17 @@ def test_long_names_are_cut_in_messages():
     assert len(str(exc.value)) < 120
 
 
-def test_positive_matchers_leave_out_negated_ones():
-    tree = parse_rule("(Host(`a`) || Host(`b`)) && !Host(`c`) && !(Host(`d`)) && PathPrefix(`/`)")
-    assert [m.args for m in positive_matchers(tree, "Host")] == [("a",), ("b",)]
-    assert [m.args for m in positive_matchers(tree, "PathPrefix")] == [("/",)]
+@pytest.mark.parametrize(
+    "rule, hosts",
+    [
+        ("Host(`a`, `b`) && PathPrefix(`/x`) || host(`c`)", ["a", "b", "c"]),
+        ("Host(`a`) && !Host(`b`)", ["a"]),  # a negated Host is not a declared host
+        ("Host(`a`", ["a"]),  # the rule lost its ")": what was read is still known
+        ("Host(`a`) && Header(`X`, `1`) && Host(`b` `c`)", ["a", "b", "c"]),
+        ("Host(`a`) && PathPrefix(`/x", ["a"]),  # stops at the unterminated string
+        ("HostRegexp(`a`) || Hosts(`b`) || Host `c`", []),
+        ("", []),
+    ],
+)
+def test_host_arguments_read_as_far_as_the_rule_tokenizes(rule, hosts):
+    assert host_arguments(rule) == hosts
