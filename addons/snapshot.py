@@ -140,15 +140,41 @@ class Group:
                   if d.service in by_service and by_service[d.service] != cid}
             for cid in self.members if cid in snapshot.settings
         }
+        # Members that depend on each other (a cycle, directly or through others) form one unit
+        # and share a layer; everything else is ordered as Compose orders it. Groups are small:
+        # the closure is computed by a walk from each member.
+        reach: dict[str, set[str]] = {}
+        for cid in deps:
+            seen, todo = set(), list(deps[cid])
+            while todo:
+                d = todo.pop()
+                if d not in seen:
+                    seen.add(d)
+                    todo.extend(deps.get(d, ()))
+            reach[cid] = seen
+        unit = {cid: frozenset({cid} | {d for d in reach[cid] if cid in reach[d]}) for cid in deps}
         layers: list[list[str]] = []
         placed: set[str] = set()
         while len(placed) < len(deps):
-            layer = [c for c in deps if c not in placed and deps[c] <= placed]
-            if not layer:  # a cycle: put the rest together rather than never
+            layer = [c for c in deps if c not in placed and deps[c] - unit[c] <= placed]
+            if not layer:  # cannot happen (units make the graph acyclic); never loop forever
                 layer = [c for c in deps if c not in placed]
             layers.append(layer)
             placed.update(layer)
         return layers
+
+    def cycles(self, snapshot: "Snapshot") -> list[list[str]]:
+        """The members that depend on each other, as groups of container ids (usually none)."""
+        layers = self.start_order(snapshot)
+        layer_of = {cid: n for n, layer in enumerate(layers) for cid in layer}
+        by_service = {snapshot.settings[c].service: c for c in layer_of if snapshot.settings[c].service}
+        out: dict[int, set[str]] = {}
+        for cid, n in layer_of.items():
+            for dep in snapshot.settings[cid].depends_on:
+                d = by_service.get(dep.service)
+                if d is not None and d != cid and layer_of.get(d) == n:
+                    out.setdefault(n, set()).update((cid, d))
+        return [sorted(v) for _, v in sorted(out.items())]
 
 
 @dataclass(frozen=True)

@@ -292,12 +292,21 @@ class Waker:
         by_service = {
             snap.settings[i.id].service: i.id for i in infos if i.id in snap.settings and snap.settings[i.id].service
         }
+        # The order is the group's (Group.start_order): a dependency counts only when it is in an
+        # earlier layer. Members that depend on each other (a cycle) share a layer: started together.
+        group = snap.groups.get(wake.group)
+        layers = group.start_order(snap) if group is not None else [list(wake.members)]
+        layer_of = {cid: n for n, layer in enumerate(layers) for cid in layer}
+        for cycle in group.cycles(snap) if group is not None else ():
+            names = ", ".join(snap.containers[c].name for c in cycle if c in snap.containers)
+            logger.warning(f"wake {wake.group}: {names} depend on each other (depends_on has a cycle); "
+                           "starting them together")
         started: dict[str, asyncio.Future[None]] = {}
 
         async def bring(info: ContainerInfo) -> None:
             for dep in snap.settings[info.id].depends_on if info.id in snap.settings else ():
                 dep_id = by_service.get(dep.service)
-                if dep_id is None or dep_id == info.id:
+                if dep_id is None or dep_id == info.id or layer_of.get(dep_id, -1) >= layer_of.get(info.id, 0):
                     continue
                 await started[dep_id]
                 wake.status[info.name] = f"waiting for {dep.service} ({dep.condition.replace('service_', '')})"

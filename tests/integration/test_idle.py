@@ -561,7 +561,8 @@ def test_wakeproxy_status_shows_the_states(mk, idle_proxy, docker_client, host):
         wait_for(lambda: state(cs["pause"])["Paused"] and is_stopped(cs["asleep"]), 5, 0.05, "paused, stopped")
         wait_for(lambda: status(p)[names["asleep"]]["state"] == "asleep", 2, 0.05, "asleep")
         text = cli_status(p)
-        assert text.splitlines()[0].split() == ["GROUP", "STATE", "HOSTS", "CONTAINERS", "IN", "FLIGHT", "OPEN",
+        assert text.splitlines()[0].startswith("docker: connected to "), text  # the engine first
+        assert text.splitlines()[1].split() == ["GROUP", "STATE", "HOSTS", "CONTAINERS", "IN", "FLIGHT", "OPEN",
                                                 "LAST", "ACTIVITY", "STOPS", "IN"], text
         row = cli_row(text, names["stop"])
         assert row[1:4] == ["stopping", H["stop"], f"{names['stop']}:running"], text

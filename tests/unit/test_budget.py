@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from ipaddress import ip_network
 
@@ -49,11 +50,19 @@ def test_client_keys():
 
 
 class FakeOps:
-    def __init__(self) -> None:
+    """Docker for the Waker: records calls; with `runtime`, a started container runs in the next snapshot."""
+
+    def __init__(self, runtime: Runtime | None = None) -> None:
         self.calls: list[tuple[str, str]] = []
+        self.runtime = runtime
 
     async def start(self, cid: str, name: str) -> None:
         self.calls.append(("start", name))
+        if self.runtime is not None:
+            snap = self.runtime.snapshot
+            infos = [dataclasses.replace(i, state="running", networks={"bridge": f"172.17.0.{n + 2}"})
+                     if i.id == cid else i for n, i in enumerate(snap.containers.values())]
+            self.runtime.publish(build_snapshot(infos, SourcesConfig(), (), {}))
 
     async def unpause(self, cid: str, name: str) -> None:
         self.calls.append(("unpause", name))
@@ -70,10 +79,10 @@ def _flow(host: str, path: str = "/", peer: str = "192.0.2.7", ua: str = "curl/8
     return f
 
 
-def _waker(config: Config, containers) -> tuple[Waker, FakeOps]:
+def _waker(config: Config, containers, docker_follows: bool = False) -> tuple[Waker, FakeOps]:
     rt = Runtime(config=config, snapshot=build_snapshot(containers, SourcesConfig(), (), {}))
     w = Waker(rt)
-    ops = FakeOps()
+    ops = FakeOps(rt if docker_follows else None)
     w.ops = ops  # type: ignore[assignment]
     return w, ops
 
@@ -161,3 +170,36 @@ def test_wait_endpoint_tells_anonymous_clients_only_the_state():
     w, _ = _waker(Config(debug_clients=(ip_network("192.0.2.0/24"),)), _sleepers(1))
     body = json.loads(_wait(w, "s0.test").response.content)
     assert body["state"] == "failed" and "exited with code 3" in body["message"]
+
+
+# --- the wake's order, with a fake Docker -----------------------------------------------------------
+
+
+def _compose(name: str, service: str, depends: str = "", state: str = "exited") -> ContainerInfo:
+    labels = {"com.docker.compose.project": "proj", "com.docker.compose.service": service}
+    if depends:
+        labels["com.docker.compose.depends_on"] = depends
+    if service == "web":
+        labels["wakeproxy.host"] = "web.test"
+    return ContainerInfo(f"id-{name}", name, state, labels=labels, networks={"bridge": ""})
+
+
+def test_services_that_depend_on_each_other_are_started_together(caplog):
+    """A depends_on cycle (a ↔ b) used to deadlock: no `docker start` at all, then 504."""
+    async def run():
+        w, ops = _waker(Config(), [_compose("web", "web", "a:service_started"),
+                                   _compose("a", "a", "b:service_started"), _compose("b", "b", "a:service_started")],
+                        docker_follows=True)
+        group = w.runtime.snapshot.groups["proj"]
+        assert [sorted(w.runtime.snapshot.containers[c].name for c in layer)
+                for layer in group.start_order(w.runtime.snapshot)] == [["a", "b"], ["web"]]
+        wake = w.wake(group)
+        await asyncio.sleep(0.3)
+        wake.task.cancel()
+        return ops.calls
+
+    calls = asyncio.run(run())
+    started = [n for _, n in calls]
+    assert set(started[:2]) == {"a", "b"}, started  # the cycle first, together
+    assert started[2:] == ["web"], started  # then what depends on it
+    assert "depend on each other" in caplog.text

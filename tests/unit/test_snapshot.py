@@ -543,7 +543,16 @@ def test_start_and_stop_order_follow_depends_on():
 def test_start_order_survives_a_cycle():
     snap = build(compose("p-a", "a", "b", host="a.test"), compose("p-b", "b", "a"), compose("p-c", "c"))
     layers = [sorted(layer) for layer in snap.groups["p"].start_order(snap)]
-    assert layers == [["c"], ["a", "b"]]
+    # a and b depend on each other: one unit, ready at once, like c (which depends on nothing).
+    assert layers == [["a", "b", "c"]]
+    assert snap.groups["p"].cycles(snap) == [["a", "b"]]
+
+
+def test_start_order_puts_dependents_of_a_cycle_after_it():
+    snap = build(compose("p-web", "web", "a", host="a.test"), compose("p-a", "a", "b"), compose("p-b", "b", "a"),
+                 compose("p-db", "db"), compose("p-mig", "mig", "db"))
+    layers = [sorted(snap.containers[c].name for c in layer) for layer in snap.groups["p"].start_order(snap)]
+    assert layers == [["p-a", "p-b", "p-db"], ["p-mig", "p-web"]]
 
 
 # --- paths: a host's traffic split between containers of its owner --------------------------------
