@@ -1239,8 +1239,8 @@ second from `/proc/PID/status`; *start* is the first sample after 1 s of the run
 def lookup_costs(n: int) -> dict[str, float]:
     """`Snapshot.lookup` with 1 vs `n` hosts (exact names and wildcards), in ns per call."""
     from wakeproxy.config import SourcesConfig
-    from wakeproxy.labels import ContainerInfo
-    from wakeproxy.snapshot import build_snapshot
+    from wakeproxy.routing.labels import ContainerInfo
+    from wakeproxy.routing.snapshot import build_snapshot
 
     def infos(count: int, wildcard: bool) -> list[ContainerInfo]:
         return [ContainerInfo(

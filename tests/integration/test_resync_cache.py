@@ -130,7 +130,7 @@ def test_restart_inspects_only_containers_it_has_not_seen(
 def test_the_fast_inspector_reads_what_the_sdk_reads(docker_client, busybox_image, run_id, test_network) -> None:
     """`Inspector` skips the SDK's requests layer on a unix socket; its answer is the SDK's answer
     (the fields routing uses), and a removed container is None, as through the SDK."""
-    from wakeproxy.docker_view import Inspector, _Static
+    from wakeproxy.docker.view import Inspector, _Static
 
     c = docker_client.containers.create(
         busybox_image, ["sleep", "60"], name=f"{run_id}-inspector", network=test_network,

@@ -19,15 +19,17 @@ from cryptography.x509.oid import NameOID
 from mitmproxy.test import tflow
 from mitmproxy.test.tutils import treq
 
-from wakeproxy import acme
-from wakeproxy.acme import (
-    BACKOFF_MAX, BACKOFF_MIN, AcmeFailure, CertStorage, ChallengeTokens, NameState, RetryingNetwork,
-    ari_cert_id, ari_pick, backoff_delay, describe, new_certificate_key, parse_retry_after, renewal_time,
+from wakeproxy.certs.acme.challenges import ID_PE_ACME_IDENTIFIER, ChallengeTokens, alpn_challenge_cert
+from wakeproxy.certs.acme.client import AcmeFailure, RetryingNetwork, describe
+from wakeproxy.certs.acme.manager import AcmeManager, NameState
+from wakeproxy.certs.acme.storage import CertStorage, new_certificate_key
+from wakeproxy.certs.acme.timing import (
+    BACKOFF_MAX, BACKOFF_MIN, ari_cert_id, ari_pick, backoff_delay, parse_retry_after, renewal_time,
 )
 from wakeproxy.config import SourcesConfig
-from wakeproxy.labels import ContainerInfo
-from wakeproxy.snapshot import build_snapshot
-from wakeproxy.tls import load_cert
+from wakeproxy.routing.labels import ContainerInfo
+from wakeproxy.routing.snapshot import build_snapshot
+from wakeproxy.certs.store import load_cert
 
 UTC = datetime.timezone.utc
 
@@ -93,8 +95,8 @@ def test_no_certificate_for_another_groups_name():
 
 
 def test_names_outside_the_policy_get_no_certificate():
-    from wakeproxy.policy import NamePolicy
-    from wakeproxy.snapshot import Policy
+    from wakeproxy.routing.policy import NamePolicy
+    from wakeproxy.routing.snapshot import Policy
 
     c = info("pr-1-web-1", env={"LETSENCRYPT_HOST": "pr-1.sb.example.com,www.some-bank.example"},
              labels={"com.docker.compose.project": "pr-1"})
@@ -103,7 +105,7 @@ def test_names_outside_the_policy_get_no_certificate():
 
 
 def test_names_per_group_are_capped():
-    from wakeproxy.snapshot import Policy
+    from wakeproxy.routing.snapshot import Policy
 
     hosts = ",".join(f"n{i}.example.com" for i in range(5))
     snap = build_snapshot([info("a", env={"LETSENCRYPT_HOST": hosts})], SourcesConfig(), (), {},
@@ -188,7 +190,7 @@ def test_pending_token_is_answered_for_any_host_and_unknown_ones_pass_through():
 
 
 def test_manager_answers_before_routing_only_while_tokens_are_pending():
-    m = acme.AcmeManager(SimpleNamespace(config=None), None)  # type: ignore[arg-type]
+    m = AcmeManager(SimpleNamespace(config=None), None)  # type: ignore[arg-type]
     f = _flow("/.well-known/acme-challenge/t")
     m.requestheaders(f)
     assert f.response is None
@@ -264,7 +266,7 @@ def _err(code, detail="x"):
 
 def test_bad_nonce_is_retried_at_once(monkeypatch):
     sleeps = []
-    monkeypatch.setattr(acme.time, "sleep", sleeps.append)
+    monkeypatch.setattr(time, "sleep", sleeps.append)
     net = FakeNet([(400, {}, _err("badNonce")), (400, {}, _err("badNonce")), "ok"])
     assert net.post("url", None) == "response"
     assert net.calls == 3 and sleeps == []
@@ -272,7 +274,7 @@ def test_bad_nonce_is_retried_at_once(monkeypatch):
 
 def test_429_and_5xx_wait_for_a_short_retry_after(monkeypatch):
     sleeps = []
-    monkeypatch.setattr(acme.time, "sleep", sleeps.append)
+    monkeypatch.setattr(time, "sleep", sleeps.append)
     net = FakeNet([(429, {"Retry-After": "3"}, _err("rateLimited")),
                    (503, {}, errors.ClientError("Service Unavailable")), "ok"])
     assert net.post("url", None) == "response"
@@ -280,7 +282,7 @@ def test_429_and_5xx_wait_for_a_short_retry_after(monkeypatch):
 
 
 def test_long_retry_after_ends_the_attempt_with_it(monkeypatch):
-    monkeypatch.setattr(acme.time, "sleep", lambda s: None)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
     net = FakeNet([(429, {"Retry-After": "3600"}, _err("rateLimited", "too many certificates"))])
     with pytest.raises(AcmeFailure) as e:
         net.post("url", None)
@@ -318,7 +320,7 @@ def test_status_is_json_able_per_name(tmp_path):
                    renew_at=renewal_time(loaded.not_before, loaded.not_after))
     failing = NameState("b.example.com", container="app", failures=2, next_attempt=time.time() + 60,
                         last_error="CA unreachable", phase="failed")
-    m = acme.AcmeManager(SimpleNamespace(config=None), None)  # type: ignore[arg-type]
+    m = AcmeManager(SimpleNamespace(config=None), None)  # type: ignore[arg-type]
     m.states = {s.name: s for s in (ok, failing)}
     status = json.loads(json.dumps(m.status()))
     assert status["a.example.com"]["state"] == "valid"
@@ -334,9 +336,9 @@ def test_status_is_json_able_per_name(tmp_path):
 def test_alpn_challenge_certificate_carries_the_key_authorization_digest():
     import hashlib
 
-    cert, _ = acme.alpn_challenge_cert("a.example.com", "tok.thumb")
+    cert, _ = alpn_challenge_cert("a.example.com", "tok.thumb")
     c = cert.to_cryptography()
-    ext = c.extensions.get_extension_for_oid(acme.ID_PE_ACME_IDENTIFIER)
+    ext = c.extensions.get_extension_for_oid(ID_PE_ACME_IDENTIFIER)
     assert ext.critical
     assert ext.value.value == b"\x04\x20" + hashlib.sha256(b"tok.thumb").digest()
     assert c.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
@@ -345,7 +347,7 @@ def test_alpn_challenge_certificate_carries_the_key_authorization_digest():
 
 def test_alpn_connection_only_for_acme_tls_1_and_a_pending_name():
     tokens = ChallengeTokens()
-    tokens.alpn["a.example.com"] = acme.alpn_challenge_cert("a.example.com", "k")
+    tokens.alpn["a.example.com"] = alpn_challenge_cert("a.example.com", "k")
 
     def data(offers, sni):
         return SimpleNamespace(conn=SimpleNamespace(alpn_offers=offers, sni=sni), ssl_conn=None)
@@ -353,7 +355,7 @@ def test_alpn_connection_only_for_acme_tls_1_and_a_pending_name():
     assert tokens.alpn_connection(data([b"acme-tls/1"], "A.example.com")) is not None
     assert tokens.alpn_connection(data([b"h2", b"http/1.1"], "a.example.com")) is None
     assert tokens.alpn_connection(data([b"acme-tls/1"], "b.example.com")) is None
-    m = acme.AcmeManager(SimpleNamespace(config=None), None)  # type: ignore[arg-type]
+    m = AcmeManager(SimpleNamespace(config=None), None)  # type: ignore[arg-type]
     d = data([b"h2"], "a.example.com")
     m.tls_start_client(d)  # nothing pending: untouched
     assert d.ssl_conn is None
@@ -381,7 +383,7 @@ def test_ari_window_can_only_bring_renewal_forward(tmp_path):
     iso = lambda d: d.isoformat().replace("+00:00", "Z")  # noqa: E731
 
     async def check(window):
-        m = acme.AcmeManager(SimpleNamespace(config=None), None)  # type: ignore[arg-type]
+        m = AcmeManager(SimpleNamespace(config=None), None)  # type: ignore[arg-type]
         m._kick = asyncio.Event()
         m.client = SimpleNamespace(renewal_window=lambda cert: window)
         st = NameState("a.example.com", container="app", cert=loaded, renew_at=ours)

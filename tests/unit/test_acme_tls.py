@@ -17,13 +17,11 @@ from mitmproxy.test import tflow
 from mitmproxy.test.tutils import treq
 
 from wakeproxy.config import Address, Config, LabelTrustConfig, ListenConfig, SourcesConfig, TlsConfig
-from wakeproxy.labels import ContainerInfo
+from wakeproxy.routing.labels import ContainerInfo
 from wakeproxy.runtime import Runtime
-from wakeproxy.snapshot import Policy, build_snapshot
-from wakeproxy.tls import (
-    CertRegistry, Certificates, HttpsPolicy, file_base_to_name,
-    load_cert, name_matches, scan_custom_dir,
-)
+from wakeproxy.routing.snapshot import Policy, build_snapshot
+from wakeproxy.certs.store import CertRegistry, Certificates, file_base_to_name, load_cert, name_matches, scan_custom_dir
+from wakeproxy.certs.https import HttpsPolicy
 
 UTC = datetime.timezone.utc
 

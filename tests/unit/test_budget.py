@@ -11,12 +11,12 @@ from mitmproxy import http
 from mitmproxy.test import tflow
 from mitmproxy.test.tutils import treq
 
-from wakeproxy.budget import WakeBudget, client_key
+from wakeproxy.wake.budget import WakeBudget, client_key
 from wakeproxy.config import Config, SourcesConfig, WakeConfig
-from wakeproxy.labels import ContainerInfo
+from wakeproxy.routing.labels import ContainerInfo
 from wakeproxy.runtime import Runtime
-from wakeproxy.snapshot import build_snapshot
-from wakeproxy.waker import WAIT_PATH, WakeFailed, Waker
+from wakeproxy.routing.snapshot import build_snapshot
+from wakeproxy.wake.waker import WAIT_PATH, WakeFailed, Waker
 
 
 def test_bucket_refills_at_its_rate():

@@ -12,7 +12,7 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.layers.http import HttpRequestHeadersHook
 from mitmproxy.test import taddons, tflow
 
-from wakeproxy import dispatch
+from wakeproxy.mitm import dispatch
 
 
 class Recorder:
@@ -194,7 +194,7 @@ def test_the_lean_master_dispatches_like_stock_mitmproxy(tmp_path) -> None:
     try:
         asyncio.run(run())
     finally:
-        from wakeproxy import lean
+        from wakeproxy.mitm import lean
 
         lean.restore_message_type_checks()  # build_master dropped it for the whole process
 

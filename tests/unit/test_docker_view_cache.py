@@ -19,22 +19,13 @@ from typing import Any, Callable
 import docker.errors
 import pytest
 
-import wakeproxy.docker_view as dv
+import wakeproxy.docker.view as dv
 from wakeproxy.config import Config, SourcesConfig
-from wakeproxy.docker_view import (
-    CACHE_FILE,
-    DockerView,
-    _parse_env,
-    _Static,
-    _StreamEnd,
-    decode_cache,
-    encode_cache,
-    info_from_inspect,
-)
-from wakeproxy.labels import USED_ENV, routes_for, settings_for
-from wakeproxy.snapshot import Snapshot
+from wakeproxy.docker.view import CACHE_FILE, DockerView, _parse_env, _Static, _StreamEnd, decode_cache, encode_cache, info_from_inspect
+from wakeproxy.routing.labels import USED_ENV, routes_for, settings_for
+from wakeproxy.routing.snapshot import Snapshot
 
-ADDONS = Path(dv.__file__).resolve().parent
+ADDONS = Path(dv.__file__).resolve().parents[1]  # the package: addons/wakeproxy
 SECRET = "DB_PASSWORD=hunter2-do-not-keep"
 
 
@@ -260,7 +251,7 @@ def test_a_corrupt_cache_is_logged_once_ignored_and_replaced(tmp_path: Path, cap
     (tmp_path / CACHE_FILE).write_bytes(content)
     api = FakeAPI()
     ids = [api.add(n) for n in range(3)]
-    caplog.set_level(logging.INFO, logger="wakeproxy.docker_view")
+    caplog.set_level(logging.INFO, logger="wakeproxy.docker.view")
     view = make_view(tmp_path)
     assert start(view, api) == (3, 0)
     assert sorted(api.inspected) == sorted(ids)
@@ -276,7 +267,7 @@ def test_a_cache_for_other_variables_is_ignored_without_a_warning(tmp_path: Path
         "version": 1, "env_keys": ["VIRTUAL_HOST"], "containers": {cid(1): {"env": {}, "exposed_ports": []}}}))
     api = FakeAPI()
     api.add(1)
-    caplog.set_level(logging.INFO, logger="wakeproxy.docker_view")
+    caplog.set_level(logging.INFO, logger="wakeproxy.docker.view")
     assert start(make_view(tmp_path), api) == (1, 0)
     assert cache_warnings(caplog) == []
     assert "from another version" in caplog.text
@@ -285,7 +276,7 @@ def test_a_cache_for_other_variables_is_ignored_without_a_warning(tmp_path: Path
 def test_a_missing_cache_is_not_a_warning(tmp_path: Path, caplog):
     api = FakeAPI()
     api.add(1)
-    caplog.set_level(logging.INFO, logger="wakeproxy.docker_view")
+    caplog.set_level(logging.INFO, logger="wakeproxy.docker.view")
     assert start(make_view(tmp_path / "new"), api) == (1, 0)
     assert cache_warnings(caplog) == []
     assert cache_ids(tmp_path / "new") == {cid(1)}
@@ -298,7 +289,7 @@ def test_an_unwritable_state_dir_is_logged_once_and_the_view_goes_on(tmp_path: P
     monkeypatch.setattr(dv, "write_private", read_only)
     api = FakeAPI()
     api.add(1)
-    caplog.set_level(logging.INFO, logger="wakeproxy.docker_view")
+    caplog.set_level(logging.INFO, logger="wakeproxy.docker.view")
     published: list[Snapshot] = []
     view = make_view(tmp_path, published)
     assert start(view, api) == (1, 0)
@@ -415,7 +406,7 @@ class _TcpApi:
 
 
 def test_inspector_uses_the_sdk_for_other_transports() -> None:
-    from wakeproxy.docker_view import Inspector
+    from wakeproxy.docker.view import Inspector
 
     api = _TcpApi()
     inspect = Inspector(api)

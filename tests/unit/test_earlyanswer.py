@@ -17,7 +17,7 @@ from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layers
 
-from wakeproxy import earlyanswer
+from wakeproxy.mitm import earlyanswer
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http1
 
-from wakeproxy import errorpages
+from wakeproxy.mitm import errorpages
 from wakeproxy.config import Config
 from wakeproxy.runtime import Runtime
 

@@ -24,7 +24,7 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http1
 
-from wakeproxy import h2reuse
+from wakeproxy.mitm import h2reuse
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -432,10 +432,10 @@ def test_shape_check_refuses_another_shape_and_leaves_mitmproxy_alone(unpatched,
                                                                        target, attr, fake, expect):
     monkeypatch.setattr(target, attr, fake)
     assert expect in (h2reuse.shape_problem() or "")
-    with caplog.at_level(logging.WARNING, logger="wakeproxy.h2reuse"):
+    with caplog.at_level(logging.WARNING, logger="wakeproxy.mitm.h2reuse"):
         assert h2reuse.install() is False
         assert h2reuse.install() is False  # one warning, however often it is asked
-    assert [r.levelname for r in caplog.records if r.name == "wakeproxy.h2reuse"] == ["WARNING"]
+    assert [r.levelname for r in caplog.records if r.name == "wakeproxy.mitm.h2reuse"] == ["WARNING"]
     assert "new upstream connection per request" in caplog.text
     assert getattr(target, attr) is fake
     assert not h2reuse.installed()
@@ -455,7 +455,7 @@ def test_a_shape_check_that_raises_leaves_mitmproxy_alone(unpatched, monkeypatch
     def boom():
         raise RuntimeError("surprise")
     monkeypatch.setattr(h2reuse, "shape_problem", boom)
-    with caplog.at_level(logging.WARNING, logger="wakeproxy.h2reuse"):
+    with caplog.at_level(logging.WARNING, logger="wakeproxy.mitm.h2reuse"):
         assert h2reuse.install() is False
     assert "surprise" in caplog.text and not h2reuse.installed()
     h2reuse.uninstall()

@@ -16,7 +16,7 @@ from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import RequestHeaders
 
-from wakeproxy import headbound
+from wakeproxy.mitm import headbound
 
 
 @pytest.fixture

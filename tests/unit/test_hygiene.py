@@ -9,7 +9,7 @@ from mitmproxy.test import taddons, tflow
 from mitmproxy.test.tutils import treq
 
 from wakeproxy.config import parse_config
-from wakeproxy.hygiene import Hygiene, check, clean, Rejection
+from wakeproxy.routing.hygiene import Hygiene, check, clean, Rejection
 from wakeproxy.runtime import Runtime
 
 

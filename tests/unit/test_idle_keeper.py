@@ -23,14 +23,14 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 from mitmproxy.test.tutils import tresp
 
-import wakeproxy.idle as idle_mod
+import wakeproxy.wake.idle as idle_mod
 from wakeproxy.config import Address, Config, IdleConfig, SourcesConfig, StatusConfig
-from wakeproxy.docker_ops import DockerOpError
-from wakeproxy.idle import STATE_FILE, Activity, IdleKeeper
-from wakeproxy.labels import ContainerInfo
+from wakeproxy.docker.ops import DockerOpError
+from wakeproxy.wake.idle import STATE_FILE, Activity, IdleKeeper
+from wakeproxy.routing.labels import ContainerInfo
 from wakeproxy.runtime import Runtime
-from wakeproxy.snapshot import Snapshot, build_snapshot
-from wakeproxy.status import StatusServer
+from wakeproxy.routing.snapshot import Snapshot, build_snapshot
+from wakeproxy.observe.status import StatusServer
 
 TIMEOUT = 60.0
 
@@ -426,7 +426,7 @@ def run_sleep(k: IdleKeeper, group: str, now: float) -> None:
 def test_stop_goes_layer_by_layer_dependents_first(caplog):
     k = make_keeper(*compose_group(), record=False, stop_timeout=3.0)
     k.activity["p"] = Activity(last=0.0, running=True)
-    with caplog.at_level(logging.INFO, logger="wakeproxy.idle"):
+    with caplog.at_level(logging.INFO, logger="wakeproxy.wake.idle"):
         run_sleep(k, "p", TIMEOUT + 1)
     calls = k.ops.calls
     assert {x[1] for x in calls} == {"stop"} and {x[3] for x in calls} == {3.0}
@@ -463,7 +463,7 @@ def test_a_failing_member_does_not_stop_the_others(caplog):
     k = make_keeper(*compose_group(), record=False)
     k.ops = FakeOps(fail={"p-web"})
     k.activity["p"] = Activity(last=0.0, running=True)
-    with caplog.at_level(logging.WARNING, logger="wakeproxy.idle"):
+    with caplog.at_level(logging.WARNING, logger="wakeproxy.wake.idle"):
         run_sleep(k, "p", TIMEOUT)
     assert {x[2] for x in k.ops.calls} == {"p-web", "p-api", "p-db", "p-cache"}
     assert "docker stop p-web failed: boom" in caplog.text
@@ -525,7 +525,7 @@ def test_missing_state_file_is_empty_and_silent(tmp_path, caplog):
 def test_corrupt_state_file_is_logged_and_ignored(tmp_path, caplog, content):
     (tmp_path / STATE_FILE).write_text(content)
     k = make_keeper(c("a", "a.test"), tmp_path=tmp_path)
-    with caplog.at_level(logging.WARNING, logger="wakeproxy.idle"):
+    with caplog.at_level(logging.WARNING, logger="wakeproxy.wake.idle"):
         assert k._load() == {}
     assert "is corrupt" in caplog.text and "active now" in caplog.text
 
@@ -533,7 +533,7 @@ def test_corrupt_state_file_is_logged_and_ignored(tmp_path, caplog, content):
 def test_garbage_bytes_state_file_is_logged_and_ignored(tmp_path, caplog):
     (tmp_path / STATE_FILE).write_bytes(b"\xff\xfe\x00\x81garbage\x80\x00")
     k = make_keeper(c("a", "a.test"), tmp_path=tmp_path)
-    with caplog.at_level(logging.WARNING, logger="wakeproxy.idle"):
+    with caplog.at_level(logging.WARNING, logger="wakeproxy.wake.idle"):
         assert k._load() == {}
     assert "active now" in caplog.text
 
@@ -541,7 +541,7 @@ def test_garbage_bytes_state_file_is_logged_and_ignored(tmp_path, caplog):
 def test_unreadable_state_file_is_logged_and_ignored(tmp_path, caplog):
     (tmp_path / STATE_FILE).mkdir()  # reading a directory: IsADirectoryError (an OSError)
     k = make_keeper(c("a", "a.test"), tmp_path=tmp_path)
-    with caplog.at_level(logging.WARNING, logger="wakeproxy.idle"):
+    with caplog.at_level(logging.WARNING, logger="wakeproxy.wake.idle"):
         assert k._load() == {}
     assert "cannot read" in caplog.text
 
@@ -568,7 +568,7 @@ def test_non_finite_clock_counts_as_corrupt(tmp_path, caplog, clock):
     """json accepts NaN/Infinity; `now - nan < timeout` is False, so a NaN clock would stop the group at once."""
     (tmp_path / STATE_FILE).write_text('{"version": 1, "last_activity": {"a": %s, "b": 5.0}}' % clock)
     k = make_keeper(c("a", "a.test"), tmp_path=tmp_path)
-    with caplog.at_level(logging.WARNING, logger="wakeproxy.idle"):
+    with caplog.at_level(logging.WARNING, logger="wakeproxy.wake.idle"):
         k._loaded = k._load()
     assert k._loaded == {}
     assert "is corrupt" in caplog.text
@@ -594,7 +594,7 @@ def test_unwritable_state_dir_is_a_warning(tmp_path, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     k = make_keeper(c("a", "a.test"), tmp_path=blocker / "sub")  # a file where a folder should be
-    with caplog.at_level(logging.WARNING, logger="wakeproxy.idle"):
+    with caplog.at_level(logging.WARNING, logger="wakeproxy.wake.idle"):
         k._write(k._state())
     assert "cannot save the idle clocks" in caplog.text
 

@@ -25,19 +25,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from wakeproxy import hostnames
+from wakeproxy.routing import hostnames
 from wakeproxy.config import SourcesConfig
-from wakeproxy.labels import (
-    MAX_VALUE_BYTES,
-    USED_ENV,
-    ContainerInfo,
-    LabelError,
-    parse_depends_on,
-    parse_hosts,
-    routes_for,
-    settings_for,
-)
-from wakeproxy.traefik_rule import RuleError, parse_rule
+from wakeproxy.routing.labels import MAX_VALUE_BYTES, USED_ENV, ContainerInfo, LabelError, parse_depends_on, parse_hosts, routes_for, settings_for
+from wakeproxy.routing.traefik_rule import RuleError, parse_rule
 
 PER_BYTE = 20e-6  # seconds per input byte
 CONSTANT = 5e-3  # seconds per call: interpreter and scheduler noise

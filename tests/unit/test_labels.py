@@ -5,18 +5,7 @@ from __future__ import annotations
 import pytest
 
 from wakeproxy.config import SourcesConfig
-from wakeproxy.labels import (
-    ContainerInfo,
-    ContainerSettings,
-    Dependency,
-    LabelError,
-    Route,
-    normalize_host,
-    parse_depends_on,
-    parse_hosts,
-    routes_for,
-    settings_for,
-)
+from wakeproxy.routing.labels import ContainerInfo, ContainerSettings, Dependency, LabelError, Route, normalize_host, parse_depends_on, parse_hosts, routes_for, settings_for
 
 ALL = SourcesConfig()
 
@@ -502,7 +491,7 @@ def test_idle_settings_errors_name_the_label(labels, named):
 
 # --- limits (check_limits, MAX_*) ---------------------------------------------------------------
 
-from wakeproxy.labels import MAX_HOSTS, MAX_KEY_BYTES, MAX_ROUTERS, MAX_VALUE_BYTES, check_limits  # noqa: E402
+from wakeproxy.routing.labels import MAX_HOSTS, MAX_KEY_BYTES, MAX_ROUTERS, MAX_VALUE_BYTES, check_limits  # noqa: E402
 
 BIG = "x" * (MAX_VALUE_BYTES + 1)
 
@@ -661,7 +650,7 @@ def test_nginx_proxy_trailing_wildcard_check_is_linear():
 
 
 def test_parse_hosts_is_bounded_on_its_own():
-    # acme.names_of calls it on LETSENCRYPT_HOST directly, without routes_for's check_limits.
+    # settings_for calls it on LETSENCRYPT_HOST, which routes_for never sees.
     with pytest.raises(LabelError, match=r"^env LETSENCRYPT_HOST: the value is \d+ bytes"):
         parse_hosts("a.test " * 1000, "env LETSENCRYPT_HOST")
     with pytest.raises(LabelError, match=f"more than {MAX_HOSTS} hosts"):
@@ -670,7 +659,7 @@ def test_parse_hosts_is_bounded_on_its_own():
 
 # --- paths: which requests of a host a route takes ----------------------------------------------
 
-from wakeproxy.labels import MAX_ROUTES, USED_ENV, path_matches, traefik_routes  # noqa: E402
+from wakeproxy.routing.labels import MAX_ROUTES, USED_ENV, path_matches, traefik_routes  # noqa: E402
 
 
 def paths_of(rs: list[Route]) -> list[tuple[str, str, bool]]:
@@ -889,7 +878,7 @@ def test_every_oversized_value_is_named():
 
 
 def test_the_number_of_errors_named_is_bounded():
-    from wakeproxy.labels import MAX_ERRORS
+    from wakeproxy.routing.labels import MAX_ERRORS
 
     labels = {f"traefik.http.routers.r{i}.rule": f"Host(`r{i}.test`) && Method(`GET`)" for i in range(20)}
     with pytest.raises(LabelError) as exc:

@@ -8,7 +8,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test.tutils import treq
 
-from wakeproxy import lean
+from wakeproxy.mitm import lean
 
 
 @pytest.fixture

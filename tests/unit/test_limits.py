@@ -14,9 +14,10 @@ import pytest
 from mitmproxy import connection
 from mitmproxy.test import taddons, tflow
 
-from wakeproxy import headbound, limits
+from wakeproxy.mitm import headbound
+from wakeproxy.mitm import limits
 from wakeproxy.config import parse_config
-from wakeproxy.limits import ConnectionLimits, connection_cap
+from wakeproxy.mitm.limits import ConnectionLimits, connection_cap
 from wakeproxy.runtime import Runtime
 
 

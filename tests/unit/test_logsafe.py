@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from wakeproxy.logsafe import escape, get_logger
+from wakeproxy.observe.logsafe import escape, get_logger
 
 
 def test_control_characters_are_escaped():

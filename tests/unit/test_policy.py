@@ -9,9 +9,9 @@ import random
 import pytest
 
 from wakeproxy.config import SourcesConfig
-from wakeproxy.labels import ContainerInfo
-from wakeproxy.policy import Claim, GroupId, NamePolicy, Ownership
-from wakeproxy.snapshot import Policy, build_snapshot
+from wakeproxy.routing.labels import ContainerInfo
+from wakeproxy.routing.policy import Claim, GroupId, NamePolicy, Ownership
+from wakeproxy.routing.snapshot import Policy, build_snapshot
 
 
 def G(base: str, kind: str = "compose") -> GroupId:

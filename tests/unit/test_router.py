@@ -12,12 +12,12 @@ from mitmproxy.test import taddons, tflow
 from mitmproxy.test.tutils import treq, tresp
 
 from wakeproxy.config import Config, ForwardedConfig, SourcesConfig, parse_config
-from wakeproxy.labels import ContainerInfo
-import wakeproxy.router as router_mod
-from wakeproxy.router import WEBSOCKET_HISTORY, Router
+from wakeproxy.routing.labels import ContainerInfo
+import wakeproxy.routing.router as router_mod
+from wakeproxy.routing.router import WEBSOCKET_HISTORY, Router
 from wakeproxy.runtime import Runtime
-from wakeproxy.snapshot import Policy, Snapshot, build_snapshot
-from wakeproxy.waker import CONTROL_PREFIX, Waker
+from wakeproxy.routing.snapshot import Policy, Snapshot, build_snapshot
+from wakeproxy.wake.waker import CONTROL_PREFIX, Waker
 
 CLIENT = ("192.0.2.7", 5555)
 TRUSTED = ForwardedConfig(trusted_proxies=(ip_network("192.0.2.0/24"),))

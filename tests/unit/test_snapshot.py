@@ -8,11 +8,11 @@ from dataclasses import FrozenInstanceError
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import wakeproxy.snapshot as snapshot_mod
+import wakeproxy.routing.snapshot as snapshot_mod
 from wakeproxy.config import LabelTrustConfig, SourcesConfig
-from wakeproxy.labels import ContainerInfo, path_matches
-from wakeproxy.policy import NamePolicy, Ownership
-from wakeproxy.snapshot import Backend, PathRoute, Policy, Site, Snapshot, build_snapshot, route_order
+from wakeproxy.routing.labels import ContainerInfo, path_matches
+from wakeproxy.routing.policy import NamePolicy, Ownership
+from wakeproxy.routing.snapshot import Backend, PathRoute, Policy, Site, Snapshot, build_snapshot, route_order
 
 ALL = SourcesConfig()
 P = {"com.docker.compose.project": "p"}  # containers of one Compose project: one group
@@ -271,7 +271,7 @@ def test_stopped_host_network_container_is_not_ready():
 
 
 def test_malformed_container_is_skipped_others_indexed(caplog):
-    with caplog.at_level(logging.WARNING, logger="wakeproxy.snapshot"):
+    with caplog.at_level(logging.WARNING, logger="wakeproxy.routing.snapshot"):
         snap = build(c("good1", "a.test"), c("bad", "ok.test", labels={"wakeproxy.port": "nope"}), c("good2", "b.test"))
     assert snap.hosts == ["a.test", "b.test"]
     assert snap.lookup("ok.test") is None  # nothing half-routed
@@ -338,7 +338,7 @@ def test_without_cache_every_build_parses(counting):
 def test_label_error_is_logged_once_with_cache(caplog, counting):
     cache: dict = {}
     bad = c("bad", "a..test")
-    with caplog.at_level(logging.WARNING, logger="wakeproxy.snapshot"):
+    with caplog.at_level(logging.WARNING, logger="wakeproxy.routing.snapshot"):
         s1 = build(bad, c("ok", "ok.test"), route_cache=cache)
         s2 = build(bad, c("ok", "ok.test"), route_cache=cache)
     warnings = [r for r in caplog.records if "bad" in r.getMessage()]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wakeproxy.traefik_rule import MAX_DEPTH, And, Matcher, Not, Or, RuleError, host_arguments, parse_rule
+from wakeproxy.routing.traefik_rule import MAX_DEPTH, And, Matcher, Not, Or, RuleError, host_arguments, parse_rule
 
 
 def test_single_matcher_with_several_arguments_and_both_quotes():

@@ -1,0 +1,3 @@
+from wakeproxy.cli import main
+
+raise SystemExit(main())

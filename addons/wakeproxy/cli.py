@@ -1,0 +1,285 @@
+"""The `wakeproxy` command.
+
+    wakeproxy [--config FILE]          run the proxy (a lean mitmproxy Master)
+    wakeproxy check [--config FILE]    validate the config and exit
+    wakeproxy status [--config FILE] [--json]
+                                       groups, their state and idle clocks, from the running proxy
+    wakeproxy web [--config FILE] [MITMWEB ARGS…]
+                                       the same proxy inside mitmweb, to watch live traffic
+    wakeproxy --version                wakeproxy's, mitmproxy's and Python's versions
+
+The lean Master holds only the built-in addons a reverse proxy needs (core,
+proxyserver, next_layer, tlsconfig, errorcheck, termlog) plus ours, and dispatches
+hooks through a per-hook handler table (dispatch.py), without mitmproxy's
+debug-only message type check (lean.py); stock mitmdump walks 30+ addons on
+every hook, roughly halving throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+from wakeproxy.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from mitmproxy import master
+
+DEFAULT_CONFIG = "config/wakeproxy.yaml"
+EXIT_CONFIG = 2
+EXIT_NO_DOCKER = 3  # `wakeproxy status`: the proxy runs but cannot see the Docker engine
+
+
+def build_master(config_path: str, verbosity: str = "info") -> "master.Master":
+    """A Master with just what a reverse proxy needs, configured from `config_path`.
+
+    Must be called with a running event loop (mitmproxy's Master requires one).
+    """
+    # Imported here, not at the top: `wakeproxy status` and `check` should start in milliseconds.
+    from mitmproxy import master, options
+    from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, termlog, tlsconfig
+
+    from wakeproxy.mitm import dispatch
+    from wakeproxy.mitm import lean
+    from wakeproxy.bundle import make_addons
+
+    lean.drop_message_type_checks()
+    opts = options.Options()
+    m = master.Master(opts, with_termlog=False)
+    if dispatch.compatible():
+        # A handler table per hook instead of mitmproxy's walk over every addon per hook call.
+        opts.changed.disconnect(m.addons._configure_all)
+        m.addons = dispatch.HookTable(m)
+    else:
+        logging.getLogger(__name__).warning(
+            "wakeproxy: this mitmproxy's AddonManager is not the shape wakeproxy.dispatch expects; "
+            "using the stock hook dispatch (slower, same behaviour)")
+    m._termlog_addon = termlog.TermLog()
+    m.addons.add(
+        m._termlog_addon,
+        core.Core(),
+        proxyserver.Proxyserver(),
+        next_layer.NextLayer(),
+        tlsconfig.TlsConfig(),
+        errorcheck.ErrorCheck(),
+        *make_addons(),
+    )
+    opts.update(termlog_verbosity=verbosity, wakeproxy_config=config_path)
+    return m
+
+
+async def _serve(config_path: str, verbosity: str) -> None:
+    logging.getLogger().setLevel(logging.DEBUG)
+    for noisy in ("hpack", "urllib3", "docker"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if verbosity != "debug":
+        # "client connect"/"client disconnect" for every connection: noise on a busy proxy.
+        logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
+    m = build_master(config_path, verbosity)
+    loop = asyncio.get_running_loop()
+    from wakeproxy.mitm.shutdown import GracefulStop
+
+    stop = GracefulStop(m, load_config(config_path).shutdown.drain)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.signal, sig.name)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    await m.run()
+
+
+def _check(path: str) -> int:
+    """Parse the config and look at every file it names, as start-up would; exit 2 on a problem."""
+    from wakeproxy import preflight
+
+    cfg = load_config(path)  # main() has validated it already
+    found = preflight.problems(cfg)
+    for problem in found:
+        print(f"wakeproxy: {cfg.source}: {problem}", file=sys.stderr)
+    if found:
+        return EXIT_CONFIG
+    for taken in preflight.taken_ports(cfg):  # the running proxy itself may hold them: a note, not an error
+        print(f"note: {taken}")
+    print(f"{path}: ok (http {cfg.listen.http}, https {cfg.listen.https}, state_dir {cfg.state_dir})")
+    return 0
+
+
+def _ago(iso: str | None) -> str:
+    if not iso:
+        return "-"
+    delta = datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(iso)
+    return _duration(delta.total_seconds()) + " ago"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(round(seconds))
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def _status(config_path: str, url: str | None, as_json: bool) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    if url is None:
+        listen = load_config(config_path).status.listen
+        if listen is None:
+            print("wakeproxy: status.listen is null in the config: the status endpoint is off", file=sys.stderr)
+            return 1
+        host = "127.0.0.1" if listen.host in ("0.0.0.0", "") else listen.host
+        url = f"http://{host}:{listen.port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            report = json.load(r)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        print(f"wakeproxy: cannot read {url}: {e}. Is the proxy running with this config?", file=sys.stderr)
+        return 1
+    engine = report.get("docker") or {}
+    blind = engine.get("state") != "connected"  # the proxy cannot see Docker: say so, exit non-zero
+    if as_json:
+        print(json.dumps(report, indent=1))
+        return EXIT_NO_DOCKER if blind else 0
+    if engine:
+        since = engine.get("since")
+        iso = datetime.datetime.fromtimestamp(since, datetime.timezone.utc).isoformat() if since else None
+        if blind:
+            print(f"docker: {engine.get('state')} since {_ago(iso)} — cannot reach {engine.get('url')}: "
+                  f"{engine.get('last_error') or 'not connected yet'}")
+        else:
+            print(f"docker: connected to {engine.get('url')} (since {_ago(iso)})")
+    rows = [("GROUP", "STATE", "HOSTS", "CONTAINERS", "IN FLIGHT", "OPEN", "LAST ACTIVITY", "STOPS IN")]
+    for g in report["groups"]:
+        rows.append((
+            g["group"], g["state"], ",".join(g["hosts"]),
+            ",".join(f"{c['name']}:{c['state']}" for c in g["containers"]),
+            str(g["inflight"]), str(g["open"]), _ago(g["last_activity"]),
+            "never" if g["idle_timeout"] <= 0 else _duration(g["stops_in"]),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    certs = report.get("certificates") or {}
+    if certs:
+        print()
+        crows = [("CERTIFICATE", "STATE", "NOT AFTER", "RENEW AT", "LAST ERROR")]
+        for name, c in certs.items():
+            crows.append((name, c.get("state") or "-", (c.get("not_after") or "-")[:19],
+                          (c.get("renew_at") or "-")[:19], (c.get("last_error") or "")[:80]))
+        cw = [max(len(r[i]) for r in crows) for i in range(len(crows[0]))]
+        for r in crows:
+            print("  ".join(col.ljust(w) for col, w in zip(r, cw)).rstrip())
+    conflicts = report.get("conflicts") or []
+    if conflicts:
+        print("\nconflicts (claims on names another group owns; never routed, no certificate):")
+        _table([("NAME", "CLAIMED BY", "CONTAINERS", "OWNER")] + [
+            (c["name"], c["group"], ",".join(c["containers"]), c["owner"] or "-") for c in conflicts])
+    refused = report.get("refused") or []
+    if refused:
+        print("\nrefused names (outside the names policy):")
+        _table([("NAME", "GROUP", "CONTAINERS", "WHY")] + [
+            (c["name"], c["group"], ",".join(c["containers"]), c["reason"]) for c in refused])
+    if report.get("skipped"):
+        print("\nskipped containers (bad labels):")
+        for name, why in report["skipped"].items():
+            print(f"  {name}: {why}")
+    if report.get("misconfigured"):
+        print("\nmisconfigured hosts (declared only by skipped containers):")
+        print("  " + ", ".join(report["misconfigured"]))
+    return EXIT_NO_DOCKER if blind else 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+COMMANDS = {
+    "run": "run the proxy (the default)",
+    "check": "validate the config and the files it names, then exit (status 2 on a problem)",
+    "status": "groups, conflicts, certificates and the Docker engine, from the running proxy",
+    "web": "the same proxy inside mitmweb, to watch live traffic (starts, stops and orders nothing unless --manage)",
+}
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    def v(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    return f"wakeproxy {v('wakeproxy')} (mitmproxy {v('mitmproxy')}, Python {sys.version.split()[0]})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = "run"
+    if argv and argv[0] in COMMANDS:
+        command = argv.pop(0)
+    epilog = "commands:\n" + "\n".join(f"  {name:<8} {what}" for name, what in COMMANDS.items()) + \
+        "\n\nwakeproxy COMMAND --help shows the options of one command."
+    parser = argparse.ArgumentParser(
+        prog=f"wakeproxy {command}" if command != "run" else "wakeproxy",
+        description=COMMANDS[command] if command != "run" else "Reverse proxy for Docker sandboxes.",
+        epilog=epilog if command == "run" else None, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--version", action="version", version=_version())
+    if command == "status":
+        parser.add_argument("--json", action="store_true", help="print the raw JSON")
+        parser.add_argument("--url", help="status endpoint (default: http://<status.listen>/status from the config)")
+    if command == "run":
+        parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
+        parser.add_argument("--quiet", "-q", action="store_true", help="log warnings and errors only")
+    args, rest = parser.parse_known_args(argv)
+    if rest and command != "web":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+
+    # Validate before anything starts: a bad config names file, line and key, and exits 2.
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"wakeproxy: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    if command in ("check", "status"):
+        try:
+            return _check(args.config) if command == "check" else _status(args.config, args.url, args.json)
+        except BrokenPipeError:  # `wakeproxy status | head`: the reader left, nothing to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+    from wakeproxy import preflight
+
+    found = preflight.problems(config) + preflight.taken_ports(config)
+    for problem in found:
+        print(f"wakeproxy: {config.source}: {problem}", file=sys.stderr)
+    if found:
+        return EXIT_CONFIG
+    if command == "web":
+        script = Path(__file__).resolve().parent.parent / "wakeproxy.py"  # addons/wakeproxy.py
+        mitmweb = Path(sys.executable).parent / "mitmweb"
+        exe = str(mitmweb) if mitmweb.exists() else "mitmweb"
+        manage = "--manage" in rest
+        rest = [a for a in rest if a != "--manage"]
+        os.execvp(exe, [exe, "-s", str(script), "--set", f"wakeproxy_config={args.config}",
+                        "--set", f"wakeproxy_manage={'true' if manage else 'false'}", *rest])
+    verbosity = "debug" if args.verbose else "warn" if args.quiet else "info"
+    try:
+        asyncio.run(_serve(args.config, verbosity))
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,621 @@
+"""wakeproxy's YAML configuration, turned into frozen dataclasses.
+
+Every error names the file, the line and the dotted key, so a user who made a
+typo sees exactly where it is.  Nothing is half-applied: `load_config` either
+returns a complete `Config` or raises `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wakeproxy.routing.hostnames import is_host_pattern, is_hostname
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased for the user (file:line: key: what)."""
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    http: Address | None = Address("0.0.0.0", 80)
+    https: Address | None = Address("0.0.0.0", 443)
+
+
+@dataclass(frozen=True)
+class DockerConfig:
+    url: str | None = None
+    networks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SourcesConfig:
+    """Which label conventions declare routes; each can be switched off."""
+
+    wakeproxy: bool = True
+    docksal: bool = True
+    nginx_proxy: bool = True
+    traefik: bool = True
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def ip_in(ip: str, networks: tuple[Network, ...]) -> bool:
+    """Is the client address `ip` (IPv4, IPv6, IPv4-mapped IPv6, with or without a zone) in `networks`?"""
+    if not networks:
+        return False
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks)
+
+
+LOOPBACK: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+@dataclass(frozen=True)
+class ForwardedConfig:
+    # Peers whose X-Forwarded-* headers are believed (CIDRs). Empty: nobody.
+    trusted_proxies: tuple[Network, ...] = ()
+
+    def trusts(self, ip: str) -> bool:
+        return ip_in(ip, self.trusted_proxies)
+
+
+@dataclass(frozen=True)
+class NamesConfig:
+    """Which names container labels may claim, and how ownership of a name is kept (see policy.py)."""
+
+    # Patterns labels may claim; () = any name. "example.com": that name; "*.example.com": every
+    # name under it (and wildcards under it); "{group}" stands for the claiming group's name.
+    allow: tuple[str, ...] = ()
+    wildcards: bool = True  # may labels declare `*.domain` at all
+    max_per_group: int = 50  # names (hosts and wildcards) one group may own
+    reserved: tuple[tuple[str, str], ...] = ()  # (name, group): names only that group may claim
+    release_after: float = 60.0  # an owner keeps its name this long after its last claim is gone
+
+
+@dataclass(frozen=True)
+class LabelTrustConfig:
+    """Labels that weaken the server's posture are honoured only when the operator allows them."""
+
+    network: bool = False  # wakeproxy.network / traefik.docker.network outside docker.networks
+    cert_name: bool = False  # wakeproxy.cert-name / io.docksal.cert-name
+    https_redirect: bool = False  # wakeproxy.https-redirect=false
+    keep_awake: bool = True  # io.docksal.permanent, wakeproxy.idle-timeout=0 or above idle.timeout
+
+
+@dataclass(frozen=True)
+class WakeConfig:
+    """How a request for a sleeping group is answered while the group starts."""
+
+    strategy: str = "auto"  # auto: page for browser navigations, hold for the rest | hold | page
+    timeout: float = 60.0  # a held request gets 504 after this long
+    retry_after: float = 10.0  # cool-down after a failed wake before another is tried
+    ignore_user_agents: tuple[re.Pattern[str], ...] = ()  # these never wake anything
+    per_client: int = 10  # new wakes one client (IPv4 address or IPv6 /64) may cause per minute; 0 = no limit
+
+    def ignores(self, user_agent: str) -> bool:
+        return any(p.search(user_agent) for p in self.ignore_user_agents)
+
+
+@dataclass(frozen=True)
+class IdleConfig:
+    """When an unused group is put to sleep, and how."""
+
+    timeout: float = 1800.0  # seconds without a request in flight, an open stream or a byte moved; 0 = never
+    action: str = "stop"  # stop | pause
+    stop_timeout: float = 10.0  # `docker stop -t`
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    listen: Address | None = Address("127.0.0.1", 8099)  # read-only status endpoint; null turns it off
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    certs_dir: Path | None = None  # <name>.crt + <name>.key; _wildcard.<domain>.crt for *.<domain>
+    default_cert: Path | None = None  # served for names without a certificate of their own
+    default_key: Path | None = None
+    redirect: bool = True  # plain HTTP → 308 to https once the host has a valid certificate
+    hsts: float = 0.0  # Strict-Transport-Security max-age in seconds; 0 = not sent
+
+
+@dataclass(frozen=True)
+class AcmeConfig:
+    enabled: bool = False
+    directory: str = "https://acme-v02.api.letsencrypt.org/directory"
+    email: str | None = None
+    ca_bundle: Path | None = None  # trust this CA for the ACME API (e.g. pebble's)
+    eab_kid: str | None = None
+    eab_hmac_key: str | None = None
+    key_type: str = "ec256"  # ec256 | ec384 | rsa2048 | rsa4096
+    concurrency: int = 2
+    max_names_per_group: int = 10  # names one group may have certificates ordered for
+    max_orders_per_group: int = 30  # orders (attempts) one group may cause per 24 hours
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """What one client may cost the proxy: time, header bytes, connections."""
+
+    header_timeout: float = 10.0  # connect (or first byte of a keep-alive request) → request headers complete
+    idle_timeout: float = 60.0  # keep-alive connection with nothing in flight
+    max_header_bytes: int = 32768  # request line + headers; more → 431 and the connection is closed
+    max_connections: int | None = None  # client connections at once; None (auto) = derived from the file limit
+    connection_reserve: int = 512  # file descriptors kept free: upstreams, Docker, state files, accept bursts
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """Connections from the proxy to containers."""
+
+    connect_timeout: float = 5.0  # a container that does not accept within this long: 504
+    read_timeout: float = 300.0  # a response whose headers have not come this long after the request: 502
+    keepalive: float = 15.0  # TCP keepalive: first probe after this long idle (0 = off)
+
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    drain: float = 10.0  # after SIGTERM, requests in flight get this long to finish
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    docker: DockerConfig = field(default_factory=DockerConfig)
+    state_dir: Path = Path("/var/lib/wakeproxy")
+    default_host: str | None = None
+    # Clients (CIDRs) that see internal detail (container, group and network names, exit codes)
+    # in error and waking pages; everyone else gets only what a visitor can act on.
+    debug_clients: tuple[Network, ...] = LOOPBACK
+    sources: SourcesConfig = field(default_factory=SourcesConfig)
+    names: NamesConfig = field(default_factory=NamesConfig)
+    labels: LabelTrustConfig = field(default_factory=LabelTrustConfig)
+    forwarded: ForwardedConfig = field(default_factory=ForwardedConfig)
+    wake: WakeConfig = field(default_factory=WakeConfig)
+    idle: IdleConfig = field(default_factory=IdleConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    acme: AcmeConfig = field(default_factory=AcmeConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    source: str = "<defaults>"
+
+    def shows_detail(self, ip: str) -> bool:
+        """May the client at `ip` see internal detail in pages (debug_clients)?"""
+        return ip_in(ip, self.debug_clients)
+
+
+# --- value parsers -----------------------------------------------------------
+
+# `\s*+` (possessive): without it the two whitespace runs around an absent unit backtrack into each
+# other, quadratic in the spaces of `1      x` (85 ms for 4 KB of them). Labels reach this (labels.py).
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*+(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """`30s`, `5m`, `2h`, `1d`, `250ms` or plain seconds → seconds (float)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 30s, 5m, 2h or a number of seconds")
+    if isinstance(value, (int, float)):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{value!r} is not a duration (write 30s, 5m, 2h or a number of seconds)")
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"{value!r} is not a duration (write 30s, 5m, 2h or a number of seconds)")
+
+
+def parse_address(value: Any) -> Address | None:
+    """`host:port`, `[v6]:port` or a bare port → Address; null disables the listener."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        host, port_s = "0.0.0.0", str(value)
+    elif isinstance(value, str):
+        m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", value) or re.match(r"^([^:\[\]]*):(\d+)$", value)
+        if not m:
+            raise ValueError(f"{value!r} is not host:port (e.g. \"0.0.0.0:80\")")
+        host, port_s = m.group(1) or "0.0.0.0", m.group(2)
+    else:
+        raise ValueError("expected \"host:port\" or null")
+    port = int(port_s)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} is out of range 1-65535")
+    return Address(host, port)
+
+
+def _hostname(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not is_hostname(value.lower().rstrip(".")):
+        raise ValueError(f"{value!r} is not a hostname")
+    return value.lower().rstrip(".")
+
+
+def _hostname_or_wildcard(value: Any) -> str:
+    if not isinstance(value, str) or not is_host_pattern(value.lower().rstrip(".")):
+        raise ValueError(f"{value!r} is not a hostname or a *.domain wildcard")
+    return value.lower().rstrip(".")
+
+
+def _name_pattern(value: Any) -> str:
+    """A names.allow pattern: a hostname or *.domain, where `{group}` may stand for labels."""
+    if not isinstance(value, str):
+        raise ValueError("expected a name pattern such as \"*.sandbox.example.com\" or \"{group}.example.com\"")
+    v = value.lower().rstrip(".")
+    if v.replace("{group}", "x").count("{") or v.replace("{group}", "x").count("}"):
+        raise ValueError(f"{value!r}: the only placeholder is {{group}}")
+    if not is_host_pattern(v.replace("{group}", "x")):
+        raise ValueError(f"{value!r} is not a hostname or *.domain pattern")
+    return v
+
+
+def _group_ref(value: Any) -> str:
+    """A group in names.reserved: `NAME`, or `KIND:NAME` with KIND compose, group or container."""
+    v = _str(value)
+    kind, sep, name = v.partition(":")
+    if sep and kind not in ("compose", "group", "container") or not (name if sep else v):
+        raise ValueError(f"{v!r} is not a group (NAME, or compose:NAME, group:NAME, container:NAME)")
+    return v
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("expected a whole number (0 or more)")
+    return value
+
+
+def _regex(value: Any) -> re.Pattern[str]:
+    if not isinstance(value, str):
+        raise ValueError("expected a regular expression string")
+    try:
+        return re.compile(value, re.IGNORECASE)
+    except re.error as e:
+        raise ValueError(f"{value!r} is not a valid regular expression: {e}") from None
+
+
+def _positive_duration(value: Any) -> float:
+    d = parse_duration(value)
+    if d <= 0:
+        raise ValueError("must be more than 0")
+    return d
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return str(value)
+    return parse
+
+
+def _opt_path(value: Any) -> Path | None:
+    return None if value is None else Path(_str(value)).expanduser()
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("expected a whole number of at least 1")
+    return value
+
+
+def _auto_or_positive_int(value: Any) -> int | None:
+    if value == "auto" or value is None:
+        return None
+    return _positive_int(value)
+
+
+def _int_at_least(minimum: int, unit: str) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"expected a whole number of {unit}, at least {minimum}")
+        return value
+    return parse
+
+
+def _hsts(value: Any) -> float:
+    if value is False or value is None:
+        return 0.0
+    return parse_duration(value)
+
+
+def _url(value: Any) -> str:
+    v = _str(value)
+    if not re.match(r"^https?://[^\s/]+", v):
+        raise ValueError(f"{v!r} is not an http(s) URL")
+    return v
+
+
+_DOCKER_URL = re.compile(r"(unix|tcp|ssh|http|https)://[^\s]+")
+
+
+def _docker_url(value: Any) -> str | None:
+    """`unix:///var/run/docker.sock`, `tcp://host:2375`, `ssh://user@host`, or null (DOCKER_HOST / the default)."""
+    if value is None:
+        return None
+    v = _str(value)
+    if not _DOCKER_URL.fullmatch(v) or (v.startswith("unix://") and not v[len("unix://"):].startswith("/")):
+        raise ValueError(f"{v!r} is not a Docker engine URL (unix:///var/run/docker.sock, tcp://HOST:PORT, "
+                         "ssh://USER@HOST)")
+    return v
+
+
+def _overlap(a: Address, b: Address) -> bool:
+    """Would two listeners fight over one port?"""
+    wildcard = ("0.0.0.0", "::", "")
+    return a.port == b.port and (a.host == b.host or a.host in wildcard or b.host in wildcard)
+
+
+def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if not isinstance(value, str):
+        raise ValueError("expected a CIDR string such as \"10.0.0.0/8\"")
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP network (CIDR)") from None
+
+
+# --- YAML walking with line numbers --------------------------------------------
+
+
+class _Reader:
+    """Walks a composed YAML node tree, remembering lines for error messages."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, node: yaml.Node | None, key: str, msg: str) -> ConfigError:
+        line = f":{node.start_mark.line + 1}" if node is not None else ""
+        return ConfigError(f"{self.source}{line}: {key}: {msg}")
+
+    def mapping(self, node: yaml.Node, key: str, allowed: set[str]) -> dict[str, yaml.Node]:
+        if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
+            return {}
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(node, key or "(top level)", "expected a mapping of keys")
+        out: dict[str, yaml.Node] = {}
+        for knode, vnode in node.value:
+            name = str(knode.value)
+            full = f"{key}.{name}" if key else name
+            if name not in allowed:
+                known = ", ".join(sorted(allowed))
+                raise self.fail(knode, full, f"unknown key (known here: {known})")
+            if name in out:
+                raise self.fail(knode, full, "key given twice")
+            out[name] = vnode
+        return out
+
+    def value(self, node: yaml.Node, key: str, parse: Callable[[Any], Any]) -> Any:
+        raw = yaml.safe_load(yaml.serialize(node)) if not isinstance(node, yaml.ScalarNode) else _scalar(node)
+        try:
+            return parse(raw)
+        except (ValueError, TypeError) as e:
+            raise self.fail(node, key, str(e)) from None
+
+    def pairs(self, node: yaml.Node, key: str, parse_key: Callable[[Any], Any],
+              parse_value: Callable[[Any], Any]) -> tuple[tuple[Any, Any], ...]:
+        """A mapping of free-form keys (e.g. hostname → group) → sorted (key, value) pairs."""
+        if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
+            return ()
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(node, key, "expected a mapping")
+        out: dict[Any, Any] = {}
+        for knode, vnode in node.value:
+            k = self.value(knode, f"{key}.{knode.value}", parse_key)
+            if k in out:
+                raise self.fail(knode, f"{key}.{knode.value}", "key given twice")
+            out[k] = self.value(vnode, f"{key}.{knode.value}", parse_value)
+        return tuple(sorted(out.items()))
+
+    def list_of(self, node: yaml.Node, key: str, parse: Callable[[Any], Any]) -> tuple[Any, ...]:
+        if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
+            return ()
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.fail(node, key, "expected a list")
+        return tuple(self.value(item, f"{key}[{i}]", parse) for i, item in enumerate(node.value))
+
+
+def _scalar(node: yaml.ScalarNode) -> Any:
+    return yaml.safe_load(yaml.serialize(node))
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else _str(value)
+
+
+def _section(r: _Reader, node: yaml.Node | None, key: str, cls: type, parsers: dict[str, Callable[..., Any]]) -> Any:
+    """Build dataclass `cls` from mapping `node`; `parsers` maps field → (reader, node, key) → value."""
+    if node is None:
+        return cls()
+    fields = r.mapping(node, key, set(parsers))
+    kwargs = {name: parsers[name](r, fields[name], f"{key}.{name}") for name in fields}
+    return cls(**kwargs)
+
+
+def _scalar_field(parse: Callable[[Any], Any]) -> Callable[[_Reader, yaml.Node, str], Any]:
+    return lambda r, n, k: r.value(n, k, parse)
+
+
+def _list_field(parse: Callable[[Any], Any]) -> Callable[[_Reader, yaml.Node, str], Any]:
+    return lambda r, n, k: r.list_of(n, k, parse)
+
+
+# Each config section: its dataclass and a parser per key (the keys are the public contract).
+_SECTIONS: dict[str, tuple[type, dict[str, Callable[[_Reader, yaml.Node, str], Any]]]] = {
+    "listen": (ListenConfig, {"http": _scalar_field(parse_address), "https": _scalar_field(parse_address)}),
+    "docker": (DockerConfig, {"url": _scalar_field(_docker_url), "networks": _list_field(_str)}),
+    "sources": (SourcesConfig, {f.name: _scalar_field(_bool) for f in dataclasses.fields(SourcesConfig)}),
+    "names": (NamesConfig, {
+        "allow": _list_field(_name_pattern),
+        "wildcards": _scalar_field(_bool),
+        "max_per_group": _scalar_field(_positive_int),
+        "reserved": lambda r, n, k: r.pairs(n, k, _hostname_or_wildcard, _group_ref),
+        "release_after": _scalar_field(parse_duration),
+    }),
+    "labels": (LabelTrustConfig, {f.name: _scalar_field(_bool) for f in dataclasses.fields(LabelTrustConfig)}),
+    "forwarded": (ForwardedConfig, {"trusted_proxies": _list_field(_network)}),
+    "wake": (WakeConfig, {
+        "strategy": _scalar_field(_choice("auto", "hold", "page")),
+        "timeout": _scalar_field(_positive_duration),
+        "retry_after": _scalar_field(parse_duration),
+        "ignore_user_agents": _list_field(_regex),
+        "per_client": _scalar_field(_count),
+    }),
+    "idle": (IdleConfig, {
+        "timeout": _scalar_field(parse_duration),
+        "action": _scalar_field(_choice("stop", "pause")),
+        "stop_timeout": _scalar_field(parse_duration),
+    }),
+    "status": (StatusConfig, {"listen": _scalar_field(parse_address)}),
+    "tls": (TlsConfig, {
+        "certs_dir": _scalar_field(_opt_path),
+        "default_cert": _scalar_field(_opt_path),
+        "default_key": _scalar_field(_opt_path),
+        "redirect": _scalar_field(_bool),
+        "hsts": _scalar_field(_hsts),
+    }),
+    "acme": (AcmeConfig, {
+        "enabled": _scalar_field(_bool),
+        "directory": _scalar_field(_url),
+        "email": _scalar_field(_opt_str),
+        "ca_bundle": _scalar_field(_opt_path),
+        "eab_kid": _scalar_field(_opt_str),
+        "eab_hmac_key": _scalar_field(_opt_str),
+        "key_type": _scalar_field(_choice("ec256", "ec384", "rsa2048", "rsa4096")),
+        "concurrency": _scalar_field(_positive_int),
+        "max_names_per_group": _scalar_field(_positive_int),
+        "max_orders_per_group": _scalar_field(_positive_int),
+    }),
+    "shutdown": (ShutdownConfig, {"drain": _scalar_field(parse_duration)}),
+    "upstream": (UpstreamConfig, {
+        "connect_timeout": _scalar_field(_positive_duration),
+        "read_timeout": _scalar_field(_positive_duration),
+        "keepalive": _scalar_field(parse_duration),
+    }),
+    "limits": (LimitsConfig, {
+        "header_timeout": _scalar_field(_positive_duration),
+        "idle_timeout": _scalar_field(_positive_duration),
+        "max_header_bytes": _scalar_field(_int_at_least(1024, "bytes")),
+        "max_connections": _scalar_field(_auto_or_positive_int),
+        "connection_reserve": _scalar_field(_int_at_least(16, "file descriptors")),
+    }),
+}
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    r = _Reader(source)
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if root is None:
+        return Config(source=source)
+    top = r.mapping(root, "", {"state_dir", "default_host", "debug_clients", *_SECTIONS})
+    kwargs: dict[str, Any] = {"source": source}
+    if "state_dir" in top:
+        kwargs["state_dir"] = Path(r.value(top["state_dir"], "state_dir", _str)).expanduser()
+    if "default_host" in top:
+        kwargs["default_host"] = r.value(top["default_host"], "default_host", _hostname)
+    if "debug_clients" in top:
+        kwargs["debug_clients"] = r.list_of(top["debug_clients"], "debug_clients", _network)
+    for name, (cls, parsers) in _SECTIONS.items():
+        if name in top:
+            kwargs[name] = _section(r, top[name], name, cls, parsers)
+    # Rules that span two keys of one section.
+    pairs = (
+        ("listen", lambda c: c.http is None and c.https is None, "listen",
+         "at least one of http and https must be set"),
+        ("tls", lambda c: (c.default_cert is None) != (c.default_key is None), "tls.default_cert",
+         "default_cert and default_key must be given together"),
+        ("acme", lambda c: (c.eab_kid is None) != (c.eab_hmac_key is None), "acme.eab_kid",
+         "eab_kid and eab_hmac_key must be given together"),
+    )
+    for name, broken, key, message in pairs:
+        if name in kwargs and broken(kwargs[name]):
+            raise r.fail(top[name], key, message)
+    listen = kwargs.get("listen", ListenConfig())
+    if listen.http is not None and listen.https is not None and _overlap(listen.http, listen.https):
+        raise r.fail(top.get("listen"), "listen.https", f"{listen.https} and listen.http {listen.http} use one port")
+    status_addr = kwargs.get("status", StatusConfig()).listen
+    for name, addr in (("http", listen.http), ("https", listen.https)):
+        if status_addr is not None and addr is not None and _overlap(status_addr, addr):
+            raise r.fail(top.get("status") or top.get("listen"), "status.listen",
+                         f"{status_addr} is also listen.{name} ({addr})")
+    default_host = kwargs.get("default_host")
+    reserved = dict(kwargs["names"].reserved) if "names" in kwargs else {}
+    if default_host and default_host not in reserved:
+        # The site that answers every unknown name is the operator's choice, never a label's.
+        raise r.fail(top["default_host"], "default_host",
+                     f"name the group that serves it in names.reserved (e.g. names: {{reserved: "
+                     f"{{{default_host}: my-landing-page}}}}): no label may claim the default host")
+    return Config(**kwargs)
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config file: {e.strerror or e}") from None
+    cfg = parse_config(text, str(p))
+    # Relative paths are taken from the config file's folder, wherever the proxy is started.
+    base = p.parent
+
+    def absolute(path: Path | None) -> Path | None:
+        return None if path is None or path.is_absolute() else (base / path).resolve()
+
+    if not cfg.state_dir.is_absolute():
+        cfg = dataclasses.replace(cfg, state_dir=(base / cfg.state_dir).resolve())
+    tls = cfg.tls
+    cfg = dataclasses.replace(cfg, tls=dataclasses.replace(
+        tls,
+        certs_dir=absolute(tls.certs_dir) or tls.certs_dir,
+        default_cert=absolute(tls.default_cert) or tls.default_cert,
+        default_key=absolute(tls.default_key) or tls.default_key,
+    ), acme=dataclasses.replace(cfg.acme, ca_bundle=absolute(cfg.acme.ca_bundle) or cfg.acme.ca_bundle))
+    return cfg

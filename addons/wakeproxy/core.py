@@ -1,0 +1,157 @@
+"""The bundle's root addon: loads the config, sets mitmproxy up as a reverse proxy,
+and runs the Docker view.
+
+The same addon instances serve the lean `wakeproxy` command and
+`mitmdump`/`mitmweb -s addons/wakeproxy.py`: everything that makes the proxy
+what it is (listeners, lazy upstream connections, kept Host header, our
+default certificate) is set here from the config, not on a command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Optional
+
+from mitmproxy import ctx, exceptions, tls
+
+from wakeproxy.observe.logsafe import get_logger
+from wakeproxy.config import Config, ConfigError, load_config
+from wakeproxy.docker.view import DockerView
+from wakeproxy.runtime import EngineState, Runtime
+from wakeproxy.routing.snapshot import Snapshot
+from wakeproxy.certs.store import ensure_default_cert, repair_mitmproxy_confdir
+
+logger = get_logger(__name__)
+
+# Placeholder reverse target: we route per request, so it is never contacted.
+_PLACEHOLDER = "http://127.0.0.1:1"
+
+
+def proxy_options(config: Config, default_cert: str, known: set[str]) -> dict[str, Any]:
+    """The mitmproxy options that make a reverse proxy out of mitmproxy for `config`."""
+    listeners = [a for a in (config.listen.http, config.listen.https) if a is not None]
+    opts: dict[str, Any] = {
+        "mode": [f"reverse:{_PLACEHOLDER}@{a}" for a in listeners],
+        # Eager would connect to the placeholder as soon as a client connects.
+        "connection_strategy": "lazy",
+        "keep_host_header": True,
+        # Our default certificate answers every SNI, so mitmproxy's CA never signs anything we serve.
+        "certs": [f"*={default_cert}"],
+        "confdir": str(config.state_dir / "mitmproxy"),
+        "upstream_cert": False,
+        # Sandboxes behind wakeproxy.scheme=https use self-signed certificates on private networks.
+        "ssl_insecure": True,
+        "stream_large_bodies": "1m",
+        "http2": True,
+        "websocket": True,
+        # Options of stock mitmdump/mitmweb addons that would get in a reverse proxy's way:
+        "block_global": False,
+        "showhost": True,
+        "onboarding": False,
+    }
+    return {k: v for k, v in opts.items() if k in known}
+
+
+class _ListenLine(logging.Filter):
+    """mitmproxy announces each listener as "reverse proxy to http://127.0.0.1:1 listening at …", which
+    reads like a wrong upstream: say what the listener is instead."""
+
+    PREFIX = f"reverse proxy to {_PLACEHOLDER} listening at "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg.startswith(self.PREFIX):
+            record.msg = f"listening on {msg[len(self.PREFIX):].rstrip('.')} (HTTP and HTTPS; sites from Docker labels)"
+            record.args = ()
+        return True
+
+
+_LISTEN_LINE = _ListenLine()
+
+
+class WakeProxy:
+    """Owns the config and the Docker view; publishes snapshots into the runtime."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.view: DockerView | None = None
+        self._ready_logged = False
+        self._running = False
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "wakeproxy_config", Optional[str], None,
+            "Path of wakeproxy's YAML config (listeners, Docker, state directory).",
+        )
+        loader.add_option(
+            "wakeproxy_manage", bool, True,
+            "Start, stop and pause containers and order certificates. `wakeproxy web` (a debugging copy "
+            "beside the real proxy) turns this off unless given --manage.",
+        )
+        logging.getLogger("mitmproxy.proxy.mode_servers").addFilter(_LISTEN_LINE)
+
+    def configure(self, updated: set[str]) -> None:
+        if "wakeproxy_manage" in updated:
+            self.runtime.manage = ctx.options.wakeproxy_manage
+            if not self.runtime.manage:
+                logger.warning("wakeproxy: a debugging copy: it never starts, stops or pauses containers and "
+                               "orders no certificates (the proxy serving these sites does that)")
+        if "wakeproxy_config" not in updated or not ctx.options.wakeproxy_config:
+            return
+        try:
+            config = load_config(ctx.options.wakeproxy_config)
+        except ConfigError as e:
+            raise exceptions.OptionsError(str(e)) from None
+        try:
+            cert = ensure_default_cert(config.state_dir)
+            repair_mitmproxy_confdir(config.state_dir / "mitmproxy")
+        except OSError as e:
+            raise exceptions.OptionsError(
+                f"state_dir {config.state_dir}: cannot write the default certificate: {e}"
+            ) from None
+        self.runtime.config = config
+        known = set(ctx.options.keys())
+        ctx.options.update(**proxy_options(config, str(cert), known))
+        if self._running:
+            self._restart_view()
+
+    def running(self) -> None:
+        self._running = True
+        self._restart_view()
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        # Prefer HTTP/2 whenever the client offers it. mitmproxy honours the client's order, and
+        # some clients (httpx, Python's ssl) list http/1.1 first although they speak h2 — so they
+        # would lose multiplexing. Presetting the client's ALPN makes TlsConfig select it.
+        if ctx.options.http2 and b"h2" in data.client_hello.alpn_protocols:
+            data.context.client.alpn = b"h2"
+
+    def done(self) -> None:
+        logging.getLogger("mitmproxy.proxy.mode_servers").removeFilter(_LISTEN_LINE)
+        self._running = False
+        if self.view is not None:
+            self.view.stop()
+            self.view = None
+
+    def _restart_view(self) -> None:
+        if self.view is not None:
+            self.view.stop()
+        self._ready_logged = False
+        self.view = DockerView(self.runtime.config, asyncio.get_running_loop(), self._publish, self.runtime.emit,
+                               self._engine)
+        self.view.start()
+
+    def _engine(self, state: EngineState) -> None:
+        self.runtime.engine = state
+
+    def _publish(self, snapshot: Snapshot) -> None:
+        self.runtime.publish(snapshot)
+        if not self._ready_logged:
+            self._ready_logged = True
+            listen = self.runtime.config.listen
+            urls = [f"http://{listen.http}" if listen.http else "", f"https://{listen.https}" if listen.https else ""]
+            logger.info(
+                f"wakeproxy ready: {' '.join(u for u in urls if u)}; "
+                f"{len(snapshot.containers)} containers, {len(snapshot.exact) + len(snapshot.wildcards)} hosts"
+            )

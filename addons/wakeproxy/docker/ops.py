@@ -1,0 +1,67 @@
+"""The one place that changes containers: start, unpause, stop, pause.
+
+Each call runs the blocking SDK call in a worker thread (never on the event
+loop) with a client of that thread's own, and turns Docker's errors into a
+`DockerOpError` whose message a user can act on.  Only the Waker (start,
+unpause) and, later, the idle keeper (stop, pause) call this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import docker
+import docker.errors
+
+from wakeproxy.observe.logsafe import get_logger
+from wakeproxy.config import DockerConfig
+
+logger = get_logger(__name__)
+
+
+class DockerOpError(Exception):
+    """A Docker call failed; the message names the container and Docker's explanation."""
+
+
+class DockerOps:
+    def __init__(self, config: DockerConfig) -> None:
+        self.config = config
+        self._local = threading.local()
+
+    def _api(self) -> Any:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            if self.config.url:
+                client = docker.DockerClient(base_url=self.config.url, timeout=60)
+            else:
+                client = docker.from_env(timeout=60)
+            self._local.client = client
+        return client.api
+
+    async def _call(self, what: str, name: str, fn: str, *args: Any, **kwargs: Any) -> None:
+        def run() -> None:
+            getattr(self._api(), fn)(*args, **kwargs)
+
+        try:
+            await asyncio.to_thread(run)
+        except docker.errors.APIError as e:
+            detail = e.explanation or str(e)
+            if isinstance(detail, bytes):
+                detail = detail.decode(errors="replace")
+            raise DockerOpError(f"docker {what} {name} failed: {detail}") from None
+        except Exception as e:  # the engine is unreachable, or the socket broke
+            raise DockerOpError(f"docker {what} {name} failed: {type(e).__name__}: {e}") from None
+
+    async def start(self, container_id: str, name: str) -> None:
+        await self._call("start", name, "start", container_id)
+
+    async def unpause(self, container_id: str, name: str) -> None:
+        await self._call("unpause", name, "unpause", container_id)
+
+    async def stop(self, container_id: str, name: str, timeout: float) -> None:
+        await self._call("stop", name, "stop", container_id, timeout=int(timeout))
+
+    async def pause(self, container_id: str, name: str) -> None:
+        await self._call("pause", name, "pause", container_id)

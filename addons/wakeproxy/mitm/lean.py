@@ -1,0 +1,51 @@
+"""What the lean `wakeproxy` Master changes in mitmproxy that stock mitmdump/mitmweb keep.
+
+mitmproxy type-checks every field of every `Request`/`Response` it builds, in
+`MessageData.__post_init__` — a check it defines only under `__debug__`, i.e. one that
+`python -O` removes. Under load that check was the largest single item in the proxy's CPU
+profile (~0.3 ms of ~1.6 ms per request, docs/benchmarks.md "Where the CPU goes"). The lean
+Master builds messages only with mitmproxy's own parsers and with our addons (which use
+`Response.make`), and runs no user scripts, so it does what `-O` would do for this one check
+and keeps every other assertion. Debugging under mitmdump/mitmweb keeps the check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from wakeproxy.observe.logsafe import get_logger
+
+logger = get_logger(__name__)
+
+_original: Callable[..., None] | None = None  # mitmproxy's check, while replaced
+
+
+def _no_check(self: object) -> None:
+    """MessageData without its debug-only type check (what `python -O` gives)."""
+
+
+def drop_message_type_checks() -> bool:
+    """Replace the debug-only check with a no-op (once); False if mitmproxy's shape is not as expected."""
+    from mitmproxy import http
+
+    own = http.MessageData.__dict__.get("__post_init__")
+    if own is _no_check:
+        return True
+    if own is None or "__post_init__" in http.RequestData.__dict__ or "__post_init__" in http.ResponseData.__dict__:
+        logger.debug("lean: MessageData has no debug type check of the expected shape; left as it is")
+        return False
+    global _original
+    _original = own
+    # Not deleted: the dataclass __init__ of RequestData/ResponseData calls __post_init__.
+    http.MessageData.__post_init__ = _no_check  # type: ignore[attr-defined]
+    return True
+
+
+def restore_message_type_checks() -> None:
+    """Undo `drop_message_type_checks` (for tests that build a lean Master in-process)."""
+    global _original
+    from mitmproxy import http
+
+    if _original is not None:
+        http.MessageData.__post_init__ = _original  # type: ignore[attr-defined]
+        _original = None

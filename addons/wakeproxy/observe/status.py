@@ -1,0 +1,136 @@
+"""A small read-only status endpoint (`GET /status`, JSON) for `wakeproxy status`.
+
+It listens on `status.listen` (127.0.0.1:8099 by default), separately from the
+proxy's listeners, so it never mixes with sandbox traffic and is not exposed
+unless configured so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from wakeproxy.observe.logsafe import get_logger
+from wakeproxy.wake.idle import IdleKeeper
+from wakeproxy.runtime import Runtime
+from wakeproxy.wake.waker import Waker
+
+logger = get_logger(__name__)
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class StatusServer:
+    def __init__(self, runtime: Runtime, waker: Waker, idle: IdleKeeper,
+                 extra: dict[str, Callable[[], Any]] | None = None) -> None:
+        self.runtime = runtime
+        self.waker = waker
+        self.idle = idle
+        self.extra = extra or {}  # more sections, e.g. "certificates" from the ACME addon
+        self._server: asyncio.AbstractServer | None = None
+
+    async def running(self) -> None:
+        addr = self.runtime.config.status.listen
+        if addr is None:
+            return
+        try:
+            self._server = await asyncio.start_server(self._serve, addr.host, addr.port)
+        except OSError as e:
+            logger.warning(f"status endpoint: cannot listen on {addr}: {e}; `wakeproxy status` will not work")
+            return
+        logger.info(f"status endpoint on http://{addr}/status")
+
+    async def done(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def groups(self) -> list[dict[str, Any]]:
+        snap = self.runtime.snapshot
+        hosts: dict[str, list[str]] = {}
+        for site in [*snap.exact.values(), *snap.wildcards.values()]:
+            for g in site.groups:
+                hosts.setdefault(g, []).append(site.host)
+        now = time.time()
+        out = []
+        for name, group in sorted(snap.groups.items()):
+            members = [snap.containers[c] for c in group.members if c in snap.containers]
+            act = self.idle.activity.get(name)
+            if name in self.runtime.stopping:
+                state = "stopping"
+            elif self.waker.is_waking(name):
+                state = "waking"
+            elif any(m.state == "running" for m in members):
+                state = "running"
+            elif members and all(m.state == "paused" for m in members if m.id in group.routed):
+                state = "paused"
+            else:
+                state = "asleep"
+            timeout = self.idle.timeout_of(group)
+            idle_in = None  # no countdown while asleep, in use, or never stopped
+            if state == "running" and timeout > 0 and act is not None and not (act.inflight or act.open):
+                idle_in = max(0.0, timeout - (now - act.last))
+            out.append({
+                "group": name,
+                "state": state,
+                "hosts": sorted(hosts.get(name, [])),
+                "containers": [
+                    {"name": m.name, "state": m.state, "health": m.health} for m in members
+                ],
+                "inflight": act.inflight if act else 0,
+                "open": act.open if act else 0,
+                "last_activity": _iso(act.last) if act else None,
+                "idle_timeout": timeout,
+                "stops_in": idle_in,
+            })
+        return out
+
+    def report(self) -> dict[str, Any]:
+        snap = self.runtime.snapshot
+        report: dict[str, Any] = {
+            "synced": snap.synced,
+            "docker": self.runtime.engine.as_dict(),
+            "containers": len(snap.containers),
+            "hosts": len(snap.exact) + len(snap.wildcards),
+            "skipped": dict(snap.skipped),
+            # Hosts declared only by skipped containers (their owner's): they answer "misconfigured".
+            "misconfigured": sorted(snap.misconfigured),
+            "groups": self.groups(),
+            # Claims that do not stand: on a name another group owns, and outside the operator's policy.
+            "conflicts": [r.as_dict() for r in snap.refused if r.owner is not None],
+            "refused": [r.as_dict() for r in snap.refused if r.owner is None],
+        }
+        for key, fn in self.extra.items():
+            try:
+                report[key] = fn()
+            except Exception as e:  # a broken section must not hide the rest
+                report[key] = {"error": str(e)}
+        return report
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = line.decode("latin-1").split()
+            if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] in ("/status", "/"):
+                status, body = "200 OK", json.dumps(self.report(), indent=1).encode()
+            else:
+                status, body = "404 Not Found", b'{"error": "GET /status"}'
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                f"Cache-Control: no-store\r\nConnection: close\r\n\r\n".encode() + body
+            )
+            await writer.drain()
+        except (OSError, asyncio.TimeoutError, UnicodeDecodeError):
+            pass
+        finally:
+            writer.close()

@@ -1,0 +1,256 @@
+"""IdleKeeper addon: puts groups nobody uses to sleep, never one that is in use.
+
+Activity is measured in the proxy itself, per group: requests in flight
+(including streamed uploads, downloads, server-sent events and long polls,
+which stay "in flight" until their last byte), open WebSockets, and the time
+the last byte moved.  A group is idle when nothing is in flight or open and no
+byte moved for its timeout; then every member is stopped (dependents first)
+or paused.  Only this addon stops groups, only the Waker starts them; a
+request that arrives during a stop waits for it and then wakes the group.
+
+The clocks survive restarts: they are saved under `state_dir` (atomically, at
+most every few seconds); a missing or corrupt file means "active now".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import http
+
+from wakeproxy.observe.logsafe import get_logger
+from wakeproxy.docker.ops import DockerOpError, DockerOps
+from wakeproxy.runtime import Runtime
+from wakeproxy.routing.snapshot import Group, Snapshot
+from wakeproxy.files import write_private
+from wakeproxy.wake.waker import Waker
+
+logger = get_logger(__name__)
+
+CHECK_INTERVAL = 0.5  # seconds between idle checks: groups stop within timeout + this (+ the stop itself)
+SAVE_INTERVAL = 10.0  # the state file is written at most this often
+STATE_FILE = "idle-state.json"
+
+
+@dataclass
+class Activity:
+    last: float  # wall-clock time the last byte moved (or the group was first seen running)
+    inflight: int = 0  # requests whose response has not ended
+    open: int = 0  # open WebSockets
+    running: bool = False  # as last observed; a not-running → running change restarts the clock
+
+
+class IdleKeeper:
+    def __init__(self, runtime: Runtime, waker: Waker) -> None:
+        self.runtime = runtime
+        self.waker = waker
+        self.ops = DockerOps(runtime.config.docker)
+        self.activity: dict[str, Activity] = {}
+        self._loaded: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._dirty = False
+        self._saved_at = 0.0
+        self._saving: asyncio.Task[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def configure(self, updated: set[str]) -> None:
+        if "wakeproxy_config" in updated:
+            self.ops = DockerOps(self.runtime.config.docker)
+
+    def running(self) -> None:
+        self._loaded = self._load()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="idle keeper")
+
+    async def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for name, task in list(self.runtime.stopping.items()):
+            # A stop under way still counts: its containers get their stop, and the clock says so.
+            await asyncio.wait([task], timeout=self.runtime.config.idle.stop_timeout + 5)
+        if self._dirty:
+            await asyncio.to_thread(self._write, self._state())
+
+    @property
+    def state_path(self) -> Path:
+        return self.runtime.config.state_dir / STATE_FILE
+
+    # --- activity from flows ----------------------------------------------------------
+
+    def _touch(self, group: str) -> Activity:
+        act = self.activity.get(group)
+        if act is None:
+            act = self.activity[group] = Activity(time.time(), running=True)
+        act.last = time.time()
+        self._dirty = True
+        return act
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        group = flow.metadata.get("wakeproxy.group")
+        if group is not None and flow.response is None and "wakeproxy.idle" not in flow.metadata:
+            self._touch(group).inflight += 1
+            flow.metadata["wakeproxy.idle"] = group
+
+    def _end(self, flow: http.HTTPFlow) -> None:
+        group = flow.metadata.pop("wakeproxy.idle", None)
+        if group is not None:
+            act = self._touch(group)
+            act.inflight = max(0, act.inflight - 1)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._end(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._end(flow)
+
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        group = flow.metadata.get("wakeproxy.group")
+        if group is not None:
+            self._touch(group).open += 1
+            flow.metadata["wakeproxy.ws"] = group
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        group = flow.metadata.get("wakeproxy.ws")
+        if group is not None:
+            self._touch(group)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        group = flow.metadata.pop("wakeproxy.ws", None)
+        if group is not None:
+            act = self._touch(group)
+            act.open = max(0, act.open - 1)
+
+    # --- the clock ----------------------------------------------------------------------
+
+    def timeout_of(self, group: Group) -> float:
+        return group.idle_timeout if group.idle_timeout is not None else self.runtime.config.idle.timeout
+
+    def idle_for(self, name: str) -> float | None:
+        act = self.activity.get(name)
+        return None if act is None else time.time() - act.last
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                self.check(time.time())
+                if self._dirty and time.monotonic() - self._saved_at >= SAVE_INTERVAL and (
+                    self._saving is None or self._saving.done()
+                ):
+                    self._saved_at = time.monotonic()
+                    self._dirty = False
+                    self._saving = asyncio.ensure_future(asyncio.to_thread(self._write, self._state()))
+            except Exception:
+                logger.exception("idle check failed")
+            await asyncio.sleep(CHECK_INTERVAL)
+
+    def check(self, now: float) -> None:
+        """Start a stop for every running group that has been idle for its timeout."""
+        snap = self.runtime.snapshot
+        if not snap.synced or not self.runtime.manage:
+            return  # (a debugging copy never puts anything to sleep)
+        for name, group in snap.groups.items():
+            running = any(
+                (c := snap.containers.get(cid)) is not None and c.state == "running" for cid in group.members
+            )
+            act = self.activity.get(name)
+            if act is None:
+                if not running:
+                    # Asleep at first sight: a saved clock no longer applies to a later start.
+                    self._loaded.pop(name, None)
+                    continue
+                # First sight of a running group: its saved clock if there is one, else "active now".
+                act = self.activity[name] = Activity(self._loaded.pop(name, now), running=True)
+                self._dirty = True
+            if not running:
+                act.running = False
+                continue
+            if not act.running:  # started since we last looked (a wake, or `docker compose up`)
+                act.running, act.last = True, now
+                self._dirty = True
+            timeout = self.timeout_of(group)
+            if timeout <= 0 or act.inflight or act.open or name in self.runtime.stopping:
+                continue
+            if self.waker.is_waking(name) or now - act.last < timeout:
+                continue
+            self._put_to_sleep(snap, group, now - act.last)
+
+    def _put_to_sleep(self, snap: Snapshot, group: Group, idle: float) -> None:
+        action = group.idle_action or self.runtime.config.idle.action
+        logger.info(f"idle {group.name}: no activity for {idle:.1f} s; {action}ping {len(group.members)} container(s)")
+        task = asyncio.get_running_loop().create_task(self._sleep(snap, group, action), name=f"idle {action} {group.name}")
+        self.runtime.stopping[group.name] = task
+        task.add_done_callback(lambda t, g=group.name: self._slept(g, t))
+
+    async def _sleep(self, snap: Snapshot, group: Group, action: str) -> None:
+        t0 = time.monotonic()
+        stop_timeout = self.runtime.config.idle.stop_timeout
+        for layer in group.stop_order(snap):
+            calls = []
+            for cid in layer:
+                info = self.runtime.snapshot.containers.get(cid)
+                if info is None or info.state != "running":
+                    continue
+                if action == "pause":
+                    calls.append(self.ops.pause(cid, info.name))
+                else:
+                    calls.append(self.ops.stop(cid, info.name, stop_timeout))
+            for result in await asyncio.gather(*calls, return_exceptions=True):
+                if isinstance(result, DockerOpError):
+                    logger.warning(f"idle {group.name}: {result}")
+                elif isinstance(result, BaseException):
+                    raise result
+        logger.info(f"idle {group.name}: {action}ped in {(time.monotonic() - t0) * 1000:.0f} ms")
+
+    def _slept(self, group: str, task: asyncio.Task[None]) -> None:
+        if self.runtime.stopping.get(group) is task:
+            del self.runtime.stopping[group]
+        act = self.activity.get(group)
+        if act is not None:
+            act.running = False
+            act.last = time.time()  # a failed stop is not retried before another full timeout
+            self._dirty = True
+        if not task.cancelled() and task.exception() is not None:
+            logger.error(f"idle {group}: stop failed", exc_info=task.exception())
+
+    # --- persistence ------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        clocks = {**self._loaded, **{name: act.last for name, act in self.activity.items()}}
+        snap = self.runtime.snapshot
+        if snap.synced:  # forget groups that no longer exist
+            clocks = {name: t for name, t in clocks.items() if name in snap.groups}
+        return {"version": 1, "saved": time.time(), "last_activity": clocks}
+
+    def _write(self, state: dict[str, Any]) -> None:
+        try:
+            write_private(self.state_path, json.dumps(state, indent=1, sort_keys=True).encode())
+        except OSError as e:
+            logger.warning(f"idle: cannot save the idle clocks to {self.state_path}: {e}")
+
+    def _load(self) -> dict[str, float]:
+        path = self.state_path
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as e:
+            logger.warning(f"idle: cannot read {path} ({e}); every running group counts as active now")
+            return {}
+        try:
+            data = json.loads(raw.decode("utf-8"))
+            clocks = data["last_activity"]
+            now = time.time()
+            # A clock from the future (a wrong system time) would keep a group up forever: cap it.
+            loaded = {str(k): float(v) for k, v in clocks.items()}
+            if not all(math.isfinite(v) for v in loaded.values()):
+                raise ValueError("a clock is not a finite number")
+            return {k: min(v, now) for k, v in loaded.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            logger.warning(f"idle: {path} is corrupt ({type(e).__name__}: {e}); every running group counts as active now")
+            return {}
