@@ -415,7 +415,7 @@ class Bench:
 
             k = ec.generate_private_key(ec.SECP256R1())
             name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench.test")])
-            now = datetime.datetime.now(datetime.timezone.utc)
+            now = datetime.datetime.now(datetime.UTC)
             c = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(k.public_key())
                  .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
                  .not_valid_after(now + datetime.timedelta(days=2))
@@ -620,7 +620,7 @@ def requestheaders(flow: http.HTTPFlow) -> None:
         with contextlib.ExitStack() as st:
             # Every proxy runs from the start (idle ones cost nothing), so that for each scenario the
             # targets are measured back to back and see the same machine.
-            for i, (name, (argv, port, tls_port)) in enumerate(targets.items()):
+            for i, (name, (argv, port, _tls_port)) in enumerate(targets.items()):
                 if argv is not None:
                     self.cmd(argv)
                     pids[name] = st.enter_context(process(argv, tmp / f"tp-{i}.log", ready=(port, host))).pid
@@ -630,7 +630,7 @@ def requestheaders(flow: http.HTTPFlow) -> None:
             for round_ in range(rounds):
                 for key, (_, proto, path) in scenarios.items():
                     order = list(targets.items())
-                    for name, (argv, port, tls_port) in (order[::-1] if round_ % 2 else order):
+                    for name, (_argv, port, tls_port) in (order[::-1] if round_ % 2 else order):
                         before, cpu = self.backend_accepts(), cpu_seconds(pids[name])
                         if proto == "h1":
                             url = f"http://127.0.0.1:{port}{path}"
@@ -1264,7 +1264,7 @@ def lookup_costs(n: int) -> dict[str, float]:
     best = {k: float("inf") for k in cases}
     for _ in range(7):  # rounds over all cases, so that noise hits each of them alike; best of each
         for k, (snapshot, host) in cases.items():
-            t = timeit.timeit(lambda: snapshot.lookup(host), number=calls)
+            t = timeit.timeit(lambda s=snapshot, h=host: s.lookup(h), number=calls)
             best[k] = min(best[k], t / calls * 1e9)
     out = dict(best)
     out["exact_ratio"] = out["exact_n"] / out["exact_1"]
@@ -1383,7 +1383,7 @@ def write_report(path: Path, bench: Bench, elapsed: dict[str, float], total: flo
         targets.append(f"| {t.name} | {t.what} | {t.achieved} | {mark} |")
     parts = [f"""# Benchmarks
 
-Produced by `{command}` on {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}
+Produced by `{command}` on {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}
 from commit {git or '?'}{' (with uncommitted changes in addons/)' if dirty else ''}, in {total / 60:.1f} minutes.
 
 Machine: {machine(bench)}

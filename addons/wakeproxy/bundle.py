@@ -4,21 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from wakeproxy.mitm import earlyanswer
-from wakeproxy.mitm import errorpages
-from wakeproxy.mitm import h2reuse
-from wakeproxy.mitm import headbound
 from wakeproxy.certs.acme.manager import AcmeManager
+from wakeproxy.certs.https import HttpsPolicy
+from wakeproxy.certs.store import Certificates
 from wakeproxy.core import WakeProxy
+from wakeproxy.mitm import earlyanswer, errorpages, h2reuse, headbound
+from wakeproxy.mitm.limits import ConnectionLimits
+from wakeproxy.mitm.upstream import Upstream
+from wakeproxy.observe.status import StatusServer
 from wakeproxy.routing.hygiene import Hygiene
 from wakeproxy.routing.router import Router
-from wakeproxy.wake.idle import IdleKeeper
-from wakeproxy.mitm.limits import ConnectionLimits
 from wakeproxy.runtime import Runtime
-from wakeproxy.observe.status import StatusServer
-from wakeproxy.certs.store import Certificates
-from wakeproxy.certs.https import HttpsPolicy
-from wakeproxy.mitm.upstream import Upstream
+from wakeproxy.wake.idle import IdleKeeper
 from wakeproxy.wake.waker import Waker
 
 

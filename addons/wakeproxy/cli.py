@@ -25,7 +25,6 @@ import os
 import signal
 import sys
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from wakeproxy.config import ConfigError, load_config
@@ -38,7 +37,7 @@ EXIT_CONFIG = 2
 EXIT_NO_DOCKER = 3  # `wakeproxy status`: the proxy runs but cannot see the Docker engine
 
 
-def build_master(config_path: str, verbosity: str = "info") -> "master.Master":
+def build_master(config_path: str, verbosity: str = "info") -> master.Master:
     """A Master with just what a reverse proxy needs, configured from `config_path`.
 
     Must be called with a running event loop (mitmproxy's Master requires one).
@@ -47,9 +46,8 @@ def build_master(config_path: str, verbosity: str = "info") -> "master.Master":
     from mitmproxy import master, options
     from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, termlog, tlsconfig
 
-    from wakeproxy.mitm import dispatch
-    from wakeproxy.mitm import lean
     from wakeproxy.bundle import make_addons
+    from wakeproxy.mitm import dispatch, lean
 
     lean.drop_message_type_checks()
     opts = options.Options()
@@ -113,7 +111,7 @@ def _check(path: str) -> int:
 def _ago(iso: str | None) -> str:
     if not iso:
         return "-"
-    delta = datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(iso)
+    delta = datetime.datetime.now(datetime.UTC) - datetime.datetime.fromisoformat(iso)
     return _duration(delta.total_seconds()) + " ago"
 
 
@@ -153,7 +151,7 @@ def _status(config_path: str, url: str | None, as_json: bool) -> int:
         return EXIT_NO_DOCKER if blind else 0
     if engine:
         since = engine.get("since")
-        iso = datetime.datetime.fromtimestamp(since, datetime.timezone.utc).isoformat() if since else None
+        iso = datetime.datetime.fromtimestamp(since, datetime.UTC).isoformat() if since else None
         if blind:
             print(f"docker: {engine.get('state')} since {_ago(iso)} — cannot reach {engine.get('url')}: "
                   f"{engine.get('last_error') or 'not connected yet'}")

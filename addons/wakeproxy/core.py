@@ -15,12 +15,12 @@ from typing import Any, Optional
 
 from mitmproxy import ctx, exceptions, tls
 
-from wakeproxy.observe.logsafe import get_logger
+from wakeproxy.certs.store import ensure_default_cert, repair_mitmproxy_confdir
 from wakeproxy.config import Config, ConfigError, load_config
 from wakeproxy.docker.view import DockerView
-from wakeproxy.runtime import EngineState, Runtime
+from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.routing.snapshot import Snapshot
-from wakeproxy.certs.store import ensure_default_cert, repair_mitmproxy_confdir
+from wakeproxy.runtime import EngineState, Runtime
 
 logger = get_logger(__name__)
 
@@ -81,7 +81,7 @@ class WakeProxy:
 
     def load(self, loader: Any) -> None:
         loader.add_option(
-            "wakeproxy_config", Optional[str], None,
+            "wakeproxy_config", Optional[str], None,  # noqa: UP045 - mitmproxy's option types need typing.Optional
             "Path of wakeproxy's YAML config (listeners, Docker, state directory).",
         )
         loader.add_option(

@@ -15,8 +15,8 @@ import os
 import socket
 from pathlib import Path
 
-from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.config import Address, Config
+from wakeproxy.observe.logsafe import get_logger
 
 logger = get_logger(__name__)
 
@@ -131,7 +131,7 @@ def _holder(port: int) -> str | None:
 
 def move_aside(path: Path, why: str) -> Path:
     """Rename a broken file (or folder) of our own to `NAME.broken-TIMESTAMP`, with one warning."""
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     target = path.with_name(f"{path.name}.broken-{stamp}")
     os.replace(path, target)
     logger.warning(f"{path} is unusable ({why}); moved aside to {target.name}, a new one is made")

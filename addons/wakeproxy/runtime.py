@@ -71,5 +71,5 @@ class Runtime:
             self._changed = asyncio.get_running_loop().create_future()
         try:
             await asyncio.wait_for(asyncio.shield(self._changed), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass

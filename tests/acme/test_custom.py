@@ -8,12 +8,11 @@ import ssl
 from pathlib import Path
 
 import pytest
+from acme_harness import handshake, http_get, https_get, leaf_of
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-
-from acme_harness import handshake, http_get, https_get, leaf_of
 from harness import backend_of, wait_for
 
 
@@ -32,7 +31,7 @@ class PrivateCA:
     """root → intermediate → leaves, like a real CA (so the served chain matters)."""
 
     def __init__(self) -> None:
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self.now = now
         self.root_key = ec.generate_private_key(ec.SECP256R1())
         self.root = self._cert(_name("wptest root"), self.root_key, _name("wptest root"), self.root_key, ca=True)
@@ -89,7 +88,7 @@ def custom(tmp_path_factory, host, module_containers, module_proxy):
     proxy = module_proxy({"tls": {"certs_dir": str(d), "hsts": "1h"},
                           "labels": {"cert_name": True, "https_redirect": True}})
     for n in names.values():  # 308 or the backend's 200: routed (404 until the snapshot has it)
-        wait_for(lambda: http_get(proxy, n).status_code in (200, 308), 10, 0.1, f"{n} routed")
+        wait_for(lambda n=n: http_get(proxy, n).status_code in (200, 308), 10, 0.1, f"{n} routed")
     return ca, names, certs, proxy
 
 

@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 
 import httpx
-
-
 from acme_harness import handshake, http_get, https_get, leaf_of, wait_issued
 from harness import backend_of, wait_for
 

@@ -86,7 +86,7 @@ async def read_headers(reader: asyncio.StreamReader) -> tuple[str, str, str, lis
     try:
         method, target, version = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
     except ValueError:
-        raise BadRequest(f"bad request line {line!r}")
+        raise BadRequest(f"bad request line {line!r}") from None
     headers: list[tuple[str, str]] = []
     while True:
         hl = await reader.readline()

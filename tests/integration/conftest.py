@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import secrets
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import docker
 import docker.errors
@@ -23,18 +23,17 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (  # noqa: E402
-    PyBack,
     ContainerFactory,
     ProxyLauncher,
     ProxyProcess,
+    PyBack,
     build_busybox_image,
     build_pyback_image,
     make_self_signed,
     python_runtime,
-    sweep_prefix,
     remove_network,
+    sweep_prefix,
 )
-
 
 # --------------------------------------------------------------------------
 # session-wide Docker state

@@ -18,14 +18,15 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import docker
-import httpx
 import docker.errors
+import httpx
 import pytest
 import yaml
 
@@ -399,7 +400,7 @@ class ProxyProcess:
         except FileNotFoundError:
             return ""
 
-    def start(self, ready_timeout: float = 20.0) -> "ProxyProcess":
+    def start(self, ready_timeout: float = 20.0) -> ProxyProcess:
         self._log_file = open(self.log_path, "ab")
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -553,7 +554,7 @@ def make_self_signed(directory: Path, cn: str = "backend.test") -> tuple[Path, P
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from harness import REPO, ProxyProcess, deep_merge, free_port, proxied, proxy_command, wait_for
 
 WAKEPROXY = REPO / ".venv" / "bin" / "wakeproxy"

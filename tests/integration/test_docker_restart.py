@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from harness import (
     ContainerFactory,
     PrivateDockerd,

@@ -8,7 +8,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-
 from harness import backend_of, proxied, wait_for
 
 BIG = 256 * 1024 * 1024

@@ -16,7 +16,6 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-
 from harness import container_ip, wait_for
 
 BACKEND = r'''

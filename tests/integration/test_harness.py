@@ -7,7 +7,6 @@ address is routed via a Docker bridge these tests created.
 import hashlib
 
 import httpx
-
 from harness import container_ip, pattern_sha256
 
 

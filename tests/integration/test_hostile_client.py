@@ -24,7 +24,6 @@ import h2.connection
 import h2.events
 import pytest
 import websockets
-
 from harness import backend_of, proxied, wait_for
 
 HEADER_TIMEOUT = 2.0
@@ -67,7 +66,7 @@ def exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
         while time.monotonic() < deadline:
             try:
                 chunk = s.recv(65536)
-            except (socket.timeout, ConnectionResetError):
+            except (TimeoutError, ConnectionResetError):
                 break
             if not chunk:
                 break
@@ -299,7 +298,7 @@ def _closed_after(s: socket.socket, limit: float) -> float:
         try:
             if not s.recv(65536):
                 return time.monotonic() - t0
-        except socket.timeout:
+        except TimeoutError:
             continue
         except ConnectionResetError:
             return time.monotonic() - t0

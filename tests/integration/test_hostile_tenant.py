@@ -38,7 +38,6 @@ import docker.errors
 import httpx
 import pytest
 from cryptography import x509
-
 from harness import REPO, backend_of, make_self_signed, proxied, wait_for
 
 WAKEPROXY = REPO / ".venv" / "bin" / "wakeproxy"
@@ -265,7 +264,7 @@ def state_created(c) -> float:
 
     c.reload()
     text = c.attrs["Created"].rstrip("Z").split(".", 1)[0]
-    return datetime.datetime.fromisoformat(text).replace(tzinfo=datetime.timezone.utc).timestamp()
+    return datetime.datetime.fromisoformat(text).replace(tzinfo=datetime.UTC).timestamp()
 
 
 # --------------------------------------------------------------------------
@@ -471,7 +470,7 @@ def test_sleeping_victim_is_woken_not_the_attacker(world, docker_client):
     r = proxied(p, n.victim, https=True, headers=JSON, timeout=30)
     assert r.status_code == 200 and backend_of(r) == "victim-web", (r.status_code, r.text[:300])
     time.sleep(0.5)
-    assert ("%s" % c["victim"].name, "start") in lifecycle(docker_client, [c["victim"]], t0)
+    assert (c["victim"].name, "start") in lifecycle(docker_client, [c["victim"]], t0)
     assert lifecycle(docker_client, [c["hijacker"]], t0) == [], "the attacker was started"
     assert state_of(c["hijacker"])["Status"] == "exited"
     # The conflict was logged once, with both claimants, however many snapshots came since.
@@ -624,7 +623,7 @@ def test_wake_budget_and_ignored_user_agent(backend_container, proxy, docker_cli
         results.append((r.status_code, r.headers.get("retry-after"), backend_of(r)))
     time.sleep(1.0)
     assert [s for s, _, _ in results] == [200, 200, 200, 429, 429, 429], results
-    for s, retry, _ in results[3:]:
+    for _, retry, _ in results[3:]:
         assert retry is not None and int(retry) > 0, results
     for i in range(6):
         started = [a for _, a in lifecycle(docker_client, [sleepers[i]], t0) if a == "start"]
@@ -671,7 +670,7 @@ def test_pages_disclose_nothing_to_anonymous_clients(backend_container, proxy, d
     public = proxy({"debug_clients": [], "wake": {"retry_after": "30s"}})
     debug = proxy({"wake": {"retry_after": "30s"}})  # loopback is a debug client by default
     for p in (public, debug):
-        wait_for(lambda: proxied(p, host("site-u"), timeout=5).status_code == 503, 10, 0.1, "sites known")
+        wait_for(lambda p=p: proxied(p, host("site-u"), timeout=5).status_code == 503, 10, 0.1, "sites known")
 
     leaks: dict[str, list[str]] = {}
 

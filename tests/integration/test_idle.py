@@ -23,9 +23,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from websockets.sync.client import connect as ws_connect
-
 from harness import REPO, ContainerFactory, backend_of, free_port, proxied, remove_network, wait_for
+from websockets.sync.client import connect as ws_connect
 
 WAKEPROXY = REPO / ".venv" / "bin" / "wakeproxy"
 MEASURED: list[str] = []  # "what: delay" lines, printed again at the end of the module
@@ -306,7 +305,7 @@ def test_streaming_response_keeps_group_up_until_it_ends(mk, idle_proxy, docker_
     finally:
         for t in threads:
             t.join(60)
-    for name, res in results.items():
+    for res in results.values():
         assert "error" not in res, res
         assert res["status"] == 200, res
     assert results["dl"]["bytes"] == DL_SIZE, results["dl"]
@@ -331,7 +330,7 @@ def test_permanent_groups_are_never_stopped(mk, idle_proxy, docker_client, host)
     timeout = 2.0
     p = idle_proxy({"timeout": "2s"})
     since = time.time()
-    for name, c in cs.items():
+    for c in cs.values():
         assert backend_of(proxied(p, host(c.name.split("-", 2)[-1]))) == c.name.split("-", 2)[-1]
     t_last = time.time()
     s = status(p)

@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
-
 from harness import backend_of, proxied, wait_for
 
 REPEAT = 6  # every request of a path must reach its container, not one in two

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from harness import backend_of, proxied, wait_for
 from harness import exposed_image as build_exposed_image
 

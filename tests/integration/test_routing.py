@@ -16,7 +16,6 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-
 from harness import backend_of, proxied, wait_for
 from harness import exposed_image as build_exposed_image
 

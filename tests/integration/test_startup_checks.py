@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from harness import REPO, free_port, proxied, wait_for
 
 WAKEPROXY = REPO / ".venv" / "bin" / "wakeproxy"

@@ -16,7 +16,6 @@ import pytest
 import websockets
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-
 from harness import backend_of, pattern_sha256, proxied, wait_for
 
 SIZE = 20 * 1024 * 1024

@@ -19,15 +19,14 @@ import hashlib
 import os
 import re
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 import docker.errors
 import httpx
 import pytest
-
 from harness import backend_of, proxied, wait_for
 
 NAV = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",

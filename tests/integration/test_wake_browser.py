@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from harness import wait_for
 
 CHROMIUM = "/usr/bin/chromium"

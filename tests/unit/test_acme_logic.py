@@ -18,20 +18,25 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from mitmproxy.test import tflow
 from mitmproxy.test.tutils import treq
-
 from wakeproxy.certs.acme.challenges import ID_PE_ACME_IDENTIFIER, ChallengeTokens, alpn_challenge_cert
 from wakeproxy.certs.acme.client import AcmeFailure, RetryingNetwork, describe
 from wakeproxy.certs.acme.manager import AcmeManager, NameState
 from wakeproxy.certs.acme.storage import CertStorage, new_certificate_key
 from wakeproxy.certs.acme.timing import (
-    BACKOFF_MAX, BACKOFF_MIN, ari_cert_id, ari_pick, backoff_delay, parse_retry_after, renewal_time,
+    BACKOFF_MAX,
+    BACKOFF_MIN,
+    ari_cert_id,
+    ari_pick,
+    backoff_delay,
+    parse_retry_after,
+    renewal_time,
 )
+from wakeproxy.certs.store import load_cert
 from wakeproxy.config import SourcesConfig
 from wakeproxy.routing.labels import ContainerInfo
 from wakeproxy.routing.snapshot import build_snapshot
-from wakeproxy.certs.store import load_cert
 
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 
 
 def info(name, labels=None, env=None, state="exited") -> ContainerInfo:

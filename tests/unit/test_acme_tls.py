@@ -15,15 +15,21 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from mitmproxy.test import tflow
 from mitmproxy.test.tutils import treq
-
+from wakeproxy.certs.https import HttpsPolicy
+from wakeproxy.certs.store import (
+    Certificates,
+    CertRegistry,
+    file_base_to_name,
+    load_cert,
+    name_matches,
+    scan_custom_dir,
+)
 from wakeproxy.config import Address, Config, LabelTrustConfig, ListenConfig, SourcesConfig, TlsConfig
 from wakeproxy.routing.labels import ContainerInfo
-from wakeproxy.runtime import Runtime
 from wakeproxy.routing.snapshot import Policy, build_snapshot
-from wakeproxy.certs.store import CertRegistry, Certificates, file_base_to_name, load_cert, name_matches, scan_custom_dir
-from wakeproxy.certs.https import HttpsPolicy
+from wakeproxy.runtime import Runtime
 
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 
 
 def make_cert(directory: Path, base: str, *sans: str, days: int = 30, past: bool = False,

@@ -10,12 +10,11 @@ from ipaddress import ip_network
 from mitmproxy import http
 from mitmproxy.test import tflow
 from mitmproxy.test.tutils import treq
-
-from wakeproxy.wake.budget import WakeBudget, client_key
 from wakeproxy.config import Config, SourcesConfig, WakeConfig
 from wakeproxy.routing.labels import ContainerInfo
-from wakeproxy.runtime import Runtime
 from wakeproxy.routing.snapshot import build_snapshot
+from wakeproxy.runtime import Runtime
+from wakeproxy.wake.budget import WakeBudget, client_key
 from wakeproxy.wake.waker import WAIT_PATH, WakeFailed, Waker
 
 

@@ -8,9 +8,25 @@ import re
 from pathlib import Path
 
 import pytest
-
 from wakeproxy import cli
-from wakeproxy.config import AcmeConfig, Address, Config, ConfigError, DockerConfig, ForwardedConfig, IdleConfig, ListenConfig, SourcesConfig, StatusConfig, TlsConfig, WakeConfig, load_config, parse_address, parse_config, parse_duration
+from wakeproxy.config import (
+    AcmeConfig,
+    Address,
+    Config,
+    ConfigError,
+    DockerConfig,
+    ForwardedConfig,
+    IdleConfig,
+    ListenConfig,
+    SourcesConfig,
+    StatusConfig,
+    TlsConfig,
+    WakeConfig,
+    load_config,
+    parse_address,
+    parse_config,
+    parse_duration,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "config" / "wakeproxy.yaml"

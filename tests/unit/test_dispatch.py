@@ -11,7 +11,6 @@ from mitmproxy import addonmanager, exceptions, hooks, http
 from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.layers.http import HttpRequestHeadersHook
 from mitmproxy.test import taddons, tflow
-
 from wakeproxy.mitm import dispatch
 
 

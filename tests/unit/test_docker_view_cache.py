@@ -13,15 +13,24 @@ import queue
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import docker.errors
 import pytest
-
 import wakeproxy.docker.view as dv
 from wakeproxy.config import Config, SourcesConfig
-from wakeproxy.docker.view import CACHE_FILE, DockerView, _parse_env, _Static, _StreamEnd, decode_cache, encode_cache, info_from_inspect
+from wakeproxy.docker.view import (
+    CACHE_FILE,
+    DockerView,
+    _parse_env,
+    _Static,
+    _StreamEnd,
+    decode_cache,
+    encode_cache,
+    info_from_inspect,
+)
 from wakeproxy.routing.labels import USED_ENV, routes_for, settings_for
 from wakeproxy.routing.snapshot import Snapshot
 

@@ -16,7 +16,6 @@ from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layers
-
 from wakeproxy.mitm import earlyanswer
 
 

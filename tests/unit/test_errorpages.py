@@ -20,9 +20,8 @@ from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http1
-
-from wakeproxy.mitm import errorpages
 from wakeproxy.config import Config
+from wakeproxy.mitm import errorpages
 from wakeproxy.runtime import Runtime
 
 REFUSED = "[Errno 113] Connect call failed ('172.28.0.3', 80)"
@@ -202,8 +201,8 @@ def test_missing_attribute_falls_back_with_one_warning(unpatched, monkeypatch, c
 
 def test_upstream_failures_are_logged_throttled(caplog):
     a = errorpages.UpstreamErrors(Runtime())
-    from mitmproxy.test import tflow
     from mitmproxy import flow as mflow
+    from mitmproxy.test import tflow
     with caplog.at_level("WARNING"):
         for _ in range(50):
             f = tflow.tflow()

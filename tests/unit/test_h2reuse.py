@@ -23,7 +23,6 @@ from mitmproxy.proxy import commands, events, server
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http1
-
 from wakeproxy.mitm import h2reuse
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

@@ -15,7 +15,6 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import RequestHeaders
-
 from wakeproxy.mitm import headbound
 
 

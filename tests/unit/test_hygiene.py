@@ -7,9 +7,8 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 from mitmproxy.test.tutils import treq
-
 from wakeproxy.config import parse_config
-from wakeproxy.routing.hygiene import Hygiene, check, clean, Rejection
+from wakeproxy.routing.hygiene import Hygiene, check, clean
 from wakeproxy.runtime import Runtime
 
 

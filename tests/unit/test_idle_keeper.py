@@ -19,18 +19,17 @@ import time
 from pathlib import Path
 
 import pytest
+import wakeproxy.wake.idle as idle_mod
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow
 from mitmproxy.test.tutils import tresp
-
-import wakeproxy.wake.idle as idle_mod
 from wakeproxy.config import Address, Config, IdleConfig, SourcesConfig, StatusConfig
 from wakeproxy.docker.ops import DockerOpError
-from wakeproxy.wake.idle import STATE_FILE, Activity, IdleKeeper
-from wakeproxy.routing.labels import ContainerInfo
-from wakeproxy.runtime import Runtime
-from wakeproxy.routing.snapshot import Snapshot, build_snapshot
 from wakeproxy.observe.status import StatusServer
+from wakeproxy.routing.labels import ContainerInfo
+from wakeproxy.routing.snapshot import Snapshot, build_snapshot
+from wakeproxy.runtime import Runtime
+from wakeproxy.wake.idle import STATE_FILE, Activity, IdleKeeper
 
 TIMEOUT = 60.0
 
@@ -237,7 +236,8 @@ def test_whole_websocket_flow_through_mitmproxy_hooks():
 
 
 def _hook(name: str, f: http.HTTPFlow):
-    from mitmproxy.proxy.layers import http as http_layer, websocket as ws_layer
+    from mitmproxy.proxy.layers import http as http_layer
+    from mitmproxy.proxy.layers import websocket as ws_layer
 
     return {
         "requestheaders": http_layer.HttpRequestHeadersHook,
@@ -399,7 +399,9 @@ def compose_group(state="running"):
 def test_stop_and_start_order_follow_depends_on():
     s = snap(*compose_group())
     g = s.groups["p"]
-    names = lambda layers: [sorted(s.containers[cid].name for cid in layer) for layer in layers]
+    def names(layers):
+        return [sorted(s.containers[cid].name for cid in layer) for layer in layers]
+
     assert names(g.start_order(s)) == [["p-cache", "p-db", "p-once"], ["p-api"], ["p-web"]]
     assert names(g.stop_order(s)) == [["p-web"], ["p-api"], ["p-cache", "p-db", "p-once"]]
 
@@ -408,7 +410,7 @@ def test_stop_order_of_a_cycle_and_of_plain_containers():
     s = snap(c("x-a", "a.test", project="x", service="a", depends_on="b"),
              c("x-b", None, project="x", service="b", depends_on="a"),
              c("solo", "solo.test"))
-    assert [sorted(l) for l in s.groups["x"].stop_order(s)] == [["id-x-a", "id-x-b"]]
+    assert [sorted(layer) for layer in s.groups["x"].stop_order(s)] == [["id-x-a", "id-x-b"]]
     assert s.groups["solo"].stop_order(s) == [["id-solo"]]
 
 
@@ -566,7 +568,7 @@ def test_future_clocks_are_capped_at_now(tmp_path):
 @pytest.mark.parametrize("clock", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_clock_counts_as_corrupt(tmp_path, caplog, clock):
     """json accepts NaN/Infinity; `now - nan < timeout` is False, so a NaN clock would stop the group at once."""
-    (tmp_path / STATE_FILE).write_text('{"version": 1, "last_activity": {"a": %s, "b": 5.0}}' % clock)
+    (tmp_path / STATE_FILE).write_text(f'{{"version": 1, "last_activity": {{"a": {clock}, "b": 5.0}}}}')
     k = make_keeper(c("a", "a.test"), tmp_path=tmp_path)
     with caplog.at_level(logging.WARNING, logger="wakeproxy.wake.idle"):
         k._loaded = k._load()

@@ -24,10 +24,18 @@ from collections.abc import Callable
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-
-from wakeproxy.routing import hostnames
 from wakeproxy.config import SourcesConfig
-from wakeproxy.routing.labels import MAX_VALUE_BYTES, USED_ENV, ContainerInfo, LabelError, parse_depends_on, parse_hosts, routes_for, settings_for
+from wakeproxy.routing import hostnames
+from wakeproxy.routing.labels import (
+    MAX_VALUE_BYTES,
+    USED_ENV,
+    ContainerInfo,
+    LabelError,
+    parse_depends_on,
+    parse_hosts,
+    routes_for,
+    settings_for,
+)
 from wakeproxy.routing.traefik_rule import RuleError, parse_rule
 
 PER_BYTE = 20e-6  # seconds per input byte

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import pytest
-
 from wakeproxy.config import SourcesConfig
-from wakeproxy.routing.labels import ContainerInfo, ContainerSettings, Dependency, LabelError, Route, normalize_host, parse_depends_on, parse_hosts, routes_for, settings_for
+from wakeproxy.routing.labels import (
+    ContainerInfo,
+    ContainerSettings,
+    Dependency,
+    LabelError,
+    Route,
+    normalize_host,
+    parse_depends_on,
+    parse_hosts,
+    routes_for,
+    settings_for,
+)
 
 ALL = SourcesConfig()
 

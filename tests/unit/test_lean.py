@@ -7,7 +7,6 @@ import asyncio
 import pytest
 from mitmproxy import http
 from mitmproxy.test.tutils import treq
-
 from wakeproxy.mitm import lean
 
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import resource
 import time
@@ -13,10 +12,8 @@ from typing import Any
 import pytest
 from mitmproxy import connection
 from mitmproxy.test import taddons, tflow
-
-from wakeproxy.mitm import headbound
-from wakeproxy.mitm import limits
 from wakeproxy.config import parse_config
+from wakeproxy.mitm import headbound, limits
 from wakeproxy.mitm.limits import ConnectionLimits, connection_cap
 from wakeproxy.runtime import Runtime
 

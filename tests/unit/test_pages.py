@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from mitmproxy import http
 from mitmproxy.test.tutils import treq
-
 from wakeproxy.pages import error_response, waking_response, wants_html
 
 EVIL_HOST = '<script>alert("h")</script>.test'

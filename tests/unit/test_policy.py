@@ -7,7 +7,6 @@ import json
 import random
 
 import pytest
-
 from wakeproxy.config import SourcesConfig
 from wakeproxy.routing.labels import ContainerInfo
 from wakeproxy.routing.policy import Claim, GroupId, NamePolicy, Ownership

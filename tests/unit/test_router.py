@@ -7,16 +7,15 @@ import asyncio
 from ipaddress import ip_network
 
 import pytest
+import wakeproxy.routing.router as router_mod
 from mitmproxy import http, websocket
 from mitmproxy.test import taddons, tflow
 from mitmproxy.test.tutils import treq, tresp
-
 from wakeproxy.config import Config, ForwardedConfig, SourcesConfig, parse_config
 from wakeproxy.routing.labels import ContainerInfo
-import wakeproxy.routing.router as router_mod
 from wakeproxy.routing.router import WEBSOCKET_HISTORY, Router
-from wakeproxy.runtime import Runtime
 from wakeproxy.routing.snapshot import Policy, Snapshot, build_snapshot
+from wakeproxy.runtime import Runtime
 from wakeproxy.wake.waker import CONTROL_PREFIX, Waker
 
 CLIENT = ("192.0.2.7", 5555)

@@ -6,9 +6,9 @@ import logging
 from dataclasses import FrozenInstanceError
 
 import pytest
-from hypothesis import given, settings, strategies as st
-
 import wakeproxy.routing.snapshot as snapshot_mod
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from wakeproxy.config import LabelTrustConfig, SourcesConfig
 from wakeproxy.routing.labels import ContainerInfo, path_matches
 from wakeproxy.routing.policy import NamePolicy, Ownership

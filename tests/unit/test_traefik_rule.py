@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from wakeproxy.routing.traefik_rule import MAX_DEPTH, And, Matcher, Not, Or, RuleError, host_arguments, parse_rule
 
 

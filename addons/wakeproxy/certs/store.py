@@ -43,11 +43,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from mitmproxy import certs, ctx, exceptions, tls
 
+from wakeproxy.config import Config
 from wakeproxy.files import write_private
 from wakeproxy.observe.logsafe import get_logger
-from wakeproxy.config import Config
-from wakeproxy.runtime import Runtime
 from wakeproxy.routing.snapshot import Snapshot
+from wakeproxy.runtime import Runtime
 
 logger = get_logger(__name__)
 
@@ -61,7 +61,7 @@ def self_signed_pem(common_name: str = "wakeproxy default certificate", days: in
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
                       x509.NameAttribute(NameOID.ORGANIZATION_NAME, "wakeproxy")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -119,7 +119,7 @@ def repair_mitmproxy_confdir(confdir: Path) -> None:
 def _utc(cert: x509.Certificate, attr: str) -> datetime.datetime:
     value = getattr(cert, f"{attr}_utc", None)
     if value is None:  # cryptography < 42
-        value = getattr(cert, attr).replace(tzinfo=datetime.timezone.utc)
+        value = getattr(cert, attr).replace(tzinfo=datetime.UTC)
     return value
 
 
@@ -291,9 +291,9 @@ class CertRegistry:
         for base, cert in self.custom.items():
             out[file_base_to_name(base)] = cert
         for host, base in self.label_names.items():
-            cert = self.custom.get(base)
-            if cert is not None:
-                out[host] = cert
+            named = self.custom.get(base)
+            if named is not None:
+                out[host] = named
         out.update(self.acme)
         return out
 
@@ -454,6 +454,6 @@ class Certificates:
         cert = self.registry.choose(host, self._table or self.registry.table())
         if cert is None or cert.source == "default":
             return None
-        if not cert.valid_at(datetime.datetime.now(datetime.timezone.utc)) or not cert.covers(host):
+        if not cert.valid_at(datetime.datetime.now(datetime.UTC)) or not cert.covers(host):
             return None
         return cert

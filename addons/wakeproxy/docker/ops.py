@@ -15,8 +15,8 @@ from typing import Any
 import docker
 import docker.errors
 
-from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.config import DockerConfig
+from wakeproxy.observe.logsafe import get_logger
 
 logger = get_logger(__name__)
 

@@ -32,13 +32,13 @@ from typing import Any
 import docker
 import docker.errors
 
-from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.config import Config
+from wakeproxy.files import write_private
+from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.routing.labels import USED_ENV, ContainerInfo
-from wakeproxy.runtime import ContainerEvent, EngineState
 from wakeproxy.routing.policy import OWNERS_FILE, Ownership
 from wakeproxy.routing.snapshot import Policy, Snapshot, build_snapshot
-from wakeproxy.files import write_private
+from wakeproxy.runtime import ContainerEvent, EngineState
 
 logger = get_logger(__name__)
 
@@ -87,7 +87,7 @@ class _Static:
     exposed_ports: tuple[int, ...]
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "_Static":
+    def from_config(cls, cfg: Mapping[str, Any]) -> _Static:
         """From the `Config` of `docker inspect`."""
         return cls(_parse_env(cfg.get("Env")), _parse_exposed(cfg.get("ExposedPorts")))
 
@@ -190,7 +190,7 @@ def _created(value: Any) -> float:
 
         text = value.rstrip("Z").split(".", 1)[0]
         try:
-            dt = datetime.datetime.fromisoformat(text).replace(tzinfo=datetime.timezone.utc)
+            dt = datetime.datetime.fromisoformat(text).replace(tzinfo=datetime.UTC)
         except ValueError:
             return 0.0
         return float(int(dt.timestamp()))
@@ -397,7 +397,7 @@ class DockerView:
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     @staticmethod
-    def _read(events: Any, inbox: "queue.Queue[Any]") -> None:
+    def _read(events: Any, inbox: queue.Queue[Any]) -> None:
         """Move events from the blocking stream into `inbox`; end with a _StreamEnd."""
         try:
             for event in events:
@@ -406,7 +406,7 @@ class DockerView:
         except Exception as e:
             inbox.put(_StreamEnd(e))
 
-    def _follow(self, client: docker.DockerClient, inbox: "queue.Queue[Any]") -> None:
+    def _follow(self, client: docker.DockerClient, inbox: queue.Queue[Any]) -> None:
         """Apply events in batches: everything that queued up while the previous batch was
         applied becomes one new snapshot (a `docker compose up` of 20 containers is not 20).
         Between batches, the container cache is written once CACHE_SAVE_DELAY has passed since

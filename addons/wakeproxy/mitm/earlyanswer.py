@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 from typing import Any
+
 from wakeproxy.observe.logsafe import get_logger
 
 logger = get_logger(__name__)
@@ -70,7 +71,7 @@ def install() -> bool:
     from mitmproxy.proxy.layers import http as layers_http
 
     _ORIGINALS["start_request_stream"] = layers_http.HttpStream.start_request_stream
-    layers_http.HttpStream.start_request_stream = _wrap(layers_http.HttpStream.start_request_stream)
+    setattr(layers_http.HttpStream, "start_request_stream", _wrap(layers_http.HttpStream.start_request_stream))
     return True
 
 
@@ -78,7 +79,7 @@ def uninstall() -> None:
     from mitmproxy.proxy.layers import http as layers_http
 
     if installed():
-        layers_http.HttpStream.start_request_stream = _ORIGINALS.pop("start_request_stream")
+        setattr(layers_http.HttpStream, "start_request_stream", _ORIGINALS.pop("start_request_stream"))
 
 
 def _wrap(original: Any) -> Any:

@@ -39,8 +39,8 @@ from typing import Any
 from mitmproxy import ctx, http
 
 from wakeproxy import pages
-from wakeproxy.runtime import Runtime
 from wakeproxy.observe.logsafe import get_logger
+from wakeproxy.runtime import Runtime
 
 logger = get_logger(__name__)
 
@@ -157,10 +157,10 @@ def install() -> bool:
     _ORIGINALS["h1_send"] = _http1.Http1Server.send
     _ORIGINALS["h2_handle"] = _http2.Http2Server._handle_event
     _http1.make_error_response = _make_error_response
-    _http1.Http1Server.send = _wrap_h1_send(_http1.Http1Server.send)
-    _http2.Http2Server._handle_event = _wrap_h2_handle_event(_http2.Http2Server._handle_event)
+    setattr(_http1.Http1Server, "send", _wrap_h1_send(_http1.Http1Server.send))
+    setattr(_http2.Http2Server, "_handle_event", _wrap_h2_handle_event(_http2.Http2Server._handle_event))
     _ORIGINALS["h2_event"] = _http2.Http2Server.handle_h2_event
-    _http2.Http2Server.handle_h2_event = _wrap_h2_request_received(_http2.Http2Server.handle_h2_event)
+    setattr(_http2.Http2Server, "handle_h2_event", _wrap_h2_request_received(_http2.Http2Server.handle_h2_event))
     return True
 
 
@@ -169,9 +169,9 @@ def uninstall() -> None:
 
     if installed():
         _http1.make_error_response = _ORIGINALS.pop("make_error_response")
-        _http1.Http1Server.send = _ORIGINALS.pop("h1_send")
-        _http2.Http2Server._handle_event = _ORIGINALS.pop("h2_handle")
-        _http2.Http2Server.handle_h2_event = _ORIGINALS.pop("h2_event")
+        setattr(_http1.Http1Server, "send", _ORIGINALS.pop("h1_send"))
+        setattr(_http2.Http2Server, "_handle_event", _ORIGINALS.pop("h2_handle"))
+        setattr(_http2.Http2Server, "handle_h2_event", _ORIGINALS.pop("h2_event"))
 
 
 def _make_error_response(status_code: int, message: str = "") -> bytes:

@@ -134,7 +134,7 @@ def installed() -> bool:
 # --- the shape check --------------------------------------------------------------
 
 
-def _targets() -> tuple[type, type] | None:
+def _targets() -> tuple[Any, Any] | None:
     try:
         from mitmproxy.proxy.layers import http as http_layers
         from mitmproxy.proxy.layers.http import _http1
@@ -147,7 +147,7 @@ def _targets() -> tuple[type, type] | None:
     return http_layer, h1_client
 
 
-def _is_patched(targets: tuple[type, type]) -> bool:
+def _is_patched(targets: tuple[Any, Any]) -> bool:
     http_layer, h1_client = targets
     return bool(getattr(http_layer.get_connection, _MARK, False)
                 and getattr(http_layer._handle_event, _MARK, False)
@@ -183,7 +183,8 @@ def shape_problem() -> str | None:
     mark_done = getattr(h1_client, "mark_done", None)
     if any(getattr(f, _MARK, False) for f in (get_connection, handle_event, mark_done)):
         return "half patched already"
-    if not all(callable(f) for f in (get_connection, handle_event, mark_done)):
+    if get_connection is None or handle_event is None or mark_done is None \
+            or not all(callable(f) for f in (get_connection, handle_event, mark_done)):
         return "get_connection, _handle_event or mark_done missing"
     try:
         if _params(get_connection) != [("self", pos, empty), ("event", pos, empty), ("reuse", kw, True)]:
@@ -239,7 +240,7 @@ def shape_problem() -> str | None:
             f.name for f in dataclasses.fields(http.RequestData)}:
         return "RequestData is not a dataclass with http_version"
     try:  # the view mark_done decides with: HTTP/1.1, same method and headers, the original untouched
-        sample = http.Request.make("POST", "http://example.com/", b"body", {"Connection": "close"})
+        sample = http.Request.make("POST", "http://example.com/", b"body", http.Headers(Connection="close"))
         sample.http_version = "HTTP/2.0"
         view = _as_sent_upstream(sample)
         ok = (view.http_version == "HTTP/1.1" and not view.is_http2 and sample.is_http2

@@ -104,8 +104,8 @@ def install() -> bool:
     server = _http1.Http1Server
     _ORIGINALS["read_headers"] = server.read_headers
     _ORIGINALS["wait"] = server.wait
-    server.read_headers = _wrap_read_headers(server.read_headers)
-    server.wait = _wrap_wait(server.wait)
+    setattr(server, "read_headers", _wrap_read_headers(server.read_headers))
+    setattr(server, "wait", _wrap_wait(server.wait))
     return True
 
 
@@ -113,8 +113,8 @@ def uninstall() -> None:
     from mitmproxy.proxy.layers.http import _http1
 
     if installed():
-        _http1.Http1Server.read_headers = _ORIGINALS.pop("read_headers")
-        _http1.Http1Server.wait = _ORIGINALS.pop("wait")
+        setattr(_http1.Http1Server, "read_headers", _ORIGINALS.pop("read_headers"))
+        setattr(_http1.Http1Server, "wait", _ORIGINALS.pop("wait"))
 
 
 def limit_of(layer: Any) -> int:
@@ -162,7 +162,7 @@ def _wrap_read_headers(original: Any) -> Any:
 def _client_gone_code() -> Any:
     """The code mitmproxy gives "the client went away": an ErrorCode in 12, an int in 11."""
     try:
-        from mitmproxy.proxy.layers.http._events import ErrorCode  # mitmproxy 12+
+        from mitmproxy.proxy.layers.http._events import ErrorCode  # type: ignore[attr-defined]  # mitmproxy 12+
     except ImportError:
         from mitmproxy.net.http import status_codes
 

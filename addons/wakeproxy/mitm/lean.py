@@ -37,7 +37,7 @@ def drop_message_type_checks() -> bool:
     global _original
     _original = own
     # Not deleted: the dataclass __init__ of RequestData/ResponseData calls __post_init__.
-    http.MessageData.__post_init__ = _no_check  # type: ignore[attr-defined]
+    setattr(http.MessageData, "__post_init__", _no_check)
     return True
 
 
@@ -47,5 +47,5 @@ def restore_message_type_checks() -> None:
     from mitmproxy import http
 
     if _original is not None:
-        http.MessageData.__post_init__ = _original  # type: ignore[attr-defined]
+        setattr(http.MessageData, "__post_init__", _original)
         _original = None

@@ -43,8 +43,8 @@ from typing import Any
 from mitmproxy import ctx, http
 
 from wakeproxy.mitm import headbound
-from wakeproxy.runtime import Runtime
 from wakeproxy.observe.logsafe import get_logger
+from wakeproxy.runtime import Runtime
 
 logger = get_logger(__name__)
 

@@ -40,8 +40,8 @@ from mitmproxy import http
 
 from wakeproxy.mitm.limits import connection_handler
 from wakeproxy.observe.logsafe import get_logger
-from wakeproxy.runtime import ContainerEvent, Runtime
 from wakeproxy.routing.snapshot import Snapshot
+from wakeproxy.runtime import ContainerEvent, Runtime
 from wakeproxy.wake.waker import WakeFailed, Waker
 
 logger = get_logger(__name__)
@@ -50,7 +50,7 @@ KNOWN_ADDRESSES = 10_000  # address → container entries remembered (least rece
 DEATH = frozenset({"die", "stop", "kill", "destroy", "pause"})
 LOG_INTERVAL = 10.0
 DIE_GRACE = 1.0  # after a refused connect, how long Docker's `die` event may take to say it was a stop
-_installed: "Connector | None" = None
+_installed: Connector | None = None
 _warned = False
 
 
@@ -104,7 +104,7 @@ class Connector:
         cut = 0
         for transport in list(live or ()):
             if not transport.is_closing():
-                transport.abort()  # the reader sees the end at once; mitmproxy cuts the response
+                transport.abort()  # type: ignore[attr-defined]  # a socket transport: the reader sees the end at once
                 cut += 1
         if cut:
             logger.info(f"upstream: {event.name} {event.action}: {cut} connection(s) to it ended")
@@ -163,7 +163,7 @@ class Connector:
         event = self._died.setdefault(cid, asyncio.Event())
         try:
             await asyncio.wait_for(event.wait(), within)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return not self._alive_at(cid, host, port)
         return True
 

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from wakeproxy.observe.logsafe import get_logger
-from wakeproxy.wake.idle import IdleKeeper
 from wakeproxy.runtime import Runtime
+from wakeproxy.wake.idle import IdleKeeper
 from wakeproxy.wake.waker import Waker
 
 logger = get_logger(__name__)
@@ -25,7 +25,7 @@ logger = get_logger(__name__)
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds")
 
 
 class StatusServer:
@@ -130,7 +130,7 @@ class StatusServer:
                 f"Cache-Control: no-store\r\nConnection: close\r\n\r\n".encode() + body
             )
             await writer.drain()
-        except (OSError, asyncio.TimeoutError, UnicodeDecodeError):
+        except (TimeoutError, OSError, UnicodeDecodeError):
             pass
         finally:
             writer.close()

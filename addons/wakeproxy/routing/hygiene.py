@@ -24,12 +24,13 @@ checks against precomputed tables; nothing is echoed beyond `pages.bounded`.
 from __future__ import annotations
 
 import functools
+
 from mitmproxy import ctx, http
 
 from wakeproxy import pages
+from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.routing.hostnames import normalize_host, parse_authority
 from wakeproxy.runtime import Runtime
-from wakeproxy.observe.logsafe import get_logger
 
 logger = get_logger(__name__)
 

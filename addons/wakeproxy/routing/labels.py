@@ -29,7 +29,6 @@ from wakeproxy.config import SourcesConfig, parse_duration
 from wakeproxy.routing.hostnames import is_host_pattern, normalize_host
 from wakeproxy.routing.traefik_rule import And, Expr, Matcher, Not, Or, RuleError, host_arguments, parse_rule
 
-
 # Every environment variable the proxy reads. `docker_view` keeps only these of a container's
 # environment (the rest, often secrets, is never held in memory or written to the state dir).
 NGINX_PROXY_ENV = ("VIRTUAL_HOST", "VIRTUAL_PORT", "VIRTUAL_PROTO", "VIRTUAL_PATH", "VIRTUAL_DEST")  # _nginx_proxy
@@ -269,9 +268,9 @@ def check_limits(info: ContainerInfo, sources: SourcesConfig | None) -> None:
             errors.add(f"label {key}: the value is {_size(value)} bytes, more than the {MAX_VALUE_BYTES} allowed")
     env_read = (*NGINX_PROXY_ENV, LETSENCRYPT_ENV) if sources is not None and sources.nginx_proxy else (LETSENCRYPT_ENV,)
     for name in env_read:
-        value = info.env.get(name)
-        if value is not None and _over(value, MAX_VALUE_BYTES):
-            errors.add(f"env {name}: the value is {_size(value)} bytes, more than the {MAX_VALUE_BYTES} allowed")
+        env_value = info.env.get(name)
+        if env_value is not None and _over(env_value, MAX_VALUE_BYTES):
+            errors.add(f"env {name}: the value is {_size(env_value)} bytes, more than the {MAX_VALUE_BYTES} allowed")
     errors.raise_any()
 
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.config import Config
+from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.routing.hostnames import is_host_pattern, is_under
 
 logger = get_logger(__name__)
@@ -99,7 +99,7 @@ class NamePolicy:
     release_after: float = 60.0
 
     @classmethod
-    def from_config(cls, config: Config) -> "NamePolicy":
+    def from_config(cls, config: Config) -> NamePolicy:
         n = config.names
         return cls(n.allow, n.wildcards, n.max_per_group, dict(n.reserved), config.default_host, n.release_after)
 
@@ -112,9 +112,10 @@ class NamePolicy:
         does not exist yet. Their names come from patterns without `{group}`."""
         if not self.allow:
             return True
-        own = gid.base.split("/", 1)[0].lower() if gid.kind == "compose" else None
-        return any(_pattern_covers(p.replace("{group}", own), name) if "{group}" in p else _pattern_covers(p, name)
-                   for p in self.allow if own is not None or "{group}" not in p)
+        if gid.kind != "compose":
+            return any(_pattern_covers(p, name) for p in self.allow if "{group}" not in p)
+        own = gid.base.split("/", 1)[0].lower()
+        return any(_pattern_covers(p.replace("{group}", own), name) for p in self.allow)
 
     def reserved_for(self, name: str, gid: GroupId) -> str | None:
         """The names.reserved entry that `gid` does not match, or None (not reserved, or its group).
@@ -263,7 +264,7 @@ class Ownership:
                 keys.setdefault(rec.gid, rec.group)
         # 3. Current owners first (by age), then new claims by container creation time and group.
         candidates.sort(key=lambda c: c[0])
-        for (kind, _, _, _), name, gid, cs in candidates:
+        for _, name, gid, cs in candidates:
             other = table.conflict(name, gid)
             if other is not None:
                 who = keys.get(other, other.base)

@@ -14,11 +14,11 @@ from typing import Any
 
 from mitmproxy import http
 
-from wakeproxy.observe.logsafe import get_logger
 from wakeproxy import pages
+from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.routing.labels import normalize_host
-from wakeproxy.runtime import Runtime
 from wakeproxy.routing.snapshot import Backend, PathRoute, Site
+from wakeproxy.runtime import Runtime
 from wakeproxy.wake.waker import CONTROL_PREFIX, Wake, Waker
 
 logger = get_logger(__name__)

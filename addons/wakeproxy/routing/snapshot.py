@@ -17,9 +17,20 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.config import Config, LabelTrustConfig, SourcesConfig
-from wakeproxy.routing.labels import ContainerInfo, ContainerSettings, LabelError, Route, check_group_labels, group_of, normalize_host, path_matches, routes_for, settings_for
+from wakeproxy.observe.logsafe import get_logger
+from wakeproxy.routing.labels import (
+    ContainerInfo,
+    ContainerSettings,
+    LabelError,
+    Route,
+    check_group_labels,
+    group_of,
+    normalize_host,
+    path_matches,
+    routes_for,
+    settings_for,
+)
 from wakeproxy.routing.policy import Claim, GroupId, NamePolicy, Ownership, Refusal
 
 logger = get_logger(__name__)
@@ -87,7 +98,7 @@ class Site:
         object.__setattr__(self, "backends", backends)
 
     @classmethod
-    def of(cls, host: str, backends: tuple[Backend, ...]) -> "Site":
+    def of(cls, host: str, backends: tuple[Backend, ...]) -> Site:
         """A site whose containers all serve every path."""
         return cls(host, (PathRoute("/", False, backends),))
 
@@ -125,11 +136,11 @@ class Group:
     idle_timeout: float | None = None  # the longest of the members' labels; 0 (any member) = never
     idle_action: str | None = None
 
-    def stop_order(self, snapshot: "Snapshot") -> list[list[str]]:
+    def stop_order(self, snapshot: Snapshot) -> list[list[str]]:
         """Members in layers, dependents before their dependencies (reverse `depends_on`)."""
         return list(reversed(self.start_order(snapshot)))
 
-    def start_order(self, snapshot: "Snapshot") -> list[list[str]]:
+    def start_order(self, snapshot: Snapshot) -> list[list[str]]:
         """Members in layers: each layer only depends on earlier ones (Compose `depends_on`)."""
         service_of = {cid: snapshot.settings[cid].service for cid in self.members if cid in snapshot.settings}
         by_service = {svc: cid for cid, svc in service_of.items() if svc}
@@ -161,7 +172,7 @@ class Group:
             placed.update(layer)
         return layers
 
-    def cycles(self, snapshot: "Snapshot") -> list[list[str]]:
+    def cycles(self, snapshot: Snapshot) -> list[list[str]]:
         """The members that depend on each other, as groups of container ids (usually none)."""
         layers = self.start_order(snapshot)
         layer_of = {cid: n for n, layer in enumerate(layers) for cid in layer}
@@ -185,7 +196,7 @@ class Policy:
     acme_max: int = 10  # names one group may have certificates for
 
     @classmethod
-    def from_config(cls, config: Config) -> "Policy":
+    def from_config(cls, config: Config) -> Policy:
         return cls(NamePolicy.from_config(config), config.labels, config.idle.timeout,
                    config.acme.max_names_per_group)
 
@@ -484,8 +495,8 @@ def build_snapshot(
                         or shared.intersection(i.networks)), key=lambda i: i.name)
         ids = tuple(i.id for i in infos)
         strategies = [settings[i].wake_strategy for i in ids if settings[i].wake_strategy]
-        timeouts = [settings[i].wake_timeout for i in ids if settings[i].wake_timeout]
-        idle = [settings[i].idle_timeout for i in ids if settings[i].idle_timeout is not None]
+        timeouts = [t for i in ids if (t := settings[i].wake_timeout)]
+        idle = [t for i in ids if (t := settings[i].idle_timeout) is not None]
         actions = [settings[i].idle_action for i in ids if settings[i].idle_action]
         groups[name] = Group(name, ids, group_routed, strategies[0] if strategies else None,
                              max(timeouts) if timeouts else None,

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Union
 
 MAX_DEPTH = 32  # nested "(" and "!"; real rules use two or three
 _SHOWN = 32  # at most this many characters of a token appear in an error message
@@ -66,21 +65,21 @@ class Matcher:
 
 @dataclass(frozen=True)
 class Not:
-    operand: "Expr"
+    operand: Expr
     pos: int  # where the "!" is
 
 
 @dataclass(frozen=True)
 class And:
-    operands: tuple["Expr", ...]  # two or more
+    operands: tuple[Expr, ...]  # two or more
 
 
 @dataclass(frozen=True)
 class Or:
-    operands: tuple["Expr", ...]  # two or more
+    operands: tuple[Expr, ...]  # two or more
 
 
-Expr = Union[Matcher, Not, And, Or]
+Expr = Matcher | Not | And | Or
 
 
 # --- tokens ----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ most every few seconds); a missing or corrupt file means "active now".
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import time
@@ -24,11 +25,11 @@ from typing import Any
 
 from mitmproxy import http
 
-from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.docker.ops import DockerOpError, DockerOps
-from wakeproxy.runtime import Runtime
-from wakeproxy.routing.snapshot import Group, Snapshot
 from wakeproxy.files import write_private
+from wakeproxy.observe.logsafe import get_logger
+from wakeproxy.routing.snapshot import Group, Snapshot
+from wakeproxy.runtime import Runtime
 from wakeproxy.wake.waker import Waker
 
 logger = get_logger(__name__)
@@ -71,7 +72,7 @@ class IdleKeeper:
     async def done(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        for name, task in list(self.runtime.stopping.items()):
+        for task in list(self.runtime.stopping.values()):
             # A stop under way still counts: its containers get their stop, and the clock says so.
             await asyncio.wait([task], timeout=self.runtime.config.idle.stop_timeout + 5)
         if self._dirty:
@@ -185,7 +186,7 @@ class IdleKeeper:
         logger.info(f"idle {group.name}: no activity for {idle:.1f} s; {action}ping {len(group.members)} container(s)")
         task = asyncio.get_running_loop().create_task(self._sleep(snap, group, action), name=f"idle {action} {group.name}")
         self.runtime.stopping[group.name] = task
-        task.add_done_callback(lambda t, g=group.name: self._slept(g, t))
+        task.add_done_callback(functools.partial(self._slept, group.name))
 
     async def _sleep(self, snap: Snapshot, group: Group, action: str) -> None:
         t0 = time.monotonic()

@@ -14,6 +14,7 @@ cool-down instead of a restart loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import ssl
 import time
@@ -23,13 +24,13 @@ from typing import Any
 
 from mitmproxy import http
 
-from wakeproxy.observe.logsafe import get_logger
 from wakeproxy import pages
-from wakeproxy.wake.budget import WakeBudget, client_key
 from wakeproxy.docker.ops import DockerOpError, DockerOps
+from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.routing.labels import ContainerInfo
-from wakeproxy.runtime import ContainerEvent, Runtime
 from wakeproxy.routing.snapshot import Backend, Group, Site, Snapshot
+from wakeproxy.runtime import ContainerEvent, Runtime
+from wakeproxy.wake.budget import WakeBudget, client_key
 
 logger = get_logger(__name__)
 
@@ -218,7 +219,7 @@ class Waker:
         timeout = group.wake_timeout or self.runtime.config.wake.timeout
         wake = Wake(group.name, group.members, time.monotonic() + timeout)
         wake.task = asyncio.get_running_loop().create_task(self._run(wake), name=f"wake {group.name}")
-        wake.task.add_done_callback(lambda t, w=wake: self._finished(w, t))
+        wake.task.add_done_callback(functools.partial(self._finished, wake))
         self._wakes[group.name] = wake
         logger.info(f"wake {group.name}: starting {len(group.members)} container(s)")
         return wake
@@ -422,7 +423,7 @@ class Waker:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(backend.address, backend.port), PROBE_CONNECT_TIMEOUT
             )
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             return
         try:
             if backend.ready_path and not await self._ready_path_ok(backend):
@@ -443,7 +444,7 @@ class Waker:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(backend.address, backend.port, ssl=context), 2
             )
-        except (OSError, asyncio.TimeoutError, ssl.SSLError):
+        except (TimeoutError, OSError, ssl.SSLError):
             return False
         try:
             writer.write(
@@ -453,7 +454,7 @@ class Waker:
             line = await asyncio.wait_for(reader.readline(), 2)
             parts = line.split()
             return len(parts) >= 2 and parts[1].isdigit() and int(parts[1]) < 500
-        except (OSError, asyncio.TimeoutError, ssl.SSLError, ValueError):
+        except (TimeoutError, OSError, ssl.SSLError, ValueError):
             return False
         finally:
             writer.close()  # also when the app never answers: no half-open probe is left behind

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -12,9 +13,8 @@ from cryptography.x509.oid import NameOID
 from mitmproxy import http, tls
 from OpenSSL import SSL, crypto
 
-from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.certs.https import CHALLENGE_PREFIX
-
+from wakeproxy.observe.logsafe import get_logger
 
 logger = get_logger(__name__)
 
@@ -31,7 +31,7 @@ def alpn_challenge_cert(name: str, key_authorization: str) -> tuple[crypto.X509,
     """The self-signed TLS-ALPN-01 certificate for `name` (RFC 8737 §3), as pyOpenSSL objects."""
     key = ec.generate_private_key(ec.SECP256R1())
     digest = hashlib.sha256(key_authorization.encode()).digest()
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     cert = (
         x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
@@ -43,6 +43,11 @@ def alpn_challenge_cert(name: str, key_authorization: str) -> tuple[crypto.X509,
         .sign(key, hashes.SHA256())
     )
     return crypto.X509.from_cryptography(cert), crypto.PKey.from_cryptography_key(key)
+
+
+def _select_acme_alpn(conn: SSL.Connection, offers: Any) -> Any:
+    """The ALPN callback of a TLS-ALPN-01 validation handshake: always `acme-tls/1` (RFC 8737)."""
+    return ACME_TLS_ALPN
 
 
 class ChallengeTokens:
@@ -78,7 +83,7 @@ class ChallengeTokens:
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
         ctx.use_certificate(pair[0])
         ctx.use_privatekey(pair[1])
-        ctx.set_alpn_select_callback(lambda conn, offers: ACME_TLS_ALPN)
+        ctx.set_alpn_select_callback(_select_acme_alpn)
         conn = SSL.Connection(ctx)
         conn.set_accept_state()
         self.answered += 1

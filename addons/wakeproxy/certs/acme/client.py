@@ -15,10 +15,9 @@ from acme import challenges, client, crypto_util, errors, messages
 from wakeproxy.certs.acme.challenges import ChallengeTokens, alpn_challenge_cert
 from wakeproxy.certs.acme.storage import CertStorage, new_certificate_key
 from wakeproxy.certs.acme.timing import ari_cert_id, parse_retry_after
-from wakeproxy.observe.logsafe import get_logger
-from wakeproxy.config import AcmeConfig
 from wakeproxy.certs.store import LoadedCert
-
+from wakeproxy.config import AcmeConfig
+from wakeproxy.observe.logsafe import get_logger
 
 logger = get_logger(__name__)
 
@@ -141,7 +140,8 @@ class AcmeClient:
     def _network(self) -> RetryingNetwork:
         assert self._key is not None
         verify: bool | str = str(self.cfg.ca_bundle) if self.cfg.ca_bundle else True
-        return RetryingNetwork(self._key, account=self._account, alg=jose.ES256, verify_ssl=verify,
+        # The library types verify_ssl as bool; requests (which it hands it to) also takes a CA bundle path.
+        return RetryingNetwork(self._key, account=self._account, alg=jose.ES256, verify_ssl=verify,  # type: ignore[arg-type]
                                user_agent="wakeproxy (acme-python)", timeout=30)
 
     def _session(self) -> client.ClientV2:
@@ -212,7 +212,9 @@ class AcmeClient:
                     self.tokens.alpn.pop(ident, None)
             order = acme.begin_finalization(order)
             fullchain = self._wait_certificate(acme, order, deadline)
-            return Issued(key_pem, fullchain.encode(), time.monotonic() - t0, acme.net.retries)
+            net = acme.net
+            return Issued(key_pem, fullchain.encode(), time.monotonic() - t0,
+                          net.retries if isinstance(net, RetryingNetwork) else 0)
         except AcmeFailure:
             raise
         except messages.Error as e:

@@ -12,16 +12,13 @@ from typing import Any
 
 from mitmproxy import http, tls
 
-from wakeproxy.certs.acme.timing import BACKOFF_MIN, BACKOFF_MAX
-from wakeproxy.certs.acme.client import _TLSALPN01
 from wakeproxy.certs.acme.challenges import ChallengeTokens
-from wakeproxy.certs.acme.client import AcmeClient, AcmeFailure, describe
+from wakeproxy.certs.acme.client import _TLSALPN01, AcmeClient, AcmeFailure, describe
 from wakeproxy.certs.acme.storage import CertStorage
-from wakeproxy.certs.acme.timing import ari_pick, backoff_delay, renewal_time
+from wakeproxy.certs.acme.timing import BACKOFF_MAX, BACKOFF_MIN, ari_pick, backoff_delay, renewal_time
+from wakeproxy.certs.store import Certificates, LoadedCert, load_cert
 from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.runtime import Runtime
-from wakeproxy.certs.store import Certificates, LoadedCert, load_cert
-
 
 logger = get_logger(__name__)
 
@@ -64,11 +61,11 @@ class NameState:
     def as_dict(self) -> dict[str, Any]:
         state = self.phase
         if self.phase != "ordering" and self.cert is not None:
-            now = datetime.datetime.now(datetime.timezone.utc)
+            now = datetime.datetime.now(datetime.UTC)
             state = "valid" if self.cert.valid_at(now) else "expired"
             if self.failures:
                 state += " (renewal failing)"
-        iso = lambda t: datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat()  # noqa: E731
+        iso = lambda t: datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat()  # noqa: E731
         next_attempt = self.due(time.time()) if not self.busy else None
         return {
             "state": state,
@@ -212,7 +209,7 @@ class AcmeManager:
             self._kick.clear()
             try:
                 await asyncio.wait_for(self._kick.wait(), max(0.05, wake_at - time.time()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def _order_allowed_at(self, group: str, now: float) -> float:
@@ -228,7 +225,7 @@ class AcmeManager:
             self._capped.add(group)
             logger.warning(f"acme: group '{group}' made {len(times)} orders in 24 h "
                            f"(acme.max_orders_per_group); its next order waits until "
-                           f"{datetime.datetime.fromtimestamp(times[0] + ORDER_WINDOW, datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+                           f"{datetime.datetime.fromtimestamp(times[0] + ORDER_WINDOW, datetime.UTC):%Y-%m-%d %H:%M} UTC")
         return times[0] + ORDER_WINDOW
 
     async def _attempt(self, st: NameState) -> None:

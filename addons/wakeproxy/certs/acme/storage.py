@@ -13,10 +13,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.certs.store import LoadedCert, load_cert
 from wakeproxy.files import write_private
-
+from wakeproxy.observe.logsafe import get_logger
 
 logger = get_logger(__name__)
 

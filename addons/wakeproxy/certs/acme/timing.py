@@ -15,7 +15,6 @@ from cryptography import x509
 
 from wakeproxy.observe.logsafe import get_logger
 
-
 logger = get_logger(__name__)
 
 RENEW_FRACTION = 1 / 3  # renew when this much of the lifetime is left
@@ -56,7 +55,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
+        when = when.replace(tzinfo=datetime.UTC)
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
@@ -84,6 +83,6 @@ def _rfc3339(value: str) -> datetime.datetime:
     v = value.strip().replace("Z", "+00:00")
     v = re.sub(r"(\.\d{6})\d+", r"\1", v)  # Python parses at most microseconds
     dt = datetime.datetime.fromisoformat(v)
-    return dt if dt.tzinfo else dt.replace(tzinfo=datetime.timezone.utc)
+    return dt if dt.tzinfo else dt.replace(tzinfo=datetime.UTC)
 
 
