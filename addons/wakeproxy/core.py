@@ -53,6 +53,11 @@ def proxy_options(config: Config, default_cert: str, known: set[str]) -> dict[st
     return {k: v for k, v in opts.items() if k in known}
 
 
+# Config sections only a restart applies; every other change (listeners, Docker, names, labels,
+# wake, idle, limits, upstream, TLS files) is applied live by the addon that owns it.
+FIXED_WHILE_RUNNING = ("state_dir", "acme", "status", "shutdown")
+
+
 class _ListenLine(logging.Filter):
     """mitmproxy announces each listener as "reverse proxy to http://127.0.0.1:1 listening at …", which
     reads like a wrong upstream: say what the listener is instead."""
@@ -103,6 +108,14 @@ class WakeProxy:
             config = load_config(ctx.options.wakeproxy_config)
         except ConfigError as e:
             raise exceptions.OptionsError(str(e)) from None
+        if self._running:
+            fixed = [key for key in FIXED_WHILE_RUNNING if getattr(config, key) != getattr(self.runtime.config, key)]
+            if fixed:
+                # mitmproxy rolls the option back: the running proxy keeps its config, nothing half-applied.
+                raise exceptions.OptionsError(
+                    f"{config.source}: {', '.join(fixed)} cannot change while the proxy runs (the ACME account, "
+                    "the state files, the status listener and the drain are set up once): restart wakeproxy "
+                    "to apply the new config")
         try:
             cert = ensure_default_cert(config.state_dir)
             repair_mitmproxy_confdir(config.state_dir / "mitmproxy")

@@ -739,3 +739,29 @@ def test_limits_defaults_and_values():
 def test_limits_errors_name_the_key(text, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         parse_config(text)
+
+
+def test_a_config_change_that_needs_a_restart_is_refused_live(tmp_path):
+    """A running proxy applies a changed wakeproxy_config, except the sections set up once."""
+    from mitmproxy import exceptions
+    from mitmproxy.test import taddons
+
+    from wakeproxy.core import WakeProxy
+    from wakeproxy.runtime import Runtime
+
+    first = tmp_path / "a.yaml"
+    first.write_text(f"state_dir: {tmp_path / 's'}\nidle: {{timeout: 5m}}\n")
+    addon = WakeProxy(Runtime())
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, wakeproxy_config=str(first))
+        addon._running = True  # as after running(); the Docker view is not started here
+        addon._restart_view = lambda: None  # type: ignore[method-assign]
+        live = tmp_path / "b.yaml"
+        live.write_text(f"state_dir: {tmp_path / 's'}\nidle: {{timeout: 7m}}\n")
+        tctx.configure(addon, wakeproxy_config=str(live))
+        assert addon.runtime.config.idle.timeout == 420.0  # applied
+        fixed = tmp_path / "c.yaml"
+        fixed.write_text(f"state_dir: {tmp_path / 'other'}\nacme: {{enabled: true}}\n")
+        with pytest.raises(exceptions.OptionsError, match="state_dir, acme cannot change while the proxy runs"):
+            tctx.configure(addon, wakeproxy_config=str(fixed))
+        assert addon.runtime.config.idle.timeout == 420.0  # the running config stands

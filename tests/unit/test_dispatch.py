@@ -201,3 +201,11 @@ def test_the_lean_master_dispatches_like_stock_mitmproxy(tmp_path) -> None:
 def _named(event_cls: type) -> hooks.Hook:
     """An instance of a hook class without running its dataclass __init__ (only `.name` is read)."""
     return object.__new__(event_cls)
+
+
+@pytest.mark.parametrize("attr", ["_configure_all", "trigger_event", "handle_lifecycle", "register"])
+def test_each_attribute_the_lean_master_relies_on_is_checked(monkeypatch, attr) -> None:
+    from mitmproxy import addonmanager
+
+    monkeypatch.delattr(addonmanager.AddonManager, attr)
+    assert not dispatch.compatible()  # build_master then keeps the stock dispatch, with a warning

@@ -403,9 +403,8 @@ def test_install_is_idempotent(unpatched):
     assert http_layers.HttpLayer.get_connection is gc and "mark_done" not in _http1.Http1Client.__dict__
 
 
-def test_shape_check_accepts_this_mitmproxy():
-    if h2reuse.installed():
-        pytest.skip("checked before patching")  # the check refuses an already patched mitmproxy
+def test_shape_check_accepts_this_mitmproxy(unpatched):
+    # (on an unpatched mitmproxy: the check refuses one it has patched already, on purpose)
     assert h2reuse.shape_problem() is None
 
 

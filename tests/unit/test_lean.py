@@ -58,3 +58,22 @@ def test_only_the_lean_master_drops_it(tmp_path) -> None:
         lean.restore_message_type_checks()
     with pytest.raises(TypeError):
         _bad_request()
+
+
+def test_another_post_init_is_left_alone_with_one_warning(monkeypatch, caplog) -> None:
+    def own_post_init(self) -> None:  # not the type check: something a future mitmproxy might do
+        self.extra = True
+
+    monkeypatch.setattr(lean, "_warned", False)
+    monkeypatch.setattr(http.MessageData, "__post_init__", own_post_init)
+    with caplog.at_level("WARNING", logger="wakeproxy.mitm.lean"):
+        assert lean.drop_message_type_checks() is False
+        assert lean.drop_message_type_checks() is False
+    assert http.MessageData.__dict__["__post_init__"] is own_post_init
+    assert [r.levelname for r in caplog.records if r.name == "wakeproxy.mitm.lean"] == ["WARNING"]
+
+
+def test_a_missing_check_is_left_alone(monkeypatch) -> None:
+    monkeypatch.setattr(lean, "_warned", False)
+    monkeypatch.delattr(http.MessageData, "__post_init__")
+    assert lean.drop_message_type_checks() is False

@@ -38,7 +38,9 @@ logger = get_logger(__name__)
 Handler = tuple[Any, Callable[..., Any]]
 
 # The AddonManager methods this class replaces or extends; checked before it is used.
-_METHODS = ("register", "remove", "clear", "trigger_event", "handle_lifecycle")
+# What HookTable overrides, and `_configure_all`, which the lean master disconnects from the
+# options' change signal when it swaps in the table (cli.build_master).
+_METHODS = ("register", "remove", "clear", "trigger_event", "handle_lifecycle", "_configure_all")
 
 
 def compatible() -> bool:

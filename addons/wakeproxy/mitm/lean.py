@@ -18,6 +18,7 @@ from wakeproxy.observe.logsafe import get_logger
 logger = get_logger(__name__)
 
 _original: Callable[..., None] | None = None  # mitmproxy's check, while replaced
+_warned = False
 
 
 def _no_check(self: object) -> None:
@@ -31,8 +32,16 @@ def drop_message_type_checks() -> bool:
     own = http.MessageData.__dict__.get("__post_init__")
     if own is _no_check:
         return True
-    if own is None or "__post_init__" in http.RequestData.__dict__ or "__post_init__" in http.ResponseData.__dict__:
-        logger.debug("lean: MessageData has no debug type check of the expected shape; left as it is")
+    # Exactly what is replaced: MessageData's own __post_init__, which only type-checks its fields
+    # (it calls typecheck.check_option_type), and no subclass with one of its own.
+    code = getattr(own, "__code__", None)
+    if own is None or code is None or "check_option_type" not in code.co_names \
+            or "__post_init__" in http.RequestData.__dict__ or "__post_init__" in http.ResponseData.__dict__:
+        global _warned
+        if not _warned:
+            _warned = True
+            logger.warning("lean: mitmproxy's MessageData.__post_init__ is not the debug-only type check wakeproxy "
+                           "skips; left as it is (a little slower, same behaviour)")
         return False
     global _original
     _original = own
