@@ -745,7 +745,6 @@ def test_a_config_change_that_needs_a_restart_is_refused_live(tmp_path):
     """A running proxy applies a changed wakeproxy_config, except the sections set up once."""
     from mitmproxy import exceptions
     from mitmproxy.test import taddons
-
     from wakeproxy.core import WakeProxy
     from wakeproxy.runtime import Runtime
 
