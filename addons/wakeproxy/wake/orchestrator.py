@@ -1,0 +1,369 @@
+"""The wake core: bring a group up, once, and learn the moment it is ready (no mitmproxy here).
+
+Single flight: one `Wake` per group, shared by every request that arrives while it runs.
+Members start in the group's order (`Group.start_order`: Compose `depends_on`, waiting for
+`service_started` / `service_healthy` / `service_completed_successfully`; members that depend
+on each other start together). Readiness is pushed, not polled slowly: each new snapshot (every
+Docker event) re-evaluates the group at once, and between snapshots the backend ports are probed
+every 50 ms (`readiness`). A member that dies or turns unhealthy fails the wake at once and the
+group gets a cool-down instead of a restart loop.
+
+The containers are changed only through a `ContainerOps` (start, unpause): `docker.ops` in the
+proxy, a fake in the unit tests. What the client sees (pages, holding, the wait endpoint) is the
+`waker` addon's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from wakeproxy.observe.logsafe import get_logger
+from wakeproxy.routing.labels import ContainerInfo
+from wakeproxy.routing.snapshot import Backend, Group, Site, Snapshot
+from wakeproxy.runtime import ContainerEvent, Runtime
+from wakeproxy.wake import readiness
+
+logger = get_logger(__name__)
+
+PROBE_INTERVAL = 0.05  # seconds between readiness checks when no Docker event arrives
+PROBE_INTERVAL_MAX = 0.2
+
+
+class OpError(Exception):
+    """A container operation failed; the message names the container and the engine's explanation."""
+
+
+class ContainerOps(Protocol):
+    """What a wake needs from the engine (docker.ops.DockerOps in the proxy)."""
+
+    async def start(self, container_id: str, name: str) -> None: ...
+
+    async def unpause(self, container_id: str, name: str) -> None: ...
+
+
+class Member(enum.Enum):
+    """Where one member of a waking group is (readiness is decided on this, never on a text)."""
+
+    NOT_RUNNING = "not running yet"
+    HEALTH = "waiting for its health check"
+    ADDRESS = "waiting for its network address"
+    PORT = "not yet accepting connections"
+    READY = "ready"
+
+
+class WakeFailed(Exception):
+    """A wake that cannot succeed: the HTTP status, a title and a message (with internal detail)."""
+
+    def __init__(self, status: int, title: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.title, self.message = status, title, message
+
+
+@dataclass
+class Wake:
+    """One attempt to bring a group up; every waiting request awaits `task`."""
+
+    group: str
+    members: tuple[str, ...]
+    deadline: float  # monotonic
+    t0: float = field(default_factory=time.monotonic)
+    task: asyncio.Task[None] | None = None
+    starting: set[str] = field(default_factory=set)  # members we issued start/unpause for
+    started: set[str] = field(default_factory=set)  # … whose start/unpause event has arrived since
+    completed: set[str] = field(default_factory=set)  # one-shot members that exited 0
+    port_ready: set[tuple[str, int]] = field(default_factory=set)
+    status: dict[str, str] = field(default_factory=dict)  # member name → what it is doing
+    marks: dict[str, float] = field(default_factory=dict)  # phase → seconds since t0
+    failure: WakeFailed | None = None
+    failed_event: asyncio.Event = field(default_factory=asyncio.Event)
+    first_byte_logged: bool = False
+
+    def mark(self, phase: str) -> None:
+        self.marks.setdefault(phase, time.monotonic() - self.t0)
+
+    def fail(self, failure: WakeFailed) -> None:
+        if self.failure is None:
+            self.failure = failure
+            self.failed_event.set()
+
+    def timing(self) -> str:
+        return ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.marks.items())
+
+
+
+class Orchestrator:
+    """Single-flight wakes of groups, from the runtime's snapshots and container events."""
+
+    def __init__(self, runtime: Runtime, ops: ContainerOps) -> None:
+        self.runtime = runtime
+        self.ops = ops
+        self._wakes: dict[str, Wake] = {}
+        self._cooldown: dict[str, tuple[float, WakeFailed]] = {}
+        runtime.listeners.append(self._on_event)
+
+    def cancel_all(self) -> None:
+        for wake in self._wakes.values():
+            if wake.task is not None:
+                wake.task.cancel()
+
+    def is_waking(self, group: str) -> bool:
+        return group in self._wakes
+
+    def busy(self, site: Site) -> bool:
+        """Is a group behind `site` waking or being put to sleep? Then requests join the wake:
+        "running" in Docker's view does not yet mean the app answers."""
+        if not self._wakes and not self.runtime.stopping:
+            return False  # the common case, checked on every request
+        return any(g in self._wakes or g in self.runtime.stopping for g in site.groups)
+
+    def wake(self, group: Group) -> Wake:
+        """The running wake of `group`, or a new one."""
+        wake = self._wakes.get(group.name)
+        if wake is not None:
+            return wake
+        timeout = group.wake_timeout or self.runtime.config.wake.timeout
+        wake = Wake(group.name, group.members, time.monotonic() + timeout)
+        wake.task = asyncio.get_running_loop().create_task(self._run(wake), name=f"wake {group.name}")
+        wake.task.add_done_callback(functools.partial(self._finished, wake))
+        self._wakes[group.name] = wake
+        logger.info(f"wake {group.name}: starting {len(group.members)} container(s)")
+        return wake
+
+    async def wake_until_ready(self, group: Group) -> None:
+        """Wake `group` (or join its wake) and return when it is ready; raises WakeFailed. For
+        requests already on their way to a container that stopped under them (upstream.py)."""
+        failure = self.cooling([group])
+        if failure is not None:
+            raise failure
+        wake = self.wake(group)
+        assert wake.task is not None
+        try:
+            await asyncio.shield(wake.task)
+        except WakeFailed:
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # an internal error, logged by _finished
+            raise WakeFailed(502, "Wake-up failed", str(e)) from None
+
+    def _finished(self, wake: Wake, task: asyncio.Task[None]) -> None:
+        if self._wakes.get(wake.group) is wake:
+            del self._wakes[wake.group]
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            logger.info(f"wake {wake.group}: ready ({wake.timing()})")
+            return
+        if not isinstance(exc, WakeFailed):
+            logger.error(f"wake {wake.group}: internal error", exc_info=exc)
+            exc = WakeFailed(502, "Wake-up failed", f"wakeproxy could not start '{wake.group}': {exc}")
+        wake.fail(exc)
+        logger.warning(f"wake {wake.group}: {exc.message} ({wake.timing()})")
+        if exc.status == 502:
+            self._cooldown[wake.group] = (time.monotonic() + self.runtime.config.wake.retry_after, exc)
+
+    async def _run(self, wake: Wake) -> None:
+        remaining = wake.deadline - time.monotonic()
+        body = asyncio.ensure_future(self._bring_up(wake))
+        failed = asyncio.ensure_future(wake.failed_event.wait())
+        try:
+            done, _ = await asyncio.wait({body, failed}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (body, failed):
+                if not t.done():
+                    t.cancel()
+        if wake.failure is not None:
+            raise wake.failure
+        if body in done:
+            body.result()  # re-raises a WakeFailed from inside
+            return
+        missing = "; ".join(f"{n}: {s}" for n, s in wake.status.items() if s != "ready") or "unknown"
+        raise WakeFailed(
+            504, "Wake-up timed out",
+            f"'{wake.group}' was not ready after {wake.deadline - wake.t0:.0f} s. Still missing: {missing}.",
+        )
+
+    async def _bring_up(self, wake: Wake) -> None:
+        stopping = self.runtime.stopping.get(wake.group)
+        if stopping is not None:
+            # The idle keeper is putting this group to sleep: let it finish, then start it again.
+            wake.status = {"group": "finishing an idle stop before starting again"}
+            await asyncio.wait([stopping])
+            await self.runtime.changed(0.2)  # let the stop's events reach the snapshot
+            wake.status = {}
+        snap = self.runtime.snapshot
+        infos = [snap.containers[c] for c in wake.members if c in snap.containers]
+        by_service = {
+            snap.settings[i.id].service: i.id for i in infos if i.id in snap.settings and snap.settings[i.id].service
+        }
+        # The order is the group's (Group.start_order): a dependency counts only when it is in an
+        # earlier layer. Members that depend on each other (a cycle) share a layer: started together.
+        group = snap.groups.get(wake.group)
+        layers = group.start_order(snap) if group is not None else [list(wake.members)]
+        layer_of = {cid: n for n, layer in enumerate(layers) for cid in layer}
+        for cycle in group.cycles(snap) if group is not None else ():
+            names = ", ".join(snap.containers[c].name for c in cycle if c in snap.containers)
+            logger.warning(f"wake {wake.group}: {names} depend on each other (depends_on has a cycle); "
+                           "starting them together")
+        started: dict[str, asyncio.Future[None]] = {}
+
+        async def bring(info: ContainerInfo) -> None:
+            for dep in snap.settings[info.id].depends_on if info.id in snap.settings else ():
+                dep_id = by_service.get(dep.service)
+                if dep_id is None or dep_id == info.id or layer_of.get(dep_id, -1) >= layer_of.get(info.id, 0):
+                    continue
+                await started[dep_id]
+                wake.status[info.name] = f"waiting for {dep.service} ({dep.condition.replace('service_', '')})"
+                await self._until(wake, lambda s, d=dep_id, c=dep.condition: self._condition(wake, s, d, c))
+            await self._start(wake, info.id)
+
+        for info in infos:
+            started[info.id] = asyncio.get_running_loop().create_future()
+
+        async def bring_and_signal(info: ContainerInfo) -> None:
+            try:
+                await bring(info)
+            finally:
+                if not started[info.id].done():
+                    started[info.id].set_result(None)
+
+        await asyncio.gather(*(bring_and_signal(i) for i in infos))
+        wake.mark("start calls")
+        await self._until(wake, lambda s: self._group_ready(wake, s))
+
+    async def _start(self, wake: Wake, cid: str) -> None:
+        info = self.runtime.snapshot.containers.get(cid)
+        if info is None:
+            raise WakeFailed(502, "Wake-up failed", f"container {cid[:12]} was removed while waking")
+        wake.starting.add(cid)
+        try:
+            if info.state == "paused":
+                wake.status[info.name] = "unpausing"
+                try:
+                    await self.ops.unpause(cid, info.name)
+                except OpError as e:
+                    if "not paused" not in str(e):
+                        raise
+                    await self.ops.start(cid, info.name)  # someone unpaused it since the snapshot
+            else:
+                # Also when the snapshot says "running": it may lag a stop by a few ms, and
+                # starting a running container is a no-op for Docker.
+                wake.status[info.name] = "starting"
+                await self.ops.start(cid, info.name)
+        except OpError as e:
+            raise WakeFailed(502, "Wake-up failed", str(e)) from None
+
+    async def _until(self, wake: Wake, check: Any) -> None:
+        """Re-evaluate `check(snapshot)` on every new snapshot and every probe interval until it holds."""
+        interval = PROBE_INTERVAL
+        while True:
+            if await check(self.runtime.snapshot):
+                return
+            await self.runtime.changed(interval)
+            interval = min(interval * 1.25, PROBE_INTERVAL_MAX)
+
+    async def _condition(self, wake: Wake, snap: Snapshot, cid: str, condition: str) -> bool:
+        info = snap.containers.get(cid)
+        if info is None:
+            raise WakeFailed(502, "Wake-up failed", f"dependency {cid[:12]} was removed while waking")
+        if condition == "service_completed_successfully":
+            return cid in wake.completed  # set by its `die` event with exit code 0
+        if info.state != "running":
+            return False
+        return condition == "service_started" or info.health in (None, "healthy")
+
+    async def _group_ready(self, wake: Wake, snap: Snapshot) -> bool:
+        group = snap.groups.get(wake.group)
+        if group is None:
+            raise WakeFailed(502, "Wake-up failed", f"the containers of '{wake.group}' were removed while waking")
+        infos = [i for cid in wake.members if (i := snap.containers.get(cid)) is not None]
+        if all(i.state == "running" or i.id in wake.completed for i in infos):
+            wake.mark("running")
+            if all(i.health in (None, "healthy") for i in infos):
+                wake.mark("healthy")
+        states = {i.id: self._member_status(wake, i, i.id in group.routed, snap) for i in infos}
+        probes = [
+            self._probe(wake, cid, b)
+            for cid, (st, _) in states.items() if st is Member.PORT
+            for b in snap.endpoints.get(cid, ()) if (cid, b.port) not in wake.port_ready
+        ]
+        if probes:
+            await asyncio.gather(*probes)
+        ready = True
+        for info in infos:
+            st, text = states[info.id]
+            if st is Member.PORT:
+                waiting = [b.port for b in snap.endpoints.get(info.id, ()) if (info.id, b.port) not in wake.port_ready]
+                st, text = ((Member.PORT, f"running, not yet accepting connections on port {waiting[0]}")
+                            if waiting else (Member.READY, Member.READY.value))
+            wake.status[info.name] = text
+            ready = ready and st is Member.READY
+        if ready:
+            wake.mark("port ready")
+        return ready
+
+    def _member_status(self, wake: Wake, info: ContainerInfo, routed: bool, snap: Snapshot) -> tuple[Member, str]:
+        """Where this member is, and how to say it (for the waking page and a 504's message).
+        Member.PORT: only its port probes remain."""
+        if not routed and info.id in wake.completed:
+            return Member.READY, "ready"  # a one-shot helper (migrations, setup) that finished with exit code 0
+        if info.state != "running":
+            return Member.NOT_RUNNING, f"{info.state}, not running yet"
+        if info.health == "unhealthy":
+            raise WakeFailed(502, "Wake-up failed", f"container '{info.name}' is unhealthy")
+        if info.health not in (None, "healthy"):
+            return Member.HEALTH, f"running, health: {info.health}"
+        if not routed:
+            return Member.READY, "ready"
+        endpoints = snap.endpoints.get(info.id, ())
+        problem = next((b.problem for b in endpoints if b.problem), None)
+        if problem:
+            raise WakeFailed(502, "Site unreachable", problem)
+        if not endpoints or any(b.address is None for b in endpoints):
+            return Member.ADDRESS, "running, waiting for its network address"
+        return Member.PORT, "running, not yet accepting connections"
+
+    async def _probe(self, wake: Wake, cid: str, backend: Backend) -> None:
+        assert backend.address is not None
+        if await readiness.ready(backend):
+            wake.port_ready.add((cid, backend.port))
+
+    def _on_event(self, event: ContainerEvent) -> None:
+        for wake in self._wakes.values():
+            if event.container_id not in wake.members:
+                continue
+            if event.action in ("start", "unpause") and event.container_id in wake.starting:
+                wake.started.add(event.container_id)
+            # A `die` counts only after this wake's own start: the event of the stop that put the
+            # group to sleep can still be on its way when the next wake begins.
+            elif event.action == "die" and event.container_id in wake.started:
+                routed = event.container_id in self.runtime.snapshot.groups.get(wake.group, Group("", (), frozenset())).routed
+                if event.exit_code == 0 and not routed:
+                    wake.completed.add(event.container_id)
+                    continue
+                wake.fail(WakeFailed(
+                    502, "Wake-up failed",
+                    f"container '{event.name}' exited with code {event.exit_code} while starting",
+                ))
+            elif event.action == "health_status" and event.health == "unhealthy":
+                wake.fail(WakeFailed(502, "Wake-up failed", f"container '{event.name}' turned unhealthy while starting"))
+
+    def groups_of(self, site: Site) -> list[Group]:
+        snap = self.runtime.snapshot
+        return [snap.groups[g] for g in site.groups if g in snap.groups]
+
+    def cooling(self, groups: list[Group]) -> WakeFailed | None:
+        now = time.monotonic()
+        for g in groups:
+            entry = self._cooldown.get(g.name)
+            if entry is not None:
+                if entry[0] > now:
+                    return entry[1]
+                del self._cooldown[g.name]
+        return None
