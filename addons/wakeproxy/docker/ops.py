@@ -17,11 +17,12 @@ import docker.errors
 
 from wakeproxy.config import DockerConfig
 from wakeproxy.observe.logsafe import get_logger
+from wakeproxy.wake.orchestrator import OpError
 
 logger = get_logger(__name__)
 
 
-class DockerOpError(Exception):
+class DockerOpError(OpError):
     """A Docker call failed; the message names the container and Docker's explanation."""
 
 
