@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wakeproxy.config import ConfigError, load_config
+from wakeproxy.config import ConfigError, format_duration, load_config
 
 if TYPE_CHECKING:
     from mitmproxy import master
@@ -116,14 +116,7 @@ def _ago(iso: str | None) -> str:
 
 
 def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(round(seconds))
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return "-" if seconds is None else format_duration(seconds)
 
 
 def _status(config_path: str, url: str | None, as_json: bool) -> int:

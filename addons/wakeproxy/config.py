@@ -236,6 +236,16 @@ def parse_duration(value: Any) -> float:
     raise ValueError(f"{value!r} is not a duration (write 30s, 5m, 2h or a number of seconds)")
 
 
+def format_duration(seconds: float) -> str:
+    """Seconds → `45s`, `2m05s`, `3h07m` (the inverse direction of parse_duration, for people)."""
+    s = int(round(seconds))
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
 def parse_address(value: Any) -> Address | None:
     """`host:port`, `[v6]:port` or a bare port → Address; null disables the listener."""
     if value is None:

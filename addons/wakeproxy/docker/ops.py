@@ -16,6 +16,7 @@ import docker
 import docker.errors
 
 from wakeproxy.config import DockerConfig
+from wakeproxy.docker.client import OPERATION_TIMEOUT, connect
 from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.wake.orchestrator import OpError
 
@@ -34,10 +35,7 @@ class DockerOps:
     def _api(self) -> Any:
         client = getattr(self._local, "client", None)
         if client is None:
-            if self.config.url:
-                client = docker.DockerClient(base_url=self.config.url, timeout=60)
-            else:
-                client = docker.from_env(timeout=60)
+            client = connect(self.config, OPERATION_TIMEOUT)
             self._local.client = client
         return client.api
 

@@ -33,6 +33,7 @@ import docker
 import docker.errors
 
 from wakeproxy.config import Config
+from wakeproxy.docker.client import LISTING_TIMEOUT, connect
 from wakeproxy.files import write_private
 from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.routing.labels import USED_ENV, ContainerInfo
@@ -316,9 +317,7 @@ class DockerView:
     # --- the thread -----------------------------------------------------------
 
     def _connect(self) -> docker.DockerClient:
-        if self.config.docker.url:
-            return docker.DockerClient(base_url=self.config.docker.url, timeout=30)
-        return docker.from_env(timeout=30)
+        return connect(self.config.docker, LISTING_TIMEOUT)
 
     def _run(self) -> None:
         self._load_cache()

@@ -17,6 +17,7 @@ from wakeproxy.certs.acme.client import _TLSALPN01, AcmeClient, AcmeFailure, des
 from wakeproxy.certs.acme.storage import CertStorage
 from wakeproxy.certs.acme.timing import BACKOFF_MAX, BACKOFF_MIN, ari_pick, backoff_delay, renewal_time
 from wakeproxy.certs.store import Certificates, LoadedCert, load_cert
+from wakeproxy.config import format_duration
 from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.runtime import Runtime
 
@@ -276,7 +277,7 @@ class AcmeManager:
         st.phase = "failed" if st.cert is None else "valid"
         keep = " (the current certificate stays in service)" if st.cert is not None else ""
         logger.warning(f"acme: {st.name}: attempt {st.failures} failed: {message}; "
-                       f"next attempt in {_human(delay)}{keep}")
+                       f"next attempt in {format_duration(delay)}{keep}")
 
     async def _check_ari(self, st: NameState) -> None:
         assert self.client is not None and self._kick is not None
@@ -301,10 +302,3 @@ class AcmeManager:
         """Per name: state, not_after, last_error, next_attempt (JSON-able)."""
         return {name: st.as_dict() for name, st in sorted(self.states.items())}
 
-
-def _human(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
