@@ -11,45 +11,18 @@ Each test starts what it needs and stops it by PID:
   so "the CA is unreachable" happens without pebble losing its state.
 Only 127.0.0.1 is contacted.
 
-The integration fixtures (Docker images, containers, the proxy launcher) are
-reused from tests/integration.
+The Docker fixtures (images, containers, the proxy launcher) come from tests/conftest.py.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
 HERE = Path(__file__).resolve().parent
-INTEGRATION = HERE.parent / "integration"
-sys.path.insert(0, str(INTEGRATION))
-sys.path.insert(0, str(HERE))
-
-
-def _load_integration_conftest():
-    spec = importlib.util.spec_from_file_location("wptest_integration_conftest", INTEGRATION / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_ic = _load_integration_conftest()
-# Re-exported so pytest sees them as this directory's fixtures and hook.
-run_id = _ic.run_id
-prefix = _ic.prefix
-docker_client = _ic.docker_client
-busybox_image = _ic.busybox_image
-python_mounts = _ic.python_mounts
-pyback_image = _ic.pyback_image
-test_network = _ic.test_network
-backend_container = _ic.backend_container
-module_containers = _ic.module_containers
-module_proxy = _ic.module_proxy
-host = _ic.host
-pytest_runtest_makereport = _ic.pytest_runtest_makereport
+sys.path.insert(0, str(HERE))  # acme_harness, next to this file
 
 from acme_harness import FixedPortLauncher, Pebble, ProxyProcess, free_port  # noqa: E402
 

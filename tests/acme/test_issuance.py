@@ -167,7 +167,7 @@ def test_failed_validation_is_logged_with_the_problem_and_the_default_cert_serve
     backend_container("invalid", labels={"wakeproxy.host": name, "wakeproxy.acme": "true"}, start=False)
     proxy = acme_proxy(pebble.acme_config())
     fail = re.compile(rf"acme: {re.escape(name)}: attempt 1 failed: validation failed: {re.escape(name)}: "
-                      r"connection: .*; next attempt in \d+ s")
+                      r"connection: .*; next attempt in \d+s")
     wait_for(lambda: fail.search(proxy.log()), 20, 0.1, "the validation failure in the log")
     assert leaf_of(proxy, name).subject.rfc4514_string() == "O=wakeproxy,CN=wakeproxy default certificate"
     assert http_get(proxy, name).status_code != 308

@@ -305,8 +305,10 @@ def test_routes_follow_container_start_and_remove(sites, backend_container):
              5, 0.05, "route to go")
     gone = time.monotonic() - t1
     print(f"route appeared {appeared:.2f}s after start, gone {gone:.2f}s after remove")
-    assert appeared <= 1.0, f"route appeared after {appeared:.2f}s"
-    assert gone <= 1.0, f"route removed after {gone:.2f}s"
+    # Typically 0.02-0.1 s (docs/benchmarks.md, convergence); the bound leaves room for a loaded CI
+    # machine (Docksal's own suite allows 2 s for a started project).
+    assert appeared <= 2.0, f"route appeared after {appeared:.2f}s"
+    assert gone <= 2.0, f"route removed after {gone:.2f}s"
 
 
 # --- the same through mitmdump --------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Fixtures for integration tests against real Docker and the real proxy.
+"""Fixtures shared by the integration and ACME tests: real Docker, the real proxy (helpers in
+tests/integration/harness.py). Unit tests use none of them.
 
 Network rule: tests talk only to 127.0.0.0/8 (the proxy) and to containers on
 bridge networks these tests created; `container_ip` checks the route before
@@ -20,7 +21,8 @@ import docker
 import docker.errors
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The helpers the integration and ACME tests import by name (harness, backend).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "integration"))
 
 from harness import (  # noqa: E402
     ContainerFactory,
