@@ -22,13 +22,15 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from wakeproxy.mitm.guard import Fallback
 from wakeproxy.observe.logsafe import get_logger
 
 logger = get_logger(__name__)
 
 _MARK = "_wakeproxy_earlyanswer"
 _ORIGINALS: dict[str, Any] = {}
-_warned = False
+FALLBACK = Fallback("an early answer to a request with a "
+                           "body over 1 MB makes mitmproxy log a traceback per chunk")
 
 
 def compatible() -> str | None:
@@ -58,14 +60,9 @@ def installed() -> bool:
 
 
 def install() -> bool:
-    global _warned
     missing = compatible()
     if missing is not None:
-        if not _warned:
-            _warned = True
-            logger.warning(f"wakeproxy: this mitmproxy has no {missing}; an early answer to a request with a "
-                           "body over 1 MB makes mitmproxy log a traceback per chunk")
-        return False
+        return FALLBACK.decline(missing)
     if installed():
         return True
     from mitmproxy.proxy.layers import http as layers_http

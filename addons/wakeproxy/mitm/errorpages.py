@@ -39,6 +39,7 @@ from typing import Any
 from mitmproxy import ctx, http
 
 from wakeproxy import pages
+from wakeproxy.mitm.guard import Fallback
 from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.runtime import Runtime
 
@@ -46,7 +47,8 @@ logger = get_logger(__name__)
 
 _MARK = "_wakeproxy_errorpages"
 _ORIGINALS: dict[str, Any] = {}
-_warned = False
+FALLBACK = Fallback("its own error pages (with internal "
+                           "addresses and a Server header) are sent when a backend fails")
 # Attribute on the client Connection: (error message, request) of the flow whose error hook ran
 # last; the HTTP/2 layer, which keeps no requests, uses it to pick HTML or plain text.
 FAILED = "_wakeproxy_failed"
@@ -141,14 +143,9 @@ def installed() -> bool:
 
 
 def install() -> bool:
-    global _warned
     missing = compatible()
     if missing is not None:
-        if not _warned:
-            _warned = True
-            logger.warning(f"wakeproxy: this mitmproxy has no {missing}; its own error pages (with internal "
-                           "addresses and a Server header) are sent when a backend fails")
-        return False
+        return FALLBACK.decline(missing)
     if installed():
         return True
     from mitmproxy.proxy.layers.http import _http1, _http2

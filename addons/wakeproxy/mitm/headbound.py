@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from wakeproxy import pages
+from wakeproxy.mitm.guard import Fallback
 from wakeproxy.observe.logsafe import get_logger
 
 logger = get_logger(__name__)
@@ -40,7 +41,8 @@ _ORIGINALS: dict[str, Any] = {}
 # Called with the client Connection when the first bytes of a request head arrive on an
 # HTTP/1 connection (the ConnectionLimits addon registers itself in `running`).
 _listeners: list[Callable[[Any], None]] = []
-_warned = False
+FALLBACK = Fallback("unfinished HTTP/1 request heads are not "
+                "bounded (the 431 for oversized headers still applies once a head is complete)")
 
 
 def add_listener(fn: Callable[[Any], None]) -> None:
@@ -88,15 +90,9 @@ def installed() -> bool:
 
 def install() -> bool:
     """Wrap Http1Server (idempotent). False (and one warning) when mitmproxy is not the shape expected."""
-    global _warned
     missing = compatible()
     if missing is not None:
-        if not _warned:
-            _warned = True
-            logger.warning(
-                f"wakeproxy: this mitmproxy has no {missing}; unfinished HTTP/1 request heads are not "
-                "bounded (the 431 for oversized headers still applies once a head is complete)")
-        return False
+        return FALLBACK.decline(missing)
     from mitmproxy.proxy.layers.http import _http1
 
     if installed():

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from wakeproxy.mitm.guard import Fallback
 from wakeproxy.observe.logsafe import get_logger
 
 logger = get_logger(__name__)
 
 _original: Callable[..., None] | None = None  # mitmproxy's check, while replaced
-_warned = False
+FALLBACK = Fallback("mitmproxy's debug-only type check stays (a little slower, same behaviour)")
 
 
 def _no_check(self: object) -> None:
@@ -37,12 +38,7 @@ def drop_message_type_checks() -> bool:
     code = getattr(own, "__code__", None)
     if own is None or code is None or "check_option_type" not in code.co_names \
             or "__post_init__" in http.RequestData.__dict__ or "__post_init__" in http.ResponseData.__dict__:
-        global _warned
-        if not _warned:
-            _warned = True
-            logger.warning("lean: mitmproxy's MessageData.__post_init__ is not the debug-only type check wakeproxy "
-                           "skips; left as it is (a little slower, same behaviour)")
-        return False
+        return FALLBACK.decline("MessageData.__post_init__ that only type-checks the fields")
     global _original
     _original = own
     # Not deleted: the dataclass __init__ of RequestData/ResponseData calls __post_init__.

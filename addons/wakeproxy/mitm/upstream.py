@@ -38,6 +38,7 @@ from typing import Any
 
 from mitmproxy import http
 
+from wakeproxy.mitm.guard import Fallback
 from wakeproxy.mitm.limits import connection_handler
 from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.routing.snapshot import Snapshot
@@ -51,7 +52,7 @@ DEATH = frozenset({"die", "stop", "kill", "destroy", "pause"})
 LOG_INTERVAL = 10.0
 DIE_GRACE = 1.0  # after a refused connect, how long Docker's `die` event may take to say it was a stop
 _installed: Connector | None = None
-_warned = False
+FALLBACK = Fallback("no connect timeout, keepalive or cut on container death (stock behaviour)")
 
 
 class Died(OSError):
@@ -237,14 +238,9 @@ def _shape_ok() -> bool:
 
 def install(connector: Connector) -> bool:
     """Route mitmproxy's upstream connects through `connector` (the latest bundle's); idempotent."""
-    global _installed, _warned
+    global _installed
     if not _shape_ok():
-        if not _warned:
-            _warned = True
-            logger.warning("upstream: this mitmproxy does not open upstream connections the way wakeproxy "
-                           "expects (proxy/server.py asyncio.open_connection): no connect timeout, keepalive "
-                           "or cut on container death; stock behaviour")
-        return False
+        return FALLBACK.decline("ConnectionHandler.open_connection calling proxy/server.py's asyncio.open_connection")
     from mitmproxy.proxy import server
 
     if not isinstance(server.asyncio, _AsyncioWith):

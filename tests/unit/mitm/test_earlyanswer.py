@@ -122,7 +122,7 @@ def test_without_the_patch_mitmproxy_raises(unpatched):
 
 
 def test_missing_attribute_falls_back_with_one_warning(unpatched, monkeypatch, caplog):
-    monkeypatch.setattr(earlyanswer, "_warned", False)
+    monkeypatch.setattr(earlyanswer.FALLBACK, "warned", False)
     monkeypatch.delattr(http_layers.HttpStream, "state_errored")
     with caplog.at_level("WARNING"):
         assert earlyanswer.install() is False

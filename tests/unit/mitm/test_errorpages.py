@@ -189,7 +189,7 @@ def test_without_the_patch_mitmproxy_shows_the_address(unpatched):
 
 
 def test_missing_attribute_falls_back_with_one_warning(unpatched, monkeypatch, caplog):
-    monkeypatch.setattr(errorpages, "_warned", False)
+    monkeypatch.setattr(errorpages.FALLBACK, "warned", False)
     monkeypatch.delattr(_http1, "make_error_response")
     with caplog.at_level("WARNING"):
         assert errorpages.install() is False

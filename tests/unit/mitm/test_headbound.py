@@ -142,7 +142,7 @@ def test_without_the_patch_the_buffer_grows(unpatched):
 
 
 def test_missing_attribute_falls_back_with_one_warning(unpatched, monkeypatch, caplog):
-    monkeypatch.setattr(headbound, "_warned", False)
+    monkeypatch.setattr(headbound.FALLBACK, "warned", False)
     monkeypatch.delattr(_http1.Http1Server, "wait", raising=False)
     monkeypatch.delattr(_http1.Http1Connection, "wait")
     with caplog.at_level("WARNING"):

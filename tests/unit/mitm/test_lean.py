@@ -64,16 +64,16 @@ def test_another_post_init_is_left_alone_with_one_warning(monkeypatch, caplog) -
     def own_post_init(self) -> None:  # not the type check: something a future mitmproxy might do
         self.extra = True
 
-    monkeypatch.setattr(lean, "_warned", False)
+    monkeypatch.setattr(lean.FALLBACK, "warned", False)
     monkeypatch.setattr(http.MessageData, "__post_init__", own_post_init)
-    with caplog.at_level("WARNING", logger="wakeproxy.mitm.lean"):
+    with caplog.at_level("WARNING", logger="wakeproxy.mitm.guard"):
         assert lean.drop_message_type_checks() is False
         assert lean.drop_message_type_checks() is False
     assert http.MessageData.__dict__["__post_init__"] is own_post_init
-    assert [r.levelname for r in caplog.records if r.name == "wakeproxy.mitm.lean"] == ["WARNING"]
+    assert [r.levelname for r in caplog.records if r.name == "wakeproxy.mitm.guard"] == ["WARNING"]
 
 
 def test_a_missing_check_is_left_alone(monkeypatch) -> None:
-    monkeypatch.setattr(lean, "_warned", False)
+    monkeypatch.setattr(lean.FALLBACK, "warned", False)
     monkeypatch.delattr(http.MessageData, "__post_init__")
     assert lean.drop_message_type_checks() is False

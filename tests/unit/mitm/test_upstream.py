@@ -31,14 +31,14 @@ def test_another_shape_is_left_alone_with_one_warning(monkeypatch, caplog):
         return None
 
     monkeypatch.setattr(server.ConnectionHandler, "open_connection", open_connection)
-    monkeypatch.setattr(upstream, "_warned", False)
+    monkeypatch.setattr(upstream.FALLBACK, "warned", False)
     rt = _runtime()
     connector = upstream.Connector(rt, Waker(rt))
-    with caplog.at_level(logging.WARNING, logger="wakeproxy.mitm.upstream"):
+    with caplog.at_level(logging.WARNING, logger="wakeproxy.mitm.guard"):
         assert upstream.install(connector) is False
         assert upstream.install(connector) is False
     assert server.asyncio is asyncio
-    assert [r.levelname for r in caplog.records if r.name == "wakeproxy.mitm.upstream"] == ["WARNING"]
+    assert [r.levelname for r in caplog.records if r.name == "wakeproxy.mitm.guard"] == ["WARNING"]
 
 
 def test_install_and_uninstall_touch_only_the_servers_asyncio():
