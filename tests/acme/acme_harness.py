@@ -17,7 +17,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import httpx
@@ -26,7 +25,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
-from harness import ProxyLauncher, ProxyProcess, deep_merge, free_port, wait_for  # noqa: E402
+from harness import ProxyLauncher, ProxyProcess, deep_merge, free_port, tcp_relay, wait_for  # noqa: E402
 
 # --------------------------------------------------------------------------
 # processes
@@ -91,73 +90,6 @@ def make_api_cert(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-class Gate:
-    """A TCP forwarder 127.0.0.1:port → pebble's API that can be closed (CA unreachable) and reopened."""
-
-    def __init__(self, target: int):
-        self.target = target
-        self.port = free_port()
-        self._sock: socket.socket | None = None
-        self._conns: list[socket.socket] = []
-        self.open()
-
-    def open(self) -> None:
-        if self._sock is not None:
-            return
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", self.port))
-        s.listen(64)
-        self._sock = s
-        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
-
-    def close(self) -> None:
-        """Refuse new connections and cut the open ones (a client's keep-alive too)."""
-        s, self._sock = self._sock, None
-        if s is not None:
-            try:
-                s.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept(); close() alone does not
-            except OSError:
-                pass
-            s.close()
-        conns, self._conns = self._conns, []
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            c.close()
-
-    def _accept(self, s: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = s.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
-            except OSError:
-                client.close()
-                continue
-            self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-
 class Pebble:
     """pebble + pebble-challtestsrv for one test; `directory` goes through the `gate`."""
 
@@ -184,7 +116,8 @@ class Pebble:
             cfg["pebble"]["externalAccountBindingRequired"] = True
             cfg["pebble"]["externalAccountMACKeys"] = eab
         (workdir / "pebble.json").write_text(json.dumps(cfg))
-        self.gate = Gate(self.api_port)
+        # A relay to the API that the test can cut (the CA unreachable) and open again.
+        self.gate, self.gate_port = tcp_relay(self.api_port)
         self._start()
 
     def _start(self) -> None:
@@ -200,7 +133,7 @@ class Pebble:
 
     @property
     def directory(self) -> str:
-        return f"https://127.0.0.1:{self.gate.port}/dir"
+        return f"https://127.0.0.1:{self.gate_port}/dir"
 
     def _up(self) -> bool:
         if self.proc.proc.poll() is not None:

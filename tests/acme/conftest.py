@@ -7,7 +7,7 @@ Each test starts what it needs and stops it by PID:
   nonce rejection at pebble's default (5 %: our badNonce handling runs);
   its API is served with a certificate generated here, trusted by the proxy
   through `acme.ca_bundle`;
-- a `Gate`: a TCP forwarder in front of pebble's API that the test can close,
+- a TCP relay in front of pebble's API (`harness.tcp_relay`) that the test can close,
   so "the CA is unreachable" happens without pebble losing its state.
 Only 127.0.0.1 is contacted.
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -754,3 +755,107 @@ class PrivateDockerd:
                 mounts.append(mp)
         for mp in sorted(set(mounts), key=len, reverse=True):
             subprocess.run(["umount", "-l", mp], capture_output=True)
+
+
+# --------------------------------------------------------------------------
+# a relay that a test can cut: "the CA is unreachable", "the Docker engine went away"
+
+
+class Relay:
+    """Forwards every connection it accepts to a target, until `close()`: then new connections are
+    refused and the open ones are cut (a client's keep-alive and a streaming reply too). `open()`
+    listens again on the same address. Threads only; tests use it on 127.0.0.1 and unix sockets."""
+
+    def __init__(self, bind: Callable[[], socket.socket], connect: Callable[[], socket.socket]) -> None:
+        self._bind = bind
+        self._connect = connect
+        self._sock: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        if self._sock is not None:
+            return
+        s = self._bind()
+        s.listen(64)
+        self._sock = s
+        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def close(self) -> None:
+        s, self._sock = self._sock, None
+        if s is not None:
+            try:
+                s.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept(); close() alone does not
+            except OSError:
+                pass
+            s.close()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+
+    def _accept(self, s: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = s.accept()
+            except OSError:
+                return
+            try:
+                upstream = self._connect()
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def tcp_relay(target_port: int) -> tuple[Relay, int]:
+    """A relay 127.0.0.1:PORT → 127.0.0.1:target_port, open; (relay, PORT)."""
+    port = free_port()
+
+    def bind() -> socket.socket:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        return s
+
+    relay = Relay(bind, lambda: socket.create_connection(("127.0.0.1", target_port), timeout=5))
+    relay.open()
+    return relay, port
+
+
+def unix_relay(path: Path, target: str) -> Relay:
+    """A relay from the unix socket `path` to the unix socket `target` (not opened yet)."""
+    def bind() -> socket.socket:
+        if path.exists():
+            path.unlink()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(path))
+        return s
+
+    def connect() -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(target)
+        return s
+
+    return Relay(bind, connect)

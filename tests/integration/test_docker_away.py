@@ -7,84 +7,16 @@ the real engine keeps running for everyone else. Only unix sockets and 127.0.0.1
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from harness import REPO, ProxyProcess, deep_merge, free_port, proxied, proxy_command, wait_for
+from harness import REPO, ProxyProcess, deep_merge, free_port, proxied, proxy_command, unix_relay, wait_for
 
 WAKEPROXY = REPO / ".venv" / "bin" / "wakeproxy"
 DOCKER_SOCK = "/var/run/docker.sock"
-
-
-class SocketRelay:
-    """A unix socket that forwards every connection to the Docker engine's socket, until killed."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._listener: socket.socket | None = None
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-
-    def start(self) -> None:
-        if self.path.exists():
-            self.path.unlink()
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.bind(str(self.path))
-        s.listen(64)
-        self._listener = s
-        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                upstream.connect(DOCKER_SOCK)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def kill(self) -> None:
-        """The engine goes away: no listener, every open connection (the event stream) cut."""
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            c.close()
-        if self.path.exists():
-            self.path.unlink()
 
 
 def start_proxy(tmp_path: Path, docker_url: str, networks: list[str], wait_line: str) -> ProxyProcess:
@@ -117,9 +49,13 @@ def cli_status(p: ProxyProcess, *extra: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def relay(tmp_path):
-    r = SocketRelay(Path(f"/tmp/wptest-relay-{os.getpid()}-{time.monotonic_ns()}.sock"))
+    """The engine as this test sees it: a unix socket relayed to Docker's, cut and restored at will."""
+    path = Path(f"/tmp/wptest-relay-{os.getpid()}-{time.monotonic_ns()}.sock")
+    r = unix_relay(path, DOCKER_SOCK)
+    r.path = path  # type: ignore[attr-defined]
     yield r
-    r.kill()
+    r.close()
+    path.unlink(missing_ok=True)
 
 
 def test_docker_unreachable_at_start_is_said_plainly_then_recovers(tmp_path, relay, backend_container, host,
@@ -144,7 +80,7 @@ def test_docker_unreachable_at_start_is_said_plainly_then_recovers(tmp_path, rel
         assert 9 <= time.monotonic() - t0 < 15
         # The engine comes (back): the proxy finds it by itself and serves.
         t0 = time.monotonic()
-        relay.start()
+        relay.open()
         wait_for(lambda: proxied(p, host("away"), timeout=5).status_code == 200, 15, 0.1, "routed after Docker")
         print(f"recovered {time.monotonic() - t0:.2f} s after the engine came")
         assert "synced" in p.log() and "attempts" in p.log()
@@ -158,13 +94,13 @@ def test_docker_unreachable_at_start_is_said_plainly_then_recovers(tmp_path, rel
 
 def test_docker_lost_mid_run_serves_the_last_routes_and_comes_back(tmp_path, relay, backend_container, host,
                                                                    test_network):
-    relay.start()
+    relay.open()
     backend_container("midrun", labels={"wakeproxy.host": host("midrun")})
     p = start_proxy(tmp_path, f"unix://{relay.path}", [test_network], "wakeproxy ready")
     try:
         wait_for(lambda: proxied(p, host("midrun")).status_code == 200, 10, 0.1, "routed")
         assert cli_status(p).returncode == 0
-        relay.kill()
+        relay.close()
         wait_for(lambda: "lost the engine" in p.log(), 10, 0.1, "the loss to be logged")
         assert proxied(p, host("midrun")).status_code == 200  # the last known routes keep serving
         out = cli_status(p)
@@ -172,7 +108,7 @@ def test_docker_lost_mid_run_serves_the_last_routes_and_comes_back(tmp_path, rel
         # A container started meanwhile is routed once the engine is back.
         backend_container("midrun-late", labels={"wakeproxy.host": host("midrun-late")})
         t0 = time.monotonic()
-        relay.start()
+        relay.open()
         wait_for(lambda: proxied(p, host("midrun-late"), timeout=5).status_code == 200, 15, 0.1, "late routed")
         print(f"resynced {time.monotonic() - t0:.2f} s after the engine came back")
         assert cli_status(p).returncode == 0
