@@ -25,6 +25,7 @@ PROBE_UA = "wpbench-probe"  # the proxies under test never wake anything for thi
 # local Docker bridge is ever contacted.
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 from harness import assert_bridge_route  # noqa: E402
+from harness import free_port as free_port  # noqa: E402  (re-exported for the sections)
 
 # --- small helpers ---------------------------------------------------------------------------
 
