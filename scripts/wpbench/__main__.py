@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +16,8 @@ SECTIONS = ("throughput", "wake", "convergence", "scale", "soak")
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="scripts/bench", description=sys.modules["wpbench"].__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short runs (≤ 2 minutes in all)")
     ap.add_argument("--only", nargs="+", choices=SECTIONS, action="extend", metavar="SECTION",
                     help=f"run only these sections ({', '.join(SECTIONS)})")
