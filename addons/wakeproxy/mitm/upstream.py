@@ -91,9 +91,12 @@ class Connector:
         return self.known.get((host, port))
 
     def _alive_at(self, cid: str, host: str, port: int) -> bool:
-        """Does the current snapshot still say the container runs at this address?"""
-        info = self.runtime.snapshot.containers.get(cid)
-        return info is not None and info.state == "running" and host in info.networks.values()
+        """Does the current snapshot still route to the container at this address? (A host-network
+        container's address is 127.0.0.1, which is on none of its networks: ask the routes.)"""
+        snap = self.runtime.snapshot
+        info = snap.containers.get(cid)
+        return info is not None and info.state == "running" and any(
+            b.address == host and b.port == port for b in snap.endpoints.get(cid, ()))
 
     def on_event(self, event: ContainerEvent) -> None:
         if event.action not in DEATH:

@@ -109,3 +109,12 @@ def test_a_removed_container_is_an_error_not_a_wake():
             await c.open_connection("127.0.0.1", 9)
 
     asyncio.run(run())
+
+
+def test_a_host_network_container_is_alive_at_loopback():
+    c = ContainerInfo("id-h", "hostnet", "running", networks={"host": ""},
+                      labels={"wakeproxy.host": "h.test", "wakeproxy.port": "8080", "wakeproxy.network": "host"})
+    rt = Runtime(snapshot=build_snapshot([c], SourcesConfig(), (), {"host": "host"}))
+    conn = upstream.Connector(rt, Waker(rt))
+    assert conn.container_at("127.0.0.1", 8080) == "id-h"
+    assert conn._alive_at("id-h", "127.0.0.1", 8080)  # no wake for a running host-network container
