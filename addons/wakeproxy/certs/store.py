@@ -314,7 +314,7 @@ class Certificates:
     Also the owner of the default and custom certificates: loads them at
     start, rescans `tls.certs_dir` every `CUSTOM_RESCAN` seconds (in a
     thread), and follows `wakeproxy.cert-name` labels through new snapshots.
-    `acme.py` hands its certificates over with `set_acme`.
+    `certs.acme.manager` hands its certificates over with `set_acme`.
     """
 
     def __init__(self, runtime: Runtime) -> None:

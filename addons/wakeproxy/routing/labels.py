@@ -1,6 +1,6 @@
 """One container's labels and environment → the routes it declares.
 
-Pure functions, no Docker calls: `docker_view` feeds them a `ContainerInfo`
+Pure functions, no Docker calls: `docker.view` feeds them a `ContainerInfo`
 and they answer with `Route`s (a host, and the paths of it: `path_matches`) or
 raise one `LabelError` that names every offending label.  Four conventions are
 understood so that users can move over without relabelling: ours
@@ -29,7 +29,7 @@ from wakeproxy.config import SourcesConfig, parse_duration
 from wakeproxy.routing.hostnames import is_host_pattern, normalize_host
 from wakeproxy.routing.traefik_rule import And, Expr, Matcher, Not, Or, RuleError, host_arguments, parse_rule
 
-# Every environment variable the proxy reads. `docker_view` keeps only these of a container's
+# Every environment variable the proxy reads. `docker.view` keeps only these of a container's
 # environment (the rest, often secrets, is never held in memory or written to the state dir).
 NGINX_PROXY_ENV = ("VIRTUAL_HOST", "VIRTUAL_PORT", "VIRTUAL_PROTO", "VIRTUAL_PATH", "VIRTUAL_DEST")  # _nginx_proxy
 LETSENCRYPT_ENV = "LETSENCRYPT_HOST"  # read by settings_for
@@ -49,7 +49,7 @@ MAX_ROUTES = 256  # distinct (host, path) routes of one container, and alternati
 _SHOWN = 64  # characters of a value quoted in an error message
 MAX_ERRORS = 10  # errors named in one container's LabelError (the rest are counted)
 
-# The labels the proxy reads besides every `wakeproxy.*` one (some are read by acme.py and tls.py).
+# The labels the proxy reads besides every `wakeproxy.*` one (their meaning for certificates and the redirect is in settings_for).
 _ALWAYS_READ = frozenset({
     "io.docksal.permanent", "io.docksal.cert-name",
     "com.docker.compose.project", "com.docker.compose.service", "com.docker.compose.depends_on",
@@ -285,7 +285,7 @@ def parse_host(value: str, what: str) -> str:
 def parse_hosts(value: str, what: str) -> list[str]:
     """A comma/space separated host list → validated, normalised hostnames, each once.
 
-    At most MAX_VALUE_BYTES of input and MAX_HOSTS hosts (acme.py calls this on
+    At most MAX_VALUE_BYTES of input and MAX_HOSTS hosts (settings_for calls this on
     LETSENCRYPT_HOST directly, so the bounds are checked here too)."""
     if _over(value, MAX_VALUE_BYTES):
         raise LabelError(f"{what}: the value is {_size(value)} bytes, more than the {MAX_VALUE_BYTES} allowed")
