@@ -77,16 +77,25 @@ class FrameReader:
 
 def to_plain(value: Any) -> Any:
     """A frozen dataclass value → lists, dicts and scalars (see the module docstring)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return [to_plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init]
+    cls = type(value)
+    if cls in _SCALARS or value is None:
+        return value
+    names = _INIT_FIELDS.get(cls)
+    if names is None and dataclasses.is_dataclass(cls):
+        names = _INIT_FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls) if f.init)
+    if names is not None:
+        return [to_plain(getattr(value, n)) for n in names]
     if isinstance(value, Mapping):
         return {k: to_plain(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list, frozenset, set)):
-        items = sorted(value) if isinstance(value, (frozenset, set)) else value
-        return [to_plain(v) for v in items]
-    if value is None or isinstance(value, (str, int, float, bool, bytes)):
-        return value
-    raise TypeError(f"{type(value).__name__} has no plain form")
+    if isinstance(value, (tuple, list)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, (frozenset, set)):
+        return [to_plain(v) for v in sorted(value)]
+    raise TypeError(f"{cls.__name__} has no plain form")
+
+
+_SCALARS = frozenset({str, int, float, bool, bytes})
+_INIT_FIELDS: dict[type, tuple[str, ...]] = {}  # dataclass → its init fields, in order
 
 
 _HINTS: dict[type, list[tuple[str, Any]]] = {}
@@ -104,58 +113,98 @@ def _fields(cls: type) -> list[tuple[str, Any]]:
 def from_plain(tp: Any, data: Any) -> Any:
     """Build a value of type `tp` from `to_plain`'s output; WireError when the data does not fit."""
     try:
-        return _build(tp, data)
+        return _builder(tp)(data)
     except (TypeError, ValueError, KeyError, IndexError) as e:
         raise WireError(f"{getattr(tp, '__name__', tp)} does not fit the data: {e}") from None
 
 
-def _build(tp: Any, data: Any) -> Any:
+_BUILDERS: dict[Any, Any] = {}
+
+
+def _builder(tp: Any) -> Any:
+    """A function data → value for type `tp`, made once per type (decoding walks no type hints)."""
+    built = _BUILDERS.get(tp)
+    if built is None:
+        built = _BUILDERS[tp] = _make_builder(tp)
+    return built
+
+
+def _make_builder(tp: Any) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        fields = _fields(tp)
-        if not isinstance(data, list) or len(data) != len(fields):
-            raise ValueError(f"expected the {len(fields)} fields of {tp.__name__}")
-        return tp(**{name: _build(ftp, v) for (name, ftp), v in zip(fields, data, strict=True)})
+        cls = tp
+        fields = _fields(cls)
+        names = [n for n, _ in fields]
+        parts = [_builder(ftp) for _, ftp in fields]
+        n = len(fields)
+
+        def build_dataclass(data: Any) -> Any:
+            if not isinstance(data, list) or len(data) != n:
+                raise ValueError(f"expected the {n} fields of {cls.__name__}")
+            return cls(**{name: part(v) for name, part, v in zip(names, parts, data, strict=True)})
+        return build_dataclass
     if origin in (typing.Union, types.UnionType):
-        if data is None and type(None) in args:
-            return None
-        last: Exception | None = None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _build(arg, data)
-            except (TypeError, ValueError) as e:
-                last = e
-        raise ValueError(f"no member of {tp} fits: {last}")
+        optional = type(None) in args
+        members = [_builder(a) for a in args if a is not type(None)]
+
+        def build_union(data: Any) -> Any:
+            if data is None and optional:
+                return None
+            last: Exception | None = None
+            for member in members:
+                try:
+                    return member(data)
+                except (TypeError, ValueError) as e:
+                    last = e
+            raise ValueError(f"no member of {tp} fits: {last}")
+        return build_union
     if origin in (Mapping, dict) or tp is dict:
-        if not isinstance(data, dict):
-            raise ValueError("expected a mapping")
-        ktp, vtp = args or (Any, Any)
-        return {_build(ktp, k): _build(vtp, v) for k, v in data.items()}
+        kb, vb = (_builder(a) for a in (args or (Any, Any)))
+
+        def build_mapping(data: Any) -> Any:
+            if not isinstance(data, dict):
+                raise ValueError("expected a mapping")
+            return {kb(k): vb(v) for k, v in data.items()}
+        return build_mapping
     if origin is tuple:
-        if not isinstance(data, list):
-            raise ValueError("expected a list")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_build(args[0], v) for v in data)
-        if len(args) != len(data):
-            raise ValueError(f"expected {len(args)} items")
-        return tuple(_build(a, v) for a, v in zip(args, data, strict=True))
+            item = _builder(args[0])
+
+            def build_tuple(data: Any) -> Any:
+                if not isinstance(data, list):
+                    raise ValueError("expected a list")
+                return tuple(item(v) for v in data)
+            return build_tuple
+        items = [_builder(a) for a in args]
+
+        def build_fixed(data: Any) -> Any:
+            if not isinstance(data, list) or len(data) != len(items):
+                raise ValueError(f"expected {len(items)} items")
+            return tuple(b(v) for b, v in zip(items, data, strict=True))
+        return build_fixed
     if origin is frozenset:
-        if not isinstance(data, list):
-            raise ValueError("expected a list")
-        return frozenset(_build(args[0], v) for v in data)
+        item = _builder(args[0])
+
+        def build_frozenset(data: Any) -> Any:
+            if not isinstance(data, list):
+                raise ValueError("expected a list")
+            return frozenset(item(v) for v in data)
+        return build_frozenset
     if tp is Any:
-        return data
+        return lambda data: data
     if tp is float:
-        if isinstance(data, bool) or not isinstance(data, (int, float)):
-            raise ValueError("expected a number")
-        return float(data)
+        def build_float(data: Any) -> float:
+            if isinstance(data, bool) or not isinstance(data, (int, float)):
+                raise ValueError("expected a number")
+            return float(data)
+        return build_float
     if tp in (str, int, bool, bytes):
-        if not isinstance(data, tp) or (tp is int and isinstance(data, bool)):
-            raise ValueError(f"expected {tp.__name__}")
-        return data
+        def build_scalar(data: Any) -> Any:
+            if type(data) is not tp:
+                raise ValueError(f"expected {tp.__name__}")
+            return data
+        return build_scalar
     raise TypeError(f"no plain form for {tp}")
 
 
