@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from wakeproxy.certs.acme.manager import AcmeManager
+from wakeproxy.certs.challenges import ChallengeAnswers, ChallengeTokens
 from wakeproxy.certs.https import HttpsPolicy
 from wakeproxy.certs.store import Certificates
 from wakeproxy.core import WakeProxy
@@ -29,8 +30,9 @@ def make_addons(runtime: Runtime | None = None) -> list[Any]:
     idle = IdleKeeper(runtime, waker)
     # TLS before routing: certificates, ACME challenge answers, then the https redirect.
     certificates = Certificates(runtime)
-    acme = AcmeManager(runtime, certificates)
-    tls_addons = [certificates, acme, HttpsPolicy(runtime, certificates)]
+    tokens = ChallengeTokens()
+    acme = AcmeManager(runtime, certificates, tokens)
+    tls_addons = [certificates, ChallengeAnswers(tokens), acme, HttpsPolicy(runtime, certificates)]
     status = StatusServer(runtime, waker, idle, extra={"certificates": acme.status})
     # Hygiene right after the config: its requestheaders runs before every other addon's.
     return [WakeProxy(runtime), Hygiene(runtime), ConnectionLimits(runtime), *tls_addons, waker,

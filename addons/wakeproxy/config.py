@@ -204,7 +204,16 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    # Serving processes of the `wakeproxy` command: None (auto) = one per core; 0 = everything in one
+    # process, as under mitmdump -s. The controller (Docker, ACME, decisions) is always one process.
+    workers: int | None = None
+    user: str = "nobody"  # the workers' account when wakeproxy starts as root (name or uid[:gid])
     source: str = "<defaults>"
+
+    def worker_count(self) -> int:
+        import os
+
+        return self.workers if self.workers is not None else max(1, len(os.sched_getaffinity(0)))
 
     def shows_detail(self, ip: str) -> bool:
         """May the client at `ip` see internal detail in pages (debug_clients)?"""
@@ -344,6 +353,19 @@ def _auto_or_positive_int(value: Any) -> int | None:
     if value == "auto" or value is None:
         return None
     return _positive_int(value)
+
+
+def _auto_or_count(value: Any) -> int | None:
+    if value == "auto" or value is None:
+        return None
+    return _count(value)
+
+
+def _account(value: Any) -> str:
+    text = _str(value)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}|\d{1,10}(:\d{1,10})?", text):
+        raise ValueError("expected a user name or uid[:gid]")
+    return text
 
 
 def _int_at_least(minimum: int, unit: str) -> Callable[[Any], int]:
@@ -565,7 +587,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         raise ConfigError(f"{source}{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
     if root is None:
         return Config(source=source)
-    top = r.mapping(root, "", {"state_dir", "default_host", "debug_clients", *_SECTIONS})
+    top = r.mapping(root, "", {"state_dir", "default_host", "debug_clients", "workers", "user", *_SECTIONS})
     kwargs: dict[str, Any] = {"source": source}
     if "state_dir" in top:
         kwargs["state_dir"] = Path(r.value(top["state_dir"], "state_dir", _str)).expanduser()
@@ -573,6 +595,10 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         kwargs["default_host"] = r.value(top["default_host"], "default_host", _hostname)
     if "debug_clients" in top:
         kwargs["debug_clients"] = r.list_of(top["debug_clients"], "debug_clients", _network)
+    if "workers" in top:
+        kwargs["workers"] = r.value(top["workers"], "workers", _auto_or_count)
+    if "user" in top:
+        kwargs["user"] = r.value(top["user"], "user", _account)
     for name, (cls, parsers) in _SECTIONS.items():
         if name in top:
             kwargs[name] = _section(r, top[name], name, cls, parsers)

@@ -3,6 +3,9 @@ it leaves mitmproxy alone and says so once, with what the user loses."""
 
 from __future__ import annotations
 
+import types
+from typing import Any
+
 from wakeproxy.observe.logsafe import get_logger
 
 logger = get_logger(__name__)
@@ -20,3 +23,16 @@ class Fallback:
             self.warned = True
             logger.warning(f"wakeproxy: this mitmproxy has no {missing} as expected; {self.what_is_lost}")
         return False
+
+
+class AsyncioWith(types.ModuleType):
+    """asyncio with some functions replaced, to put in place of one mitmproxy module's `asyncio`."""
+
+    def __init__(self, real: types.ModuleType, **overrides: Any) -> None:
+        super().__init__("asyncio")
+        self._real = real
+        for name, value in overrides.items():
+            setattr(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)

@@ -30,7 +30,6 @@ import asyncio
 import inspect
 import socket
 import time
-import types
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from wakeproxy.mitm.guard import Fallback
+from wakeproxy.mitm.guard import AsyncioWith, Fallback
 from wakeproxy.mitm.limits import connection_handler
 from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.routing.snapshot import Snapshot
@@ -216,18 +215,6 @@ class Connector:
 # --- the adaptation of mitmproxy --------------------------------------------------------------
 
 
-class _AsyncioWith(types.ModuleType):
-    """asyncio, except `open_connection`, for `mitmproxy.proxy.server` alone."""
-
-    def __init__(self, real: types.ModuleType, open_connection: Callable[..., Any]) -> None:
-        super().__init__("asyncio")
-        self._real = real
-        self.open_connection = open_connection
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-
 def _shape_ok() -> bool:
     try:
         from mitmproxy.proxy import server
@@ -236,7 +223,7 @@ def _shape_ok() -> bool:
     except (ImportError, AttributeError, OSError, TypeError):
         return False
     current = getattr(server, "asyncio", None)
-    return (current is asyncio or isinstance(current, _AsyncioWith)) and "asyncio.open_connection(" in src
+    return (current is asyncio or isinstance(current, AsyncioWith)) and "asyncio.open_connection(" in src
 
 
 def install(connector: Connector) -> bool:
@@ -246,8 +233,8 @@ def install(connector: Connector) -> bool:
         return FALLBACK.decline("ConnectionHandler.open_connection calling proxy/server.py's asyncio.open_connection")
     from mitmproxy.proxy import server
 
-    if not isinstance(server.asyncio, _AsyncioWith):
-        setattr(server, "asyncio", _AsyncioWith(asyncio, _dispatch))
+    if not isinstance(server.asyncio, AsyncioWith):
+        setattr(server, "asyncio", AsyncioWith(asyncio, open_connection=_dispatch))
     _installed = connector
     return True
 
@@ -259,7 +246,7 @@ def uninstall() -> None:
         from mitmproxy.proxy import server
     except ImportError:
         return
-    if isinstance(getattr(server, "asyncio", None), _AsyncioWith):
+    if isinstance(getattr(server, "asyncio", None), AsyncioWith):
         setattr(server, "asyncio", asyncio)
 
 

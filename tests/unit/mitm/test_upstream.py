@@ -46,7 +46,7 @@ def test_install_and_uninstall_touch_only_the_servers_asyncio():
     connector = upstream.Connector(rt, Waker(rt))
     try:
         assert upstream.install(connector)
-        assert isinstance(server.asyncio, upstream._AsyncioWith)
+        assert isinstance(server.asyncio, upstream.AsyncioWith)
         assert server.asyncio.sleep is asyncio.sleep  # everything else is the real module
         assert asyncio.open_connection is not upstream._dispatch
     finally:

@@ -200,7 +200,7 @@ class AcmeClient:
                         tokens.append(token)
                     else:
                         response = chall.chall.response(self._key)
-                        self.tokens.alpn[ident] = alpn_challenge_cert(ident, response.key_authorization)
+                        self.tokens.add_alpn(ident, alpn_challenge_cert(ident, response.key_authorization))
                         alpn_names.append(ident)
                     acme.answer_challenge(chall, response)
                     logger.info(f"acme: {ident}: {chall.chall.typ} challenge answered, waiting for the CA")
@@ -209,7 +209,7 @@ class AcmeClient:
                 for token in tokens:
                     self.tokens.remove(token)
                 for ident in alpn_names:
-                    self.tokens.alpn.pop(ident, None)
+                    self.tokens.remove_alpn(ident)
             order = acme.begin_finalization(order)
             fullchain = self._wait_certificate(acme, order, deadline)
             net = acme.net

@@ -10,9 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from mitmproxy import http, tls
-
-from wakeproxy.certs.acme.challenges import ChallengeTokens
+from wakeproxy.certs.challenges import ChallengeTokens
 from wakeproxy.certs.acme.client import _TLSALPN01, AcmeClient, AcmeFailure, describe
 from wakeproxy.certs.acme.storage import CertStorage
 from wakeproxy.certs.acme.timing import BACKOFF_MAX, BACKOFF_MIN, ari_pick, backoff_delay, renewal_time
@@ -81,12 +79,12 @@ class NameState:
 
 
 class AcmeManager:
-    """The ACME addon: answers HTTP-01 challenges, orders and renews certificates."""
+    """The ACME addon: orders and renews certificates, putting the challenges into `tokens`."""
 
-    def __init__(self, runtime: Runtime, certificates: Certificates) -> None:
+    def __init__(self, runtime: Runtime, certificates: Certificates, tokens: ChallengeTokens | None = None) -> None:
         self.runtime = runtime
         self.certificates = certificates
-        self.tokens = ChallengeTokens()
+        self.tokens = tokens if tokens is not None else ChallengeTokens()
         self.states: dict[str, NameState] = {}
         self.client: AcmeClient | None = None
         self._orders: dict[str, list[float]] = {}  # group → times of its orders in the last 24 h
@@ -101,23 +99,7 @@ class AcmeManager:
     def enabled(self) -> bool:
         return self.runtime.config.acme.enabled
 
-    # --- hooks --------------------------------------------------------------------------
-
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        """HTTP-01 answers come first: for any host, asleep or unknown, before routing."""
-        if flow.response is None and len(self.tokens):
-            self.tokens.answer(flow)
-
-    def tls_start_client(self, data: tls.TlsData) -> None:
-        """TLS-ALPN-01: take over a validation handshake (TlsConfig would refuse `acme-tls/1`).
-
-        Runs after TlsConfig in the lean master (its connection is replaced
-        before any byte is read) and before it under mitmdump (it then skips).
-        """
-        if self.tokens.alpn:
-            conn = self.tokens.alpn_connection(data)
-            if conn is not None:
-                data.ssl_conn = conn
+    # --- hooks (the challenge answers are certs.challenges.ChallengeAnswers, over `tokens`) ---
 
     def running(self) -> None:
         if not self.enabled:

@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from mitmproxy.test import tflow
 from mitmproxy.test.tutils import treq
-from wakeproxy.certs.acme.challenges import ID_PE_ACME_IDENTIFIER, ChallengeTokens, alpn_challenge_cert
+from wakeproxy.certs.acme.challenges import ID_PE_ACME_IDENTIFIER, alpn_challenge_cert
+from wakeproxy.certs.challenges import ChallengeAnswers, ChallengeTokens
 from wakeproxy.certs.acme.client import AcmeFailure, RetryingNetwork, describe
 from wakeproxy.certs.acme.manager import AcmeManager, NameState
 from wakeproxy.certs.acme.storage import CertStorage, new_certificate_key
@@ -195,7 +196,7 @@ def test_pending_token_is_answered_for_any_host_and_unknown_ones_pass_through():
 
 
 def test_manager_answers_before_routing_only_while_tokens_are_pending():
-    m = AcmeManager(SimpleNamespace(config=None), None)  # type: ignore[arg-type]
+    m = ChallengeAnswers(ChallengeTokens())
     f = _flow("/.well-known/acme-challenge/t")
     m.requestheaders(f)
     assert f.response is None
@@ -352,7 +353,7 @@ def test_alpn_challenge_certificate_carries_the_key_authorization_digest():
 
 def test_alpn_connection_only_for_acme_tls_1_and_a_pending_name():
     tokens = ChallengeTokens()
-    tokens.alpn["a.example.com"] = alpn_challenge_cert("a.example.com", "k")
+    tokens.add_alpn("a.example.com", alpn_challenge_cert("a.example.com", "k"))
 
     def data(offers, sni):
         return SimpleNamespace(conn=SimpleNamespace(alpn_offers=offers, sni=sni), ssl_conn=None)
@@ -360,7 +361,7 @@ def test_alpn_connection_only_for_acme_tls_1_and_a_pending_name():
     assert tokens.alpn_connection(data([b"acme-tls/1"], "A.example.com")) is not None
     assert tokens.alpn_connection(data([b"h2", b"http/1.1"], "a.example.com")) is None
     assert tokens.alpn_connection(data([b"acme-tls/1"], "b.example.com")) is None
-    m = AcmeManager(SimpleNamespace(config=None), None)  # type: ignore[arg-type]
+    m = ChallengeAnswers(tokens)
     d = data([b"h2"], "a.example.com")
     m.tls_start_client(d)  # nothing pending: untouched
     assert d.ssl_conn is None
@@ -401,3 +402,24 @@ def test_ari_window_can_only_bring_renewal_forward(tmp_path):
     late = {"start": iso(ours + datetime.timedelta(days=1)), "end": iso(ours + datetime.timedelta(days=2))}
     assert asyncio.run(check(late)) == (ours, False)
     assert asyncio.run(check(None)) == (ours, False)  # the CA offers no ARI
+
+
+def test_challenges_cross_the_channel_as_plain_data_and_every_change_is_announced():
+    import msgpack
+
+    seen = []
+    tokens = ChallengeTokens()
+    tokens.listener = lambda: seen.append(len(tokens))
+    tokens.add("t", "t.k")
+    tokens.add_alpn("a.example.com", alpn_challenge_cert("a.example.com", "k"))
+    worker = ChallengeTokens()
+    worker.replace(msgpack.unpackb(msgpack.packb(tokens.export())))
+    f = _flow("/.well-known/acme-challenge/t")
+    assert worker.answer(f) and f.response.content == b"t.k"
+    conn = SimpleNamespace(conn=SimpleNamespace(alpn_offers=[b"acme-tls/1"], sni="a.example.com"))
+    assert worker.alpn_connection(conn) is not None
+    tokens.remove("t")
+    tokens.remove_alpn("a.example.com")
+    assert seen == [1, 1, 0, 0]
+    worker.replace(tokens.export())
+    assert len(worker) == 0 and not worker.alpn
