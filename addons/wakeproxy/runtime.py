@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from wakeproxy.config import Config
 from wakeproxy.routing.snapshot import Snapshot
@@ -51,7 +52,7 @@ class Runtime:
     manage: bool = True  # False in a debugging copy (`wakeproxy web`): no start, stop, pause, ACME order
     listeners: list[Callable[[ContainerEvent], None]] = field(default_factory=list)
     # Groups being put to sleep by the idle keeper: a request for one waits for the stop, then wakes it.
-    stopping: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    stopping: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
     _changed: asyncio.Future[None] | None = None
 
     def publish(self, snapshot: Snapshot) -> None:

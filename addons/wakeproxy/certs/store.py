@@ -32,7 +32,7 @@ import dataclasses
 import datetime
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -317,9 +317,13 @@ class Certificates:
     `certs.acme.manager` hands its certificates over with `set_acme`.
     """
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, pushed: bool = False) -> None:
         self.runtime = runtime
+        # pushed: a serving worker's, filled only by `install_table` (the controller reads the files)
+        self.pushed = pushed
         self.registry = CertRegistry()
+        self.watchers: list[Callable[[], None]] = []  # told after every change of the table
+        self._announced_version = -1
         self._table: dict[str, LoadedCert] = {}
         self._installed_into: Any = None  # the CertStore object we last filled
         self._installed_version = -1
@@ -333,7 +337,8 @@ class Certificates:
     def configure(self, updated: set[str]) -> None:
         config = self.runtime.config
         # Only once the real config is in (never the built-in defaults, whose state_dir is /var/lib).
-        if "wakeproxy_config" in updated and ctx.options.wakeproxy_config and config is not self._loaded_for:
+        if ("wakeproxy_config" in updated and ctx.options.wakeproxy_config and config is not self._loaded_for
+                and not self.pushed):
             self.load_static(config)
         if updated & {"certs", "confdir", "key_size", "cert_passphrase"}:
             self._installed_into = None  # TlsConfig made a new store (it configures before or after us)
@@ -343,6 +348,8 @@ class Certificates:
         self._installed_into = None  # TlsConfig.running() rebuilds its store
         loop = asyncio.get_running_loop()
         loop.call_soon(self.sync)
+        if self.pushed:
+            return
         self._tasks.append(loop.create_task(self._follow_snapshots()))
         if self.runtime.config.tls.certs_dir is not None:
             self._tasks.append(loop.create_task(self._rescan_custom()))
@@ -378,6 +385,14 @@ class Certificates:
     def set_acme(self, name: str, cert: LoadedCert) -> None:
         """Serve `cert` for `name` from the next handshake on (called on the event loop)."""
         self.registry.acme[name] = cert
+        self.registry.changed()
+        self.sync()
+
+    def install_table(self, table: dict[str, LoadedCert]) -> None:
+        """A worker: serve exactly `table` (name → certificate, "*" the default), as the controller computed it."""
+        self.registry.default = table.get("*")
+        self.registry.custom, self.registry.label_names = {}, {}
+        self.registry.acme = {name: cert for name, cert in table.items() if name != "*"}
         self.registry.changed()
         self.sync()
 
@@ -419,6 +434,10 @@ class Certificates:
 
     def sync(self) -> None:
         """Make mitmproxy's store hold our table; cheap when nothing changed."""
+        if self._announced_version != self.registry.version:
+            self._announced_version = self.registry.version
+            for watcher in self.watchers:
+                watcher()
         store = self._store()
         if store is None:
             return

@@ -7,7 +7,7 @@ needs root; a restarted or replacement worker takes over the very same sockets, 
 connections waiting in their accept queues are served, not reset; and the kernel spreads new
 connections over the slots.
 
-mitmproxy's listener (`proxy/mode_servers.py`, `ServerInstance.listen`) calls
+mitmproxy's listener (`proxy/mode_servers.py`, `AsyncioServerInstance.listen`) calls
 `asyncio.start_server(handler, host, port)`: we give that module an asyncio whose
 `start_server` serves our socket for a port we were handed, and binds as usual otherwise.
 """
@@ -59,7 +59,7 @@ def _shape_ok() -> bool:
     try:
         from mitmproxy.proxy import mode_servers
 
-        src = inspect.getsource(mode_servers.ServerInstance.listen)
+        src = inspect.getsource(mode_servers.AsyncioServerInstance.listen)
     except (ImportError, AttributeError, OSError, TypeError):
         return False
     current = getattr(mode_servers, "asyncio", None)
@@ -72,7 +72,7 @@ def install(environ: dict[str, str] | None = None) -> bool:
     if not text:
         return False
     if not _shape_ok():
-        return FALLBACK.decline("ServerInstance.listen calling proxy/mode_servers.py's asyncio.start_server")
+        return FALLBACK.decline("AsyncioServerInstance.listen calling proxy/mode_servers.py's asyncio.start_server")
     from mitmproxy.proxy import mode_servers
 
     handed = _Handed(decode(text))

@@ -32,7 +32,6 @@ import socket
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import http

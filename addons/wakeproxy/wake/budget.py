@@ -12,8 +12,13 @@ import ipaddress
 import math
 from collections import OrderedDict
 
+from wakeproxy.observe.logsafe import get_logger
+
+logger = get_logger(__name__)
+
 MAX_CLIENTS = 10_000
 WINDOW = 60.0  # per_client is counted per this many seconds
+LOG_INTERVAL = 10.0  # refusals are summed up in one log line per this long
 
 
 def client_key(ip: str) -> str:
@@ -35,6 +40,19 @@ class WakeBudget:
         self.rate = per_window / window if per_window else 0.0
         self.max_clients = max_clients
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key → (tokens, at)
+        self._refused = 0
+        self._logged_at = -LOG_INTERVAL
+
+    def spend(self, key: str, now: float) -> float | None:
+        """`take`, and refusals summed up in one warning per LOG_INTERVAL (never one per request)."""
+        retry = self.take(key, now)
+        if retry is not None:
+            self._refused += 1
+            if now - self._logged_at >= LOG_INTERVAL:
+                logger.warning(f"wake budget: {self._refused} wake(s) refused in the last {LOG_INTERVAL:.0f} s "
+                               f"(wake.per_client = {self.per_window} a minute; latest from {key})")
+                self._logged_at, self._refused = now, 0
+        return retry
 
     def take(self, key: str, now: float) -> float | None:
         """Spend one wake for `key`: None when allowed, else the seconds until one is available."""

@@ -19,18 +19,18 @@ import functools
 import json
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mitmproxy import http
 
-from wakeproxy.docker.ops import DockerOpError, DockerOps
 from wakeproxy.files import write_private
 from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.routing.snapshot import Group, Snapshot
 from wakeproxy.runtime import Runtime
-from wakeproxy.wake.waker import Waker
+from wakeproxy.wake.orchestrator import OpError
 
 logger = get_logger(__name__)
 
@@ -47,12 +47,35 @@ class Activity:
     running: bool = False  # as last observed; a not-running → running change restarts the clock
 
 
+class WakeView(Protocol):
+    def is_waking(self, group: str) -> bool: ...
+
+
+class StopOps(Protocol):
+    async def stop(self, container_id: str, name: str, timeout: float) -> None: ...
+
+    async def pause(self, container_id: str, name: str) -> None: ...
+
+
 class IdleKeeper:
-    def __init__(self, runtime: Runtime, waker: Waker) -> None:
+    """Counts activity per group from the flows it sees and, where it `decides` (one process, or the
+    controller), puts idle groups to sleep. A serving worker's keeper only counts: it reports to the
+    controller (planes.worker), whose keeper adds the reports up (`report`) and, before a stop, asks
+    every worker to hold new requests and confirm it has none (`quiesce`)."""
+
+    def __init__(self, runtime: Runtime, waker: WakeView, decides: bool = True) -> None:
         self.runtime = runtime
         self.waker = waker
-        self.ops = DockerOps(runtime.config.docker)
+        self.decides = decides
+        self.ops: StopOps | None = None
+        if decides:
+            from wakeproxy.docker.ops import DockerOps
+
+            self.ops = DockerOps(runtime.config.docker)
         self.activity: dict[str, Activity] = {}
+        # The controller: per worker, per group (in flight, open, last byte); summed into `activity`.
+        self.remote: dict[str, dict[str, tuple[int, int, float]]] = {}
+        self.quiesce: Callable[[str], Awaitable[bool]] | None = None
         self._loaded: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
         self._dirty = False
@@ -62,10 +85,14 @@ class IdleKeeper:
     # --- lifecycle ------------------------------------------------------------------
 
     def configure(self, updated: set[str]) -> None:
-        if "wakeproxy_config" in updated:
+        if "wakeproxy_config" in updated and self.decides:
+            from wakeproxy.docker.ops import DockerOps
+
             self.ops = DockerOps(self.runtime.config.docker)
 
     def running(self) -> None:
+        if not self.decides:
+            return
         self._loaded = self._load()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="idle keeper")
 
@@ -75,7 +102,7 @@ class IdleKeeper:
         for task in list(self.runtime.stopping.values()):
             # A stop under way still counts: its containers get their stop, and the clock says so.
             await asyncio.wait([task], timeout=self.runtime.config.idle.stop_timeout + 5)
-        if self._dirty:
+        if self._dirty and self.decides:
             await asyncio.to_thread(self._write, self._state())
 
     @property
@@ -126,6 +153,30 @@ class IdleKeeper:
         if group is not None:
             act = self._touch(group)
             act.open = max(0, act.open - 1)
+
+    # --- reports from serving workers (the controller) -----------------------------------
+
+    def report(self, worker: str, groups: dict[str, tuple[int, int, float]]) -> None:
+        """A worker's counts for the groups that changed there since its last report."""
+        mine = self.remote.setdefault(worker, {})
+        mine.update(groups)
+        self._resum(groups)
+
+    def forget(self, worker: str) -> None:
+        """A worker is gone, and with it every request and stream it held."""
+        self._resum(self.remote.pop(worker, {}))
+
+    def _resum(self, names: Any) -> None:
+        now = time.time()
+        for name in names:
+            counts = [w[name] for w in self.remote.values() if name in w]
+            act = self.activity.get(name)
+            if act is None:
+                act = self.activity[name] = Activity(now, running=True)
+            act.inflight = sum(c[0] for c in counts)
+            act.open = sum(c[1] for c in counts)
+            act.last = min(now, max([act.last, *(c[2] for c in counts)]))
+            self._dirty = True
 
     # --- the clock ----------------------------------------------------------------------
 
@@ -188,7 +239,10 @@ class IdleKeeper:
         self.runtime.stopping[group.name] = task
         task.add_done_callback(functools.partial(self._slept, group.name))
 
-    async def _sleep(self, snap: Snapshot, group: Group, action: str) -> None:
+    async def _sleep(self, snap: Snapshot, group: Group, action: str) -> bool:
+        if self.quiesce is not None and not await self.quiesce(group.name):
+            return False  # a worker has a request or stream in it after all (logged by quiesce)
+        assert self.ops is not None
         t0 = time.monotonic()
         stop_timeout = self.runtime.config.idle.stop_timeout
         for layer in group.stop_order(snap):
@@ -202,16 +256,19 @@ class IdleKeeper:
                 else:
                     calls.append(self.ops.stop(cid, info.name, stop_timeout))
             for result in await asyncio.gather(*calls, return_exceptions=True):
-                if isinstance(result, DockerOpError):
+                if isinstance(result, OpError):
                     logger.warning(f"idle {group.name}: {result}")
                 elif isinstance(result, BaseException):
                     raise result
         logger.info(f"idle {group.name}: {action}ped in {(time.monotonic() - t0) * 1000:.0f} ms")
+        return True
 
-    def _slept(self, group: str, task: asyncio.Task[None]) -> None:
+    def _slept(self, group: str, task: asyncio.Task[bool]) -> None:
         if self.runtime.stopping.get(group) is task:
             del self.runtime.stopping[group]
         act = self.activity.get(group)
+        if not task.cancelled() and task.exception() is None and not task.result():
+            return  # not stopped: the group runs on, its clock as the workers reported it
         if act is not None:
             act.running = False
             act.last = time.time()  # a failed stop is not retried before another full timeout

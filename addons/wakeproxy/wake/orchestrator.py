@@ -19,6 +19,7 @@ import asyncio
 import enum
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -59,9 +60,10 @@ class Member(enum.Enum):
 class WakeFailed(Exception):
     """A wake that cannot succeed: the HTTP status, a title and a message (with internal detail)."""
 
-    def __init__(self, status: int, title: str, message: str) -> None:
+    def __init__(self, status: int, title: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status, self.title, self.message = status, title, message
+        self.retry_after = retry_after  # seconds, for a Retry-After header (429, 503)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class Wake:
     status: dict[str, str] = field(default_factory=dict)  # member name → what it is doing
     marks: dict[str, float] = field(default_factory=dict)  # phase → seconds since t0
     failure: WakeFailed | None = None
+    client: str = ""  # whose request started it (the controller spends that client's wake budget)
     failed_event: asyncio.Event = field(default_factory=asyncio.Event)
     first_byte_logged: bool = False
 
@@ -99,12 +102,20 @@ class Wake:
 class Orchestrator:
     """Single-flight wakes of groups, from the runtime's snapshots and container events."""
 
+    remote_budget = False  # True where the wake budget is spent elsewhere (a worker: the controller's)
+    log_outcomes = True
+
     def __init__(self, runtime: Runtime, ops: ContainerOps) -> None:
         self.runtime = runtime
         self.ops = ops
         self._wakes: dict[str, Wake] = {}
         self._cooldown: dict[str, tuple[float, WakeFailed]] = {}
+        self.watchers: list[Callable[[], None]] = []  # told when a wake starts or ends
         runtime.listeners.append(self._on_event)
+
+    def _tell(self) -> None:
+        for watcher in self.watchers:
+            watcher()
 
     def cancel_all(self) -> None:
         for wake in self._wakes.values():
@@ -121,17 +132,19 @@ class Orchestrator:
             return False  # the common case, checked on every request
         return any(g in self._wakes or g in self.runtime.stopping for g in site.groups)
 
-    def wake(self, group: Group) -> Wake:
-        """The running wake of `group`, or a new one."""
+    def wake(self, group: Group, client: str = "") -> Wake:
+        """The running wake of `group`, or a new one (`client`: whose request starts it)."""
         wake = self._wakes.get(group.name)
         if wake is not None:
             return wake
         timeout = group.wake_timeout or self.runtime.config.wake.timeout
-        wake = Wake(group.name, group.members, time.monotonic() + timeout)
+        wake = Wake(group.name, group.members, time.monotonic() + timeout, client=client)
         wake.task = asyncio.get_running_loop().create_task(self._run(wake), name=f"wake {group.name}")
         wake.task.add_done_callback(functools.partial(self._finished, wake))
         self._wakes[group.name] = wake
-        logger.info(f"wake {group.name}: starting {len(group.members)} container(s)")
+        if self.log_outcomes:
+            logger.info(f"wake {group.name}: starting {len(group.members)} container(s)")
+        self._tell()
         return wake
 
     async def wake_until_ready(self, group: Group) -> None:
@@ -154,17 +167,20 @@ class Orchestrator:
     def _finished(self, wake: Wake, task: asyncio.Task[None]) -> None:
         if self._wakes.get(wake.group) is wake:
             del self._wakes[wake.group]
+            self._tell()
         if task.cancelled():
             return
         exc = task.exception()
         if exc is None:
-            logger.info(f"wake {wake.group}: ready ({wake.timing()})")
+            if self.log_outcomes:
+                logger.info(f"wake {wake.group}: ready ({wake.timing()})")
             return
         if not isinstance(exc, WakeFailed):
             logger.error(f"wake {wake.group}: internal error", exc_info=exc)
             exc = WakeFailed(502, "Wake-up failed", f"wakeproxy could not start '{wake.group}': {exc}")
         wake.fail(exc)
-        logger.warning(f"wake {wake.group}: {exc.message} ({wake.timing()})")
+        if self.log_outcomes:
+            logger.warning(f"wake {wake.group}: {exc.message} ({wake.timing()})")
         if exc.status == 502:
             self._cooldown[wake.group] = (time.monotonic() + self.runtime.config.wake.retry_after, exc)
 

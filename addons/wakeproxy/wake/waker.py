@@ -18,7 +18,6 @@ from typing import Any
 from mitmproxy import http
 
 from wakeproxy import pages
-from wakeproxy.docker.ops import DockerOps
 from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.routing.snapshot import Group, Site
 from wakeproxy.runtime import Runtime
@@ -30,7 +29,6 @@ logger = get_logger(__name__)
 CONTROL_PREFIX = "/__wakeproxy/"
 WAIT_PATH = CONTROL_PREFIX + "wait"
 LONG_POLL = 20.0  # the waking page's readiness request is answered within this long (at most wake.timeout)
-BUDGET_LOG_INTERVAL = 10.0  # refusals by the wake budget are summed up in one log line per this long
 
 # What an anonymous visitor is told when a wake fails (the detail goes to debug_clients and the log).
 _PUBLIC_FAILURE = {
@@ -38,6 +36,10 @@ _PUBLIC_FAILURE = {
           "Try again in a minute. If it keeps failing, tell the people who run this site."),
     504: ("Wake-up timed out", "The site '{host}' did not become ready in time.",
           "Reload the page to try again."),
+    429: ("Too many wake-ups", "This client has started too many sleeping sites in the last minute; "
+          "'{host}' was not started.", "Try again in a minute."),
+    503: ("Site asleep", "The site '{host}' is asleep and cannot be woken right now.",
+          "Try again in a minute."),
 }
 
 
@@ -56,18 +58,26 @@ class Waker:
     the wake budget per client, and the pages that say what happened. The wake itself is the
     orchestrator's."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, core: Orchestrator | None = None) -> None:
         self.runtime = runtime
-        self.core = Orchestrator(runtime, DockerOps(runtime.config.docker))
+        # One process: our own orchestrator over Docker. A serving worker passes the one that asks
+        # the controller (planes.worker), and never imports the Docker side.
+        self._docker_ops = core is None
+        if core is None:
+            from wakeproxy.docker.ops import DockerOps
+
+            core = Orchestrator(runtime, DockerOps(runtime.config.docker))
+        self.core = core
         self.budget = WakeBudget(runtime.config.wake.per_client)
-        self._budget_refused = 0
-        self._budget_logged_at = 0.0
 
     # --- addon hooks ------------------------------------------------------------
 
     def configure(self, updated: set[str]) -> None:
         if "wakeproxy_config" in updated:
-            self.core.ops = DockerOps(self.runtime.config.docker)
+            if self._docker_ops:
+                from wakeproxy.docker.ops import DockerOps
+
+                self.core.ops = DockerOps(self.runtime.config.docker)
             self.budget = WakeBudget(self.runtime.config.wake.per_client)
 
     def done(self) -> None:
@@ -93,8 +103,8 @@ class Waker:
     def busy(self, site: Site) -> bool:
         return self.core.busy(site)
 
-    def wake(self, group: Group) -> Wake:
-        return self.core.wake(group)
+    def wake(self, group: Group, client: str = "") -> Wake:
+        return self.core.wake(group, client)
 
     async def wake_until_ready(self, group: Group) -> None:
         await self.core.wake_until_ready(group)
@@ -137,32 +147,28 @@ class Waker:
             flow.response = self._budget_response(flow, host, retry)
             return None
         strategy = next((g.wake_strategy for g in groups if g.wake_strategy), config.strategy)
-        wakes = [self.wake(g) for g in groups]
+        client = self._client(flow)
+        wakes = [self.core.wake(g, client) for g in groups]
         if strategy != "hold" and is_navigation(request):
             flow.response = self._waking_page(flow, host, wakes)
             return None
         return self._hold(flow, site, host, wakes, forward)
 
-    def _spend_budget(self, flow: http.HTTPFlow, groups: list[Group]) -> float | None:
-        """Starting a wake costs the client one of wake.per_client per minute; joining one is free.
-        Returns None when allowed, else the seconds until the client may start one."""
-        if all(g.name in self._wakes for g in groups):
-            return None
+    def _client(self, flow: http.HTTPFlow) -> str:
+        """Whose wake budget a request spends: its client, or behind a trusted proxy the client it names."""
         ip = pages.client_ip(flow)
         if self.runtime.config.forwarded.trusts(ip):
-            # Behind a trusted proxy the budget belongs to the client it names, not to the proxy.
             xff = flow.request.headers.get("x-forwarded-for", "")
             ip = xff.rsplit(",", 1)[-1].strip() or ip
-        retry = self.budget.take(client_key(ip), time.monotonic())
-        if retry is not None:
-            self._budget_refused += 1
-            now = time.monotonic()
-            if now - self._budget_logged_at >= BUDGET_LOG_INTERVAL:
-                logger.warning(f"wake budget: {self._budget_refused} wake(s) refused in the last "
-                               f"{BUDGET_LOG_INTERVAL:.0f} s (wake.per_client = {self.budget.per_window} a minute; "
-                               f"latest from {client_key(ip)})")
-                self._budget_logged_at, self._budget_refused = now, 0
-        return retry
+        return client_key(ip)
+
+    def _spend_budget(self, flow: http.HTTPFlow, groups: list[Group]) -> float | None:
+        """Starting a wake costs the client one of wake.per_client per minute; joining one is free.
+        Returns None when allowed, else the seconds until the client may start one. (A worker's
+        core spends it in the controller, across all workers.)"""
+        if self.core.remote_budget or all(g.name in self._wakes for g in groups):
+            return None
+        return self.budget.spend(self._client(flow), time.monotonic())
 
     def _budget_response(self, flow: http.HTTPFlow, host: str, retry: float) -> http.Response:
         return pages.error_response(
@@ -192,17 +198,18 @@ class Waker:
 
     def _failure_response(self, flow: http.HTTPFlow, failure: WakeFailed, host: str) -> http.Response:
         request = flow.request
+        retry = {"Retry-After": f"{failure.retry_after:.0f}"} if failure.retry_after is not None else None
         if not self.runtime.config.shows_detail(pages.client_ip(flow)):
             title, message, hint = _PUBLIC_FAILURE.get(failure.status, _PUBLIC_FAILURE[502])
             return pages.error_response(request, failure.status, title, message.format(host=pages.bounded(host)),
-                                        hint, host)
+                                        hint, host, retry)
         hint = {
             502: "Look at the container's logs (docker logs NAME). wakeproxy tries again after a "
                  f"cool-down of {self.runtime.config.wake.retry_after:.0f} s.",
             504: "The app may need longer to start: raise wake.timeout or the wakeproxy.wake-timeout label, "
                  "or check the container's logs.",
         }.get(failure.status, "")
-        return pages.error_response(request, failure.status, failure.title, failure.message, hint, host)
+        return pages.error_response(request, failure.status, failure.title, failure.message, hint, host, retry)
 
     async def _hold(self, flow: http.HTTPFlow, site: Site, host: str, wakes: list[Wake], forward: Any) -> None:
         try:
@@ -249,7 +256,8 @@ class Waker:
         if retry is not None:
             return answer("failed", 429, {"Retry-After": f"{retry:.0f}"}, title="Too many wake-ups",
                           message=f"Try again in {retry:.0f} s.")
-        wakes = [self.wake(g) for g in groups]
+        client = self._client(flow)
+        wakes = [self.core.wake(g, client) for g in groups]
         tasks = [w.task for w in wakes if w.task is not None]
         poll = min(LONG_POLL, min((w.deadline - time.monotonic() for w in wakes), default=LONG_POLL))
         # (asyncio.wait never cancels what it waits for, and the tasks' outcome is read below or by

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes

@@ -10,10 +10,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from wakeproxy.certs.challenges import ChallengeTokens
 from wakeproxy.certs.acme.client import _TLSALPN01, AcmeClient, AcmeFailure, describe
 from wakeproxy.certs.acme.storage import CertStorage
 from wakeproxy.certs.acme.timing import BACKOFF_MAX, BACKOFF_MIN, ari_pick, backoff_delay, renewal_time
+from wakeproxy.certs.challenges import ChallengeTokens
 from wakeproxy.certs.store import Certificates, LoadedCert, load_cert
 from wakeproxy.config import format_duration
 from wakeproxy.observe.logsafe import get_logger

@@ -19,7 +19,6 @@ from cryptography.x509.oid import NameOID
 from mitmproxy.test import tflow
 from mitmproxy.test.tutils import treq
 from wakeproxy.certs.acme.challenges import ID_PE_ACME_IDENTIFIER, alpn_challenge_cert
-from wakeproxy.certs.challenges import ChallengeAnswers, ChallengeTokens
 from wakeproxy.certs.acme.client import AcmeFailure, RetryingNetwork, describe
 from wakeproxy.certs.acme.manager import AcmeManager, NameState
 from wakeproxy.certs.acme.storage import CertStorage, new_certificate_key
@@ -32,6 +31,7 @@ from wakeproxy.certs.acme.timing import (
     parse_retry_after,
     renewal_time,
 )
+from wakeproxy.certs.challenges import ChallengeAnswers, ChallengeTokens
 from wakeproxy.certs.store import load_cert
 from wakeproxy.config import SourcesConfig
 from wakeproxy.routing.labels import ContainerInfo
