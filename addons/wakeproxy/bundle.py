@@ -1,10 +1,15 @@
-"""The list of our addons, in hook order, sharing one Runtime."""
+"""The lists of our addons, in hook order, sharing one Runtime.
+
+`make_addons`: everything in one process (mitmdump/mitmweb -s, and `workers: 0`).
+`make_controller_addons`: the `wakeproxy` command's controller (Docker, ACME, wake and idle
+decisions, status; no proxy listener). `make_worker_addons`: a serving worker (the request path;
+no Docker, no ACME account), which imports nothing from `docker/` or `certs/acme/`.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from wakeproxy.certs.acme.manager import AcmeManager
 from wakeproxy.certs.challenges import ChallengeAnswers, ChallengeTokens
 from wakeproxy.certs.https import HttpsPolicy
 from wakeproxy.certs.store import Certificates
@@ -12,7 +17,6 @@ from wakeproxy.core import WakeProxy
 from wakeproxy.mitm import earlyanswer, errorpages, h2reuse, headbound
 from wakeproxy.mitm.limits import ConnectionLimits
 from wakeproxy.mitm.upstream import Upstream
-from wakeproxy.observe.status import StatusServer
 from wakeproxy.routing.hygiene import Hygiene
 from wakeproxy.routing.router import Router
 from wakeproxy.runtime import Runtime
@@ -20,11 +24,18 @@ from wakeproxy.wake.idle import IdleKeeper
 from wakeproxy.wake.waker import Waker
 
 
-def make_addons(runtime: Runtime | None = None) -> list[Any]:
+def _install_adaptations() -> None:
     h2reuse.install()  # HTTP/2 clients reuse idle HTTP/1.1 upstream connections (idempotent)
     headbound.install()  # at most max_header_bytes buffered of an unfinished HTTP/1 request head
     errorpages.install()  # our page, not mitmproxy's, when a backend fails
     earlyanswer.install()  # an answer set in requestheaders for a request with a body over 1 MB
+
+
+def make_addons(runtime: Runtime | None = None) -> list[Any]:
+    from wakeproxy.certs.acme.manager import AcmeManager
+    from wakeproxy.observe.status import StatusServer
+
+    _install_adaptations()
     runtime = runtime or Runtime()
     waker = Waker(runtime)
     idle = IdleKeeper(runtime, waker)
@@ -37,3 +48,35 @@ def make_addons(runtime: Runtime | None = None) -> list[Any]:
     # Hygiene right after the config: its requestheaders runs before every other addon's.
     return [WakeProxy(runtime), Hygiene(runtime), ConnectionLimits(runtime), *tls_addons, waker,
             Router(runtime, waker), idle, status, Upstream(runtime, waker), errorpages.UpstreamErrors(runtime)]
+
+
+def make_controller_addons(runtime: Runtime | None = None) -> list[Any]:
+    from wakeproxy.certs.acme.manager import AcmeManager
+    from wakeproxy.observe.status import StatusServer
+    from wakeproxy.planes.controller import ControllerPlane
+
+    runtime = runtime or Runtime()
+    waker = Waker(runtime)  # here only the owner of the orchestrator: no request reaches the controller
+    idle = IdleKeeper(runtime, waker)
+    certificates = Certificates(runtime)
+    tokens = ChallengeTokens()
+    acme = AcmeManager(runtime, certificates, tokens)
+    plane = ControllerPlane(runtime, waker.core, idle, certificates, tokens)
+    status = StatusServer(runtime, waker, idle, extra={"certificates": acme.status, "workers": plane.status})
+    return [WakeProxy(runtime), certificates, acme, waker, idle, plane, status]
+
+
+def make_worker_addons(runtime: Runtime | None = None) -> list[Any]:
+    from wakeproxy.planes.worker import WorkerCore, WorkerPlane
+
+    _install_adaptations()
+    runtime = runtime or Runtime()
+    certificates = Certificates(runtime, pushed=True)
+    tokens = ChallengeTokens()
+    plane = WorkerPlane(runtime, certificates, tokens)
+    waker = Waker(runtime, plane.wakes)
+    idle = IdleKeeper(runtime, waker, decides=False)
+    plane.idle = idle
+    tls_addons = [certificates, ChallengeAnswers(tokens), HttpsPolicy(runtime, certificates)]
+    return [WorkerCore(runtime, plane), Hygiene(runtime), ConnectionLimits(runtime), *tls_addons, waker,
+            Router(runtime, waker), idle, Upstream(runtime, waker), errorpages.UpstreamErrors(runtime), plane]

@@ -37,16 +37,18 @@ EXIT_CONFIG = 2
 EXIT_NO_DOCKER = 3  # `wakeproxy status`: the proxy runs but cannot see the Docker engine
 
 
-def build_master(config_path: str, verbosity: str = "info") -> master.Master:
+def build_master(config_path: str, verbosity: str = "info", role: str = "single") -> master.Master:
     """A Master with just what a reverse proxy needs, configured from `config_path`.
 
-    Must be called with a running event loop (mitmproxy's Master requires one).
+    `role`: "single" (everything in one process), "controller" (Docker, ACME, decisions, status;
+    no proxy listener at all) or "worker" (the request path). Must be called with a running event
+    loop (mitmproxy's Master requires one).
     """
     # Imported here, not at the top: `wakeproxy status` and `check` should start in milliseconds.
     from mitmproxy import master, options
     from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, termlog, tlsconfig
 
-    from wakeproxy.bundle import make_addons
+    from wakeproxy import bundle
     from wakeproxy.mitm import dispatch, lean
 
     lean.drop_message_type_checks()
@@ -61,35 +63,64 @@ def build_master(config_path: str, verbosity: str = "info") -> master.Master:
             "wakeproxy: this mitmproxy's AddonManager is not the shape wakeproxy.dispatch expects; "
             "using the stock hook dispatch (slower, same behaviour)")
     m._termlog_addon = termlog.TermLog()
-    m.addons.add(
-        m._termlog_addon,
-        core.Core(),
-        proxyserver.Proxyserver(),
-        next_layer.NextLayer(),
-        tlsconfig.TlsConfig(),
-        errorcheck.ErrorCheck(),
-        *make_addons(),
-    )
+    if role == "controller":
+        m.addons.add(m._termlog_addon, core.Core(), errorcheck.ErrorCheck(), *bundle.make_controller_addons())
+    else:
+        ours = bundle.make_worker_addons() if role == "worker" else bundle.make_addons()
+        m.addons.add(
+            m._termlog_addon,
+            core.Core(),
+            proxyserver.Proxyserver(),
+            next_layer.NextLayer(),
+            tlsconfig.TlsConfig(),
+            errorcheck.ErrorCheck(),
+            *ours,
+        )
     opts.update(termlog_verbosity=verbosity, wakeproxy_config=config_path)
     return m
 
 
-async def _serve(config_path: str, verbosity: str) -> None:
+async def _serve(config_path: str, verbosity: str, role: str = "single") -> None:
     logging.getLogger().setLevel(logging.DEBUG)
     for noisy in ("hpack", "urllib3", "docker"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if verbosity != "debug":
         # "client connect"/"client disconnect" for every connection: noise on a busy proxy.
         logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
-    m = build_master(config_path, verbosity)
+    m = build_master(config_path, verbosity, role)
     loop = asyncio.get_running_loop()
     from wakeproxy.mitm.shutdown import GracefulStop
 
-    stop = GracefulStop(m, load_config(config_path).shutdown.drain)
+    config = load_config(config_path)
+    stop = GracefulStop(m, config.shutdown.drain)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.signal, sig.name)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    if role == "worker":
+        from wakeproxy.mitm import listeners
+        from wakeproxy.planes import worker
+
+        if not listeners.install():
+            raise SystemExit("wakeproxy worker: no listening sockets handed down (WAKEPROXY_LISTEN_FDS), or "
+                             "this mitmproxy cannot serve them; use workers: 0")
+        uid, gid = int(os.environ.get("WAKEPROXY_WORKER_UID", "-1")), int(os.environ.get("WAKEPROXY_WORKER_GID", "-1"))
+        if os.geteuid() == 0 and uid > 0:
+            worker.drop_privileges(uid, gid, Path(os.environ.get(worker.ENV_DIR, ".")))
+    if role == "controller":
+        loop.add_signal_handler(signal.SIGHUP, _reload_controller, m, config_path)
     await m.run()
+
+
+def _reload_controller(m: master.Master, config_path: str) -> None:
+    """SIGHUP in the controller: the config file again, applied as a live change (or refused whole)."""
+    log = logging.getLogger("wakeproxy.cli")
+    try:
+        load_config(config_path)
+    except ConfigError as e:
+        log.error(f"wakeproxy: reload refused, keeping the running config: {e}")
+        return
+    m.options.changed.send(updated={"wakeproxy_config"})
+    log.info(f"controller: {config_path} reloaded")
 
 
 def _check(path: str) -> int:
@@ -199,6 +230,7 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 
 COMMANDS = {
     "run": "run the proxy (the default)",
+    "reload": "re-read the config and replace the serving workers one by one, dropping no connection",
     "check": "validate the config and the files it names, then exit (status 2 on a problem)",
     "status": "groups, conflicts, certificates and the Docker engine, from the running proxy",
     "web": "the same proxy inside mitmweb, to watch live traffic (starts, stops and orders nothing unless --manage)",
@@ -220,7 +252,10 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "run"
-    if argv and argv[0] in COMMANDS:
+    role = "single"
+    if argv and argv[0] in ("_controller", "_worker"):  # started by the supervisor (planes/supervisor.py)
+        role = argv.pop(0)[1:]
+    elif argv and argv[0] in COMMANDS:
         command = argv.pop(0)
     epilog = "commands:\n" + "\n".join(f"  {name:<8} {what}" for name, what in COMMANDS.items()) + \
         "\n\nwakeproxy COMMAND --help shows the options of one command."
@@ -247,6 +282,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wakeproxy: {e}", file=sys.stderr)
         return EXIT_CONFIG
 
+    if command == "reload":
+        from wakeproxy.planes.supervisor import reload
+
+        return reload(config)
+    if role != "single":
+        verbosity = "debug" if args.verbose else "warn" if args.quiet else "info"
+        try:
+            asyncio.run(_serve(args.config, verbosity, role))
+        except KeyboardInterrupt:
+            pass
+        return 0
     if command in ("check", "status"):
         try:
             return _check(args.config) if command == "check" else _status(args.config, args.url, args.json)
@@ -269,6 +315,15 @@ def main(argv: list[str] | None = None) -> int:
         os.execvp(exe, [exe, "-s", str(script), "--set", f"wakeproxy_config={args.config}",
                         "--set", f"wakeproxy_manage={'true' if manage else 'false'}", *rest])
     verbosity = "debug" if args.verbose else "warn" if args.quiet else "info"
+    if config.worker_count() > 0:
+        from wakeproxy.planes.supervisor import Supervisor
+
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+        try:
+            return Supervisor(args.config, verbosity).run()
+        except ConfigError as e:
+            print(f"wakeproxy: {e}", file=sys.stderr)
+            return EXIT_CONFIG
     try:
         asyncio.run(_serve(args.config, verbosity))
     except KeyboardInterrupt:

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from mitmproxy import ctx, exceptions, tls
 
 from wakeproxy.certs.store import ensure_default_cert, repair_mitmproxy_confdir
 from wakeproxy.config import Config, ConfigError, load_config
-from wakeproxy.docker.view import DockerView
 from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.routing.snapshot import Snapshot
 from wakeproxy.runtime import EngineState, Runtime
+
+if TYPE_CHECKING:  # the Docker side is imported where it runs: never in a serving worker
+    from wakeproxy.docker.view import DockerView
 
 logger = get_logger(__name__)
 
@@ -78,6 +80,8 @@ _LISTEN_LINE = _ListenLine()
 class WakeProxy:
     """Owns the config and the Docker view; publishes snapshots into the runtime."""
 
+    watches_docker = True  # a serving worker's (planes.worker.WorkerCore) gets snapshots from the controller
+
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.view: DockerView | None = None
@@ -116,6 +120,14 @@ class WakeProxy:
                     f"{config.source}: {', '.join(fixed)} cannot change while the proxy runs (the ACME account, "
                     "the state files, the status listener and the drain are set up once): restart wakeproxy "
                     "to apply the new config")
+        options = self.options_for(config, set(ctx.options.keys()))
+        self.runtime.config = config
+        ctx.options.update(**options)
+        if self._running and self.watches_docker:
+            self._restart_view()
+
+    def options_for(self, config: Config, known: set[str]) -> dict[str, Any]:
+        """The mitmproxy options for `config` (and the state files they name, made if missing)."""
         try:
             cert = ensure_default_cert(config.state_dir)
             repair_mitmproxy_confdir(config.state_dir / "mitmproxy")
@@ -123,15 +135,12 @@ class WakeProxy:
             raise exceptions.OptionsError(
                 f"state_dir {config.state_dir}: cannot write the default certificate: {e}"
             ) from None
-        self.runtime.config = config
-        known = set(ctx.options.keys())
-        ctx.options.update(**proxy_options(config, str(cert), known))
-        if self._running:
-            self._restart_view()
+        return proxy_options(config, str(cert), known)
 
     def running(self) -> None:
         self._running = True
-        self._restart_view()
+        if self.watches_docker:
+            self._restart_view()
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         # Prefer HTTP/2 whenever the client offers it. mitmproxy honours the client's order, and
@@ -148,6 +157,8 @@ class WakeProxy:
             self.view = None
 
     def _restart_view(self) -> None:
+        from wakeproxy.docker.view import DockerView
+
         if self.view is not None:
             self.view.stop()
         self._ready_logged = False

@@ -162,6 +162,12 @@ class IdleKeeper:
         mine.update(groups)
         self._resum(groups)
 
+    def report_busy(self, group: str, counts: dict[str, tuple[int, int, float]]) -> None:
+        """What workers answered a quiesce with: newer than their last report."""
+        for worker, c in counts.items():
+            self.remote.setdefault(worker, {})[group] = c
+        self._resum([group])
+
     def forget(self, worker: str) -> None:
         """A worker is gone, and with it every request and stream it held."""
         self._resum(self.remote.pop(worker, {}))
