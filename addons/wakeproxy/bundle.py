@@ -63,7 +63,7 @@ def make_controller_addons(runtime: Runtime | None = None) -> list[Any]:
     acme = AcmeManager(runtime, certificates, tokens)
     plane = ControllerPlane(runtime, waker.core, idle, certificates, tokens)
     status = StatusServer(runtime, waker, idle, extra={"certificates": acme.status, "workers": plane.status})
-    return [WakeProxy(runtime), certificates, acme, waker, idle, plane, status]
+    return [WakeProxy(runtime, announce="controller ready"), certificates, acme, waker, idle, plane, status]
 
 
 def make_worker_addons(runtime: Runtime | None = None) -> list[Any]:

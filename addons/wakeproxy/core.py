@@ -82,8 +82,9 @@ class WakeProxy:
 
     watches_docker = True  # a serving worker's (planes.worker.WorkerCore) gets snapshots from the controller
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, announce: str = "wakeproxy ready") -> None:
         self.runtime = runtime
+        self.announce = announce  # the first-snapshot line (the supervisor says "wakeproxy ready" itself)
         self.view: DockerView | None = None
         self._ready_logged = False
         self._running = False
@@ -176,6 +177,6 @@ class WakeProxy:
             listen = self.runtime.config.listen
             urls = [f"http://{listen.http}" if listen.http else "", f"https://{listen.https}" if listen.https else ""]
             logger.info(
-                f"wakeproxy ready: {' '.join(u for u in urls if u)}; "
+                f"{self.announce}: {' '.join(u for u in urls if u)}; "
                 f"{len(snapshot.containers)} containers, {len(snapshot.exact) + len(snapshot.wildcards)} hosts"
             )

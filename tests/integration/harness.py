@@ -395,6 +395,15 @@ class ProxyProcess:
     def pid(self) -> int:
         return self.proc.pid
 
+    def children(self, role: str) -> list[int]:
+        """Pids of this proxy's processes of `role` ("worker", "controller") under the `wakeproxy`
+        command's supervisor; [] for a one-process proxy."""
+        return children_of(self.proc.pid, f"_{role}") if self.proc is not None else []
+
+    def serving_pids(self) -> list[int]:
+        """The processes that read client traffic: the workers, or the proxy itself."""
+        return self.children("worker") or [self.pid]
+
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")
@@ -454,6 +463,33 @@ class ProxyProcess:
             self._log_file = None
 
 
+def children_of(pid: int, marker: str) -> list[int]:
+    """Direct children of `pid` whose command line holds `marker`."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == pid and marker.encode() in (entry / "cmdline").read_bytes().split(b"\0"):
+                out.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return sorted(out)
+
+
+def traversable(path: Path) -> None:
+    """Let the workers' unprivileged user pass through `path` and its parents up to /tmp (pytest makes
+    them 0700); nothing becomes readable, only traversable."""
+    for p in [path, *path.parents]:
+        if str(p) in ("/", "/tmp"):
+            break
+        mode = p.stat().st_mode
+        if not mode & 0o001:
+            os.chmod(p, mode | 0o001)
+
+
 def venv_bin(name: str) -> Path | None:
     p = REPO / ".venv" / "bin" / name
     return p if p.exists() else None
@@ -500,6 +536,7 @@ class ProxyLauncher:
         """`wrapper` runs the proxy under another command, e.g. ["prlimit", "--nofile=1024:1024", "--"]."""
         workdir = self.workdir / f"proxy{len(self.started)}"
         workdir.mkdir(parents=True)
+        traversable(workdir)
         http_port = free_port()
         https_port = free_port()
         while https_port == http_port:
@@ -694,6 +731,15 @@ class PrivateDockerd:
         if self._client is None:
             self._client = docker.DockerClient(base_url=self.url, timeout=30)
         return self._client
+
+    def children(self, role: str) -> list[int]:
+        """Pids of this proxy's processes of `role` ("worker", "controller") under the `wakeproxy`
+        command's supervisor; [] for a one-process proxy."""
+        return children_of(self.proc.pid, f"_{role}") if self.proc is not None else []
+
+    def serving_pids(self) -> list[int]:
+        """The processes that read client traffic: the workers, or the proxy itself."""
+        return self.children("worker") or [self.pid]
 
     def log(self) -> str:
         try:

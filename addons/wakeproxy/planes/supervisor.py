@@ -292,8 +292,18 @@ class Supervisor:
         self._spawn("controller")
         for slot in range(self.config.worker_count()):
             self._spawn("worker", slot)
+        announced = False
         try:
             while not self.stopping:
+                if not announced and all(c.ready for c in self.children):
+                    announced = True
+                    listen = self.config.listen
+                    urls = " ".join(u for u in (f"http://{listen.http}" if listen.http else "",
+                                                f"https://{listen.https}" if listen.https else "") if u)
+                    workers = [c for c in self.children if c.role == "worker"]
+                    logger.info(f"wakeproxy ready: {urls}; {len(workers)} worker(s) "
+                                f"(pids {', '.join(str(c.proc.pid) for c in workers)}), "
+                                f"controller pid {next(c.proc.pid for c in self.children if c.role == 'controller')}")
                 self._ready_events(0.05)
                 self._reap()
                 self._restart_due()
