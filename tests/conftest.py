@@ -35,7 +35,15 @@ from harness import (  # noqa: E402
     python_runtime,
     remove_network,
     sweep_prefix,
+    traversable,
 )
+
+
+@pytest.fixture(autouse=True)
+def _workers_can_pass(tmp_path: Path) -> None:
+    """The `wakeproxy` command's workers run as `nobody`: they must be able to pass through the
+    folders of a state_dir under tmp_path (pytest makes them 0700)."""
+    traversable(tmp_path)
 
 # --------------------------------------------------------------------------
 # session-wide Docker state
@@ -171,7 +179,9 @@ def proxy(request, tmp_path, test_network):
 @pytest.fixture(scope="module")
 def module_proxy(tmp_path_factory, test_network):
     """Module-scoped variant of `proxy`, for a proxy shared by a module's tests."""
-    launcher = ProxyLauncher(tmp_path_factory.mktemp("mproxy"), [test_network])
+    workdir = tmp_path_factory.mktemp("mproxy")
+    traversable(workdir)
+    launcher = ProxyLauncher(workdir, [test_network])
     yield launcher
     launcher.stop_all()
 

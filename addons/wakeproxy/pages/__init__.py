@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-from functools import cache
 from importlib import resources
 from string import Template
 
@@ -12,9 +11,14 @@ from mitmproxy import http
 _REASONS = {400: "Bad Request", 405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large", 404: "Not Found", 429: "Too Many Requests", 431: "Request Header Fields Too Large", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
-@cache
+# Read once at import: no disk read on the request path, and a serving worker that has given up root
+# may no longer reach Python's own files.
+_TEMPLATES = {name: Template(resources.files(__package__).joinpath(name).read_text(encoding="utf-8"))
+              for name in ("page.html", "waking.html")}
+
+
 def _template(name: str) -> Template:
-    return Template(resources.files(__package__).joinpath(name).read_text(encoding="utf-8"))
+    return _TEMPLATES[name]
 
 
 def client_ip(flow: http.HTTPFlow) -> str:

@@ -14,6 +14,7 @@ one; activity reports are bounded; a malformed message ends that worker's connec
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import time
@@ -24,11 +25,12 @@ from cryptography.hazmat.primitives import serialization
 
 from wakeproxy.certs.challenges import ChallengeTokens
 from wakeproxy.certs.store import Certificates, LoadedCert
+from wakeproxy.mitm.upstream import DEATH
 from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.planes import channel
 from wakeproxy.planes.wire import frame, to_plain
 from wakeproxy.routing.snapshot import Snapshot
-from wakeproxy.runtime import Runtime
+from wakeproxy.runtime import ContainerEvent, Runtime
 from wakeproxy.wake.budget import WakeBudget
 from wakeproxy.wake.idle import IdleKeeper
 from wakeproxy.wake.orchestrator import Orchestrator, WakeFailed
@@ -82,6 +84,7 @@ class ControllerPlane:
         self._qids = 0
         self._waking: tuple[str, ...] = ()
         idle.quiesce = self.quiesce
+        runtime.listeners.append(self._event)
         orchestrator.watchers.append(self._wakes_changed)
         certificates.watchers.append(self._certs_changed)
 
@@ -164,8 +167,8 @@ class ControllerPlane:
         peer.send("wakes", list(self._waking))
         peer.send("tokens", self.tokens.export())
         self._send_certs(peer, info)
-        if self.runtime.snapshot.synced:
-            peer.send_raw(await self._encoded(self.runtime.snapshot))
+        # Even before the first sync: the worker then holds requests and says the engine is away.
+        peer.send_raw(await self._encoded(self.runtime.snapshot))
 
     def _handle(self, peer: channel.Peer, info: WorkerInfo, kind: str, body: Any) -> None:
         if kind == "hello":
@@ -227,6 +230,11 @@ class ControllerPlane:
             answer(exc if isinstance(exc, WakeFailed) else WakeFailed(502, "Wake-up failed", str(exc)))
 
         wake.task.add_done_callback(finished)
+
+    def _event(self, event: ContainerEvent) -> None:
+        # Workers cut their connections to a container that died or stopped (mitm/upstream) at once.
+        if event.action in DEATH:
+            self._broadcast("event", dataclasses.asdict(event))
 
     def _wakes_changed(self) -> None:
         waking = tuple(sorted(self.orchestrator._wakes))
@@ -293,7 +301,7 @@ class ControllerPlane:
                 engine = self.runtime.engine
                 self._broadcast("engine", engine.as_dict())
             snap = self.runtime.snapshot
-            if snap is sent or not snap.synced:
+            if snap is sent:
                 continue
             data = await self._encoded(snap)
             sent = snap

@@ -53,6 +53,13 @@ class Child:
         return "controller" if self.role == "controller" else f"worker {self.slot}"
 
 
+def _die_with_parent() -> None:
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 def resolve_user(spec: str) -> tuple[int, int]:
     """`name`, `uid` or `uid:gid` → (uid, gid)."""
     if spec[0].isdigit():
@@ -156,7 +163,10 @@ class Supervisor:
             env[listeners.ENV] = listeners.encode({port: s.fileno() for port, s in socks.items()})
             env.update(WAKEPROXY_READY_FD=str(ready_w), WAKEPROXY_SLOT=str(slot),
                        WAKEPROXY_WORKER_DIR=str(self._worker_dir(slot)))
-        proc = subprocess.Popen(self._command(role, slot), env=env, pass_fds=pass_fds)
+        # Their own process group: a terminal's Ctrl-C (or a group kill) reaches the supervisor alone,
+        # which then drains the workers in order. If the supervisor itself dies, they get SIGTERM.
+        proc = subprocess.Popen(self._command(role, slot), env=env, pass_fds=pass_fds, process_group=0,
+                                preexec_fn=_die_with_parent)
         child = Child(role, slot, proc, ready_fd=ready_r)
         if role == "worker":
             os.close(ready_w)

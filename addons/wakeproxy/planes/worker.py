@@ -33,7 +33,7 @@ from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.planes import channel
 from wakeproxy.planes.wire import from_plain
 from wakeproxy.routing.snapshot import Site, Snapshot
-from wakeproxy.runtime import EngineState, Runtime
+from wakeproxy.runtime import ContainerEvent, EngineState, Runtime
 from wakeproxy.wake.idle import IdleKeeper
 from wakeproxy.wake.orchestrator import Orchestrator, Wake, WakeFailed
 
@@ -188,6 +188,8 @@ class WorkerPlane:
             self._quiesce(int(body["id"]), str(body["group"]))
         elif kind == "release":
             self._release(str(body["group"]))
+        elif kind == "event":
+            self.runtime.emit(ContainerEvent(**body))
         elif kind == "manage":
             self.runtime.manage = bool(body)
 
