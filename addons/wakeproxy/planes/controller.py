@@ -55,6 +55,7 @@ class WorkerInfo:
     connections: int = 0
     asks: int = 0
     sent_certs: set[str] = field(default_factory=set)
+    snapshot: Snapshot | None = None  # the last one sent
     quiesce: dict[int, asyncio.Future[tuple[int, int, float]]] = field(default_factory=dict)
 
     @property
@@ -83,6 +84,7 @@ class ControllerPlane:
         self._token_push: asyncio.Handle | None = None
         self._qids = 0
         self._waking: tuple[str, ...] = ()
+        self._cooling_sent: dict[str, WakeFailed] = {}
         idle.quiesce = self.quiesce
         runtime.listeners.append(self._event)
         orchestrator.watchers.append(self._wakes_changed)
@@ -165,10 +167,11 @@ class ControllerPlane:
         peer.send("engine", self.runtime.engine.as_dict())
         peer.send("manage", self.runtime.manage)
         peer.send("wakes", list(self._waking))
+        peer.send("cooling", self._cooling_body(self.orchestrator.cooling_now()))
         peer.send("tokens", self.tokens.export())
         self._send_certs(peer, info)
         # Even before the first sync: the worker then holds requests and says the engine is away.
-        peer.send_raw(await self._encoded(self.runtime.snapshot))
+        await self._sync(peer, info)
 
     def _handle(self, peer: channel.Peer, info: WorkerInfo, kind: str, body: Any) -> None:
         if kind == "hello":
@@ -194,10 +197,27 @@ class ControllerPlane:
 
     # --- wakes ------------------------------------------------------------------------------------
 
+    async def _sync(self, peer: channel.Peer, info: WorkerInfo) -> None:
+        """Send `peer` the current snapshot unless it has it. Frames on one connection stay in order,
+        so what is sent after this (a "ready") never overtakes the snapshot that made it true."""
+        snap = self.runtime.snapshot
+        if info.snapshot is snap:
+            return
+        data = await self._encoded(snap)
+        if info.snapshot is not snap and self.runtime.snapshot is snap:
+            info.snapshot = snap
+            peer.send_raw(data)
+
+    async def _ready_after_sync(self, peer: channel.Peer, info: WorkerInfo, qid: int) -> None:
+        await self._sync(peer, info)
+        peer.send("woke", {"id": qid, "ok": True})
+
     def _wake(self, peer: channel.Peer, info: WorkerInfo, qid: int, name: str, client: str) -> None:
         def answer(failure: WakeFailed | None) -> None:
             if failure is None:
-                peer.send("woke", {"id": qid, "ok": True})
+                task = asyncio.get_running_loop().create_task(self._ready_after_sync(peer, info, qid))
+                self._tasks.append(task)
+                task.add_done_callback(self._tasks.remove)
             else:
                 peer.send("woke", {"id": qid, "ok": False, "status": failure.status, "title": failure.title,
                                    "message": failure.message, "retry": failure.retry_after})
@@ -241,6 +261,15 @@ class ControllerPlane:
         if waking != self._waking:
             self._waking = waking
             self._broadcast("wakes", list(waking))
+        cooling = self.orchestrator.cooling_now()
+        fresh = {g: v for g, v in cooling.items() if self._cooling_sent.get(g) is not v[1]}
+        if fresh:
+            self._broadcast("cooling", self._cooling_body(fresh))
+        self._cooling_sent = {g: f for g, (_, f) in cooling.items()}
+
+    @staticmethod
+    def _cooling_body(cooling: dict[str, tuple[float, WakeFailed]]) -> dict[str, list[Any]]:
+        return {g: [left, f.status, f.title, f.message] for g, (left, f) in cooling.items()}
 
     # --- stops ------------------------------------------------------------------------------------
 
@@ -303,10 +332,9 @@ class ControllerPlane:
             snap = self.runtime.snapshot
             if snap is sent:
                 continue
-            data = await self._encoded(snap)
             sent = snap
-            for peer in list(self.workers):
-                peer.send_raw(data)
+            for peer, info in list(self.workers.items()):
+                await self._sync(peer, info)
 
     def _certs_changed(self) -> None:
         if self._cert_push is None:

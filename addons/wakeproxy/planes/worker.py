@@ -15,6 +15,7 @@ with a 503 until it is back; it reconnects by itself.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import itertools
 import os
@@ -178,20 +179,33 @@ class WorkerPlane:
             self.tokens.replace(body)
         elif kind == "engine":
             self.runtime.engine = EngineState(**body)
-        elif kind == "wakes":
+        elif kind == "manage":
+            self.runtime.manage = bool(body)
+        elif kind == "quiesce":
+            self._quiesce(int(body["id"]), str(body["group"]))
+        elif self._decoding is not None and not self._decoding.done():
+            # About the state a snapshot still being decoded shows: acted on once it is installed.
+            self._decoding.add_done_callback(functools.partial(self._after_decode, kind, body))
+        else:
+            self._in_order(kind, body)
+
+    def _after_decode(self, kind: str, body: Any, _task: asyncio.Task[None]) -> None:
+        self._in_order(kind, body)
+
+    def _in_order(self, kind: str, body: Any) -> None:
+        if kind == "wakes":
             self.wakes.elsewhere = frozenset(str(g) for g in body)
+        elif kind == "cooling":
+            for group, (left, status, title, message) in dict(body).items():
+                self.wakes.cool_down(str(group), float(left), WakeFailed(int(status), str(title), str(message)))
         elif kind == "woke":
             fut = self._asked.pop(int(body["id"]), None)
             if fut is not None and not fut.done():
                 fut.set_result(body)
-        elif kind == "quiesce":
-            self._quiesce(int(body["id"]), str(body["group"]))
         elif kind == "release":
             self._release(str(body["group"]))
         elif kind == "event":
             self.runtime.emit(ContainerEvent(**body))
-        elif kind == "manage":
-            self.runtime.manage = bool(body)
 
     async def _decode(self) -> None:
         # Only the newest snapshot is decoded: those that arrive meanwhile replace each other.

@@ -165,9 +165,14 @@ class Orchestrator:
             raise WakeFailed(502, "Wake-up failed", str(e)) from None
 
     def _finished(self, wake: Wake, task: asyncio.Task[None]) -> None:
-        if self._wakes.get(wake.group) is wake:
-            del self._wakes[wake.group]
-            self._tell()
+        try:
+            self._conclude(wake, task)
+        finally:
+            if self._wakes.get(wake.group) is wake:
+                del self._wakes[wake.group]
+                self._tell()  # (after the cool-down is set: watchers see both)
+
+    def _conclude(self, wake: Wake, task: asyncio.Task[None]) -> None:
         if task.cancelled():
             return
         exc = task.exception()
@@ -373,6 +378,15 @@ class Orchestrator:
     def groups_of(self, site: Site) -> list[Group]:
         snap = self.runtime.snapshot
         return [snap.groups[g] for g in site.groups if g in snap.groups]
+
+    def cool_down(self, group: str, seconds: float, failure: WakeFailed) -> None:
+        """Refuse wakes of `group` for `seconds` with `failure` (a worker: as the controller says)."""
+        self._cooldown[group] = (time.monotonic() + seconds, failure)
+
+    def cooling_now(self) -> dict[str, tuple[float, WakeFailed]]:
+        """Groups in their cool-down: seconds left and the failure."""
+        now = time.monotonic()
+        return {g: (until - now, f) for g, (until, f) in self._cooldown.items() if until > now}
 
     def cooling(self, groups: list[Group]) -> WakeFailed | None:
         now = time.monotonic()
