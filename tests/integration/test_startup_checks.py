@@ -135,7 +135,9 @@ def test_broken_own_files_are_moved_aside_and_made_again(tmp_path, test_network)
         assert "mitmproxy is unusable" in text, text
         assert list(state.glob("default-cert.pem.broken-*")) and list(state.glob("mitmproxy.broken-*"))
         assert (state / "default-cert.pem").stat().st_size > 0
-        assert (state / "mitmproxy" / "mitmproxy-ca.pem").exists()
+        # mitmproxy's store: ours in one process, each serving worker's own under workers/ otherwise
+        assert (state / "mitmproxy" / "mitmproxy-ca.pem").exists() or list(
+            state.glob("workers/*/mitmproxy/mitmproxy-ca.pem"))
         # The state files are logged and ignored (the proxy serves).
         assert "idle-state.json is corrupt" in text and "containers.json is corrupt" in text, text
     finally:

@@ -40,19 +40,19 @@ def decode(text: str) -> dict[int, int]:
 
 
 class _Handed:
-    """The sockets we were given, by port; each is served once per listener start."""
+    """The sockets we were given, by port."""
 
     def __init__(self, fds: dict[int, int]) -> None:
         self.socks = {port: socket.socket(fileno=fd) for port, fd in fds.items()}
 
     async def start_server(self, handler: Any, host: Any = None, port: Any = None, **kwargs: Any) -> asyncio.Server:
-        sock = self.socks.get(port) if isinstance(port, int) else None
+        # Each handed socket is served once, and closing the server closes it: a draining worker then
+        # holds no listening socket, so new connections go to the other workers, or are refused once
+        # every holder has closed (as with one process), never queued where nobody accepts.
+        sock = self.socks.pop(port, None) if isinstance(port, int) else None
         if sock is None:
             return await asyncio.start_server(handler, host, port, **kwargs)
-        # A duplicate: mitmproxy closes its server on a stop or a listener change, and the slot's
-        # socket must outlive that (the supervisor's copy keeps the queue; ours may be served again).
-        dup = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
-        return await asyncio.start_server(handler, sock=dup, backlog=BACKLOG, **kwargs)
+        return await asyncio.start_server(handler, sock=sock, backlog=BACKLOG, **kwargs)
 
 
 def _shape_ok() -> bool:

@@ -270,6 +270,12 @@ class Supervisor:
     def _stop(self) -> None:
         self.stopping = True
         drain = self.config.shutdown.drain
+        # Our copies first: once the workers close theirs, new connections are refused (as by one
+        # process), not queued on a socket nobody serves any more.
+        for socks in self.sockets.values():
+            for s in socks.values():
+                s.close()
+        self.sockets.clear()
         for role in ("worker", "controller"):
             group = [c for c in self.children if c.role == role]
             for c in group:
@@ -282,9 +288,6 @@ class Supervisor:
                     logger.warning(f"wakeproxy: {c.name} did not stop; killing it")
                     c.proc.kill()
                     c.proc.wait()
-        for socks in self.sockets.values():
-            for s in socks.values():
-                s.close()
         try:
             (self.config.state_dir / PID_FILE).unlink()
         except OSError:

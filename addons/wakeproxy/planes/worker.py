@@ -26,7 +26,7 @@ from typing import Any
 from mitmproxy import ctx, http
 
 from wakeproxy.certs.challenges import ChallengeTokens
-from wakeproxy.certs.store import Certificates, LoadedCert, load_cert
+from wakeproxy.certs.store import Certificates, LoadedCert, load_cert, repair_mitmproxy_confdir
 from wakeproxy.config import Config
 from wakeproxy.core import WakeProxy, proxy_options
 from wakeproxy.files import write_private
@@ -333,7 +333,9 @@ class WorkerCore(WakeProxy):
 
     def options_for(self, config: Config, known: set[str]) -> dict[str, Any]:
         opts = proxy_options(config, "", known)
-        opts["confdir"] = str(self.plane.directory / "mitmproxy")
+        confdir = self.plane.directory / "mitmproxy"
+        repair_mitmproxy_confdir(confdir)
+        opts["confdir"] = str(confdir)
         opts["certs"] = []  # "*" and every other name: the controller's table (Certificates.install_table)
         self._modes = list(opts.pop("mode", []))
         opts["mode"] = self._modes if self.listening else []
