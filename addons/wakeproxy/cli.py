@@ -202,6 +202,18 @@ def _status(config_path: str, url: str | None, as_json: bool) -> int:
         cw = [max(len(r[i]) for r in crows) for i in range(len(crows[0]))]
         for r in crows:
             print("  ".join(col.ljust(w) for col, w in zip(r, cw)).rstrip())
+    workers = report.get("workers") or []
+    if workers:
+        print()
+        wrows = [("WORKER", "PID", "UID", "CONNECTIONS", "REQUESTS", "LAST REPORT")]
+        for w in workers:
+            last = w.get("last_report")
+            iso = datetime.datetime.fromtimestamp(last, datetime.UTC).isoformat() if last else None
+            wrows.append((str(w["slot"]), str(w["pid"]), str(w["uid"]), str(w["connections"]), str(w["requests"]),
+                          _ago(iso)))
+        ww = [max(len(r[i]) for r in wrows) for i in range(len(wrows[0]))]
+        for r in wrows:
+            print("  ".join(col.ljust(x) for col, x in zip(r, ww)).rstrip())
     conflicts = report.get("conflicts") or []
     if conflicts:
         print("\nconflicts (claims on names another group owns; never routed, no certificate):")

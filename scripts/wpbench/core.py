@@ -53,7 +53,7 @@ class Bench(ThroughputSection, WakeSection, ConvergenceSection, ScaleSection, So
         self.run = f"wpbench-{uuid.uuid4().hex[:8]}"
         self.domain = f"{self.run}.test"
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.run}-"))
-        self.tmp.chmod(0o755)  # nginx's workers run as an unprivileged user
+        self.tmp.chmod(0o755)  # nginx's and wakeproxy's workers run as an unprivileged user
         self.client = docker.from_env(timeout=60)
         self.stack = contextlib.ExitStack()  # long-lived processes (the nginx instances)
         self.sections: dict[str, Section] = {}
@@ -244,6 +244,43 @@ http {{
             self._front = ports
         return self._front
 
+    def caddy(self) -> dict[str, int] | None:
+        """Caddy (Debian's caddy) as a plain reverse proxy to the backend, one process with GOMAXPROCS=1
+        (one core, as the nginx reverse proxy has one worker); None when caddy is not installed."""
+        if getattr(self, "_caddy", None) is None:
+            exe = shutil.which("caddy")
+            if exe is None:
+                return None
+            tmp, b = self.tmp, self.backend()
+            crt, key = self.cert()
+            ports = {"http": free_port(), "https": free_port()}
+            conf = tmp / "Caddyfile"
+            conf.write_text(f"""{{
+  admin off
+  auto_https off
+  persist_config off
+}}
+http://:{ports['http']} {{
+  bind 127.0.0.1
+  reverse_proxy 127.0.0.1:{b['http']}
+}}
+https://:{ports['https']} {{
+  bind 127.0.0.1
+  tls {crt} {key}
+  reverse_proxy 127.0.0.1:{b['http']}
+}}
+""")
+            argv = [exe, "run", "--config", str(conf), "--adapter", "caddyfile"]
+            self.cmd(["GOMAXPROCS=1", *argv])
+            env = {"GOMAXPROCS": "1", "HOME": str(tmp), "XDG_DATA_HOME": str(tmp / "caddy-data"),
+                   "XDG_CONFIG_HOME": str(tmp / "caddy-config")}
+            self.pids["caddy reverse proxy"] = self.stack.enter_context(
+                process(argv, tmp / "caddy.log", env=env)).pid
+            for port in ports.values():
+                wait_port(port)
+            self._caddy = ports
+        return self._caddy
+
     def site(self) -> str:
         """A host-network container labelled with `bench.<run>.test` → the backend nginx. Its address
         is therefore 127.0.0.1: proxied traffic stays on loopback."""
@@ -260,9 +297,11 @@ http {{
             self._site = True
         return host
 
-    def proxy_config(self, name: str, networks: list[str] | None = None) -> tuple[Path, dict[str, int]]:
+    def proxy_config(self, name: str, networks: list[str] | None = None,
+                     workers: int | None = None) -> tuple[Path, dict[str, int]]:
         """A wakeproxy config on free 127.0.0.1 ports: only our network(s) (the host-network site names
-        its own), nothing ever idles, no status endpoint, and the probe User-Agent never wakes."""
+        its own), nothing ever idles, no status endpoint, and the probe User-Agent never wakes.
+        `workers`: serving processes (None: the default, one per core; 0: everything in one process)."""
         ports = {"http": free_port(), "https": free_port()}
         nets = ", ".join(f'"{n}"' for n in (networks if networks is not None else [self.network().name]))
         cfg = self.tmp / f"{name}.yaml"
@@ -276,6 +315,7 @@ http {{
             # The host-network site names its own network (outside docker.networks): a single-tenant
             # setting. The wake section wakes far more than 10 sites a minute from one client.
             f'labels: {{network: true}}\n'
+            + (f'workers: {workers}\n' if workers is not None else '')
         )
         return cfg, ports
 

@@ -23,6 +23,7 @@ class Load:
     upstream_conns: float | None = None  # new connections the backend accepted during the run
     cpu_ms: float = float("nan")  # CPU time of the server under test per request (incl. warm-up requests)
     requests_total: int = 0  # requests sent, warm-up included (what the CPU time was spent on)
+    controller_ms: float = 0.0  # of that, the wakeproxy controller's (workers > 0)
 
 
 def wrk_cmd(url: str, host: str, seconds: int, connections: int) -> list[str]:

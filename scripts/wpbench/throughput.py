@@ -10,16 +10,34 @@ from wpbench.common import REPO, VENV_BIN, Section, Target, cpu_seconds, free_po
 from wpbench.load import Load, h2load, h2load_cmd, wrk, wrk_cmd
 from wpbench.profile import COMPONENTS, components
 
+ONE_PROCESS = "wakeproxy, one process (workers: 0)"
+TWO_WORKERS = "wakeproxy, 2 workers"
+
+
+def child_of(pid: int, role: str) -> int | None:
+    """The `role` ("_controller", "_worker") process under a `wakeproxy` supervisor (None for one process)."""
+    from pathlib import Path
+
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if role.encode() in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"):
+                return int(child)
+    return None
+
 
 class ThroughputSection:
     """The throughput section of a benchmark run (a part of `core.Bench`)."""
 
     def throughput(self) -> None:
-        b, f = self.backend(), self.front()
+        b, f, caddy = self.backend(), self.front(), self.caddy()
         host = self.site()
         tmp = self.tmp
         seconds, conns, rounds = self.seconds, self.args.connections, self.rounds
-        cfg, wp = self.proxy_config("throughput", networks=[])
+        # "wakeproxy": the `wakeproxy` command with one serving worker (+ its controller); the same
+        # with two workers, and everything in one process (workers: 0, as before the split).
+        cfg, wp = self.proxy_config("throughput", networks=[], workers=1)
+        cfg2, wp2 = self.proxy_config("throughput-2w", networks=[], workers=2)
+        cfg0, wp0 = self.proxy_config("throughput-1p", networks=[], workers=0)
         cfg_stock, stock_ports = self.proxy_config("throughput-stock", networks=[])  # the same, other ports
         bare_port = free_port()
         route = tmp / "route.py"
@@ -39,6 +57,7 @@ def requestheaders(flow: http.HTTPFlow) -> None:
         targets: dict[str, tuple[list[str] | None, int, int]] = {
             "direct (nginx)": (None, b["http"], b["https"]),
             "nginx reverse proxy": (None, f["http"], f["https"]),
+            **({"caddy reverse proxy": (None, caddy["http"], caddy["https"])} if caddy else {}),
             "stock mitmdump + bare routing script": ([
                 mitmdump, "-q", "-s", str(route), "--mode", f"reverse:http://127.0.0.1:1@127.0.0.1:{bare_port}",
                 "--set", "connection_strategy=lazy", "--set", "keep_host_header=true",
@@ -47,7 +66,9 @@ def requestheaders(flow: http.HTTPFlow) -> None:
             "stock mitmdump -s addons/wakeproxy.py": ([
                 mitmdump, "-q", "-s", str(REPO / "addons" / "wakeproxy.py"), "--set", f"wakeproxy_config={cfg_stock}",
             ], stock_ports["http"], stock_ports["https"]),
+            ONE_PROCESS: (self.wakeproxy_cmd(cfg0), wp0["http"], wp0["https"]),
             "wakeproxy": (self.wakeproxy_cmd(cfg), wp["http"], wp["https"]),
+            TWO_WORKERS: (self.wakeproxy_cmd(cfg2), wp2["http"], wp2["https"]),
         }
         scenarios = {
             "h1-small": ("HTTP/1.1, 100 B", "h1", "/small"),
@@ -65,6 +86,7 @@ def requestheaders(flow: http.HTTPFlow) -> None:
             return statistics.median(pairs) if pairs else float("nan")
 
         pids = dict(self.pids)
+        controllers: dict[str, int] = {}
         with contextlib.ExitStack() as st:
             # Every proxy runs from the start (idle ones cost nothing), so that for each scenario the
             # targets are measured back to back and see the same machine.
@@ -73,6 +95,9 @@ def requestheaders(flow: http.HTTPFlow) -> None:
                     self.cmd(argv)
                     pids[name] = st.enter_context(process(argv, tmp / f"tp-{i}.log", ready=(port, host))).pid
                     wrk(f"http://127.0.0.1:{port}/small", host, 1, conns)  # warm-up, once per proxy
+                    ctl = child_of(pids[name], "_controller")
+                    if ctl:
+                        controllers[name] = ctl
             # Rounds are the outer loop and every second round reverses the order of the targets:
             # each comparison is between runs close in time (the machine drifts), in both orders.
             for round_ in range(rounds):
@@ -80,6 +105,8 @@ def requestheaders(flow: http.HTTPFlow) -> None:
                     order = list(targets.items())
                     for name, (_argv, port, tls_port) in (order[::-1] if round_ % 2 else order):
                         before, cpu = self.backend_accepts(), cpu_seconds(pids[name])
+                        ctl = controllers.get(name)
+                        ctl_cpu = cpu_seconds(ctl) if ctl else 0.0
                         if proto == "h1":
                             url = f"http://127.0.0.1:{port}{path}"
                             self.cmd(wrk_cmd(url, host, seconds, conns))
@@ -91,6 +118,8 @@ def requestheaders(flow: http.HTTPFlow) -> None:
                         if name != "direct (nginx)":
                             r.upstream_conns = self.backend_accepts() - before - 1
                         r.cpu_ms = (cpu_seconds(pids[name]) - cpu) * 1000 / max(1, r.requests_total)
+                        if ctl:
+                            r.controller_ms = (cpu_seconds(ctl) - ctl_cpu) * 1000 / max(1, r.requests_total)
                         runs.setdefault((key, name), []).append(r)
                         print(f"  {key} {name} #{round_ + 1}: {r.rps:.0f} req/s p50 {r.p50:.2f} p99 {r.p99:.2f} ms, "
                               f"{r.errors} errors, upstream conns {r.upstream_conns}, CPU {r.cpu_ms:.3f} ms/req",
@@ -102,7 +131,8 @@ def requestheaders(flow: http.HTTPFlow) -> None:
                 statistics.median(r.rps for r in rs), statistics.median(r.p50 for r in rs),
                 statistics.median(r.p99 for r in rs), sum(r.errors for r in rs), sum(r.requests for r in rs),
                 None if rs[0].upstream_conns is None else sum(r.upstream_conns or 0 for r in rs) / len(rs),
-                cpu_ms=statistics.median(r.cpu_ms for r in rs))
+                cpu_ms=statistics.median(r.cpu_ms for r in rs),
+                controller_ms=statistics.median(r.controller_ms for r in rs))
 
         lines = ["| scenario | target | req/s | p50 ms | p99 ms | errors | new upstream conns | CPU ms/req "
                  "| wakeproxy ÷ target (req/s) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -130,7 +160,28 @@ def requestheaders(flow: http.HTTPFlow) -> None:
         vs_stock, vs_bare = ratio(("h1-small", "wakeproxy"), ("h1-small", stock)), \
             ratio(("h1-small", "wakeproxy"), ("h1-small", bare))
         h2_vs_h1 = ratio(("h2-small", "wakeproxy"), ("h1tls-small", "wakeproxy"))
-        self.targets += [
+        w2_h1 = ratio(("h1-small", TWO_WORKERS), ("h1-small", "wakeproxy"))
+        w2_h2 = ratio(("h2-small", TWO_WORKERS), ("h2-small", "wakeproxy"))
+        w1_vs_1p = ratio(("h1-small", "wakeproxy"), ("h1-small", ONE_PROCESS))
+        w1_vs_1p_h2 = ratio(("h2-small", "wakeproxy"), ("h2-small", ONE_PROCESS))
+        ctl = {k: results[k][TWO_WORKERS].controller_ms for k in scenarios}
+        split_targets = [
+            Target("workers: 2 vs workers: 1, HTTP/1.1 (100 B)", "≥ 1.5×",
+                   f"{w2_h1:.2f}× ({results['h1-small'][TWO_WORKERS].rps:.0f} vs {wpr['h1-small'].rps:.0f} req/s)",
+                   w2_h1 >= 1.5),
+            Target("workers: 2 vs workers: 1, HTTP/2 over TLS (100 B)", "measured",
+                   f"{w2_h2:.2f}× ({results['h2-small'][TWO_WORKERS].rps:.0f} vs {wpr['h2-small'].rps:.0f} req/s)",
+                   True),
+            Target("workers: 1 (controller + 1 worker) vs one process (workers: 0)", "≥ 0.95×",
+                   f"HTTP/1.1 {w1_vs_1p:.2f}× ({wpr['h1-small'].rps:.0f} vs "
+                   f"{results['h1-small'][ONE_PROCESS].rps:.0f} req/s), HTTP/2 over TLS {w1_vs_1p_h2:.2f}×",
+                   w1_vs_1p >= 0.95),
+            Target("controller CPU per request with 2 workers", "small (activity aggregated)",
+                   ", ".join(f"{scenarios[k][0]} {ctl[k] * 1000:.1f} µs" for k in ("h1-small", "h2-small")),
+                   all(ctl[k] < 0.02 for k in ("h1-small", "h2-small"))),
+        ]
+        self.split = (results, scenarios)
+        self.targets += split_targets + [
             Target(f"req/s vs {stock} (HTTP/1.1, 100 B)", "≥ 1.6×",
                    f"{vs_stock:.2f}× ({wpr['h1-small'].rps:.0f} vs {results['h1-small'][stock].rps:.0f} req/s); "
                    f"CPU per request {ratio(('h1-small', stock), ('h1-small', 'wakeproxy'), 'cpu_ms'):.2f}× less",
@@ -180,8 +231,15 @@ wrk's latency distribution and from h2load's per-request log.
 - **stock mitmdump + bare routing script**: `mitmdump -q` in reverse mode with `connection_strategy=lazy`,
   `keep_host_header`, `upstream_cert=false` and a five-line script that points every request at the
   backend in `requestheaders`. No wakeproxy code.
-- **stock mitmdump -s addons/wakeproxy.py** and **wakeproxy**: the same config (but the ports), the same
-  addons; the site is a host-network container labelled `wakeproxy.host=bench.<run>.test`.
+- **caddy reverse proxy**: Debian's Caddy 2.6, `reverse_proxy` to the backend, one process with
+  `GOMAXPROCS=1` (one core, like the nginx reverse proxy's one worker), TLS with the same self-signed
+  certificate.
+- **stock mitmdump -s addons/wakeproxy.py** and the **wakeproxy** rows: the same config (but the ports
+  and `workers`), the same addons; the site is a host-network container labelled
+  `wakeproxy.host=bench.<run>.test`. **wakeproxy** is the `wakeproxy` command with `workers: 1` (a
+  supervisor, the controller, one serving worker), **wakeproxy, 2 workers** the same with `workers: 2`,
+  and **wakeproxy, one process** `workers: 0` (everything in one process, as before the split). Their
+  CPU per request counts every process of the proxy; the controller's share is a target of its own.
 
 All proxies run during the whole section (idle while another is measured); for each scenario the
 targets are measured back to back.
@@ -215,7 +273,7 @@ the proxy; CPU per request is the steadier measure of what each proxy costs.
             _, proto, path = scenarios[key]
             raw = self.tmp / "profile.raw"
             raw.unlink(missing_ok=True)
-            argv = [str(spy), "record", "--pid", str(pids[name]), "--duration", str(seconds), "--rate", "250",
+            argv = [str(spy), "record", "--pid", str(child_of(pids[name], "_worker") or pids[name]), "--duration", str(seconds), "--rate", "250",
                     "--format", "raw", "--output", str(raw), "--nonblocking"]
             self.cmd(argv)
             sampler = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
