@@ -695,14 +695,27 @@ def test_cli_web_bad_config_exits_2_without_exec(bad_config, capsys, nothing_sta
 
 @pytest.mark.parametrize("flags, verbosity", [([], "info"), (["-v"], "debug"), (["--quiet"], "warn")])
 def test_cli_run_good_config_serves_with_verbosity(flags, verbosity, good_config, monkeypatch):
+    from wakeproxy.planes import supervisor
+
     calls = []
 
     async def fake_serve(path, verb):
-        calls.append((path, verb))
+        calls.append(("one process", path, verb))
+
+    class FakeSupervisor:
+        def __init__(self, path, verb):
+            calls.append(("supervisor", path, verb))
+
+        def run(self):
+            return 0
 
     monkeypatch.setattr(cli, "_serve", fake_serve)
+    monkeypatch.setattr(supervisor, "Supervisor", FakeSupervisor)
+    assert cli.main([*flags, "--config", str(good_config)]) == 0  # workers: auto → the supervisor
+    text = good_config.read_text()
+    good_config.write_text(text + "\nworkers: 0\n")
     assert cli.main([*flags, "--config", str(good_config)]) == 0
-    assert calls == [(str(good_config), verbosity)]
+    assert calls == [("supervisor", str(good_config), verbosity), ("one process", str(good_config), verbosity)]
 
 
 def test_cli_check_rejects_extra_arguments(good_config, capsys, nothing_starts):

@@ -123,6 +123,7 @@ class ConnectionLimits:
         self._previous_handler: Any = None
         self.accept_errors = 0
         self._sweep_failed = False
+        self.draining = False  # a graceful stop: every HTTP/1 answer closes its connection (shutdown.py)
 
     # --- options and lifecycle --------------------------------------------------------------
 
@@ -200,6 +201,13 @@ class ConnectionLimits:
         conn.requests += 1
         if conn.inflight == 1:
             self._unqueue(flow.client_conn.id)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        # While draining, "Connection: close" on each HTTP/1.1 answer: the client reads it whole and
+        # opens its next request elsewhere, instead of sending it on a connection we are about to close.
+        if self.draining and flow.response is not None and flow.request.http_version == "HTTP/1.1" \
+                and flow.websocket is None and flow.response.status_code != 101:
+            flow.response.headers["connection"] = "close"
 
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.websocket is None:  # a WebSocket stays in flight until websocket_end

@@ -25,9 +25,14 @@ READ_CHUNK = 256 * 1024
 SOCKET_NAME = "control.sock"
 
 
+FROM_WORKER_MAX_FRAME = 8 * 1024 * 1024  # what a worker sends is small: wake asks, activity reports
+
+
 class Peer:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str,
+                 max_frame: int | None = None) -> None:
         self.reader, self.writer, self.name = reader, writer, name
+        self.max_frame = max_frame
         self.closed = False
 
     def send(self, kind: str, body: Any) -> bool:
@@ -46,7 +51,7 @@ class Peer:
         return True
 
     async def messages(self) -> AsyncIterator[tuple[str, Any]]:
-        frames = FrameReader()
+        frames = FrameReader() if self.max_frame is None else FrameReader(self.max_frame)
         try:
             while True:
                 data = await self.reader.read(READ_CHUNK)

@@ -30,7 +30,7 @@ from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.planes import channel
 from wakeproxy.planes.wire import frame, to_plain
 from wakeproxy.routing.snapshot import Snapshot
-from wakeproxy.runtime import ContainerEvent, Runtime
+from wakeproxy.runtime import ContainerEvent, EngineState, Runtime
 from wakeproxy.wake.budget import WakeBudget
 from wakeproxy.wake.idle import IdleKeeper
 from wakeproxy.wake.orchestrator import Orchestrator, WakeFailed
@@ -142,7 +142,7 @@ class ControllerPlane:
             logger.warning(f"controller: refused a connection on the channel from uid {uid}")
             writer.close()
             return
-        peer = channel.Peer(reader, writer, "a worker")
+        peer = channel.Peer(reader, writer, "a worker", channel.FROM_WORKER_MAX_FRAME)
         info = WorkerInfo(uid=uid if uid is not None else -1)
         self.workers[peer] = info
         try:
@@ -326,15 +326,21 @@ class ControllerPlane:
         engine = self.runtime.engine
         while True:
             await self.runtime.changed(1.0)
-            if self.runtime.engine is not engine:
-                engine = self.runtime.engine
-                self._broadcast("engine", engine.as_dict())
-            snap = self.runtime.snapshot
-            if snap is sent:
-                continue
-            sent = snap
-            for peer, info in list(self.workers.items()):
-                await self._sync(peer, info)
+            try:
+                engine, sent = await self._push_changes(engine, sent)
+            except Exception:  # a bug must not end the pushes: workers would route on a stale table
+                logger.exception("controller: pushing a snapshot to the workers failed")
+
+    async def _push_changes(self, engine: EngineState, sent: Snapshot | None) -> tuple[EngineState, Snapshot | None]:
+        if self.runtime.engine is not engine:
+            engine = self.runtime.engine
+            self._broadcast("engine", engine.as_dict())
+        snap = self.runtime.snapshot
+        if snap is sent:
+            return engine, sent
+        for peer, info in list(self.workers.items()):
+            await self._sync(peer, info)
+        return engine, snap
 
     def _certs_changed(self) -> None:
         if self._cert_push is None:

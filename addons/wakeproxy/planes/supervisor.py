@@ -45,7 +45,8 @@ class Child:
     proc: subprocess.Popen[bytes]
     started: float = field(default_factory=time.monotonic)
     ready_fd: int | None = None
-    ready: bool = False
+    ready: bool = False  # listening (a worker) or started (the controller)
+    synced: bool = False  # serving from a complete Docker listing
     retiring: bool = False  # asked to drain (reload or shutdown): not restarted
 
     @property
@@ -150,9 +151,9 @@ class Supervisor:
         return cmd
 
     def _spawn(self, role: str, slot: int = 0) -> Child:
-        env = dict(os.environ)
-        env["WAKEPROXY_WORKER_UID"], env["WAKEPROXY_WORKER_GID"] = str(self.uid), str(self.gid)
-        env["WAKEPROXY_CHANNEL"] = str(self.config.state_dir / "run" / "control.sock")
+        child_env = dict(os.environ)
+        child_env.update(WAKEPROXY_WORKER_UID=str(self.uid), WAKEPROXY_WORKER_GID=str(self.gid),
+                         WAKEPROXY_CHANNEL=str(self.config.state_dir / "run" / "control.sock"))
         pass_fds: list[int] = []
         ready_r = None
         if role == "worker":
@@ -160,12 +161,12 @@ class Supervisor:
             pass_fds = [s.fileno() for s in socks.values()]
             ready_r, ready_w = os.pipe()
             pass_fds.append(ready_w)
-            env[listeners.ENV] = listeners.encode({port: s.fileno() for port, s in socks.items()})
-            env.update(WAKEPROXY_READY_FD=str(ready_w), WAKEPROXY_SLOT=str(slot),
+            child_env[listeners.ENV] = listeners.encode({port: s.fileno() for port, s in socks.items()})
+            child_env.update(WAKEPROXY_READY_FD=str(ready_w), WAKEPROXY_SLOT=str(slot),
                        WAKEPROXY_WORKER_DIR=str(self._worker_dir(slot)))
         # Their own process group: a terminal's Ctrl-C (or a group kill) reaches the supervisor alone,
         # which then drains the workers in order. If the supervisor itself dies, they get SIGTERM.
-        proc = subprocess.Popen(self._command(role, slot), env=env, pass_fds=pass_fds, process_group=0,
+        proc = subprocess.Popen(self._command(role, slot), env=child_env, pass_fds=pass_fds, process_group=0,
                                 preexec_fn=_die_with_parent)
         child = Child(role, slot, proc, ready_fd=ready_r)
         if role == "worker":
@@ -174,7 +175,7 @@ class Supervisor:
             os.set_blocking(ready_r, False)
             self.selector.register(ready_r, selectors.EVENT_READ, child)
         else:
-            child.ready = True
+            child.ready = child.synced = True
         self.children.append(child)
         logger.info(f"wakeproxy: {child.name} started (pid {proc.pid})")
         return child
@@ -188,11 +189,12 @@ class Supervisor:
                 continue
             except OSError:
                 data = b""
-            if data:
-                child.ready = True
-            self.selector.unregister(key.fd)
-            os.close(key.fd)
-            child.ready_fd = None
+            child.ready = child.ready or b"listening" in data or b"synced" in data
+            child.synced = child.synced or b"synced" in data
+            if not data or child.synced:
+                self.selector.unregister(key.fd)
+                os.close(key.fd)
+                child.ready_fd = None
 
     def _reap(self) -> None:
         for child in list(self.children):
@@ -261,6 +263,9 @@ class Supervisor:
                     c.retiring = True
                     c.proc.send_signal(signal.SIGTERM)
             self._reap()
+        for slot in [s for s in self.sockets if s >= count]:
+            for sock in self.sockets.pop(slot).values():
+                sock.close()  # the kernel stops giving this slot connections once its worker closes too
         for c in old:
             if c.slot >= count:
                 c.retiring = True
@@ -308,7 +313,7 @@ class Supervisor:
         announced = False
         try:
             while not self.stopping:
-                if not announced and all(c.ready for c in self.children):
+                if not announced and all(c.synced for c in self.children):
                     announced = True
                     listen = self.config.listen
                     urls = " ".join(u for u in (f"http://{listen.http}" if listen.http else "",

@@ -15,6 +15,7 @@ with a 503 until it is back; it reconnects by itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -99,6 +100,7 @@ class WorkerPlane:
         self.peer: channel.Peer | None = None
         self.requests = 0
         self.synced = asyncio.Event()  # a snapshot and the certificates are in: the listeners may open
+        self.docker_synced = asyncio.Event()  # … and a snapshot of a completed Docker listing
         self._have_snapshot = self._have_certs = False
         self._ids = itertools.count(1)
         self._asked: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -214,6 +216,8 @@ class WorkerPlane:
             snap = await asyncio.to_thread(from_plain, Snapshot, body)
             self.runtime.publish(snap)
             self._have_snapshot = True
+            if snap.synced:
+                self.docker_synced.set()
             self._check_synced()
 
     async def _install_certs(self) -> None:
@@ -292,17 +296,23 @@ class WorkerPlane:
     async def _report_forever(self) -> None:
         while True:
             await asyncio.sleep(REPORT_INTERVAL)
-            peer = self.peer
-            if peer is None or self.idle is None:
-                continue
-            changed: dict[str, list[Any]] = {}
-            for name, act in self.idle.activity.items():
-                now = (act.inflight, act.open, act.last)
-                if self._reported.get(name) != now:
-                    self._reported[name] = now
-                    changed[name] = list(now)
-            peer.send("activity", {"groups": changed, "requests": self.requests,
-                                   "connections": _open_connections()})
+            try:
+                self._report()
+            except Exception:  # a bug must not end the reports: the controller would think us idle
+                logger.exception(f"worker {self.slot}: activity report failed")
+
+    def _report(self) -> None:
+        peer = self.peer
+        if peer is None or self.idle is None:
+            return
+        changed: dict[str, list[Any]] = {}
+        for name, act in self.idle.activity.items():
+            now = (act.inflight, act.open, act.last)
+            if self._reported.get(name) != now:
+                self._reported[name] = now
+                changed[name] = list(now)
+        peer.send("activity", {"groups": changed, "requests": self.requests,
+                               "connections": _open_connections()})
 
 
 def _open_connections() -> int:
@@ -356,13 +366,20 @@ class WorkerCore(WakeProxy):
                 break
             await asyncio.sleep(0.01)
         logger.info(f"worker {self.plane.slot}: serving")
+        # To the supervisor: "listening" (a reload may retire the worker this one replaces), then
+        # "synced" once the snapshot is of a complete Docker listing (it announces "wakeproxy ready").
         fd = os.environ.pop(ENV_READY_FD, None)
-        if fd:
-            try:
-                os.write(int(fd), b"ready\n")
+        if not fd:
+            return
+        try:
+            os.write(int(fd), b"listening\n")
+            await self.plane.docker_synced.wait()
+            os.write(int(fd), b"synced\n")
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
                 os.close(int(fd))
-            except OSError:
-                pass
 
 
 # Modules a worker may import lazily after it has given up root (Python's own files may then be
