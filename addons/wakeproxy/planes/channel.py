@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from wakeproxy.observe.logsafe import get_logger
-from wakeproxy.planes.wire import FrameReader, WireError, frame
+from wakeproxy.planes.wire import LAZY_OVER, MAX_FRAME, FrameReader, WireError, frame
 
 logger = get_logger(__name__)
 
@@ -30,9 +30,10 @@ FROM_WORKER_MAX_FRAME = 8 * 1024 * 1024  # what a worker sends is small: wake as
 
 class Peer:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str,
-                 max_frame: int | None = None) -> None:
+                 max_frame: int | None = None, lazy_over: int | None = None) -> None:
         self.reader, self.writer, self.name = reader, writer, name
         self.max_frame = max_frame
+        self.lazy_over = lazy_over  # bodies of frames over this many bytes come as wire.Deferred
         self.closed = False
 
     def send(self, kind: str, body: Any) -> bool:
@@ -51,7 +52,7 @@ class Peer:
         return True
 
     async def messages(self) -> AsyncIterator[tuple[str, Any]]:
-        frames = FrameReader() if self.max_frame is None else FrameReader(self.max_frame)
+        frames = FrameReader(self.max_frame or MAX_FRAME, self.lazy_over)
         try:
             while True:
                 data = await self.reader.read(READ_CHUNK)
@@ -87,7 +88,8 @@ def peer_uid(writer: asyncio.StreamWriter) -> int | None:
 
 async def connect(path: str) -> Peer:
     reader, writer = await asyncio.open_unix_connection(path, limit=READ_CHUNK)
-    return Peer(reader, writer, f"controller ({path})")
+    # A worker's end: a large snapshot is unpacked in a thread, with the rest of its decoding.
+    return Peer(reader, writer, f"controller ({path})", lazy_over=LAZY_OVER)
 
 
 def socket_path(state_dir: os.PathLike[str] | str) -> str:

@@ -42,11 +42,34 @@ def frame(kind: str, body: Any) -> bytes:
     return _LEN.pack(len(data)) + data
 
 
-class FrameReader:
-    """Bytes in (any chunks), whole frames out as (kind, body)."""
+LAZY_OVER = 256 * 1024  # frames larger than this: only the kind is read at once, the body on `load()`
 
-    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+
+class Deferred:
+    """The body of a large frame, not yet unpacked: `load()` it off the event loop (a thread)."""
+
+    def __init__(self, unpacker: msgpack.Unpacker) -> None:
+        self._unpacker = unpacker
+
+    def load(self) -> Any:
+        try:
+            return self._unpacker.unpack()
+        except (ValueError, msgpack.UnpackException) as e:
+            raise WireError(f"not a msgpack frame: {e}") from None
+
+
+def loaded(body: Any) -> Any:
+    """The body, unpacked if it was deferred."""
+    return body.load() if isinstance(body, Deferred) else body
+
+
+class FrameReader:
+    """Bytes in (any chunks), whole frames out as (kind, body). The body of a frame over
+    `lazy_over` bytes is a `Deferred`, so that unpacking a large snapshot never holds up the caller."""
+
+    def __init__(self, max_frame: int = MAX_FRAME, lazy_over: int | None = None) -> None:
         self.max_frame = max_frame
+        self.lazy_over = lazy_over
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[tuple[str, Any]]:
@@ -60,6 +83,9 @@ class FrameReader:
                 break
             raw = bytes(self._buf[_LEN.size:_LEN.size + n])
             del self._buf[:_LEN.size + n]
+            if self.lazy_over is not None and n > self.lazy_over:
+                out.append(self._deferred(raw))
+                continue
             try:
                 msg = msgpack.unpackb(raw, raw=False, strict_map_key=False)
             except (ValueError, msgpack.UnpackException) as e:
@@ -70,6 +96,23 @@ class FrameReader:
                 raise WireError(f"a frame of wire version {msg[0]!r}; this side speaks {WIRE_VERSION}")
             out.append((msg[1], msg[2]))
         return out
+
+
+    @staticmethod
+    def _deferred(raw: bytes) -> tuple[str, Any]:
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(raw) + 1)
+        unpacker.feed(raw)
+        try:
+            if unpacker.read_array_header() != 3:
+                raise WireError("not a [version, kind, body] frame")
+            version, kind = unpacker.unpack(), unpacker.unpack()
+        except (ValueError, msgpack.UnpackException) as e:
+            raise WireError(f"not a msgpack frame: {e}") from None
+        if version != WIRE_VERSION:
+            raise WireError(f"a frame of wire version {version!r}; this side speaks {WIRE_VERSION}")
+        if not isinstance(kind, str):
+            raise WireError("not a [version, kind, body] frame")
+        return kind, Deferred(unpacker)
 
 
 # --- values as plain data ----------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -33,7 +34,7 @@ from wakeproxy.core import WakeProxy, proxy_options
 from wakeproxy.files import write_private
 from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.planes import channel
-from wakeproxy.planes.wire import from_plain
+from wakeproxy.planes.wire import from_plain, loaded
 from wakeproxy.routing.snapshot import Site, Snapshot
 from wakeproxy.runtime import ContainerEvent, EngineState, Runtime
 from wakeproxy.wake.idle import IdleKeeper
@@ -169,6 +170,8 @@ class WorkerPlane:
     # --- from the controller ------------------------------------------------------------------
 
     def _handle(self, kind: str, body: Any) -> None:
+        if kind not in ("snapshot", "certs"):
+            body = loaded(body)  # (large bodies of other kinds are unexpected: unpacked here)
         if kind == "snapshot":
             self._snapshot_body = body
             if self._decoding is None or self._decoding.done():
@@ -213,7 +216,7 @@ class WorkerPlane:
         # Only the newest snapshot is decoded: those that arrive meanwhile replace each other.
         while self._snapshot_body is not None:
             body, self._snapshot_body = self._snapshot_body, None
-            snap = await asyncio.to_thread(from_plain, Snapshot, body)
+            snap = await asyncio.to_thread(_decode_snapshot, body)
             self.runtime.publish(snap)
             self._have_snapshot = True
             if snap.synced:
@@ -228,8 +231,9 @@ class WorkerPlane:
             self._have_certs = True
             self._check_synced()
 
-    def _load_certs(self, body: dict[str, Any]) -> dict[str, LoadedCert]:
+    def _load_certs(self, raw: Any) -> dict[str, LoadedCert]:
         """Write each new certificate (key and chain) to a private file of ours and load it (a thread)."""
+        body = loaded(raw)
         for digest, pem in dict(body.get("pem") or {}).items():
             if digest in self._certs:
                 continue
@@ -241,10 +245,9 @@ class WorkerPlane:
         table: dict[str, LoadedCert] = {}
         wanted = set()
         for name, (source, digest) in dict(body["table"]).items():
-            loaded = self._certs.get(digest)
-            if loaded is not None:
-                table[str(name)] = LoadedCert(loaded.entry, loaded.names, loaded.not_before, loaded.not_after,
-                                              str(source), loaded.path, loaded.leaf)
+            cert = self._certs.get(digest)
+            if cert is not None:
+                table[str(name)] = dataclasses.replace(cert, source=str(source))
                 wanted.add(digest)
         for digest in [d for d in self._certs if d not in wanted]:
             self._certs.pop(digest).path.unlink(missing_ok=True)
@@ -313,6 +316,11 @@ class WorkerPlane:
                 changed[name] = list(now)
         peer.send("activity", {"groups": changed, "requests": self.requests,
                                "connections": _open_connections()})
+
+
+def _decode_snapshot(body: Any) -> Snapshot:
+    snap: Snapshot = from_plain(Snapshot, loaded(body))
+    return snap
 
 
 def _open_connections() -> int:

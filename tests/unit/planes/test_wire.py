@@ -101,3 +101,22 @@ def test_the_cost_of_a_whole_snapshot_of_1000_sandboxes(capsys):
     print(f"1000 sandboxes ({len(snap.containers)} containers): {len(data) / 1e6:.2f} MB, "
           f"encode {(t1 - t0) * 1000:.0f} ms, decode {(t2 - t1) * 1000:.0f} ms")
     assert len(data) < MAX_FRAME
+
+
+def test_large_frames_are_unpacked_only_when_loaded():
+    from wakeproxy.planes.wire import Deferred, loaded
+
+    big = frame("snapshot", {"x": "y" * 300_000})
+    small = frame("wakes", ["a"])
+    reader = FrameReader(lazy_over=256 * 1024)
+    (k1, b1), (k2, b2) = reader.feed(big + small)
+    assert (k1, k2) == ("snapshot", "wakes")
+    assert isinstance(b1, Deferred) and b2 == ["a"]
+    assert loaded(b1) == {"x": "y" * 300_000} and loaded(b2) == ["a"]
+    import struct
+
+    import msgpack
+
+    other = msgpack.packb([99, "snapshot", "z" * 100])
+    with pytest.raises(WireError):  # another version is refused before the body is ever unpacked
+        FrameReader(lazy_over=10).feed(struct.pack(">I", len(other)) + other)
