@@ -216,7 +216,11 @@ class WorkerPlane:
         # Only the newest snapshot is decoded: those that arrive meanwhile replace each other.
         while self._snapshot_body is not None:
             body, self._snapshot_body = self._snapshot_body, None
-            snap = await asyncio.to_thread(_decode_snapshot, body)
+            try:
+                snap = await asyncio.to_thread(_decode_snapshot, body)
+            except Exception:  # a bug: keep the last good snapshot, say so, take the next one
+                logger.exception(f"worker {self.slot}: a snapshot from the controller could not be decoded")
+                continue
             self.runtime.publish(snap)
             self._have_snapshot = True
             if snap.synced:
@@ -226,7 +230,11 @@ class WorkerPlane:
     async def _install_certs(self) -> None:
         while self._cert_body is not None:
             body, self._cert_body = self._cert_body, None
-            table = await asyncio.to_thread(self._load_certs, body)
+            try:
+                table = await asyncio.to_thread(self._load_certs, body)
+            except Exception:
+                logger.exception(f"worker {self.slot}: certificates from the controller could not be installed")
+                continue
             self.certificates.install_table(table)
             self._have_certs = True
             self._check_synced()
