@@ -113,13 +113,15 @@ async def _serve(config_path: str, verbosity: str, role: str = "single") -> None
 
 def _reload_controller(m: master.Master, config_path: str) -> None:
     """SIGHUP in the controller: the config file again, applied as a live change (or refused whole)."""
+    from mitmproxy import exceptions
+
     log = logging.getLogger("wakeproxy.cli")
     try:
         load_config(config_path)
-    except ConfigError as e:
+        m.options.changed.send(updated={"wakeproxy_config"})
+    except (ConfigError, exceptions.OptionsError) as e:
         log.error(f"wakeproxy: reload refused, keeping the running config: {e}")
         return
-    m.options.changed.send(updated={"wakeproxy_config"})
     log.info(f"controller: {config_path} reloaded")
 
 
@@ -335,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
             return Supervisor(args.config, verbosity).run()
         except ConfigError as e:
             print(f"wakeproxy: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        except OSError as e:  # a listener taken since the preflight, a state_dir that cannot be written
+            where = f" ({e.filename})" if e.filename else ""
+            print(f"wakeproxy: {config.source}: {e.strerror or e}{where}", file=sys.stderr)
             return EXIT_CONFIG
     try:
         asyncio.run(_serve(args.config, verbosity))

@@ -219,6 +219,7 @@ def test_reload_under_load_fails_no_request(split, host):
                              text=True, timeout=20)
         assert out.returncode == 0, out
         wait_for(lambda: "reload done" in p.log(), 30, 0.1, "the reload")
+        assert "reloaded" in p.log()  # the controller re-read the config
         time.sleep(1.5)
     finally:
         results = load.finish()

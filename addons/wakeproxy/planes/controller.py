@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -182,8 +183,11 @@ class ControllerPlane:
             if len(groups) > MAX_REPORT_GROUPS:
                 raise ValueError(f"{len(groups)} groups in one report")
             known = self.runtime.snapshot.groups
-            self.idle.report(info.name, {str(g): (max(0, int(c[0])), max(0, int(c[1])), float(c[2]))
-                                         for g, c in groups.items() if g in known})
+            counts = {str(g): (max(0, int(c[0])), max(0, int(c[1])), float(c[2])) for g, c in groups.items()
+                      if g in known}
+            if not all(math.isfinite(c[2]) for c in counts.values()):
+                raise ValueError("a last-activity time that is not a finite number")
+            self.idle.report(info.name, counts)
             info.requests, info.connections = int(body["requests"]), int(body["connections"])
             info.last_report = time.time()
         elif kind == "wake":
@@ -284,8 +288,8 @@ class ControllerPlane:
         futures: dict[str, asyncio.Future[tuple[int, int, float]]] = {}
         for peer, info in list(self.workers.items()):
             fut: asyncio.Future[tuple[int, int, float]] = asyncio.get_running_loop().create_future()
-            info.quiesce[qid] = fut
             if peer.send("quiesce", {"id": qid, "group": group}):
+                info.quiesce[qid] = fut
                 futures[info.name] = fut
         if not futures:
             return True

@@ -136,7 +136,10 @@ class Supervisor:
             got = {}
             for addr in (self.config.listen.http, self.config.listen.https):
                 if addr is not None:
-                    got[addr.port] = listeners.bind(addr.host, addr.port)
+                    try:
+                        got[addr.port] = listeners.bind(addr.host, addr.port)
+                    except OSError as e:
+                        raise OSError(e.errno, f"cannot listen on {addr}: {e.strerror}") from None
             self.sockets[slot] = got
         return got
 
