@@ -258,7 +258,6 @@ http {{
             conf.write_text(f"""{{
   admin off
   auto_https off
-  persist_config off
 }}
 http://:{ports['http']} {{
   bind 127.0.0.1
