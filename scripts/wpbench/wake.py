@@ -37,9 +37,13 @@ class WakeSection:
         def stop() -> None:
             site.stop(timeout=0)
             site.wait(timeout=10)
-            # Until the proxy has seen the stop, a request would still be routed to the old address.
+            # Until the proxy has seen the stop, a request would still be routed to the old address
+            # (and a refused connect wakes the container again). Every worker must have seen it: 8
+            # answers in a row, each on a new connection (the kernel spreads them over the workers).
             deadline = time.monotonic() + 10
-            while http_status(ports["http"], host) != 503 and time.monotonic() < deadline:
+            in_a_row = 0
+            while in_a_row < 8 and time.monotonic() < deadline:
+                in_a_row = in_a_row + 1 if http_status(ports["http"], host) == 503 else 0
                 time.sleep(0.01)
 
         raw: list[float] = []
@@ -81,10 +85,12 @@ class WakeSection:
 
             with concurrent.futures.ThreadPoolExecutor(200) as pool:
                 answers = list(pool.map(one, range(200)))
-            starts = sum(1 for ev in self.client.events(
+            events = list(self.client.events(
                 decode=True, since=int(t_burst) - 1, until=int(time.time()) + 1,
-                filters={"container": site.id, "event": "start"},
-            ) if ev.get("timeNano", 0) >= t_burst * 1e9)
+                filters={"container": site.id, "event": "start"}))
+            starts = sum(1 for ev in events if ev.get("timeNano", 0) >= t_burst * 1e9)
+            print(f"  burst: t0 {t_burst:.3f}, start events at "
+                  f"{[round(ev.get('timeNano', 0) / 1e9, 3) for ev in events]}", flush=True)
             waits = [w for _, w in answers]
             burst = {
                 "errors": sum(1 for st, _ in answers if st != 200),

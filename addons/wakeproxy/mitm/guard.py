@@ -3,6 +3,9 @@ it leaves mitmproxy alone and says so once, with what the user loses."""
 
 from __future__ import annotations
 
+import asyncio
+import importlib
+import inspect
 import types
 from typing import Any
 
@@ -36,3 +39,15 @@ class AsyncioWith(types.ModuleType):
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
+
+
+def calls_asyncio(module_name: str, owner: str, function: str, call: str) -> bool:
+    """Does `module_name`.`owner`.`function` still call `asyncio.<call>(` through the module's own
+    `asyncio` name (plain, or already one of our AsyncioWith)? The shape check of an AsyncioWith patch."""
+    try:
+        module = importlib.import_module(module_name)
+        src = inspect.getsource(getattr(getattr(module, owner), function))
+    except (ImportError, AttributeError, OSError, TypeError):
+        return False
+    current = getattr(module, "asyncio", None)
+    return (current is asyncio or isinstance(current, AsyncioWith)) and f"asyncio.{call}(" in src

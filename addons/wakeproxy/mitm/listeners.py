@@ -15,12 +15,11 @@ mitmproxy's listener (`proxy/mode_servers.py`, `AsyncioServerInstance.listen`) c
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import socket
 from typing import Any
 
-from wakeproxy.mitm.guard import AsyncioWith, Fallback
+from wakeproxy.mitm.guard import AsyncioWith, Fallback, calls_asyncio
 
 ENV = "WAKEPROXY_LISTEN_FDS"
 BACKLOG = 4096
@@ -56,14 +55,7 @@ class _Handed:
 
 
 def _shape_ok() -> bool:
-    try:
-        from mitmproxy.proxy import mode_servers
-
-        src = inspect.getsource(mode_servers.AsyncioServerInstance.listen)
-    except (ImportError, AttributeError, OSError, TypeError):
-        return False
-    current = getattr(mode_servers, "asyncio", None)
-    return (current is asyncio or isinstance(current, AsyncioWith)) and "asyncio.start_server(" in src
+    return calls_asyncio("mitmproxy.proxy.mode_servers", "AsyncioServerInstance", "listen", "start_server")
 
 
 def install(environ: dict[str, str] | None = None) -> bool:

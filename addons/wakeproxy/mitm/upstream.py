@@ -27,7 +27,6 @@ have not come `upstream.read_timeout` after the request was sent (our 504 page).
 from __future__ import annotations
 
 import asyncio
-import inspect
 import socket
 import time
 import weakref
@@ -36,7 +35,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from wakeproxy.mitm.guard import AsyncioWith, Fallback
+from wakeproxy.mitm.guard import AsyncioWith, Fallback, calls_asyncio
 from wakeproxy.mitm.limits import connection_handler
 from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.routing.snapshot import Snapshot
@@ -215,14 +214,7 @@ class Connector:
 
 
 def _shape_ok() -> bool:
-    try:
-        from mitmproxy.proxy import server
-
-        src = inspect.getsource(server.ConnectionHandler.open_connection)
-    except (ImportError, AttributeError, OSError, TypeError):
-        return False
-    current = getattr(server, "asyncio", None)
-    return (current is asyncio or isinstance(current, AsyncioWith)) and "asyncio.open_connection(" in src
+    return calls_asyncio("mitmproxy.proxy.server", "ConnectionHandler", "open_connection", "open_connection")
 
 
 def install(connector: Connector) -> bool:

@@ -68,8 +68,15 @@ class LabelError(ValueError):
     joins them with "; "); `hosts` the hosts the container declares that could still be read,
     so that they can answer "misconfigured" rather than "unknown site" (may be empty)."""
 
+    MAX_MESSAGE = 500  # the joined message is logged and shown by `wakeproxy status`: bounded
+
     def __init__(self, *errors: str, hosts: Iterable[str] = ()) -> None:
-        super().__init__("; ".join(errors))
+        text = "; ".join(errors)
+        if len(text) > self.MAX_MESSAGE:
+            shown = text[:self.MAX_MESSAGE].rsplit("; ", 1)[0]
+            rest = len(errors) - shown.count("; ") - 1
+            text = f"{shown}; and {rest} more" if rest > 0 else shown[:self.MAX_MESSAGE] + "…"
+        super().__init__(text)
         self.errors: tuple[str, ...] = errors
         self.hosts: tuple[str, ...] = tuple(hosts)
 
