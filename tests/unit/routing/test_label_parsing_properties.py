@@ -216,3 +216,25 @@ def test_the_150kb_host_rule_is_rejected_within_50_ms_by_the_parser_alone():
     with pytest.raises(RuleError):
         parse_rule("Host(" * 30_000)
     assert time.perf_counter() - start < 0.05
+
+
+# --- through the channel to the serving workers ------------------------------------------------------------
+
+
+@settings(max_examples=100, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+@given(st.lists(st.tuples(labels_st, env_st, st.sampled_from(["running", "exited", "paused", "created"])),
+                min_size=1, max_size=4))
+def test_any_labels_make_a_snapshot_that_crosses_the_channel_unchanged(containers):
+    """Whatever tenants write, the controller's snapshot is rebuilt exactly by every worker: a label
+    that broke the decoding would freeze every worker's routing table (planes.wire)."""
+    from wakeproxy.planes.wire import LAZY_OVER, FrameReader, frame, from_plain, loaded, to_plain
+    from wakeproxy.routing.snapshot import Snapshot, build_snapshot
+
+    infos = [ContainerInfo(f"id{i}", f"c{i}", state, {**labels, "com.docker.compose.project": f"p{i % 2}"}, env,
+                           (80,), networks={"bridge": f"172.17.0.{i + 2}"})
+             for i, (labels, env, state) in enumerate(containers)]
+    snap = build_snapshot(infos, SourcesConfig(), (), {})
+    (kind, body), = FrameReader(lazy_over=LAZY_OVER).feed(frame("snapshot", to_plain(snap)))
+    assert kind == "snapshot"
+    assert from_plain(Snapshot, loaded(body)) == snap
