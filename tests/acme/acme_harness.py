@@ -256,4 +256,14 @@ def wait_issued(proxy: ProxyProcess, name: str, timeout: float = 30.0, count: in
     def done():
         found = pat.findall(proxy.log())
         return found[count - 1] if len(found) >= count else None
-    return float(wait_for(done, timeout, 0.05, f"certificate #{count} for {name}"))
+    seconds = float(wait_for(done, timeout, 0.05, f"certificate #{count} for {name}"))
+    # The controller logs the issuance; each serving worker puts it in service a few ms later (pushed
+    # over the channel) and says so: served means every worker has said so since.
+    workers = len(proxy.children("worker"))
+    if workers:
+        def installed() -> bool:
+            text = proxy.log()
+            after = text[[m.end() for m in pat.finditer(text)][count - 1]:]
+            return len(set(re.findall(r"worker (\d+): \d+ new certificate\(s\) in service", after))) >= workers
+        wait_for(installed, 5, 0.02, f"{name} in service on every worker")
+    return seconds

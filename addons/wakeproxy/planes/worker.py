@@ -242,9 +242,11 @@ class WorkerPlane:
     def _load_certs(self, raw: Any) -> dict[str, LoadedCert]:
         """Write each new certificate (key and chain) to a private file of ours and load it (a thread)."""
         body = loaded(raw)
+        fresh = 0
         for digest, pem in dict(body.get("pem") or {}).items():
             if digest in self._certs:
                 continue
+            fresh += 1
             if hashlib.sha256(pem).hexdigest() != digest:
                 raise ValueError("a certificate from the controller does not match its digest")
             path = self.directory / "certs" / f"{digest[:32]}.pem"
@@ -259,6 +261,8 @@ class WorkerPlane:
                 wanted.add(digest)
         for digest in [d for d in self._certs if d not in wanted]:
             self._certs.pop(digest).path.unlink(missing_ok=True)
+        if fresh:
+            logger.info(f"worker {self.slot}: {fresh} new certificate(s) in service ({len(table)} names)")
         return table
 
     def _check_synced(self) -> None:
