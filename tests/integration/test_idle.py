@@ -548,7 +548,7 @@ def test_wakeproxy_status_shows_the_states(mk, idle_proxy, docker_client, host):
         # running (with a countdown) and waking
         js = cli_status(p, as_json=True)
         g = js[names["run"]]
-        assert g["state"] == "running" and g["idle_timeout"] == 60 and 40 < g["stops_in"] <= 60, g
+        assert g["state"] == "running" and g["idle_timeout"] == 60 and 40 < (g["stops_in"] or 0) <= 60, (g, js)
         assert (g["inflight"], g["open"]) == (0, 0) and g["last_activity"] is not None, g
         assert g["hosts"] == [H["run"]] and g["containers"] == [
             {"name": names["run"], "state": "running", "health": None}], g

@@ -234,7 +234,13 @@ class IdleKeeper:
             timeout = self.timeout_of(group)
             if timeout <= 0 or act.inflight or act.open or name in self.runtime.stopping:
                 continue
-            if self.waker.is_waking(name) or now - act.last < timeout:
+            if self.waker.is_waking(name):
+                # A wake in progress is use: the group gets a whole timeout from the moment it is ready
+                # (the held requests it was woken for are counted only once they are forwarded, and
+                # under the `wakeproxy` command a worker's count reaches us up to a report later).
+                act.last = now
+                continue
+            if now - act.last < timeout:
                 continue
             self._put_to_sleep(snap, group, now - act.last)
 
