@@ -42,6 +42,7 @@ from wakeproxy.wake.orchestrator import Orchestrator, Wake, WakeFailed
 
 logger = get_logger(__name__)
 
+FAILED_GRACE = 1.0  # seconds a group whose wake just failed is held back from forwarding (RemoteWakes.failed)
 REPORT_INTERVAL = 0.25  # seconds between activity reports (only groups that changed)
 RECONNECT_MIN, RECONNECT_MAX = 0.05, 1.0
 ENV_SLOT = "WAKEPROXY_SLOT"
@@ -72,14 +73,26 @@ class RemoteWakes(Orchestrator):
         super().__init__(runtime, _NoOps())
         self.plane = plane
         self.elsewhere: frozenset[str] = frozenset()  # groups waking anywhere (the controller says)
+        self.failed_at: dict[str, float] = {}  # group → when the controller said its wake failed
 
     def is_waking(self, group: str) -> bool:
         return group in self._wakes or group in self.elsewhere
 
     def busy(self, site: Site) -> bool:
-        if not self._wakes and not self.elsewhere and not self.runtime.stopping:
+        if not self._wakes and not self.elsewhere and not self.runtime.stopping and not self.failed_at:
             return False
-        return any(g in self._wakes or g in self.elsewhere or g in self.runtime.stopping for g in site.groups)
+        now = time.monotonic()
+        return any(g in self._wakes or g in self.elsewhere or g in self.runtime.stopping
+                   or now - self.failed_at.get(g, -FAILED_GRACE) < FAILED_GRACE for g in site.groups)
+
+    def failed(self, group: str, seconds: float, failure: WakeFailed) -> None:
+        """The controller says a wake of `group` failed: cool down as it does. For FAILED_GRACE the group
+        also counts as busy, whatever the snapshot says: the snapshot that shows its container dead
+        can arrive after the failure, and until then a request would be sent to the dead address."""
+        self.cool_down(group, seconds, failure)
+        self.failed_at[group] = time.monotonic()
+        for g in [g for g, t in self.failed_at.items() if time.monotonic() - t >= FAILED_GRACE]:
+            del self.failed_at[g]
 
     async def _run(self, wake: Wake) -> None:
         await self.plane.ask_wake(wake)
@@ -202,7 +215,7 @@ class WorkerPlane:
             self.wakes.elsewhere = frozenset(str(g) for g in body)
         elif kind == "cooling":
             for group, (left, status, title, message) in dict(body).items():
-                self.wakes.cool_down(str(group), float(left), WakeFailed(int(status), str(title), str(message)))
+                self.wakes.failed(str(group), float(left), WakeFailed(int(status), str(title), str(message)))
         elif kind == "woke":
             fut = self._asked.pop(int(body["id"]), None)
             if fut is not None and not fut.done():
