@@ -163,7 +163,11 @@ class WorkerPlane:
             peer.send("hello", {"pid": os.getpid(), "slot": self.slot, "uid": os.getuid()})
             try:
                 async for kind, body in peer.messages():
-                    self._handle(kind, body)
+                    try:
+                        self._handle(kind, body)
+                    except Exception:  # a message we cannot act on ends this connection, never the worker's
+                        logger.exception(f"worker {self.slot}: a {kind!r} message from the controller failed")
+                        break
             finally:
                 self.peer = None
                 self._lost()
