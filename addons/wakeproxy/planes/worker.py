@@ -167,6 +167,7 @@ class WorkerPlane:
                         self._handle(kind, body)
                     except Exception:  # a message we cannot act on ends this connection, never the worker's
                         logger.exception(f"worker {self.slot}: a {kind!r} message from the controller failed")
+                        peer.close()
                         break
             finally:
                 self.peer = None
