@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -211,8 +212,6 @@ class Config:
     source: str = "<defaults>"
 
     def worker_count(self) -> int:
-        import os
-
         return self.workers if self.workers is not None else max(1, len(os.sched_getaffinity(0)))
 
     def shows_detail(self, ip: str) -> bool:

@@ -82,6 +82,8 @@ class RemoteWakes(Orchestrator):
         if not self._wakes and not self.elsewhere and not self.runtime.stopping and not self.failed_at:
             return False
         now = time.monotonic()
+        if self.failed_at and all(now - t >= FAILED_GRACE for t in self.failed_at.values()):
+            self.failed_at.clear()  # past their grace: the common case's fast path again
         return any(g in self._wakes or g in self.elsewhere or g in self.runtime.stopping
                    or now - self.failed_at.get(g, -FAILED_GRACE) < FAILED_GRACE for g in site.groups)
 
@@ -91,8 +93,6 @@ class RemoteWakes(Orchestrator):
         can arrive after the failure, and until then a request would be sent to the dead address."""
         self.cool_down(group, seconds, failure)
         self.failed_at[group] = time.monotonic()
-        for g in [g for g, t in self.failed_at.items() if time.monotonic() - t >= FAILED_GRACE]:
-            del self.failed_at[g]
 
     async def _run(self, wake: Wake) -> None:
         await self.plane.ask_wake(wake)
