@@ -4,6 +4,7 @@ it leaves mitmproxy alone and says so once, with what the user loses."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import inspect
 import types
@@ -46,8 +47,19 @@ def calls_asyncio(module_name: str, owner: str, function: str, call: str) -> boo
     `asyncio` name (plain, or already one of our AsyncioWith)? The shape check of an AsyncioWith patch."""
     try:
         module = importlib.import_module(module_name)
+    except ImportError:
+        return False
+    current = getattr(module, "asyncio", None)
+    return (current is asyncio or isinstance(current, AsyncioWith)) and _source_calls(module_name, owner, function, call)
+
+
+@functools.cache
+def _source_calls(module_name: str, owner: str, function: str, call: str) -> bool:
+    """Read once: a serving worker that has given up root may no longer reach mitmproxy's source files
+    (planes.worker.drop_privileges asks before it drops)."""
+    try:
+        module = importlib.import_module(module_name)
         src = inspect.getsource(getattr(getattr(module, owner), function))
     except (ImportError, AttributeError, OSError, TypeError):
         return False
-    current = getattr(module, "asyncio", None)
-    return (current is asyncio or isinstance(current, AsyncioWith)) and f"asyncio.{call}(" in src
+    return f"asyncio.{call}(" in src

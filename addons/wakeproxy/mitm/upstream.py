@@ -213,14 +213,14 @@ class Connector:
 # --- the adaptation of mitmproxy --------------------------------------------------------------
 
 
-def _shape_ok() -> bool:
+def shape_ok() -> bool:
     return calls_asyncio("mitmproxy.proxy.server", "ConnectionHandler", "open_connection", "open_connection")
 
 
 def install(connector: Connector) -> bool:
     """Route mitmproxy's upstream connects through `connector` (the latest bundle's); idempotent."""
     global _installed
-    if not _shape_ok():
+    if not shape_ok():
         return FALLBACK.decline("ConnectionHandler.open_connection calling proxy/server.py's asyncio.open_connection")
     from mitmproxy.proxy import server
 

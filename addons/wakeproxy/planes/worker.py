@@ -385,6 +385,14 @@ class WorkerCore(WakeProxy):
         repair_mitmproxy_confdir(confdir)
         opts["confdir"] = str(confdir)
         opts["certs"] = []  # "*" and every other name: the controller's table (Certificates.install_table)
+        if "ssl_verify_upstream_trusted_ca" in known:
+            # mitmproxy loads this bundle (certifi's by default) for every upstream TLS context, after
+            # this worker has given up root, when the install may be out of its reach: our own copy.
+            import certifi
+
+            bundle = self.plane.directory / "upstream-ca.pem"
+            write_private(bundle, Path(certifi.where()).read_bytes())
+            opts["ssl_verify_upstream_trusted_ca"] = str(bundle)
         self._modes = list(opts.pop("mode", []))
         opts["mode"] = self._modes if self.listening else []
         return opts
@@ -436,6 +444,9 @@ def drop_privileges(uid: int, gid: int, directory: Path) -> None:
     What the worker made in its folder so far (mitmproxy's store) is handed to it first."""
     import importlib
 
+    from wakeproxy.mitm import upstream
+
+    upstream.shape_ok()  # reads mitmproxy's source once, while it can
     for path in [directory, *directory.rglob("*")]:
         os.chown(path, uid, gid)
     for name in _PRELOAD:

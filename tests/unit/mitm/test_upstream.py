@@ -23,7 +23,7 @@ def _runtime(state: str = "running", ip: str = "127.0.0.1") -> Runtime:
 
 
 def test_the_shape_check_accepts_this_mitmproxy():
-    assert upstream._shape_ok()
+    assert upstream.shape_ok()
 
 
 def test_another_shape_is_left_alone_with_one_warning(monkeypatch, caplog):
