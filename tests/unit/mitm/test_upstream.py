@@ -8,7 +8,7 @@ import logging
 import pytest
 from mitmproxy.proxy import server
 from wakeproxy.config import Config, SourcesConfig, UpstreamConfig
-from wakeproxy.mitm import upstream
+from wakeproxy.mitm import guard, upstream
 from wakeproxy.routing.labels import ContainerInfo
 from wakeproxy.routing.snapshot import build_snapshot
 from wakeproxy.runtime import ContainerEvent, Runtime
@@ -32,6 +32,7 @@ def test_another_shape_is_left_alone_with_one_warning(monkeypatch, caplog):
 
     monkeypatch.setattr(server.ConnectionHandler, "open_connection", open_connection)
     monkeypatch.setattr(upstream.FALLBACK, "warned", False)
+    guard._source_calls.cache_clear()  # the source is read once per process: read this one
     rt = _runtime()
     connector = upstream.Connector(rt, Waker(rt))
     with caplog.at_level(logging.WARNING, logger="wakeproxy.mitm.guard"):
@@ -39,6 +40,7 @@ def test_another_shape_is_left_alone_with_one_warning(monkeypatch, caplog):
         assert upstream.install(connector) is False
     assert server.asyncio is asyncio
     assert [r.levelname for r in caplog.records if r.name == "wakeproxy.mitm.guard"] == ["WARNING"]
+    guard._source_calls.cache_clear()  # (and not its answer for the tests after this one)
 
 
 def test_install_and_uninstall_touch_only_the_servers_asyncio():
