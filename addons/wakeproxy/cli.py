@@ -4,6 +4,7 @@
     wakeproxy check [--config FILE]    validate the config and exit
     wakeproxy status [--config FILE] [--json]
                                        groups, their state and idle clocks, from the running proxy
+    wakeproxy health [--config FILE]   exit 0 when the running proxy serves (the image's HEALTHCHECK)
     wakeproxy web [--config FILE] [MITMWEB ARGS…]
                                        the same proxy inside mitmweb, to watch live traffic
     wakeproxy --version                wakeproxy's, mitmproxy's and Python's versions
@@ -25,14 +26,15 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from wakeproxy.config import ConfigError, format_duration, load_config
+from wakeproxy.config import ENV_CONFIG, ConfigError, format_duration, load_config
 
 if TYPE_CHECKING:
     from mitmproxy import master
 
-DEFAULT_CONFIG = "config/wakeproxy.yaml"
+DEFAULT_CONFIG = "config/wakeproxy.yaml"  # unless WAKEPROXY_CONFIG names another (the image's /etc/wakeproxy/…)
+HEALTH_STALE = 5.0  # `wakeproxy health`: a worker silent this long (it reports 4×/s) is not serving
 EXIT_CONFIG = 2
 EXIT_NO_DOCKER = 3  # `wakeproxy status`: the proxy runs but cannot see the Docker engine
 
@@ -152,23 +154,66 @@ def _duration(seconds: float | None) -> str:
     return "-" if seconds is None else format_duration(seconds)
 
 
-def _status(config_path: str, url: str | None, as_json: bool) -> int:
+def _status_url(config_path: str) -> str | None:
+    listen = load_config(config_path).status.listen
+    if listen is None:
+        return None
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(listen.host, listen.host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{listen.port}/status"
+
+
+def _read_status(url: str, timeout: float) -> dict[str, Any] | str:
+    """The status report, or why it cannot be read."""
     import json
     import urllib.error
     import urllib.request
 
-    if url is None:
-        listen = load_config(config_path).status.listen
-        if listen is None:
-            print("wakeproxy: status.listen is null in the config: the status endpoint is off", file=sys.stderr)
-            return 1
-        host = "127.0.0.1" if listen.host in ("0.0.0.0", "") else listen.host
-        url = f"http://{host}:{listen.port}/status"
     try:
-        with urllib.request.urlopen(url, timeout=5) as r:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
             report = json.load(r)
     except (urllib.error.URLError, OSError, ValueError) as e:
-        print(f"wakeproxy: cannot read {url}: {e}. Is the proxy running with this config?", file=sys.stderr)
+        return f"cannot read {url}: {e}"
+    return report if isinstance(report, dict) else f"{url}: not a status report"
+
+
+def _health(config_path: str) -> int:
+    """0 when the controller answers and every serving worker has reported lately; 1 otherwise, saying why."""
+    import time
+
+    url = _status_url(config_path)
+    if url is None:
+        print("wakeproxy health: status.listen is null: nothing to ask (turn the status endpoint on)", file=sys.stderr)
+        return 1
+    report = _read_status(url, 3.0)
+    if isinstance(report, str):
+        print(f"wakeproxy health: {report}", file=sys.stderr)
+        return 1
+    if not report.get("synced"):
+        print("wakeproxy health: starting (no complete Docker listing yet)", file=sys.stderr)
+        return 1
+    workers = report.get("workers")
+    if isinstance(workers, list):  # the `wakeproxy` command's controller; absent when one process serves
+        now = time.time()
+        serving = [w for w in workers if w.get("connected") and now - float(w.get("last_report") or 0) < HEALTH_STALE]
+        if not serving or len(serving) < len(workers):
+            print(f"wakeproxy health: {len(serving)} of {len(workers)} worker(s) serving", file=sys.stderr)
+            return 1
+    engine = report.get("docker") or {}
+    print(f"ok: {len(report.get('groups') or [])} group(s), docker {engine.get('state', 'unknown')}")
+    return 0
+
+
+def _status(config_path: str, url: str | None, as_json: bool) -> int:
+    import json
+
+    if url is None:
+        url = _status_url(config_path)
+        if url is None:
+            print("wakeproxy: status.listen is null in the config: the status endpoint is off", file=sys.stderr)
+            return 1
+    report: Any = _read_status(url, 5.0)
+    if isinstance(report, str):
+        print(f"wakeproxy: {report}. Is the proxy running with this config?", file=sys.stderr)
         return 1
     engine = report.get("docker") or {}
     blind = engine.get("state") != "connected"  # the proxy cannot see Docker: say so, exit non-zero
@@ -201,9 +246,9 @@ def _status(config_path: str, url: str | None, as_json: bool) -> int:
         for name, c in certs.items():
             crows.append((name, c.get("state") or "-", (c.get("not_after") or "-")[:19],
                           (c.get("renew_at") or "-")[:19], (c.get("last_error") or "")[:80]))
-        cw = [max(len(r[i]) for r in crows) for i in range(len(crows[0]))]
-        for r in crows:
-            print("  ".join(col.ljust(w) for col, w in zip(r, cw)).rstrip())
+        cw = [max(len(cr[i]) for cr in crows) for i in range(len(crows[0]))]
+        for cr in crows:
+            print("  ".join(col.ljust(w) for col, w in zip(cr, cw)).rstrip())
     workers = report.get("workers") or []
     if workers:
         print()
@@ -213,9 +258,9 @@ def _status(config_path: str, url: str | None, as_json: bool) -> int:
             iso = datetime.datetime.fromtimestamp(last, datetime.UTC).isoformat() if last else None
             wrows.append((str(w["slot"]), str(w["pid"]), str(w["uid"]), str(w["connections"]), str(w["requests"]),
                           _ago(iso)))
-        ww = [max(len(r[i]) for r in wrows) for i in range(len(wrows[0]))]
-        for r in wrows:
-            print("  ".join(col.ljust(x) for col, x in zip(r, ww)).rstrip())
+        ww = [max(len(wr[i]) for wr in wrows) for i in range(len(wrows[0]))]
+        for wr in wrows:
+            print("  ".join(col.ljust(x) for col, x in zip(wr, ww)).rstrip())
     conflicts = report.get("conflicts") or []
     if conflicts:
         print("\nconflicts (claims on names another group owns; never routed, no certificate):")
@@ -247,6 +292,7 @@ COMMANDS = {
     "reload": "re-read the config and replace the serving workers one by one, dropping no connection",
     "check": "validate the config and the files it names, then exit (status 2 on a problem)",
     "status": "groups, conflicts, certificates and the Docker engine, from the running proxy",
+    "health": "exit 0 when the running proxy serves, 1 saying why not (for HEALTHCHECK)",
     "web": "the same proxy inside mitmweb, to watch live traffic (starts, stops and orders nothing unless --manage)",
 }
 
@@ -277,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         prog=f"wakeproxy {command}" if command != "run" else "wakeproxy",
         description=COMMANDS[command] if command != "run" else "Reverse proxy for Docker sandboxes.",
         epilog=epilog if command == "run" else None, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
+    default_config = os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG
+    parser.add_argument("--config", "-c", default=default_config,
+                        help=f"YAML config (default: ${ENV_CONFIG}, else {DEFAULT_CONFIG}; now {default_config})")
     parser.add_argument("--version", action="version", version=_version())
     if command == "status":
         parser.add_argument("--json", action="store_true", help="print the raw JSON")
@@ -307,8 +355,10 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             pass
         return 0
-    if command in ("check", "status"):
+    if command in ("check", "status", "health"):
         try:
+            if command == "health":
+                return _health(args.config)
             return _check(args.config) if command == "check" else _status(args.config, args.url, args.json)
         except BrokenPipeError:  # `wakeproxy status | head`: the reader left, nothing to say
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -11,7 +11,7 @@ import dataclasses
 import ipaddress
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,9 @@ class ListenConfig:
 class DockerConfig:
     url: str | None = None
     networks: tuple[str, ...] = ()
+    # In a container on a bridge network, connect the proxy's container to the networks of the sites
+    # it serves (and leave them when no longer needed). Host networking and no container: nothing to do.
+    join_networks: bool = True
 
 
 @dataclass(frozen=True)
@@ -427,6 +430,9 @@ class _Reader:
         self.source = source
 
     def fail(self, node: yaml.Node | None, key: str, msg: str) -> ConfigError:
+        env = getattr(node, "env_var", None)
+        if env:
+            return ConfigError(f"environment variable {env}: {key}: {msg}")
         line = f":{node.start_mark.line + 1}" if node is not None else ""
         return ConfigError(f"{self.source}{line}: {key}: {msg}")
 
@@ -517,7 +523,8 @@ def _list_field(parse: Callable[[Any], Any]) -> Callable[[_Reader, yaml.Node, st
 # Each config section: its dataclass and a parser per key (the keys are the public contract).
 _SECTIONS: dict[str, tuple[type, dict[str, Callable[[_Reader, yaml.Node, str], Any]]]] = {
     "listen": (ListenConfig, {"http": _scalar_field(parse_address), "https": _scalar_field(parse_address)}),
-    "docker": (DockerConfig, {"url": _scalar_field(_docker_url), "networks": _list_field(_str)}),
+    "docker": (DockerConfig, {"url": _scalar_field(_docker_url), "networks": _list_field(_str),
+                              "join_networks": _scalar_field(_bool)}),
     "sources": (SourcesConfig, {f.name: _scalar_field(_bool) for f in dataclasses.fields(SourcesConfig)}),
     "names": (NamesConfig, {
         "allow": _list_field(_name_pattern),
@@ -576,7 +583,119 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[_Reader, yaml.Node, str], A
 }
 
 
-def parse_config(text: str, source: str = "<string>") -> Config:
+# --- environment variables -----------------------------------------------------
+# The keys container users set most, as `docker run -e` / compose `environment:` (nginx-proxy and
+# Docksal users configure their proxies this way). A variable wins over the file's key; its value
+# is read as the key's type: lists are comma-separated, `off`/`null`/empty turns an optional key off.
+
+ENV_PREFIX = "WAKEPROXY_"
+ENV_CONFIG = "WAKEPROXY_CONFIG"  # the config file, when --config is not given
+_ENV_KEYS: dict[str, tuple[str, str]] = {  # variable → (dotted key, kind: str | opt | list | bool | int | auto)
+    "WAKEPROXY_HTTP": ("listen.http", "opt"),
+    "WAKEPROXY_HTTPS": ("listen.https", "opt"),
+    "WAKEPROXY_STATE_DIR": ("state_dir", "str"),
+    "WAKEPROXY_WORKERS": ("workers", "auto"),
+    "WAKEPROXY_USER": ("user", "str"),
+    "WAKEPROXY_DEFAULT_HOST": ("default_host", "opt"),
+    "WAKEPROXY_DEBUG_CLIENTS": ("debug_clients", "list"),
+    "WAKEPROXY_DOCKER_URL": ("docker.url", "opt"),
+    "WAKEPROXY_NETWORKS": ("docker.networks", "list"),
+    "WAKEPROXY_JOIN_NETWORKS": ("docker.join_networks", "bool"),
+    "WAKEPROXY_NAMES_ALLOW": ("names.allow", "list"),
+    "WAKEPROXY_TRUSTED_PROXIES": ("forwarded.trusted_proxies", "list"),
+    "WAKEPROXY_WAKE_STRATEGY": ("wake.strategy", "str"),
+    "WAKEPROXY_WAKE_TIMEOUT": ("wake.timeout", "str"),
+    "WAKEPROXY_WAKE_PER_CLIENT": ("wake.per_client", "int"),
+    "WAKEPROXY_IDLE_TIMEOUT": ("idle.timeout", "str"),
+    "WAKEPROXY_IDLE_ACTION": ("idle.action", "str"),
+    "WAKEPROXY_STATUS_LISTEN": ("status.listen", "opt"),
+    "WAKEPROXY_CERTS_DIR": ("tls.certs_dir", "opt"),
+    "WAKEPROXY_DEFAULT_CERT": ("tls.default_cert", "opt"),
+    "WAKEPROXY_DEFAULT_KEY": ("tls.default_key", "opt"),
+    "WAKEPROXY_HTTPS_REDIRECT": ("tls.redirect", "bool"),
+    "WAKEPROXY_HSTS": ("tls.hsts", "str"),
+    "WAKEPROXY_ACME": ("acme.enabled", "bool"),
+    "WAKEPROXY_ACME_EMAIL": ("acme.email", "opt"),
+    "WAKEPROXY_ACME_DIRECTORY": ("acme.directory", "str"),
+    "WAKEPROXY_ACME_CA_BUNDLE": ("acme.ca_bundle", "opt"),
+    "WAKEPROXY_DRAIN": ("shutdown.drain", "str"),
+}
+# Set by wakeproxy itself for its own processes, by its scripts, or read elsewhere (not config keys).
+_ENV_OTHER = frozenset({
+    ENV_CONFIG, "WAKEPROXY_LISTEN_FDS", "WAKEPROXY_READY_FD", "WAKEPROXY_CHANNEL", "WAKEPROXY_SLOT",
+    "WAKEPROXY_WORKER_DIR", "WAKEPROXY_WORKER_UID", "WAKEPROXY_WORKER_GID", "WAKEPROXY_ACME_TEST_BACKOFF",
+    "WAKEPROXY_CACHE",
+})
+_MAX_ENV_VALUE = 4096
+_TRUE, _FALSE, _OFF = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}, {"", "off", "null", "none"}
+
+
+def env_keys() -> dict[str, str]:
+    """Environment variable → the config key it sets (for docs and `wakeproxy check`)."""
+    return {name: key for name, (key, _) in _ENV_KEYS.items()}
+
+
+def _env_node(name: str, value: str, kind: str) -> yaml.Node:
+    def scalar(tag: str, text: str) -> yaml.ScalarNode:
+        node = yaml.ScalarNode(f"tag:yaml.org,2002:{tag}", text)
+        setattr(node, "env_var", name)
+        return node
+
+    if len(value) > _MAX_ENV_VALUE:
+        raise ConfigError(f"environment variable {name}: longer than {_MAX_ENV_VALUE} characters")
+    text = value.strip()
+    node: yaml.Node
+    if kind == "list":
+        node = yaml.SequenceNode("tag:yaml.org,2002:seq",
+                                 [scalar("str", item.strip()) for item in text.split(",") if item.strip()])
+        setattr(node, "env_var", name)
+    elif kind == "bool":
+        if text.lower() not in _TRUE | _FALSE:
+            raise ConfigError(f"environment variable {name}: {_ENV_KEYS[name][0]}: expected true or false, "
+                              f"got {text[:100]!r}")
+        node = scalar("bool", "true" if text.lower() in _TRUE else "false")
+    elif kind == "opt" and text.lower() in _OFF:
+        node = scalar("null", "null")
+    elif kind in ("int", "auto") and re.fullmatch(r"-?\d{1,9}", text):
+        node = scalar("int", text)
+    else:
+        node = scalar("str", text)
+    return node
+
+
+def _apply_env(root: yaml.Node | None, env: Mapping[str, str], source: str) -> yaml.Node | None:
+    """`root` with the keys set by WAKEPROXY_* variables replaced (or added); unknown variables are errors."""
+    unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in _ENV_KEYS and k not in _ENV_OTHER)
+    if unknown:
+        raise ConfigError(f"environment variable {unknown[0]}: unknown (known: {', '.join(sorted(_ENV_KEYS))})")
+    wanted = [(name, *_ENV_KEYS[name]) for name in sorted(_ENV_KEYS) if name in env]
+    if not wanted:
+        return root
+    if root is None or (isinstance(root, yaml.ScalarNode) and root.tag.endswith(":null")):
+        root = yaml.MappingNode("tag:yaml.org,2002:map", [])
+    if not isinstance(root, yaml.MappingNode):
+        return root  # parse_config reports the file's shape
+    for name, key, kind in wanted:
+        node = _env_node(name, env[name], kind)
+        parent: yaml.MappingNode = root
+        *path, leaf = key.split(".")
+        for part in path:
+            found = next((v for k, v in parent.value if str(k.value) == part), None)
+            if found is None or (isinstance(found, yaml.ScalarNode) and found.tag.endswith(":null")):
+                child = yaml.MappingNode("tag:yaml.org,2002:map", [])
+                parent.value = [(k, v) for k, v in parent.value if str(k.value) != part]
+                parent.value.append((yaml.ScalarNode("tag:yaml.org,2002:str", part), child))
+                found = child
+            if not isinstance(found, yaml.MappingNode):
+                raise ConfigError(f"environment variable {name}: {source}: {part} is not a mapping")
+            parent = found
+        parent.value = [(k, v) for k, v in parent.value if str(k.value) != leaf]
+        parent.value.append((yaml.ScalarNode("tag:yaml.org,2002:str", leaf), node))
+    return root
+
+
+def parse_config(text: str, source: str = "<string>", env: Mapping[str, str] | None = None) -> Config:
+    """The config in `text`, with the WAKEPROXY_* variables of `env` (None: none) applied on top."""
     r = _Reader(source)
     try:
         root = yaml.compose(text)
@@ -584,6 +703,8 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{source}{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if env is not None:
+        root = _apply_env(root, env, source)
     if root is None:
         return Config(source=source)
     top = r.mapping(root, "", {"state_dir", "default_host", "debug_clients", "workers", "user", *_SECTIONS})
@@ -631,13 +752,14 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     return Config(**kwargs)
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """The config file at `path` with the process's WAKEPROXY_* variables (or `env`'s) on top."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{p}: cannot read the config file: {e.strerror or e}") from None
-    cfg = parse_config(text, str(p))
+    cfg = parse_config(text, str(p), os.environ if env is None else env)
     # Relative paths are taken from the config file's folder, wherever the proxy is started.
     base = p.parent
 

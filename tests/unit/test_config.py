@@ -777,3 +777,105 @@ def test_a_config_change_that_needs_a_restart_is_refused_live(tmp_path):
         with pytest.raises(exceptions.OptionsError, match="state_dir, acme cannot change while the proxy runs"):
             tctx.configure(addon, wakeproxy_config=str(fixed))
         assert addon.runtime.config.idle.timeout == 420.0  # the running config stands
+
+
+# --- environment variables (the container way) ----------------------------------------------------
+
+
+def test_environment_variables_override_the_file_and_fill_missing_sections():
+    text = "idle:\n  timeout: 5m\nlisten:\n  http: 127.0.0.1:8080\n"
+    env = {"WAKEPROXY_IDLE_TIMEOUT": "7m", "WAKEPROXY_HTTP": "off", "WAKEPROXY_NETWORKS": "a_default, b_default",
+           "WAKEPROXY_WORKERS": "3", "WAKEPROXY_ACME": "yes", "WAKEPROXY_ACME_EMAIL": "ops@example.com",
+           "WAKEPROXY_NAMES_ALLOW": "*.sandbox.example.com,{group}.example.org", "WAKEPROXY_JOIN_NETWORKS": "0",
+           "WAKEPROXY_USER": "10001", "PATH": "/usr/bin", "WAKEPROXY_LISTEN_FDS": "80=3"}
+    cfg = parse_config(text, "wp.yaml", env)
+    assert cfg.idle.timeout == 420 and cfg.listen.http is None and cfg.listen.https == Address("0.0.0.0", 443)
+    assert cfg.docker.networks == ("a_default", "b_default") and cfg.docker.join_networks is False
+    assert cfg.workers == 3 and cfg.user == "10001"
+    assert cfg.acme.enabled is True and cfg.acme.email == "ops@example.com"
+    assert cfg.names.allow == ("*.sandbox.example.com", "{group}.example.org")
+    assert parse_config("", "wp.yaml", {"WAKEPROXY_WORKERS": "auto"}).workers is None
+    assert parse_config("", "wp.yaml", {}).docker.join_networks is True
+
+
+@pytest.mark.parametrize(("env", "fragment"), [
+    ({"WAKEPROXY_IDLE_TIMEOUT": "7x"}, "environment variable WAKEPROXY_IDLE_TIMEOUT: idle.timeout: '7x' is not a duration"),
+    ({"WAKEPROXY_ACME": "maybe"}, "environment variable WAKEPROXY_ACME: acme.enabled: expected true or false"),
+    ({"WAKEPROXY_IDLE_TIMOUT": "5m"}, "environment variable WAKEPROXY_IDLE_TIMOUT"),  # the typo is named, then the known
+    ({"WAKEPROXY_HTTPS": "nowhere"}, "environment variable WAKEPROXY_HTTPS: listen.https:"),
+    ({"WAKEPROXY_WORKERS": "-1"}, "environment variable WAKEPROXY_WORKERS: workers:"),
+    ({"WAKEPROXY_STATE_DIR": "x" * 5000}, "longer than 4096"),
+])
+def test_a_bad_environment_variable_is_named(env, fragment):
+    with pytest.raises(ConfigError) as exc:
+        parse_config("", "wp.yaml", env)
+    assert fragment in str(exc.value)
+    if "TIMOUT" in next(iter(env)):
+        assert str(exc.value).startswith("environment variable WAKEPROXY_IDLE_TIMOUT: unknown")
+
+
+def test_environment_cannot_turn_a_mapping_into_a_scalar_error_without_saying_where():
+    with pytest.raises(ConfigError) as exc:
+        parse_config("idle: 5\n", "wp.yaml", {"WAKEPROXY_IDLE_TIMEOUT": "5m"})
+    assert "idle" in str(exc.value)
+
+
+def test_every_environment_variable_maps_to_a_real_key():
+    from wakeproxy.config import env_keys
+
+    for name, key in env_keys().items():
+        section, _, leaf = key.partition(".")
+        cfg = Config()
+        assert hasattr(cfg, section), name
+        if leaf:
+            assert hasattr(getattr(cfg, section), leaf), name
+
+
+def test_the_cli_reads_wakeproxy_config(tmp_path, monkeypatch, capsys):
+    f = tmp_path / "wp.yaml"
+    f.write_text("idle:\n  timeout: bogus\n")
+    monkeypatch.setenv("WAKEPROXY_CONFIG", str(f))
+    assert cli.main(["check"]) == cli.EXIT_CONFIG
+    assert f"{f}:2: idle.timeout" in capsys.readouterr().err
+
+
+def test_health_says_why_it_fails(tmp_path, monkeypatch, capsys):
+    import http.server
+    import json
+    import threading
+    import time
+
+    reports: list[dict] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = json.dumps(reports[-1]).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        f = tmp_path / "wp.yaml"
+        f.write_text(f"status:\n  listen: 127.0.0.1:{server.server_port}\n")
+        now = time.time()
+        reports.append({"synced": False})
+        assert cli.main(["health", "--config", str(f)]) == 1
+        assert "starting" in capsys.readouterr().err
+        reports.append({"synced": True, "groups": [], "docker": {"state": "connected"},
+                        "workers": [{"connected": True, "last_report": now}, {"connected": True, "last_report": now - 60}]})
+        assert cli.main(["health", "--config", str(f)]) == 1
+        assert "1 of 2 worker(s) serving" in capsys.readouterr().err
+        reports.append({"synced": True, "groups": [{}], "docker": {"state": "connected"},
+                        "workers": [{"connected": True, "last_report": now}]})
+        assert cli.main(["health", "--config", str(f)]) == 0
+        assert capsys.readouterr().out.startswith("ok: 1 group(s)")
+    finally:
+        server.shutdown()
+    assert cli.main(["health", "--config", str(f)]) == 1
+    assert "cannot read" in capsys.readouterr().err

@@ -34,6 +34,7 @@ import docker.errors
 
 from wakeproxy.config import Config
 from wakeproxy.docker.client import LISTING_TIMEOUT, connect
+from wakeproxy.docker.networks import NetworkJoiner, own_container_id
 from wakeproxy.files import write_private
 from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.routing.labels import USED_ENV, ContainerInfo
@@ -297,6 +298,9 @@ class DockerView:
         self._ownership = Ownership()
         self._owners_path = config.state_dir / OWNERS_FILE
         self._owners_on = True  # False once the file could not be written
+        self._joiner = NetworkJoiner(config.state_dir, config.docker.join_networks)
+        self._own_id = own_container_id()
+        self._api: Any = None  # the connected client's API, for the joiner (this thread only)
         self._stop = threading.Event()
         self._events: Any = None
         self._thread = threading.Thread(target=self._run, name="wakeproxy-docker", daemon=True)
@@ -415,6 +419,13 @@ class DockerView:
             if wait == 0.0:
                 self._save_cache()
                 wait = None
+            retry = self._joiner.next_retry()
+            if retry is not None:
+                due = max(0.0, retry - time.monotonic())
+                if due == 0.0:
+                    self._publish()  # a network that could not be joined: try it again
+                    continue
+                wait = due if wait is None else min(wait, due)
             release = self._ownership.next_release(self._policy.names.release_after)
             if release is not None:
                 due = max(0.0, release - time.time())
@@ -442,8 +453,10 @@ class DockerView:
         unknown. Returns (inspected, cached): how many listed containers were inspected now and
         how many were known (from the cache file or an earlier sync)."""
         api = client.api
+        self._api = api
         self._inspector = Inspector(api)
         self._drivers = {n["Name"]: n.get("Driver") or "" for n in api.networks()}
+        self._joiner.detect(api, self._own_id)
         listing = api.containers(all=True)
         missing = [e["Id"] for e in listing if e["Id"] not in self._static]
         if missing:
@@ -586,19 +599,31 @@ class DockerView:
         self._cache_saved = data
 
     def _publish(self) -> None:
-        snap = build_snapshot(
-            self._containers.values(),
-            self.config.sources,
-            self.config.docker.networks,
-            self._drivers,
-            synced=True,
-            route_cache=self._route_cache,
-            policy=self._policy,
-            ownership=self._ownership,
-        )
-        if self._ownership.dirty:
-            self._mark_unsaved()  # written with the container cache, at most every CACHE_SAVE_DELAY
-        self._call(self.publish, snap)
+        for _ in range(2):  # again when a network turned out not to be joinable: its sites say why
+            reach = self._joiner.reach(self._containers)
+            snap = build_snapshot(
+                self._containers.values(),
+                self.config.sources,
+                self.config.docker.networks,
+                self._drivers,
+                synced=True,
+                route_cache=self._route_cache,
+                policy=self._policy,
+                ownership=self._ownership,
+                reach=reach,
+                unreachable=self._joiner.refusals,
+            )
+            if self._ownership.dirty:
+                self._mark_unsaved()  # written with the container cache, at most every CACHE_SAVE_DELAY
+            self._call(self.publish, snap)
+            if reach is None or self._api is None:
+                return
+            try:
+                if not self._joiner.sync(self._api, snap, self._drivers, reach):
+                    return
+            except Exception as e:  # the engine went away mid-call: the next resync tries again
+                logger.warning(f"docker: joining networks failed: {_reason(e)}")
+                return
 
     def _save_owners(self) -> None:
         """Who owns which name, written atomically whenever it changed (rare: a new name, a release)."""

@@ -53,6 +53,7 @@ class Backend:
     address: str | None  # where to connect; None when not running or not reachable
     problem: str | None = None  # why `address` is None although the container runs
     ready_path: str | None = None  # wakeproxy.ready-path: GET it (< 500) before calling a woken site ready
+    network: str | None = None  # the Docker network `address` is on (the proxy's container joins it)
 
     @property
     def ready(self) -> bool:
@@ -267,11 +268,17 @@ def _choose_address(
     route: Route,
     allowed: tuple[str, ...],
     drivers: Mapping[str, str],
-) -> tuple[str | None, str | None]:
-    """(address, problem): the container's IP on a network the proxy may use.
+    reach: frozenset[str] | None = None,
+    unreachable: Mapping[str, str] | None = None,
+) -> tuple[str | None, str | None, str | None]:
+    """(address, network, problem): the container's IP on a network the proxy may use.
 
     A stopped container has no IP but keeps its network attachments: it is ours
     to wake (and to put to sleep) only when one of them is a network we may use.
+    `reach`: the networks of the proxy's own container when it runs in one on a bridge network (it
+    joins the others it needs by itself: docker/networks.py), preferred over the rest; None = the
+    proxy is on the host's network and reaches every local bridge. `unreachable`: networks the proxy
+    could not join → why.
     """
     if route.network:
         candidates = [route.network]
@@ -279,17 +286,31 @@ def _choose_address(
         candidates = [n for n in allowed if n in info.networks]
     else:
         candidates = sorted(info.networks)
+    if reach:
+        candidates.sort(key=lambda n: n not in reach)  # stable: the preference order stays within each part
+    refused: list[str] = []
+    refused_net: str | None = None  # the first network the proxy could not join: still the one it wants
     for net in candidates:
         if net not in info.networks:
             continue
         ip = info.networks.get(net)
         driver = drivers.get(net, "bridge" if net == "bridge" else "")
         if net == "host" or driver == "host":
-            return ("127.0.0.1" if info.running else None), None
+            if reach is not None:
+                refused.append("it uses the host's network, which the proxy's container is not on")
+                continue
+            return ("127.0.0.1" if info.running else None), net, None
         if driver in ROUTABLE_DRIVERS and (ip or not info.running):
-            return (ip if info.running else None), None
+            why = (unreachable or {}).get(net) if reach is not None and net not in reach else None
+            if why is not None:
+                refused.append(why)
+                refused_net = refused_net or net
+                continue
+            return (ip if info.running else None), net, None
     on = ", ".join(sorted(info.networks)) or "no network"
-    if route.network:
+    if refused:
+        why = "; ".join(dict.fromkeys(refused))
+    elif route.network:
         why = f"it asks to be reached on network '{route.network}' but is on: {on}"
         if route.network in info.networks and drivers.get(route.network) not in ROUTABLE_DRIVERS:
             why = f"network '{route.network}' ({drivers.get(route.network) or 'unknown'} driver) is not reachable from this host"
@@ -297,7 +318,7 @@ def _choose_address(
         why = f"it is on {on}, and the proxy may only use: {', '.join(allowed)}"
     else:
         why = f"it has no IP on a local bridge network (it is on: {on})"
-    return None, f"container '{info.name}' cannot be reached: {why}"
+    return None, refused_net, f"container '{info.name}' cannot be reached: {why}"
 
 
 _Parsed = tuple[list[Route], ContainerSettings, tuple[str, ...]]  # routes, settings, notes (ignored labels)
@@ -393,6 +414,8 @@ def build_snapshot(
     policy: Policy | None = None,
     ownership: Ownership | None = None,
     now: float | None = None,
+    reach: frozenset[str] | None = None,
+    unreachable: Mapping[str, str] | None = None,
 ) -> Snapshot:
     """Index every container's routes by host and path, with one owner group per host.
 
@@ -463,11 +486,13 @@ def build_snapshot(
             mine = own_hosts.setdefault(cid, [])
             if route.host not in mine:
                 mine.append(route.host)
-            address, problem = _choose_address(info, route, allowed_networks, network_drivers)
+            address, net, problem = _choose_address(info, route, allowed_networks, network_drivers, reach,
+                                                    unreachable)
             if problem is None:
                 routed.add(cid)  # only containers we may reach are ever started or stopped
             by_host.setdefault(route.host, {}).setdefault((route.path, route.exact), []).append(
-                Backend(cid, info.name, key, info.state, route.scheme, route.port, address, problem, st.ready_path)
+                Backend(cid, info.name, key, info.state, route.scheme, route.port, address, problem, st.ready_path,
+                        net)
             )
     exact: dict[str, Site] = {}
     wildcards: dict[str, Site] = {}

@@ -50,7 +50,7 @@ def test_backend_fields():
                                              "com.docker.compose.project": "proj"}))
     assert snap.synced is True
     b = only_backend(snap, "a.test")
-    assert b == Backend("id-web", "web", "proj", "running", "https", 8080, "172.17.0.2", None)
+    assert b == Backend("id-web", "web", "proj", "running", "https", 8080, "172.17.0.2", None, network="bridge")
     assert b.ready
     assert snap.lookup("a.test").host == "a.test"
     assert snap.lookup("a.test").ready_backends == (b,)
@@ -758,3 +758,34 @@ def test_route_for_is_the_longest_match_exact_first(declared, path, query):
         return
     best = max(matching, key=lambda m: (len(m[0]), m[1]))
     assert chosen is not None and (chosen.path, chosen.exact) == best
+
+
+# --- the proxy in a container: the networks it is on (reach) come first -------------------------------
+
+
+def test_reach_prefers_a_network_the_proxys_container_is_on():
+    two = {"a_net": "10.1.0.2", "b_net": "10.2.0.2"}
+    drivers = {"a_net": "bridge", "b_net": "bridge"}
+    assert only_backend(build(c("web", "a.test", networks=two), drivers=drivers), "a.test").network == "a_net"
+    b = only_backend(build(c("web", "a.test", networks=two), drivers=drivers, reach=frozenset({"b_net"})), "a.test")
+    assert (b.address, b.network, b.problem) == ("10.2.0.2", "b_net", None)
+    # Not on it yet: the address is still chosen (the proxy joins the network by itself).
+    b = only_backend(build(c("web", "a.test", networks=two), drivers=drivers, reach=frozenset({"bridge"})), "a.test")
+    assert (b.address, b.network, b.problem) == ("10.1.0.2", "a_net", None)
+
+
+def test_a_network_that_cannot_be_joined_makes_the_site_say_why_and_stays_wanted():
+    drivers = {"a_net": "bridge"}
+    snap = build(c("web", "a.test", networks={"a_net": "10.1.0.2"}), drivers=drivers, reach=frozenset({"bridge"}),
+                 unreachable={"a_net": "the proxy could not join network 'a_net': boom"})
+    b = only_backend(snap, "a.test")
+    assert b.address is None and b.network == "a_net"
+    assert "could not join network 'a_net': boom" in b.problem
+    assert snap.groups == {}  # never started or stopped while it cannot be reached
+
+
+def test_a_host_network_container_is_not_loopback_of_the_proxys_container():
+    host = c("web", "a.test", networks={"host": ""}, state="running")
+    assert only_backend(build(host, drivers={"host": "host"}), "a.test").address == "127.0.0.1"
+    b = only_backend(build(host, drivers={"host": "host"}, reach=frozenset({"bridge"})), "a.test")
+    assert b.address is None and "host's network" in b.problem

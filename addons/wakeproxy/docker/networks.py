@@ -1,0 +1,303 @@
+"""The proxy's own container, and the Docker networks it joins by itself.
+
+In a container on a bridge network the proxy reaches only the containers on the networks its own
+container is on (Docker drops traffic between bridges). So, as Docksal's proxy does, it connects
+its container to the network of every site it serves while a container of that site runs (or is
+paused), and disconnects when none does any more; never from the networks it was started on.
+
+- Joining only while something runs keeps the proxy off the networks of hundreds of sleeping
+  sandboxes, and lets `docker compose down` remove a project's network: the proxy has left it
+  when the containers stopped, before Compose gets to the network. A wake starts the containers,
+  the proxy joins, and the readiness probe passes once the network is joined.
+- The networks it joined are written to `state_dir/networks.json` with its container ID, so after
+  `docker restart` (which keeps the connections) it still knows which ones are its own to leave.
+- With host networking (`--network host`) or outside a container there is nothing to do: every
+  local bridge is reachable from the host's network namespace.
+
+All calls run in the Docker view's thread, after a snapshot is published; never on a request.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker.errors
+
+from wakeproxy.files import write_private
+from wakeproxy.observe.logsafe import get_logger
+from wakeproxy.routing.snapshot import Snapshot
+
+logger = get_logger(__name__)
+
+MOUNTINFO = Path("/proc/self/mountinfo")
+STATE_FILE = "networks.json"
+MAX_JOINED = 256  # networks joined at once, at most (each is an interface in the proxy's namespace)
+RETRY_AFTER = 30.0  # a network that could not be joined is tried again after this long
+KEEP_STATES = frozenset({"running", "paused", "restarting"})  # a site's network is needed while its container is
+JOINABLE_DRIVERS = frozenset({"bridge"})
+_ID_IN_ROOT = re.compile(r"/containers/([0-9a-f]{64})/")
+_DOCKER_FILES = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")
+
+
+def container_id_from_mountinfo(text: str) -> str | None:
+    """The ID of the container whose mount table this is: Docker bind-mounts its /etc/hostname,
+    /etc/hosts and /etc/resolv.conf from /var/lib/docker/containers/<ID>/ (any data-root). On the
+    host those files are not such mounts (the host's table does list other containers' shm mounts,
+    which is why the mount point must be one of those three files)."""
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[4] in _DOCKER_FILES:
+            m = _ID_IN_ROOT.search(fields[3])
+            if m:
+                return m.group(1)
+    return None
+
+
+def own_container_id(mountinfo: Path = MOUNTINFO) -> str | None:
+    try:
+        return container_id_from_mountinfo(mountinfo.read_text(errors="replace"))
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class Own:
+    """The proxy's container: how it is networked, and the networks it must never leave."""
+
+    id: str
+    name: str
+    mode: str  # "bridge" (joins networks), "host" (reaches every bridge) or the raw NetworkMode ("none", "container:…")
+    protected: frozenset[str]
+
+
+class Refusals(Mapping[str, str]):
+    """network → why the proxy cannot reach containers on it: read by `build_snapshot`. With
+    `everything` set (joining is off), every network the proxy's container is not on."""
+
+    def __init__(self, known: Mapping[str, str] | None = None, everything: str | None = None) -> None:
+        self._known = dict(known or {})
+        self._everything = everything
+
+    def __getitem__(self, network: str) -> str:
+        if network in self._known:
+            return self._known[network]
+        if self._everything is not None:
+            return self._everything.format(network=network)
+        raise KeyError(network)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._known)
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+
+def wanted_networks(snapshot: Snapshot) -> list[str]:
+    """The networks of the sites' containers that run (or are paused), most wanted first."""
+    count: dict[str, int] = {}
+    for backends in snapshot.endpoints.values():
+        for b in backends:
+            if b.network and b.state in KEEP_STATES:
+                count[b.network] = count.get(b.network, 0) + 1
+    return sorted(count, key=lambda n: (-count[n], n))
+
+
+def plan(wanted: list[str], on: frozenset[str], ours: frozenset[str], protected: frozenset[str],
+         drivers: Mapping[str, str], failed: Mapping[str, str]) -> tuple[list[str], list[str], dict[str, str]]:
+    """(join, leave, refused): which networks to connect to and leave, and why others cannot be joined.
+
+    Only networks the proxy joined itself (`ours`) are ever left, never a `protected` one.
+    """
+    refused: dict[str, str] = {}
+    keep: list[str] = []
+    for net in wanted:
+        driver = drivers.get(net, "")
+        if net in on:
+            keep.append(net)
+        elif driver not in JOINABLE_DRIVERS:
+            refused[net] = f"network '{net}' ({driver or 'unknown'} driver) cannot be joined by the proxy's container"
+        elif net in failed:
+            refused[net] = failed[net]
+        else:
+            keep.append(net)
+    extra = [n for n in keep if n not in on and n not in protected]
+    joined_now = len([n for n in on if n not in protected])
+    room = max(0, MAX_JOINED - joined_now)
+    join = extra[:room]
+    for net in extra[room:]:
+        refused[net] = f"the proxy's container is on {MAX_JOINED} networks already (the most it joins)"
+    wanted_set = set(wanted)
+    leave = sorted(n for n in on if n in ours and n not in protected and n not in wanted_set)
+    return join, leave, refused
+
+
+class NetworkJoiner:
+    """Keeps the proxy's container on the networks its sites need (see the module's doc)."""
+
+    def __init__(self, state_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = state_dir / STATE_FILE
+        self.own: Own | None = None
+        self.ours: set[str] = set()
+        self._failed: dict[str, tuple[str, float]] = {}  # network → (why, monotonic time to retry)
+        self.refusals: Refusals = Refusals()
+        self._saved: bytes | None = None
+
+    # --- the proxy's own container, once per connection to the engine ---------------------------
+
+    def detect(self, api: Any, own_id: str | None) -> Own | None:
+        """Find out how the proxy's container (`own_id`, None: not in one) is networked."""
+        if own_id is None:
+            self.own = None
+            return None
+        try:
+            data = api.inspect_container(own_id)
+        except Exception as e:  # noqa: BLE001 - NotFound: another engine's container; anything else: say it
+            logger.warning(f"docker: this process looks like it runs in container {own_id[:12]}, but the engine "
+                           f"cannot tell about it ({type(e).__name__}: {str(e)[:200]}): no network joining")
+            self.own = None
+            return None
+        mode = str(((data.get("HostConfig") or {}).get("NetworkMode")) or "default")
+        nets = frozenset((data.get("NetworkSettings") or {}).get("Networks") or {})
+        name = str(data.get("Name") or own_id[:12]).lstrip("/")
+        recorded = self._load(own_id)
+        self.ours = set(recorded & nets)
+        started_on = {("bridge" if mode == "default" else mode)} | set(nets - recorded)
+        kind = "host" if mode == "host" else mode if mode == "none" or mode.startswith("container:") else "bridge"
+        self.own = Own(own_id, name, kind, frozenset(started_on))
+        if kind == "host":
+            logger.info(f"docker: running in container {name} with the host's network: every local bridge is reachable")
+        elif kind == "bridge" and self.enabled:
+            logger.info(f"docker: running in container {name} on {', '.join(sorted(nets)) or 'no network'}: it joins "
+                        "the networks of running sites by itself" + (f" (joined before: {', '.join(sorted(self.ours))})"
+                                                                     if self.ours else ""))
+        elif kind == "bridge":
+            logger.warning(f"docker: running in container {name} on {', '.join(sorted(nets))} with "
+                           "docker.join_networks false: sites on other networks answer 503 until you connect it")
+        else:
+            logger.warning(f"docker: running in container {name} with network mode {mode!r}: only sites on its "
+                           "own networks can be reached")
+        self._refresh_refusals()
+        return self.own
+
+    def reach(self, containers: Mapping[str, Any]) -> frozenset[str] | None:
+        """The networks the proxy can reach containers on; None = all local bridges (host networking)."""
+        own = self.own
+        if own is None or own.mode == "host":
+            return None
+        info = containers.get(own.id)
+        return frozenset(info.networks) if info is not None else frozenset()
+
+    def _refresh_refusals(self) -> None:
+        own = self.own
+        now = time.monotonic()
+        failed = {n: why for n, (why, until) in self._failed.items() if until > now}
+        if own is None or own.mode == "host" or (own.mode == "bridge" and self.enabled):
+            self.refusals = Refusals(failed)
+        elif own.mode == "bridge":
+            self.refusals = Refusals(failed, everything=(
+                "the proxy's container is not on network '{network}' (docker.join_networks is false: "
+                "`docker network connect {network} " + own.name + "`)"))
+        else:
+            self.refusals = Refusals(failed, everything=(
+                "the proxy's container (network mode " + own.mode + ") is not on network '{network}'"))
+
+    def next_retry(self) -> float | None:
+        """Monotonic time of the next failed network to try again, if any."""
+        return min((until for _, until in self._failed.values()), default=None)
+
+    # --- after every snapshot ------------------------------------------------------------------
+
+    def sync(self, api: Any, snapshot: Snapshot, drivers: Mapping[str, str], on: frozenset[str]) -> bool:
+        """Join and leave what the snapshot calls for. True when the refusals changed (the view then
+        builds the snapshot again, so the sites on a network that cannot be joined say why)."""
+        own = self.own
+        if own is None or own.mode != "bridge" or not self.enabled:
+            return False
+        now = time.monotonic()
+        before = dict(self.refusals)
+        for net in [n for n, (_, until) in self._failed.items() if until <= now]:
+            del self._failed[net]
+        failed = {n: why for n, (why, _) in self._failed.items()}
+        join, leave, refused = plan(wanted_networks(snapshot), on, frozenset(self.ours), own.protected, drivers, failed)
+        for net in join:
+            t0 = time.monotonic()
+            try:
+                api.connect_container_to_network(own.id, net)
+            except docker.errors.APIError as e:
+                detail = _explain(e)
+                if "already exists" in detail:  # joined by a call whose event is still on its way
+                    self.ours.add(net)
+                    continue
+                why = f"the proxy could not join network '{net}': {detail}"
+                logger.warning(f"docker: {why}; trying again in {RETRY_AFTER:g} s")
+                self._failed[net] = (why, time.monotonic() + RETRY_AFTER)
+                refused[net] = why
+                continue
+            self.ours.add(net)
+            logger.info(f"docker: joined network {net} ({(time.monotonic() - t0) * 1000:.0f} ms)")
+        for net in leave:
+            try:
+                api.disconnect_container_from_network(own.id, net)
+            except docker.errors.NotFound:
+                pass  # the network (or our endpoint) is gone already
+            except docker.errors.APIError as e:
+                detail = _explain(e)
+                if "is not connected" not in detail:
+                    logger.warning(f"docker: could not leave network {net}: {detail}")
+                    continue
+            self.ours.discard(net)
+            logger.info(f"docker: left network {net} (no running site on it)")
+        if join or leave:
+            self._save()
+        self.refusals = Refusals(refused)
+        return dict(self.refusals) != before
+
+    # --- state_dir/networks.json ------------------------------------------------------------------
+
+    def _load(self, own_id: str) -> frozenset[str]:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return frozenset()
+        except OSError as e:
+            logger.warning(f"docker: cannot read {self.path} ({e}): the networks joined before are kept")
+            return frozenset()
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict) or not isinstance(data.get("joined"), list):
+                raise ValueError("not {container, joined: [...]}")
+            joined = frozenset(str(n) for n in data["joined"] if isinstance(n, str))
+        except (ValueError, RecursionError) as e:
+            logger.warning(f"docker: {self.path} is corrupt ({e}); ignored: the networks joined before are kept")
+            return frozenset()
+        self._saved = raw
+        return joined if data.get("container") == own_id else frozenset()  # another container's: not ours
+
+    def _save(self) -> None:
+        own = self.own
+        if own is None:
+            return
+        raw = json.dumps({"container": own.id, "joined": sorted(self.ours)}, separators=(",", ":")).encode()
+        if raw == self._saved:
+            return
+        try:
+            write_private(self.path, raw)
+        except OSError as e:
+            logger.warning(f"docker: cannot write {self.path} ({e}); after a restart the proxy keeps the "
+                           "networks it joined")
+            return
+        self._saved = raw
+
+
+def _explain(e: docker.errors.APIError) -> str:
+    detail = e.explanation or str(e)
+    if isinstance(detail, bytes):
+        detail = detail.decode(errors="replace")
+    return str(detail)[:300]
