@@ -139,6 +139,16 @@ def _check(path: str) -> int:
         return EXIT_CONFIG
     for taken in preflight.taken_ports(cfg):  # the running proxy itself may hold them: a note, not an error
         print(f"note: {taken}")
+    from mitmproxy import version
+
+    from wakeproxy.mitm import shapes
+
+    misfits = {name: why for name, why in shapes.report().items() if why}
+    if misfits:  # the proxy still runs: each adaptation falls back to mitmproxy's own way, with a warning
+        for name, why in misfits.items():
+            print(f"note: mitmproxy {version.VERSION}: adaptation {name} does not fit ({why}); it falls back")
+    else:
+        print(f"mitmproxy {version.VERSION}: all {len(shapes.report())} adaptations fit")
     print(f"{path}: ok (http {cfg.listen.http}, https {cfg.listen.https}, state_dir {cfg.state_dir})")
     return 0
 

@@ -26,6 +26,23 @@ def _no_check(self: object) -> None:
     """MessageData without its debug-only type check (what `python -O` gives)."""
 
 
+def shape_problem() -> str | None:
+    """None when this mitmproxy has what `drop_message_type_checks` replaces, else what it lacks.
+
+    Exactly what is replaced: MessageData's own __post_init__, which only type-checks its fields
+    (it calls typecheck.check_option_type), and no subclass with one of its own."""
+    from mitmproxy import http
+
+    own = http.MessageData.__dict__.get("__post_init__")
+    if own is _no_check:
+        own = _original
+    code = getattr(own, "__code__", None)
+    if own is None or code is None or "check_option_type" not in code.co_names \
+            or "__post_init__" in http.RequestData.__dict__ or "__post_init__" in http.ResponseData.__dict__:
+        return "MessageData.__post_init__ that only type-checks the fields"
+    return None
+
+
 def drop_message_type_checks() -> bool:
     """Replace the debug-only check with a no-op (once); False if mitmproxy's shape is not as expected."""
     from mitmproxy import http
@@ -33,12 +50,9 @@ def drop_message_type_checks() -> bool:
     own = http.MessageData.__dict__.get("__post_init__")
     if own is _no_check:
         return True
-    # Exactly what is replaced: MessageData's own __post_init__, which only type-checks its fields
-    # (it calls typecheck.check_option_type), and no subclass with one of its own.
-    code = getattr(own, "__code__", None)
-    if own is None or code is None or "check_option_type" not in code.co_names \
-            or "__post_init__" in http.RequestData.__dict__ or "__post_init__" in http.ResponseData.__dict__:
-        return FALLBACK.decline("MessageData.__post_init__ that only type-checks the fields")
+    problem = shape_problem()
+    if problem is not None:
+        return FALLBACK.decline(problem)
     global _original
     _original = own
     # Not deleted: the dataclass __init__ of RequestData/ResponseData calls __post_init__.

@@ -54,7 +54,7 @@ class _Handed:
         return await asyncio.start_server(handler, sock=sock, backlog=BACKLOG, **kwargs)
 
 
-def _shape_ok() -> bool:
+def shape_ok() -> bool:
     return calls_asyncio("mitmproxy.proxy.mode_servers", "AsyncioServerInstance", "listen", "start_server")
 
 
@@ -63,7 +63,7 @@ def install(environ: dict[str, str] | None = None) -> bool:
     text = (os.environ if environ is None else environ).get(ENV, "")
     if not text:
         return False
-    if not _shape_ok():
+    if not shape_ok():
         return FALLBACK.decline("AsyncioServerInstance.listen calling proxy/mode_servers.py's asyncio.start_server")
     from mitmproxy.proxy import mode_servers
 

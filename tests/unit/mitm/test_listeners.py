@@ -65,7 +65,7 @@ def test_reuseport_sockets_share_a_port():
 def test_nothing_handed_means_no_patch_and_another_shape_declines_once(monkeypatch, caplog):
     assert listeners.install({}) is False
     assert mode_servers.asyncio is asyncio
-    monkeypatch.setattr(listeners, "_shape_ok", lambda: False)
+    monkeypatch.setattr(listeners, "shape_ok", lambda: False)
     monkeypatch.setattr(listeners.FALLBACK, "warned", False)
     assert listeners.install({listeners.ENV: "80=5"}) is False
     assert listeners.install({listeners.ENV: "80=5"}) is False
