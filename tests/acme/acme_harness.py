@@ -64,8 +64,8 @@ class Proc:
         self._log.close()
 
 
-def make_api_cert(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for pebble's API on 127.0.0.1 (the proxy trusts it via ca_bundle)."""
+def make_api_cert(directory: Path, ips: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """A self-signed certificate for pebble's API on 127.0.0.1 (and `ips`; the proxy trusts it via ca_bundle)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -77,8 +77,8 @@ def make_api_cert(directory: Path) -> tuple[Path, Path]:
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), *(
+                x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", *ips))]),
                            critical=False)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
@@ -94,10 +94,10 @@ class Pebble:
     """pebble + pebble-challtestsrv for one test; `directory` goes through the `gate`."""
 
     def __init__(self, workdir: Path, http_port: int, https_port: int, validity: int | None = None,
-                 eab: dict[str, str] | None = None):
+                 eab: dict[str, str] | None = None, api_ips: tuple[str, ...] = ()):
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.api_cert, api_key = make_api_cert(workdir)
+        self.api_cert, api_key = make_api_cert(workdir, api_ips)
         self.api_port, self.mgmt_port, self.dns_port = free_port(), free_port(), free_port()
         self.dns = Proc([_need("pebble-challtestsrv"), "-defaultIPv4", "127.0.0.1", "-defaultIPv6", "",
                          "-dns01", f"127.0.0.1:{self.dns_port}", "-http01", "", "-https01", "",

@@ -148,6 +148,7 @@ class NetworkJoiner:
         self._failed: dict[str, tuple[str, float]] = {}  # network → (why, monotonic time to retry)
         self.refusals: Refusals = Refusals()
         self._saved: bytes | None = None
+        self._warned_gateway = False
 
     # --- the proxy's own container, once per connection to the engine ---------------------------
 
@@ -229,7 +230,7 @@ class NetworkJoiner:
         for net in join:
             t0 = time.monotonic()
             try:
-                api.connect_container_to_network(own.id, net)
+                self._connect(api, own, net)
             except docker.errors.APIError as e:
                 detail = _explain(e)
                 if "already exists" in detail:  # joined by a call whose event is still on its way
@@ -258,6 +259,30 @@ class NetworkJoiner:
             self._save()
         self.refusals = Refusals(refused)
         return dict(self.refusals) != before
+
+    def _connect(self, api: Any, own: Own, net: str) -> None:
+        """Connect without taking the container's default route. Docker picks the network that gives a
+        container its gateway (and its published ports) by priority, then by name: joining a network
+        whose name sorts first moves the published ports there and cuts every connection through them
+        (measured on Docker 20.10), and again when the proxy leaves it. Docker 28 (API 1.48) has a
+        per-endpoint gateway priority: joined networks get -1, below the networks the proxy was started on.
+        Older engines have none: then the operator is told, once, what to do."""
+        version = tuple(int(p) for p in re.findall(r"\d+", str(getattr(api, "api_version", "0")))[:2])
+        if version >= (1, 48) and all(hasattr(api, n) for n in ("_url", "_post_json", "_raise_for_status")):
+            res = api._post_json(api._url("/networks/{0}/connect", net),
+                                 data={"Container": own.id, "EndpointConfig": {"GwPriority": -1}})
+            api._raise_for_status(res)
+            return
+        api.connect_container_to_network(own.id, net)
+        first = min((n for n in own.protected if n not in ("host", "none")), default=None)
+        if first is not None and net < first and not self._warned_gateway:
+            self._warned_gateway = True
+            logger.warning(
+                f"docker: network {net} sorts before {first}, the network this container was started on: this "
+                f"Docker engine (API {'.'.join(map(str, version)) or '?'}, before 1.48) moves the container's "
+                "default route and published ports to it, which cuts the connections through the published "
+                "ports now and when the proxy leaves it. Run the proxy with host networking (recommended), "
+                "on Docker 28 or newer, or on a network whose name sorts first (e.g. 0-wakeproxy)")
 
     # --- state_dir/networks.json ------------------------------------------------------------------
 

@@ -278,7 +278,9 @@ class DockerView:
         publish: Callable[[Snapshot], None],
         emit: Callable[[ContainerEvent], None] | None = None,
         report: Callable[[EngineState], None] | None = None,
+        own_id: str | None | bool = True,
     ) -> None:
+        """`own_id`: the proxy's own container ID (None: not in one); True: found in /proc/self/mountinfo."""
         self.config = config
         self.loop = loop
         self.publish = publish
@@ -299,7 +301,8 @@ class DockerView:
         self._owners_path = config.state_dir / OWNERS_FILE
         self._owners_on = True  # False once the file could not be written
         self._joiner = NetworkJoiner(config.state_dir, config.docker.join_networks)
-        self._own_id = own_container_id()
+        self._last: Snapshot | None = None
+        self._own_id = own_container_id() if own_id is True else own_id or None
         self._api: Any = None  # the connected client's API, for the joiner (this thread only)
         self._stop = threading.Event()
         self._events: Any = None
@@ -424,6 +427,7 @@ class DockerView:
                 due = max(0.0, retry - time.monotonic())
                 if due == 0.0:
                     self._publish()  # a network that could not be joined: try it again
+                    self._sync_networks()
                     continue
                 wait = due if wait is None else min(wait, due)
             release = self._ownership.next_release(self._policy.names.release_after)
@@ -431,6 +435,7 @@ class DockerView:
                 due = max(0.0, release - time.time())
                 if due == 0.0:
                     self._publish()  # a held name is free now: the next claimant gets it
+                    self._sync_networks()
                     continue
                 wait = due if wait is None else min(wait, due)
             try:
@@ -477,6 +482,7 @@ class DockerView:
             del self._static[gone]
             self._mark_unsaved()
         self._publish()
+        self._sync_networks()
         return len(missing), len(listing) - len(missing)
 
     def _inspect(self, api: Any, cid: str) -> dict[str, Any] | None:
@@ -539,6 +545,8 @@ class DockerView:
         if self.emit is not None:
             for ev in emits:
                 self._call(self.emit, ev)
+        if changed:
+            self._sync_networks()
 
     # --- the container cache (only ever touched by the thread) ------------------------
 
@@ -598,32 +606,37 @@ class DockerView:
             return
         self._cache_saved = data
 
-    def _publish(self) -> None:
-        for _ in range(2):  # again when a network turned out not to be joinable: its sites say why
-            reach = self._joiner.reach(self._containers)
-            snap = build_snapshot(
-                self._containers.values(),
-                self.config.sources,
-                self.config.docker.networks,
-                self._drivers,
-                synced=True,
-                route_cache=self._route_cache,
-                policy=self._policy,
-                ownership=self._ownership,
-                reach=reach,
-                unreachable=self._joiner.refusals,
-            )
-            if self._ownership.dirty:
-                self._mark_unsaved()  # written with the container cache, at most every CACHE_SAVE_DELAY
-            self._call(self.publish, snap)
-            if reach is None or self._api is None:
-                return
-            try:
-                if not self._joiner.sync(self._api, snap, self._drivers, reach):
-                    return
-            except Exception as e:  # the engine went away mid-call: the next resync tries again
-                logger.warning(f"docker: joining networks failed: {_reason(e)}")
-                return
+    def _publish(self) -> Snapshot:
+        snap = build_snapshot(
+            self._containers.values(),
+            self.config.sources,
+            self.config.docker.networks,
+            self._drivers,
+            synced=True,
+            route_cache=self._route_cache,
+            policy=self._policy,
+            ownership=self._ownership,
+            reach=self._joiner.reach(self._containers),
+            unreachable=self._joiner.refusals,
+        )
+        if self._ownership.dirty:
+            self._mark_unsaved()  # written with the container cache, at most every CACHE_SAVE_DELAY
+        self._call(self.publish, snap)
+        self._last = snap
+        return snap
+
+    def _sync_networks(self) -> None:
+        """Join and leave networks for the last snapshot (networks.py). After the snapshot and its
+        container events are out: a join takes ~150 ms, and no event may wait for it (the wake of a
+        group must not see the `die` of the stop that put it to sleep after its own `start`)."""
+        snap, reach = self._last, self._joiner.reach(self._containers)
+        if snap is None or reach is None or self._api is None:
+            return
+        try:
+            if self._joiner.sync(self._api, snap, self._drivers, reach):
+                self._publish()  # a network that cannot be joined: its sites say why
+        except Exception as e:  # the engine went away mid-call: the next resync tries again
+            logger.warning(f"docker: joining networks failed: {_reason(e)}")
 
     def _save_owners(self) -> None:
         """Who owns which name, written atomically whenever it changed (rare: a new name, a release)."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 
 def _checks() -> dict[str, Callable[[], str | None]]:
@@ -12,13 +13,16 @@ def _checks() -> dict[str, Callable[[], str | None]]:
     def ok(fit: bool, what: str) -> str | None:
         return None if fit else what
 
+    def unless_installed(module: Any, check: Callable[[], str | None]) -> Callable[[], str | None]:
+        return lambda: None if module.installed() else check()  # in place already: it fitted when patched
+
     return {
         "dispatch": lambda: ok(dispatch.compatible(), "AddonManager is not the shape the hook table was written for"),
         "lean": lean.shape_problem,
-        "h2reuse": h2reuse.shape_problem,
-        "headbound": headbound.compatible,
-        "earlyanswer": earlyanswer.compatible,
-        "errorpages": errorpages.compatible,
+        "h2reuse": unless_installed(h2reuse, h2reuse.shape_problem),
+        "headbound": unless_installed(headbound, headbound.compatible),
+        "earlyanswer": unless_installed(earlyanswer, earlyanswer.compatible),
+        "errorpages": unless_installed(errorpages, errorpages.compatible),
         "listeners": lambda: ok(listeners.shape_ok(), "mode_servers does not call asyncio.start_server"),
         "upstream": lambda: ok(upstream.shape_ok(), "ConnectionHandler.open_connection does not call "
                                                     "asyncio.open_connection"),

@@ -87,7 +87,7 @@ class StatusServer:
                 ],
                 "inflight": act.inflight if act else 0,
                 "open": act.open if act else 0,
-                "last_activity": _iso(act.last) if act else None,
+                "last_activity": _iso(act.last if act else self.idle.saved_clock(name)),
                 "idle_timeout": timeout,
                 "stops_in": idle_in,
             })

@@ -105,6 +105,10 @@ class IdleKeeper:
         if self._dirty and self.decides:
             await asyncio.to_thread(self._write, self._state())
 
+    def saved_clock(self, group: str) -> float | None:
+        """The clock read from the state file for `group`, until the group is first seen (then `activity`)."""
+        return self._loaded.get(group)
+
     @property
     def state_path(self) -> Path:
         return self.runtime.config.state_dir / STATE_FILE

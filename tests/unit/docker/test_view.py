@@ -103,7 +103,7 @@ class DirectLoop:
 
 def make_view(state_dir: Path, published: list[Snapshot] | None = None) -> DockerView:
     sink = published if published is not None else []
-    return DockerView(Config(state_dir=state_dir), DirectLoop(), sink.append)  # type: ignore[arg-type]
+    return DockerView(Config(state_dir=state_dir), DirectLoop(), sink.append, own_id=None)  # type: ignore[arg-type]
 
 
 def start(view: DockerView, api: FakeAPI) -> tuple[int, int]:

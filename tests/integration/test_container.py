@@ -1,0 +1,286 @@
+"""The proxy as a container of its own image (Python 3.13, mitmproxy 12): `docker run` with the socket
+mounted, on a bridge network (joining the sandboxes' networks by itself) and with `--network host`.
+
+Each test runs in both modes against one proxy container per mode (module scope), with a real pebble
+for its certificates. Sandboxes are Compose-shaped: a network `<project>_default` with Compose's
+labels, and containers of that project on it only. The proxy's container is started on a network of
+its own, so it reaches a sandbox only through the network it joined.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import docker.errors
+import httpx
+import pytest
+from container_harness import ProxyContainer, image_tag
+from harness import Relay, backend_of, free_port, remove_network, wait_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "acme"))
+from acme_harness import Pebble, https_get, leaf_of, wait_issued  # noqa: E402
+
+MODES = ["bridge", "host"]
+
+
+@pytest.fixture(scope="session")
+def image() -> str:
+    return image_tag()
+
+
+def _get(proxy: ProxyContainer, host: str, path: str = "/", timeout: float = 30) -> httpx.Response:
+    with httpx.Client(timeout=timeout, trust_env=False) as c:
+        return c.get(f"{proxy.http_url}{path}", headers={"Host": host})
+
+
+@pytest.fixture(scope="module", params=MODES)
+def deployed(request, docker_client, run_id, image, tmp_path_factory):
+    """(mode, proxy container, pebble): the image run as users run it, with ACME from pebble."""
+    mode = request.param
+    workdir = tmp_path_factory.mktemp(f"container-{mode}")
+    http_port, https_port = free_port(), free_port()
+    net = None
+    api_ips: tuple[str, ...] = ()
+    if mode == "bridge":
+        # Named to sort before every sandbox network: on Docker < 28 the network that sorts first gives the
+        # container its default route and published ports (docker/networks.py, README "In a container").
+        net = docker_client.networks.create(f"{run_id}-0proxy", driver="bridge")
+        net.reload()
+        gateway = net.attrs["IPAM"]["Config"][0]["Gateway"]
+        api_ips = (gateway,)
+    pebble = Pebble(workdir / "pebble", http_port, https_port, api_ips=api_ips)
+    relay = None
+    directory = pebble.directory
+    if mode == "bridge":
+        # The proxy's container reaches the host only through its bridge's gateway: a relay there to pebble.
+        port = free_port()
+
+        def bind() -> socket.socket:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((gateway, port))
+            return s
+
+        relay = Relay(bind, lambda: socket.create_connection(("127.0.0.1", pebble.gate_port), timeout=5))
+        relay.open()
+        directory = f"https://{gateway}:{port}/dir"
+    config = {
+        "docker": {"networks": []},
+        "wake": {"per_client": 0, "timeout": "30s"},
+        "shutdown": {"drain": "15s"},
+        "acme": {"enabled": True, "directory": directory, "ca_bundle": "/etc/wakeproxy/pebble-api.pem",
+                 "email": "admin@example.test"},
+    }
+    proxy = ProxyContainer(docker_client, image, f"{run_id}-proxy-{mode}", mode, workdir, config,
+                           network=net.name if net is not None else None,
+                           env={"WAKEPROXY_ACME_TEST_BACKOFF": "1"},
+                           files={"pebble-api.pem": pebble.api_cert.read_text()},
+                           http_port=http_port, https_port=https_port)
+    try:
+        proxy.start()
+        yield mode, proxy, pebble
+    finally:
+        failed = request.session.testsfailed
+        if failed:
+            print(f"\n--- proxy container {proxy.name} log ---\n{proxy.log()[-30000:]}", file=sys.stderr)
+        proxy.remove()
+        if relay is not None:
+            relay.close()
+        pebble.stop()
+        if net is not None:
+            remove_network(net)
+
+
+class Sandboxes:
+    """Compose-shaped projects: `<prefix>-<name>_default` networks holding the project's containers."""
+
+    def __init__(self, client, run_id: str, factory) -> None:
+        self.client, self.run_id, self.factory = client, run_id, factory
+        self.networks: list = []
+
+    def project(self, name: str, host: str, labels: dict | None = None, **kw):
+        project = f"{self.run_id}-{name}"
+        net = self.client.networks.create(f"{project}_default", driver="bridge", labels={
+            "com.docker.compose.project": project, "com.docker.compose.network": "default"})
+        self.networks.append(net)
+        c = self.factory(f"{name}-web", network=net.name, labels={
+            "com.docker.compose.project": project, "com.docker.compose.service": "web",
+            "wakeproxy.host": host, **(labels or {})}, **kw)
+        return net, c
+
+    def cleanup(self) -> None:
+        self.factory.cleanup()
+        for net in self.networks:
+            remove_network(net)
+
+
+@pytest.fixture
+def sandboxes(docker_client, run_id, backend_container):
+    s = Sandboxes(docker_client, run_id, backend_container)
+    yield s
+    s.cleanup()
+
+
+def test_the_image_runs_mitmproxy_12_and_every_adaptation_fits(docker_client, image):
+    version = docker_client.containers.run(image, ["--version"], remove=True).decode()
+    assert "mitmproxy 12." in version and "Python 3.13" in version, version
+    # `check` runs each adaptation's own shape check against the image's mitmproxy.
+    out = docker_client.containers.run(image, ["check"], remove=True).decode()
+    assert "adaptations fit" in out and "does not fit" not in out, out
+
+
+def test_routes_to_a_sandbox_on_its_own_network_joined_then_left(deployed, sandboxes, host):
+    mode, proxy, _ = deployed
+    name = host(f"joined-{mode}")
+    net, web = sandboxes.project(f"joined-{mode}", name)
+    r = wait_for(lambda: (resp := _get(proxy, name)).status_code == 200 and resp, 15, 0.1, f"{name} routed")
+    assert backend_of(r) == f"joined-{mode}-web"
+    if mode == "bridge":
+        assert net.name in proxy.networks()
+        assert f"docker: joined network {net.name}" in proxy.log()
+    else:
+        assert proxy.networks() == {"host"}  # nothing to join: the host's namespace reaches every bridge
+    # `docker compose down`: the containers go, then the network. The proxy has left it by then.
+    web.remove(force=True)
+    if mode == "bridge":
+        wait_for(lambda: net.name not in proxy.networks(), 10, 0.1, f"the proxy to leave {net.name}")
+    net.remove()
+    sandboxes.networks.remove(net)
+    assert _get(proxy, name).status_code == 404
+
+
+def test_a_hostile_sandbox_cannot_make_the_proxy_join_another_projects_network(deployed, sandboxes, host):
+    """A label naming another project's network (wakeproxy.network) gets a 503 and no join."""
+    mode, proxy, _ = deployed
+    if mode == "host":
+        pytest.skip("with host networking nothing is joined")
+    # The victim sleeps (created, not started): its network is not joined until it runs.
+    victim_net, _ = sandboxes.project(f"victim-{mode}", host(f"victim-{mode}"), start=False)
+    sandboxes.project(f"attacker-{mode}", host(f"attacker-{mode}"), labels={"wakeproxy.network": victim_net.name})
+    r = wait_for(lambda: (resp := _get(proxy, host(f"attacker-{mode}"))).status_code != 404 and resp, 15, 0.1,
+                 "the attacker's site to be known")
+    assert r.status_code == 503, r.text[:300]
+    time.sleep(0.5)
+    assert victim_net.name not in proxy.networks()
+    assert f"joined network {victim_net.name}" not in proxy.log()
+
+
+def test_wakes_a_sleeping_sandbox_and_puts_an_idle_one_to_sleep(deployed, sandboxes, host):
+    mode, proxy, _ = deployed
+    name = host(f"sleepy-{mode}")
+    net, web = sandboxes.project(f"sleepy-{mode}", name, labels={"wakeproxy.idle-timeout": "2s"},
+                                 keep_awake=False)
+    wait_for(lambda: _get(proxy, name).status_code == 200, 15, 0.1, f"{name} routed")
+
+    def exited() -> bool:
+        web.reload()
+        return web.status == "exited"
+    wait_for(exited, 30, 0.2, f"{web.name} stopped by the idle keeper")
+    if mode == "bridge":  # nothing runs on it: the proxy leaves (a sleeping sandbox costs no interface)
+        wait_for(lambda: net.name not in proxy.networks(), 10, 0.1, f"the proxy to leave {net.name}")
+    t0 = time.monotonic()
+    r = _get(proxy, name, "/api", timeout=60)  # not a browser navigation: held until the app answers
+    woke = time.monotonic() - t0
+    assert r.status_code == 200, r.text[:500]
+    assert backend_of(r) == f"sleepy-{mode}-web"
+    web.reload()
+    assert web.status == "running"
+    if mode == "bridge":
+        assert net.name in proxy.networks()
+    print(f"\n[{mode}] woken in {woke:.2f} s")
+
+
+def test_tls_http2_pebble_certificate_and_idle_clocks_survive_docker_restart(deployed, sandboxes, host):
+    mode, proxy, pebble = deployed
+    name = host(f"tls-{mode}")
+    sandboxes.project(f"tls-{mode}", name, labels={"wakeproxy.acme": "true"})
+    wait_issued(proxy, name, timeout=60)
+    root = pebble.root_pem()
+    r = https_get(proxy, name, root)
+    assert r.status_code == 200 and r.http_version == "HTTP/2"
+    serial = leaf_of(proxy, name).serial_number
+    orders = pebble.orders()
+    group = f"{sandboxes.run_id}-tls-{mode}"
+
+    def clock() -> str | None:
+        code, out = proxy.exec("wakeproxy", "status", "--json")
+        assert code == 0, out
+        for g in json.loads(out)["groups"]:
+            if g["group"] == group:
+                return g["last_activity"]
+        raise AssertionError(f"no group {group} in the status: {out[:3000]}")
+    time.sleep(1.0)  # the last request's activity has reached the controller (workers report 4×/s)
+    before = clock()
+    assert before is not None
+    seconds = proxy.restart()
+    print(f"\n[{mode}] docker restart: ready again in {seconds:.1f} s")
+    assert clock() == before  # the idle clock came back from the state volume (read before any request)
+    assert leaf_of(proxy, name).serial_number == serial  # the same certificate, from the state volume
+    assert wait_for(lambda: https_get(proxy, name, root).status_code == 200, 15, 0.2, "TLS after the restart")
+    assert pebble.orders() == orders  # and no new order
+
+
+def test_status_and_health_through_docker_exec(deployed, sandboxes, host):
+    mode, proxy, _ = deployed
+    name = host(f"status-{mode}")
+    sandboxes.project(f"status-{mode}", name)
+    wait_for(lambda: _get(proxy, name).status_code == 200, 15, 0.1, f"{name} routed")
+    code, out = proxy.exec("wakeproxy", "status")
+    assert code == 0, out
+    assert "GROUP" in out and f"{sandboxes.run_id}-status-{mode}" in out and "WORKER" in out
+    # Workers dropped to the image's account; the supervisor and the controller stay root (socket, ports).
+    workers = proxy.children("worker")
+    assert workers
+    for pid in workers:
+        uids = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Uid:"))
+        assert uids.split()[1:] == ["10001"] * 4, uids
+    code, out = proxy.exec("wakeproxy", "health")
+    assert code == 0, out
+
+    def healthy() -> bool:
+        proxy.container.reload()
+        return proxy.container.attrs["State"].get("Health", {}).get("Status") == "healthy"
+    wait_for(healthy, 45, 0.5, "docker to call the container healthy (HEALTHCHECK)")
+
+
+def test_sigterm_drains_and_docker_logs_show_the_proxys_lines(deployed, sandboxes, host):
+    """Last in the module: it stops the proxy's container."""
+    mode, proxy, _ = deployed
+    name = host(f"drain-{mode}")
+    sandboxes.project(f"drain-{mode}", name)
+    wait_for(lambda: _get(proxy, name).status_code == 200, 15, 0.1, f"{name} routed")
+    result: dict = {}
+
+    def slow() -> None:
+        try:
+            result["r"] = _get(proxy, name, "/sleep?s=3")
+        except Exception as e:  # noqa: BLE001
+            result["e"] = e
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(1.0)  # the request is in flight
+    t0 = time.monotonic()
+    proxy.container.stop(timeout=20)
+    stopped = time.monotonic() - t0
+    t.join(10)
+    assert "e" not in result, result
+    assert result["r"].status_code == 200  # not cut short by the stop
+    proxy.container.reload()
+    assert proxy.container.attrs["State"]["ExitCode"] == 0, proxy.log()[-3000:]
+    assert stopped < 15, stopped
+    logs = proxy.log()
+    for line in ("controller ready", "wakeproxy ready:", "docker: synced"):
+        assert line in logs, line
+    assert "Traceback" not in logs, logs[-5000:]
+    # mitmproxy 12: no adaptation fell back (each says so with one warning when it does).
+    for fallback in ("is not the shape it was written for", "as expected;", "cannot serve them"):
+        assert fallback not in logs, fallback
+    try:
+        proxy.container.start()  # back for the module's teardown (and the other mode's, unaffected)
+    except docker.errors.APIError:
+        pass
