@@ -42,8 +42,12 @@ class ProxyContainer:
 
     def __init__(self, client: Any, image: str, name: str, mode: str, workdir: Path, config: dict,
                  network: str | None = None, env: dict | None = None, files: dict[str, str] | None = None,
-                 http_port: int | None = None, https_port: int | None = None) -> None:
+                 http_port: int | None = None, https_port: int | None = None,
+                 also_publish: tuple[str, ...] = ()) -> None:
+        """`also_publish`: more host addresses the bridge mode publishes the ports on (the same port numbers)."""
         self.client, self.image, self.name, self.mode = client, image, name, mode
+        self.also_publish = also_publish
+        self.external: Any = None  # test_container's ExternalClient, in bridge mode
         self.http_port = http_port or free_port()
         self.https_port = https_port or free_port()
         self.config = dict(config)
@@ -85,7 +89,8 @@ class ProxyContainer:
             kw["network_mode"] = "host"
         else:
             kw["network"] = self.network
-            kw["ports"] = {"80/tcp": ("127.0.0.1", self.http_port), "443/tcp": ("127.0.0.1", self.https_port)}
+            kw["ports"] = {"80/tcp": [(a, self.http_port) for a in ("127.0.0.1", *self.also_publish)],
+                           "443/tcp": [(a, self.https_port) for a in ("127.0.0.1", *self.also_publish)]}
         self.container = self.client.containers.run(self.image, **kw)
         self.wait_ready(ready_timeout)
         return self
@@ -144,3 +149,36 @@ class ProxyContainer:
             pass
         except docker.errors.APIError as e:
             print(f"warning: could not remove volume {self.volume}: {e}")
+
+
+class RecordedProxyContainer(ProxyContainer):
+    """A `ProxyContainer` whose /var/run/docker.sock is `socket_path` on the host (e.g. a recording relay
+    to the real socket, tests/integration/test_docker_api_calls.py) instead of the host's own socket.
+    Everything else is `ProxyContainer.start()`'s: only the socket's bind mount is swapped."""
+
+    def __init__(self, *args: Any, socket_path: str | Path, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.socket_path = str(socket_path)
+
+    def start(self, ready_timeout: float = 60.0) -> RecordedProxyContainer:
+        client = self.client
+        self.client = _SocketSwap(client, self.socket_path)
+        try:
+            super().start(ready_timeout)
+        finally:
+            self.client = client
+        return self
+
+
+class _SocketSwap:
+    """Stands in for the Docker client during `ProxyContainer.start()`: `containers.run` with the host's
+    SOCKET bind mount replaced by `socket_path`."""
+
+    def __init__(self, client: Any, socket_path: str) -> None:
+        self._client, self._socket_path = client, socket_path
+        self.containers = self
+
+    def run(self, image: str, **kw: Any) -> Any:
+        volumes = dict(kw.get("volumes") or {})
+        volumes[self._socket_path] = volumes.pop(SOCKET)
+        return self._client.containers.run(image, **{**kw, "volumes": volumes})

@@ -9,8 +9,10 @@ its own, so it reaches a sandbox only through the network it joined.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -20,7 +22,7 @@ import docker.errors
 import httpx
 import pytest
 from container_harness import ProxyContainer, image_tag
-from harness import Relay, backend_of, free_port, remove_network, wait_for
+from harness import Relay, backend_of, choose_free_block, free_port, remove_network, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "acme"))
 from acme_harness import Pebble, https_get, leaf_of, wait_issued  # noqa: E402
@@ -38,6 +40,48 @@ def _get(proxy: ProxyContainer, host: str, path: str = "/", timeout: float = 30)
         return c.get(f"{proxy.http_url}{path}", headers={"Host": host})
 
 
+class ExternalClient:
+    """A client on another "machine": a network namespace of the test's own, joined to the host by a veth
+    pair (host side HOST_IP, client side CLIENT_IP). Its connections to HOST_IP arrive as from another
+    host would, through Docker's DNAT of published ports; only that /24, made here, is contacted."""
+
+    def __init__(self, run_id: str, block) -> None:
+        self.ns = f"{run_id}-ext"
+        tag = run_id.split("-")[-1][:8]
+        self.host_if, self.peer_if = f"wpx{tag}a", f"wpx{tag}b"
+        hosts = list(block.hosts())
+        self.host_ip, self.client_ip = str(hosts[0]), str(hosts[1])
+        self.prefix = block.prefixlen
+
+    def up(self) -> None:
+        for cmd in (["ip", "netns", "add", self.ns],
+                    ["ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.peer_if],
+                    ["ip", "link", "set", self.peer_if, "netns", self.ns],
+                    ["ip", "addr", "add", f"{self.host_ip}/{self.prefix}", "dev", self.host_if],
+                    ["ip", "link", "set", self.host_if, "up"],
+                    ["ip", "-n", self.ns, "addr", "add", f"{self.client_ip}/{self.prefix}", "dev", self.peer_if],
+                    ["ip", "-n", self.ns, "link", "set", self.peer_if, "up"],
+                    ["ip", "-n", self.ns, "link", "set", "lo", "up"]):
+            subprocess.run(cmd, check=True, capture_output=True, timeout=10)
+
+    def get(self, port: int, host: str, path: str = "/") -> dict:
+        """GET http://HOST_IP:port/path with Host: host, from inside the namespace: the backend's JSON."""
+        code = ("import json,socket,sys\n"
+                f"s=socket.create_connection(({self.host_ip!r},{port}),5)\n"
+                f"s.sendall(b'GET {path} HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: close\\r\\n\\r\\n')\n"
+                "d=b''\nwhile (c:=s.recv(65536)): d+=c\n"
+                "sys.stdout.write(d.split(b'\\r\\n\\r\\n',1)[1].decode())\n")
+        out = subprocess.run(["ip", "netns", "exec", self.ns, sys.executable, "-c", code], capture_output=True,
+                             text=True, timeout=20, check=True)
+        return json.loads(out.stdout)
+
+    def down(self) -> None:
+        with contextlib.suppress(Exception):
+            subprocess.run(["ip", "link", "del", self.host_if], capture_output=True, timeout=10)
+        with contextlib.suppress(Exception):
+            subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, timeout=10)
+
+
 @pytest.fixture(scope="module", params=MODES)
 def deployed(request, docker_client, run_id, image, tmp_path_factory):
     """(mode, proxy container, pebble): the image run as users run it, with ACME from pebble."""
@@ -46,7 +90,10 @@ def deployed(request, docker_client, run_id, image, tmp_path_factory):
     http_port, https_port = free_port(), free_port()
     net = None
     api_ips: tuple[str, ...] = ()
+    external = None
     if mode == "bridge":
+        external = ExternalClient(run_id, choose_free_block(docker_client))
+        external.up()
         # Named to sort before every sandbox network: on Docker < 28 the network that sorts first gives the
         # container its default route and published ports (docker/networks.py, README "In a container").
         net = docker_client.networks.create(f"{run_id}-0proxy", driver="bridge")
@@ -80,7 +127,9 @@ def deployed(request, docker_client, run_id, image, tmp_path_factory):
                            network=net.name if net is not None else None,
                            env={"WAKEPROXY_ACME_TEST_BACKOFF": "1"},
                            files={"pebble-api.pem": pebble.api_cert.read_text()},
-                           http_port=http_port, https_port=https_port)
+                           http_port=http_port, https_port=https_port,
+                           also_publish=(external.host_ip,) if external is not None else ())
+    proxy.external = external
     try:
         proxy.start()
         yield mode, proxy, pebble
@@ -94,6 +143,8 @@ def deployed(request, docker_client, run_id, image, tmp_path_factory):
         pebble.stop()
         if net is not None:
             remove_network(net)
+        if external is not None:
+            external.down()
 
 
 class Sandboxes:
@@ -152,6 +203,25 @@ def test_routes_to_a_sandbox_on_its_own_network_joined_then_left(deployed, sandb
     net.remove()
     sandboxes.networks.remove(net)
     assert _get(proxy, name).status_code == 404
+
+
+def test_the_client_address_reaches_the_backend(deployed, sandboxes, host):
+    """What X-Forwarded-For says in each mode (README "In a container": client addresses)."""
+    mode, proxy, _ = deployed
+    name = host(f"client-{mode}")
+    sandboxes.project(f"client-{mode}", name)
+    r = wait_for(lambda: (resp := _get(proxy, name)).status_code == 200 and resp, 15, 0.1, f"{name} routed")
+    xff = r.json()["headers"].get("x-forwarded-for") or r.json()["headers"].get("X-Forwarded-For")
+    if mode == "host":
+        assert xff == "127.0.0.1"  # the real client: nothing between it and the proxy
+        return
+    # Bridge: from the host itself, Docker's userland proxy connects for the client (its bridge's gateway)…
+    gateway = proxy.container.attrs["NetworkSettings"]["Networks"][proxy.network]["Gateway"]
+    assert xff == gateway
+    # …while a client on another machine keeps its address (Docker's DNAT of the published port).
+    seen = proxy.external.get(proxy.http_port, name)
+    headers = {k.lower(): v for k, v in seen["headers"].items()}
+    assert headers["x-forwarded-for"] == proxy.external.client_ip
 
 
 def test_a_hostile_sandbox_cannot_make_the_proxy_join_another_projects_network(deployed, sandboxes, host):
@@ -239,6 +309,10 @@ def test_status_and_health_through_docker_exec(deployed, sandboxes, host):
     for pid in workers:
         uids = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Uid:"))
         assert uids.split()[1:] == ["10001"] * 4, uids
+    # The workers' account cannot use the Docker socket that is mounted into the same container.
+    code, raw = proxy.container.exec_run(["python3.13", "-c", "import socket; s = socket.socket(socket.AF_UNIX); "
+                                          "s.connect('/var/run/docker.sock')"], user="10001")
+    assert code != 0 and b"PermissionError" in raw, raw
     code, out = proxy.exec("wakeproxy", "health")
     assert code == 0, out
 

@@ -189,3 +189,57 @@ def test_not_in_a_container_or_unknown_to_the_engine(tmp_path: Path):
     j = nw.NetworkJoiner(tmp_path, enabled=True)
     assert j.detect(FakeAPI("default", []), None) is None and j.reach({}) is None
     assert j.detect(FakeAPI("default", []), OTHER) is None and j.reach({}) is None
+
+
+class NewEngineAPI(FakeAPI):
+    """An engine with API 1.48+ (Docker 28): the join goes out as a raw POST with a gateway priority."""
+
+    api_version = "1.48"
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.posts: list[tuple[str, dict]] = []
+
+    def _url(self, pattern: str, *args: str) -> str:
+        return pattern.format(*args)
+
+    def _post_json(self, url: str, data: dict) -> str:
+        self.posts.append((url, data))
+        self.nets.append(url.split("/")[2])
+        return "response"
+
+    def _raise_for_status(self, res: str) -> None:
+        assert res == "response"
+
+
+def test_a_joined_network_never_takes_the_gateway_on_docker_28(tmp_path: Path):
+    api = NewEngineAPI("zzz_proxy", ["zzz_proxy"])
+    j = nw.NetworkJoiner(tmp_path, enabled=True)
+    j.detect(api, CID)
+    j.sync(api, backend_snapshot(ci("a", "a.test", "a_default")), {"a_default": "bridge", "zzz_proxy": "bridge"},
+           frozenset(api.nets))
+    assert api.posts == [("/networks/a_default/connect",
+                          {"Container": CID, "EndpointConfig": {"GwPriority": -1}})]
+    assert api.calls == []  # not the SDK's call, which cannot say so
+
+
+def test_older_engines_get_one_warning_when_a_joined_network_sorts_first(tmp_path: Path, caplog):
+    api = FakeAPI("zzz_proxy", ["zzz_proxy"])
+    api.api_version = "1.41"  # type: ignore[attr-defined]
+    j = nw.NetworkJoiner(tmp_path, enabled=True)
+    j.detect(api, CID)
+    drivers = {n: "bridge" for n in ("a_default", "b_default", "zzz_proxy")}
+    with caplog.at_level("WARNING"):
+        j.sync(api, backend_snapshot(ci("a", "a.test", "a_default"), ci("b", "b.test", "b_default")), drivers,
+               frozenset(api.nets))
+    assert api.calls == [("connect", "a_default"), ("connect", "b_default")]
+    warnings = [r.getMessage() for r in caplog.records if "sorts before" in r.getMessage()]
+    assert len(warnings) == 1 and "host networking" in warnings[0] and "API 1.41" in warnings[0]
+    # A proxy network that sorts first: nothing to warn about.
+    caplog.clear()
+    api2 = FakeAPI("0-wakeproxy", ["0-wakeproxy"])
+    j2 = nw.NetworkJoiner(tmp_path / "2", enabled=True)
+    j2.detect(api2, CID)
+    with caplog.at_level("WARNING"):
+        j2.sync(api2, backend_snapshot(ci("a", "a.test", "a_default")), {"a_default": "bridge"}, frozenset(api2.nets))
+    assert not [r for r in caplog.records if "sorts before" in r.getMessage()]
