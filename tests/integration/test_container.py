@@ -320,6 +320,13 @@ def test_status_and_health_through_docker_exec(deployed, sandboxes, host):
         proxy.container.reload()
         return proxy.container.attrs["State"].get("Health", {}).get("Status") == "healthy"
     wait_for(healthy, 45, 0.5, "docker to call the container healthy (HEALTHCHECK)")
+    # `wakeproxy reload` through docker exec: new workers replace the old ones, the site keeps answering.
+    done_before = proxy.log().count("wakeproxy: reload done")
+    code, out = proxy.exec("wakeproxy", "reload")
+    assert code == 0, out
+    wait_for(lambda: proxy.log().count("wakeproxy: reload done") > done_before, 60, 0.2, "the reload")
+    assert set(proxy.children("worker")).isdisjoint(workers)
+    assert _get(proxy, name).status_code == 200
 
 
 def test_sigterm_drains_and_docker_logs_show_the_proxys_lines(deployed, sandboxes, host):
