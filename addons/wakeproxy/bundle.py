@@ -44,9 +44,10 @@ def make_addons(runtime: Runtime | None = None) -> list[Any]:
     tokens = ChallengeTokens()
     acme = AcmeManager(runtime, certificates, tokens)
     tls_addons = [certificates, ChallengeAnswers(tokens), acme, HttpsPolicy(runtime, certificates)]
-    status = StatusServer(runtime, waker, idle, extra={"certificates": acme.status})
+    core = WakeProxy(runtime)
+    status = StatusServer(runtime, waker, idle, extra={"certificates": acme.status, "container": core.container_status})
     # Hygiene right after the config: its requestheaders runs before every other addon's.
-    return [WakeProxy(runtime), Hygiene(runtime), ConnectionLimits(runtime), *tls_addons, waker,
+    return [core, Hygiene(runtime), ConnectionLimits(runtime), *tls_addons, waker,
             Router(runtime, waker), idle, status, Upstream(runtime, waker), errorpages.UpstreamErrors(runtime)]
 
 
@@ -62,8 +63,10 @@ def make_controller_addons(runtime: Runtime | None = None) -> list[Any]:
     tokens = ChallengeTokens()
     acme = AcmeManager(runtime, certificates, tokens)
     plane = ControllerPlane(runtime, waker.core, idle, certificates, tokens)
-    status = StatusServer(runtime, waker, idle, extra={"certificates": acme.status, "workers": plane.status})
-    return [WakeProxy(runtime, announce="controller ready"), certificates, acme, waker, idle, plane, status]
+    core = WakeProxy(runtime, announce="controller ready")
+    status = StatusServer(runtime, waker, idle, extra={"certificates": acme.status, "workers": plane.status,
+                                                       "container": core.container_status})
+    return [core, certificates, acme, waker, idle, plane, status]
 
 
 def make_worker_addons(runtime: Runtime | None = None) -> list[Any]:

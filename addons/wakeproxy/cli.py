@@ -238,6 +238,15 @@ def _status(config_path: str, url: str | None, as_json: bool) -> int:
                   f"{engine.get('last_error') or 'not connected yet'}")
         else:
             print(f"docker: connected to {engine.get('url')} (since {_ago(iso)})")
+    own = report.get("container")
+    if isinstance(own, dict):
+        line = f"container: {own.get('container')} ({own.get('mode')} networking"
+        if own.get("joining"):
+            joined = own.get("joined") or []
+            line += f", joined {len(joined)} network(s){': ' + ', '.join(joined) if joined else ''}"
+        print(line + ")")
+        for net, why in (own.get("cannot_join") or {}).items():
+            print(f"  cannot join {net}: {why}")
     rows = [("GROUP", "STATE", "HOSTS", "CONTAINERS", "IN FLIGHT", "OPEN", "LAST ACTIVITY", "STOPS IN")]
     for g in report["groups"]:
         rows.append((

@@ -170,6 +170,10 @@ class WakeProxy:
     def _engine(self, state: EngineState) -> None:
         self.runtime.engine = state
 
+    def container_status(self) -> dict[str, Any] | None:
+        """The proxy's own container and its joined networks (docker/networks.py); None outside one."""
+        return self.view.networks_status() if self.view is not None else None
+
     def _publish(self, snapshot: Snapshot) -> None:
         self.runtime.publish(snapshot)
         if not self._ready_logged:

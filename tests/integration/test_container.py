@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import docker.errors
+import docker.types
 import httpx
 import pytest
 from container_harness import ProxyContainer, image_tag
@@ -154,9 +155,10 @@ class Sandboxes:
         self.client, self.run_id, self.factory = client, run_id, factory
         self.networks: list = []
 
-    def project(self, name: str, host: str, labels: dict | None = None, **kw):
+    def project(self, name: str, host: str, labels: dict | None = None, subnet: str | None = None, **kw):
         project = f"{self.run_id}-{name}"
-        net = self.client.networks.create(f"{project}_default", driver="bridge", labels={
+        ipam = docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=subnet)]) if subnet else None
+        net = self.client.networks.create(f"{project}_default", driver="bridge", ipam=ipam, labels={
             "com.docker.compose.project": project, "com.docker.compose.network": "default"})
         self.networks.append(net)
         c = self.factory(f"{name}-web", network=net.name, labels={
@@ -202,7 +204,7 @@ def test_routes_to_a_sandbox_on_its_own_network_joined_then_left(deployed, sandb
         wait_for(lambda: net.name not in proxy.networks(), 10, 0.1, f"the proxy to leave {net.name}")
     net.remove()
     sandboxes.networks.remove(net)
-    assert _get(proxy, name).status_code == 404
+    wait_for(lambda: _get(proxy, name).status_code == 404, 10, 0.1, f"{name} gone from every worker")
 
 
 def test_the_client_address_reaches_the_backend(deployed, sandboxes, host):
@@ -238,6 +240,22 @@ def test_a_hostile_sandbox_cannot_make_the_proxy_join_another_projects_network(d
     time.sleep(0.5)
     assert victim_net.name not in proxy.networks()
     assert f"joined network {victim_net.name}" not in proxy.log()
+
+
+def test_a_sandbox_network_with_public_addresses_is_not_joined(deployed, sandboxes, host):
+    """A Compose file chooses its network's subnet: a public range, once joined, would be a route of the
+    proxy's container and take its traffic for those addresses (its ACME CA's, say)."""
+    mode, proxy, _ = deployed
+    if mode == "host":
+        pytest.skip("with host networking nothing is joined")
+    # 44.31.255.0/24: global unicast that no test traffic goes to; the bridge's route exists only meanwhile.
+    net, _ = sandboxes.project(f"public-{mode}", host(f"public-{mode}"), subnet="44.31.255.0/24")
+    r = wait_for(lambda: (resp := _get(proxy, host(f"public-{mode}"))).status_code != 404 and resp, 15, 0.1,
+                 "the site to be known")
+    assert r.status_code == 503
+    assert net.name not in proxy.networks()
+    code, out = proxy.exec("wakeproxy", "status")
+    assert code == 0 and f"cannot join {net.name}: network '{net.name}' uses public addresses" in out, out
 
 
 def test_wakes_a_sleeping_sandbox_and_puts_an_idle_one_to_sleep(deployed, sandboxes, host):
@@ -325,7 +343,8 @@ def test_status_and_health_through_docker_exec(deployed, sandboxes, host):
     code, out = proxy.exec("wakeproxy", "reload")
     assert code == 0, out
     wait_for(lambda: proxy.log().count("wakeproxy: reload done") > done_before, 60, 0.2, "the reload")
-    assert set(proxy.children("worker")).isdisjoint(workers)
+    # The old workers drain (shutdown.drain) and exit; their replacements serve meanwhile.
+    wait_for(lambda: set(proxy.children("worker")).isdisjoint(workers), 30, 0.2, "the old workers to exit")
     assert _get(proxy, name).status_code == 200
 
 

@@ -7,11 +7,15 @@ The proxy runs as users run it (its image, bridge mode, joining the sandboxes' n
 prefix stripped and IDs and names made `{id}`. The test then drives every kind of call the controller
 makes: listing and inspecting, the event stream, joining and leaving a sandbox's network, pausing and
 unpausing one sandbox, stopping and starting another, and checks the calls against ALLOWED.
+
+Other test sessions may run proxies on the same engine at the same time (test_container.py's see every
+network). So the two sandboxes that go to sleep carry no `wakeproxy.idle-timeout` label: the 2 s timeout is
+this proxy's `idle.timeout`, which no other proxy has, and this proxy may use only this test's networks
+(`docker.networks`), so it puts nobody else's containers to sleep either.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -53,6 +57,9 @@ ESSENTIAL = {
     "POST /containers/{id}/pause", "POST /containers/{id}/unpause",
     "POST /networks/{id}/connect", "POST /networks/{id}/disconnect",
 }
+
+# This test's Compose projects (`<run_id>-<name>`, network `<run_id>-<name>_default`).
+PROJECTS = ("api-awake", "api-nap", "api-doze")
 
 # Resources whose second path segment is an ID or a name, except for these collection-level words.
 _COLLECTION_WORDS = {
@@ -278,7 +285,7 @@ def test_endpoint_pattern_and_parser():
     seen: list[tuple[str, str]] = []
     p = _RequestParser(lambda m, t: seen.append((m, t)))
     stream = (b"GET /v1.41/containers/json?all=1 HTTP/1.1\r\nHost: x\r\n\r\n"
-              b"POST /v1.41/networks/n/connect HTTP/1.1\r\nContent-Length: 13\r\n\r\n{\"Container\":1"
+              b"POST /v1.41/networks/n/connect HTTP/1.1\r\nContent-Length: 15\r\n\r\n{\"Container\":1"
               b"}POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
               b"GET /v1.41/events HTTP/1.1\r\n\r\n")
     for i in range(0, len(stream), 7):  # split anywhere
@@ -302,8 +309,9 @@ def _get(proxy: RecordedProxyContainer, host: str, path: str = "/", timeout: flo
 
 
 @pytest.fixture
-def recorded(request, docker_client, run_id, image, tmp_path_factory):
-    """(proxy container, relay): the image in bridge mode with the recording relay as its Docker socket."""
+def recorded(request, docker_client, run_id, image, tmp_path_factory, sandboxes):
+    """(proxy container, relay): the image in bridge mode with the recording relay as its Docker socket.
+    It asks for `sandboxes` only to be torn down first: no sandbox network is removed with the proxy still on it."""
     workdir = tmp_path_factory.mktemp("docker-api-calls")
     sockdir = workdir / "sock"
     sockdir.mkdir()
@@ -315,7 +323,8 @@ def recorded(request, docker_client, run_id, image, tmp_path_factory):
     # sorts first gives the container its default route and published ports).
     net = docker_client.networks.create(f"{run_id}-0apiproxy", driver="bridge")
     config = {
-        "docker": {"networks": []},
+        "docker": {"networks": [f"{run_id}-{p}_default" for p in PROJECTS]},
+        "idle": {"timeout": "2s", "stop_timeout": "2s"},
         "wake": {"per_client": 0, "timeout": "30s"},
         "shutdown": {"drain": "15s"},
     }
@@ -326,7 +335,7 @@ def recorded(request, docker_client, run_id, image, tmp_path_factory):
         proxy.start()
         yield proxy, relay
     finally:
-        if request.session.testsfailed:
+        if getattr(getattr(request.node, "rep_call", None), "failed", True):
             print(f"\n--- proxy container {proxy.name} log ---\n{proxy.log()[-30000:]}", file=sys.stderr)
         proxy.remove()
         relay.close()
@@ -374,11 +383,10 @@ def test_the_proxy_calls_only_the_documented_docker_endpoints(recorded, sandboxe
     # 1. An always-on site: listed, inspected, its network joined, routed.
     awake = host("api-awake")
     awake_net, _ = sandboxes.project("api-awake", awake)
-    # 2. A site paused when idle, 3. one stopped when idle (the default action).
+    # 2. A site paused when idle, 3. one stopped when idle (the default action); idle after the proxy's 2 s.
     napping, dozing = host("api-nap"), host("api-doze")
-    _, nap = sandboxes.project("api-nap", napping, keep_awake=False,
-                               labels={"wakeproxy.idle-timeout": "2s", "wakeproxy.idle-action": "pause"})
-    doze_net, doze = sandboxes.project("api-doze", dozing, keep_awake=False, labels={"wakeproxy.idle-timeout": "2s"})
+    _, nap = sandboxes.project("api-nap", napping, keep_awake=False, labels={"wakeproxy.idle-action": "pause"})
+    doze_net, doze = sandboxes.project("api-doze", dozing, keep_awake=False)
     for name, backend in ((awake, "api-awake-web"), (napping, "api-nap-web"), (dozing, "api-doze-web")):
         r = wait_for(lambda n=name: (resp := _get(proxy, n, "/api", timeout=60)).status_code == 200 and resp,
                      30, 0.1, f"{name} routed")
@@ -389,6 +397,11 @@ def test_the_proxy_calls_only_the_documented_docker_endpoints(recorded, sandboxe
     wait_for(lambda: _status(nap) == "paused", 40, 0.2, f"{nap.name} paused by the idle keeper")
     wait_for(lambda: _status(doze) == "exited", 40, 0.2, f"{doze.name} stopped by the idle keeper")
     wait_for(lambda: doze_net.name not in proxy.networks(), 20, 0.1, f"the proxy to leave {doze_net.name}")
+    for what, project, c in (("pause", "api-nap", nap), ("stop", "api-doze", doze)):
+        # Not by this proxy? Then another wakeproxy on this engine did it (one that sees this test's networks).
+        assert any(call.method == "POST" and call.path.split("/")[-2:] in ([c.id, what], [c.name, what])
+                   for call in relay.snapshot()), f"{c.name} was not put to sleep ({what}) by this test's proxy"
+        assert f"idle {sandboxes.run_id}-{project}: no activity" in proxy.log()
 
     # A request wakes each: unpause, start (and the network joined again).
     for name, c in ((napping, nap), (dozing, doze)):
@@ -405,14 +418,18 @@ def test_the_proxy_calls_only_the_documented_docker_endpoints(recorded, sandboxe
     keys: dict[str, set[str]] = {}
     for c in calls:
         keys.setdefault(c.endpoint, set()).update(k for k, _ in c.query)
-    event_filters = sorted({v for c in calls if c.pattern == "/events" for k, v in c.query if k == "filters"})
+    queries: dict[str, set[str]] = {}
+    for c in calls:
+        if c.query:
+            queries.setdefault(c.endpoint, set()).add("&".join(f"{k}={v}" for k, v in c.query))
     counts = {e: sum(1 for c in calls if c.endpoint == e) for e in endpoints}
     print(f"\nDocker API calls recorded ({len(calls)} requests on {len({c.conn for c in calls})} connections, "
           f"{elapsed:.1f} s):")
     for e in endpoints:
         print(f"  {e:34} x{counts[e]:<4} query keys: {', '.join(sorted(keys[e])) or '-'}")
-    for f in event_filters:
-        print(f"  GET /events filters: {json.loads(f)}")
+    for e, qs in sorted(queries.items()):
+        for q in sorted(qs):
+            print(f"  {e} ?{q}")
     print("  versions in paths:", sorted({m.group(0) for c in calls if (m := _VERSION.match(c.path))}))
 
     # Never anything that creates, executes, deletes or touches images, volumes or builds.

@@ -19,6 +19,7 @@ All calls run in the Docker view's thread, after a snapshot is published; never 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import time
@@ -35,9 +36,12 @@ from wakeproxy.routing.snapshot import Snapshot
 
 logger = get_logger(__name__)
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
 MOUNTINFO = Path("/proc/self/mountinfo")
 STATE_FILE = "networks.json"
 MAX_JOINED = 256  # networks joined at once, at most (each is an interface in the proxy's namespace)
+MAX_PER_GROUP = 4  # networks joined for one group (Compose project), at most: no tenant takes the rest
 RETRY_AFTER = 30.0  # a network that could not be joined is tried again after this long
 KEEP_STATES = frozenset({"running", "paused", "restarting"})  # a site's network is needed while its container is
 JOINABLE_DRIVERS = frozenset({"bridge"})
@@ -98,25 +102,65 @@ class Refusals(Mapping[str, str]):
         return len(self._known)
 
 
-def wanted_networks(snapshot: Snapshot) -> list[str]:
-    """The networks of the sites' containers that run (or are paused), most wanted first."""
-    count: dict[str, int] = {}
+def wanted_networks(snapshot: Snapshot) -> dict[str, frozenset[str]]:
+    """The networks of the sites' containers that run (or are paused) → the groups that want them."""
+    groups: dict[str, set[str]] = {}
     for backends in snapshot.endpoints.values():
         for b in backends:
             if b.network and b.state in KEEP_STATES:
-                count[b.network] = count.get(b.network, 0) + 1
-    return sorted(count, key=lambda n: (-count[n], n))
+                groups.setdefault(b.network, set()).add(b.group)
+    return {n: frozenset(g) for n, g in groups.items()}
 
 
-def plan(wanted: list[str], on: frozenset[str], ours: frozenset[str], protected: frozenset[str],
-         drivers: Mapping[str, str], failed: Mapping[str, str]) -> tuple[list[str], list[str], dict[str, str]]:
+def subnet_problem(net: str, subnets: tuple[str, ...], avoid: tuple[IPAddress, ...]) -> str | None:
+    """Why joining a network with these subnets would hand the proxy's own traffic to it, if it would.
+
+    A container's Compose file chooses its network's subnet. Once joined, that subnet is a route of the
+    proxy's container: a public range would send the proxy's traffic for those addresses (the ACME CA,
+    say) into the sandbox, and one holding the Docker engine's address (`docker.url` over TCP) would let
+    the sandbox answer for the engine."""
+    for text in subnets:
+        try:
+            subnet = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            return f"network '{net}' has a subnet that cannot be read ({text[:60]!r})"
+        if subnet.is_global:
+            return (f"network '{net}' uses public addresses ({subnet}): joining it would route the proxy's "
+                    "traffic for them into the sandbox")
+        for ip in avoid:
+            if ip.version == subnet.version and ip in subnet:
+                return (f"network '{net}' ({subnet}) holds {ip}, an address the proxy itself talks to "
+                        "(docker.url): joining it would route that traffic into the sandbox")
+    return None
+
+
+def plan(wanted: Mapping[str, frozenset[str]], on: frozenset[str], ours: frozenset[str], protected: frozenset[str],
+         drivers: Mapping[str, str], failed: Mapping[str, str],
+         subnets: Mapping[str, tuple[str, ...]] | None = None,
+         avoid: tuple[IPAddress, ...] = ()) -> tuple[list[str], list[str], dict[str, str]]:
     """(join, leave, refused): which networks to connect to and leave, and why others cannot be joined.
 
-    Only networks the proxy joined itself (`ours`) are ever left, never a `protected` one.
+    Only networks the proxy joined itself (`ours`) are ever left, never a `protected` one. One group
+    gets at most MAX_PER_GROUP networks joined for it, all groups at most MAX_JOINED.
     """
     refused: dict[str, str] = {}
+    # Per group: its networks in name order; the first MAX_PER_GROUP that need a join are its share.
+    share: dict[str, int] = {}
+    allowed: set[str] = set()
+    over: dict[str, str] = {}
+    for net in sorted(wanted):
+        if net in on:
+            continue
+        fits = [g for g in sorted(wanted[net]) if share.get(g, 0) < MAX_PER_GROUP]
+        if fits:
+            allowed.add(net)
+            for g in wanted[net]:
+                share[g] = share.get(g, 0) + 1
+        else:
+            over[net] = min(wanted[net])
+    order = sorted(wanted, key=lambda n: (-len(wanted[n]), n))
     keep: list[str] = []
-    for net in wanted:
+    for net in order:
         driver = drivers.get(net, "")
         if net in on:
             keep.append(net)
@@ -124,6 +168,11 @@ def plan(wanted: list[str], on: frozenset[str], ours: frozenset[str], protected:
             refused[net] = f"network '{net}' ({driver or 'unknown'} driver) cannot be joined by the proxy's container"
         elif net in failed:
             refused[net] = failed[net]
+        elif net in over:
+            refused[net] = (f"group '{over[net]}' has {MAX_PER_GROUP} networks joined for it already (the most "
+                            "per group): put its sites on fewer networks")
+        elif (why := subnet_problem(net, (subnets or {}).get(net, ()), avoid)) is not None:
+            refused[net] = why
         else:
             keep.append(net)
     extra = [n for n in keep if n not in on and n not in protected]
@@ -132,16 +181,17 @@ def plan(wanted: list[str], on: frozenset[str], ours: frozenset[str], protected:
     join = extra[:room]
     for net in extra[room:]:
         refused[net] = f"the proxy's container is on {MAX_JOINED} networks already (the most it joins)"
-    wanted_set = set(wanted)
-    leave = sorted(n for n in on if n in ours and n not in protected and n not in wanted_set)
+    leave = sorted(n for n in on if n in ours and n not in protected and n not in wanted)
     return join, leave, refused
 
 
 class NetworkJoiner:
     """Keeps the proxy's container on the networks its sites need (see the module's doc)."""
 
-    def __init__(self, state_dir: Path, enabled: bool) -> None:
+    def __init__(self, state_dir: Path, enabled: bool, avoid: tuple[IPAddress, ...] = ()) -> None:
+        """`avoid`: addresses the proxy itself talks to (the Docker engine's): never routed into a sandbox."""
         self.enabled = enabled
+        self.avoid = avoid
         self.path = state_dir / STATE_FILE
         self.own: Own | None = None
         self.ours: set[str] = set()
@@ -149,6 +199,7 @@ class NetworkJoiner:
         self.refusals: Refusals = Refusals()
         self._saved: bytes | None = None
         self._warned_gateway = False
+        self.summary: dict[str, Any] | None = None  # for `wakeproxy status`: replaced whole, read from the loop
 
     # --- the proxy's own container, once per connection to the engine ---------------------------
 
@@ -185,6 +236,7 @@ class NetworkJoiner:
             logger.warning(f"docker: running in container {name} with network mode {mode!r}: only sites on its "
                            "own networks can be reached")
         self._refresh_refusals()
+        self._summarize()
         return self.own
 
     def reach(self, containers: Mapping[str, Any]) -> frozenset[str] | None:
@@ -215,7 +267,8 @@ class NetworkJoiner:
 
     # --- after every snapshot ------------------------------------------------------------------
 
-    def sync(self, api: Any, snapshot: Snapshot, drivers: Mapping[str, str], on: frozenset[str]) -> bool:
+    def sync(self, api: Any, snapshot: Snapshot, drivers: Mapping[str, str], on: frozenset[str],
+             subnets: Mapping[str, tuple[str, ...]] | None = None) -> bool:
         """Join and leave what the snapshot calls for. True when the refusals changed (the view then
         builds the snapshot again, so the sites on a network that cannot be joined say why)."""
         own = self.own
@@ -226,7 +279,8 @@ class NetworkJoiner:
         for net in [n for n, (_, until) in self._failed.items() if until <= now]:
             del self._failed[net]
         failed = {n: why for n, (why, _) in self._failed.items()}
-        join, leave, refused = plan(wanted_networks(snapshot), on, frozenset(self.ours), own.protected, drivers, failed)
+        join, leave, refused = plan(wanted_networks(snapshot), on, frozenset(self.ours), own.protected, drivers, failed,
+                                    subnets, self.avoid)
         for net in join:
             t0 = time.monotonic()
             try:
@@ -258,7 +312,16 @@ class NetworkJoiner:
         if join or leave:
             self._save()
         self.refusals = Refusals(refused)
+        self._summarize()
         return dict(self.refusals) != before
+
+    def _summarize(self) -> None:
+        own = self.own
+        self.summary = None if own is None else {
+            "container": own.name, "mode": own.mode, "joining": self.enabled and own.mode == "bridge",
+            "started_on": sorted(own.protected), "joined": sorted(self.ours),
+            "cannot_join": dict(sorted(self.refusals.items())),
+        }
 
     def _connect(self, api: Any, own: Own, net: str) -> None:
         """Connect without taking the container's default route. Docker picks the network that gives a

@@ -18,6 +18,7 @@ the containers created since the file was last written.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import queue
@@ -59,6 +60,17 @@ RETRY_LOG_INTERVAL = 60.0  # during an outage, one "still cannot reach" line per
 def engine_url(config: Config) -> str:
     """Where the engine is expected, for messages: the config's URL, DOCKER_HOST, or the default socket."""
     return config.docker.url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+
+def _engine_addresses(config: Config) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
+    """The Docker engine's address when `docker.url` (or DOCKER_HOST) names one over TCP as an IP literal."""
+    url = urllib.parse.urlsplit(engine_url(config))
+    if url.scheme not in ("tcp", "http", "https") or not url.hostname:
+        return ()
+    try:
+        return (ipaddress.ip_address(url.hostname),)
+    except ValueError:
+        return ()  # a name: resolved per connection by the SDK; not pinned here
 
 
 def _reason(e: BaseException) -> str:
@@ -300,7 +312,8 @@ class DockerView:
         self._ownership = Ownership()
         self._owners_path = config.state_dir / OWNERS_FILE
         self._owners_on = True  # False once the file could not be written
-        self._joiner = NetworkJoiner(config.state_dir, config.docker.join_networks)
+        self._joiner = NetworkJoiner(config.state_dir, config.docker.join_networks, _engine_addresses(config))
+        self._subnets: dict[str, tuple[str, ...]] = {}
         self._last: Snapshot | None = None
         self._own_id = own_container_id() if own_id is True else own_id or None
         self._api: Any = None  # the connected client's API, for the joiner (this thread only)
@@ -460,7 +473,7 @@ class DockerView:
         api = client.api
         self._api = api
         self._inspector = Inspector(api)
-        self._drivers = {n["Name"]: n.get("Driver") or "" for n in api.networks()}
+        self._read_networks(api)
         self._joiner.detect(api, self._own_id)
         listing = api.containers(all=True)
         missing = [e["Id"] for e in listing if e["Id"] not in self._static]
@@ -484,6 +497,17 @@ class DockerView:
         self._publish()
         self._sync_networks()
         return len(missing), len(listing) - len(missing)
+
+    def _read_networks(self, api: Any) -> None:
+        """Every network's driver (which ones are routable) and subnets (which ones may be joined)."""
+        listing = api.networks()
+        self._drivers = {n["Name"]: n.get("Driver") or "" for n in listing}
+        self._subnets = {n["Name"]: tuple(str(c.get("Subnet") or "") for c in ((n.get("IPAM") or {}).get("Config") or ())
+                                          if isinstance(c, dict) and c.get("Subnet")) for n in listing}
+
+    def networks_status(self) -> dict[str, Any] | None:
+        """The proxy's own container and the networks it joined, for `wakeproxy status` (None: not in one)."""
+        return self._joiner.summary
 
     def _inspect(self, api: Any, cid: str) -> dict[str, Any] | None:
         if self._inspector is None or self._inspector.api is not api:
@@ -524,7 +548,7 @@ class DockerView:
                 ))
         changed = False
         if refresh_networks:
-            self._drivers = {n["Name"]: n.get("Driver") or "" for n in client.api.networks()}
+            self._read_networks(client.api)
             changed = True
         for cid, action in last_action.items():
             data = None if action == "destroy" else self._inspect(client.api, cid)
@@ -633,7 +657,7 @@ class DockerView:
         if snap is None or reach is None or self._api is None:
             return
         try:
-            if self._joiner.sync(self._api, snap, self._drivers, reach):
+            if self._joiner.sync(self._api, snap, self._drivers, reach, self._subnets):
                 self._publish()  # a network that cannot be joined: its sites say why
         except Exception as e:  # the engine went away mid-call: the next resync tries again
             logger.warning(f"docker: joining networks failed: {_reason(e)}")

@@ -35,6 +35,8 @@ from wakeproxy.wake.orchestrator import OpError
 logger = get_logger(__name__)
 
 CHECK_INTERVAL = 0.5  # seconds between idle checks: groups stop within timeout + this (+ the stop itself)
+_ING = {"stop": "stopping", "pause": "pausing"}
+_ED = {"stop": "stopped", "pause": "paused"}
 SAVE_INTERVAL = 10.0  # the state file is written at most this often
 STATE_FILE = "idle-state.json"
 
@@ -250,7 +252,7 @@ class IdleKeeper:
 
     def _put_to_sleep(self, snap: Snapshot, group: Group, idle: float) -> None:
         action = group.idle_action or self.runtime.config.idle.action
-        logger.info(f"idle {group.name}: no activity for {idle:.1f} s; {action}ping {len(group.members)} container(s)")
+        logger.info(f"idle {group.name}: no activity for {idle:.1f} s; {_ING[action]} {len(group.members)} container(s)")
         task = asyncio.get_running_loop().create_task(self._sleep(snap, group, action), name=f"idle {action} {group.name}")
         self.runtime.stopping[group.name] = task
         task.add_done_callback(functools.partial(self._slept, group.name))
@@ -276,7 +278,7 @@ class IdleKeeper:
                     logger.warning(f"idle {group.name}: {result}")
                 elif isinstance(result, BaseException):
                     raise result
-        logger.info(f"idle {group.name}: {action}ped in {(time.monotonic() - t0) * 1000:.0f} ms")
+        logger.info(f"idle {group.name}: {_ED[action]} in {(time.monotonic() - t0) * 1000:.0f} ms")
         return True
 
     def _slept(self, group: str, task: asyncio.Task[bool]) -> None:

@@ -57,12 +57,16 @@ def ci(name: str, host: str, net: str, state: str = "running", project: str | No
 def test_wanted_networks_are_those_of_running_or_paused_sites():
     snap = backend_snapshot(ci("a", "a.test", "a_default"), ci("b", "b.test", "b_default", state="exited"),
                             ci("c", "c.test", "c_default", state="paused"), ci("d", "d.test", "a_default"))
-    assert nw.wanted_networks(snap) == ["a_default", "c_default"]
+    assert nw.wanted_networks(snap) == {"a_default": {"a", "d"}, "c_default": {"c"}}
+
+
+def W(*nets: str) -> dict[str, frozenset[str]]:  # noqa: N802 - networks wanted, each by a group of its own name
+    return {n: frozenset({f"g-{n}"}) for n in nets}
 
 
 def test_plan_joins_what_is_wanted_and_leaves_only_its_own_networks():
     drivers = {n: "bridge" for n in ("a", "b", "c", "mine", "started")}
-    join, leave, refused = nw.plan(["a", "b"], on=frozenset({"started", "b", "c", "mine"}), ours=frozenset({"mine", "b"}),
+    join, leave, refused = nw.plan(W("a", "b"), on=frozenset({"started", "b", "c", "mine"}), ours=frozenset({"mine", "b"}),
                                    protected=frozenset({"started"}), drivers=drivers, failed={})
     assert join == ["a"]
     assert leave == ["mine"]  # "c": someone else connected it; "started": the proxy was started on it
@@ -71,13 +75,13 @@ def test_plan_joins_what_is_wanted_and_leaves_only_its_own_networks():
 
 def test_plan_never_joins_other_drivers_or_recent_failures_and_caps_the_count():
     drivers = {"ov": "overlay", "mv": "macvlan", "x": "bridge", "bad": "bridge"}
-    join, _, refused = nw.plan(["ov", "mv", "x", "bad"], on=frozenset(), ours=frozenset(), protected=frozenset(),
+    join, _, refused = nw.plan(W("ov", "mv", "x", "bad"), on=frozenset(), ours=frozenset(), protected=frozenset(),
                                drivers=drivers, failed={"bad": "the proxy could not join network 'bad': nope"})
     assert join == ["x"]
     assert "overlay driver" in refused["ov"] and "macvlan driver" in refused["mv"]
     assert refused["bad"].endswith("nope")
     many = [f"n{i:03}" for i in range(nw.MAX_JOINED + 3)]
-    join, _, refused = nw.plan(many, on=frozenset(), ours=frozenset(), protected=frozenset(),
+    join, _, refused = nw.plan({n: frozenset({n}) for n in many}, on=frozenset(), ours=frozenset(), protected=frozenset(),
                                drivers=dict.fromkeys(many, "bridge"), failed={})
     assert len(join) == nw.MAX_JOINED and len(refused) == 3
 
@@ -243,3 +247,44 @@ def test_older_engines_get_one_warning_when_a_joined_network_sorts_first(tmp_pat
     with caplog.at_level("WARNING"):
         j2.sync(api2, backend_snapshot(ci("a", "a.test", "a_default")), {"a_default": "bridge"}, frozenset(api2.nets))
     assert not [r for r in caplog.records if "sorts before" in r.getMessage()]
+
+
+def test_one_group_gets_at_most_its_share_of_joins_and_a_shared_network_counts_for_all():
+    nets = [f"t{i}" for i in range(nw.MAX_PER_GROUP + 2)]
+    wanted = {n: frozenset({"tenant"}) for n in nets} | {"shared": frozenset({"tenant", "other"}),
+                                                         "other_net": frozenset({"other"})}
+    join, _, refused = nw.plan(wanted, on=frozenset(), ours=frozenset(), protected=frozenset(),
+                               drivers=dict.fromkeys(wanted, "bridge"), failed={})
+    tenant_joins = [n for n in join if "tenant" in wanted[n]]
+    assert len(tenant_joins) == nw.MAX_PER_GROUP
+    assert "shared" in join and "other_net" in join  # the other group is not crowded out
+    assert sorted(refused) == sorted(set(nets) - set(join))
+    assert all("the most per group" in why for why in refused.values())
+
+
+@pytest.mark.parametrize(("subnet", "avoid", "fragment"), [
+    ("8.8.8.0/24", (), "public addresses"),
+    ("2001:4860::/32", (), "public addresses"),
+    ("10.9.0.0/16", ("10.9.1.5",), "holds 10.9.1.5"),
+    ("not-a-net", (), "cannot be read"),
+])
+def test_a_network_whose_subnet_would_take_the_proxys_own_traffic_is_not_joined(subnet, avoid, fragment):
+    import ipaddress
+
+    ips = tuple(ipaddress.ip_address(a) for a in avoid)
+    join, _, refused = nw.plan(W("evil"), on=frozenset(), ours=frozenset(), protected=frozenset(),
+                               drivers={"evil": "bridge"}, failed={}, subnets={"evil": (subnet,)}, avoid=ips)
+    assert join == [] and fragment in refused["evil"]
+    ok, _, _ = nw.plan(W("fine"), on=frozenset(), ours=frozenset(), protected=frozenset(),
+                       drivers={"fine": "bridge"}, failed={}, subnets={"fine": ("172.20.0.0/16", "fd00:1::/64")},
+                       avoid=ips)
+    assert ok == ["fine"]
+
+
+def test_the_summary_for_status(tmp_path: Path):
+    api = FakeAPI("proxy_net", ["proxy_net"])
+    j = nw.NetworkJoiner(tmp_path, enabled=True)
+    j.detect(api, CID)
+    j.sync(api, backend_snapshot(ci("a", "a.test", "a_default")), {"a_default": "bridge"}, frozenset(api.nets))
+    assert j.summary == {"container": "proxy", "mode": "bridge", "joining": True, "started_on": ["proxy_net"],
+                         "joined": ["a_default"], "cannot_join": {}}
