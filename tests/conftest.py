@@ -131,6 +131,16 @@ def backend_container(docker_client, run_id, pyback_image, busybox_image, test_n
     factory.cleanup()
 
 
+@pytest.fixture
+def sandboxes(docker_client, run_id, backend_container):
+    """Compose-shaped projects (container_harness.Sandboxes): a `<run_id>-<name>_default` network each."""
+    from container_harness import Sandboxes
+
+    s = Sandboxes(docker_client, run_id, backend_container)
+    yield s
+    s.cleanup()
+
+
 @pytest.fixture(scope="module")
 def module_containers(docker_client, run_id, pyback_image, busybox_image, test_network):
     """Module-scoped variant of backend_container, for containers shared by a module's tests."""

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import docker.errors
+import docker.types
 import pytest
 import yaml
-from harness import READY_LINE, REPO, children_of, free_port, wait_for
+from harness import READY_LINE, REPO, children_of, free_port, remove_network, wait_for
 
 SOCKET = "/var/run/docker.sock"
 CONFIG_DIR = "/etc/wakeproxy"
@@ -182,3 +183,27 @@ class _SocketSwap:
         volumes = dict(kw.get("volumes") or {})
         volumes[self._socket_path] = volumes.pop(SOCKET)
         return self._client.containers.run(image, **{**kw, "volumes": volumes})
+
+
+class Sandboxes:
+    """Compose-shaped projects: `<prefix>-<name>_default` networks holding the project's containers."""
+
+    def __init__(self, client, run_id: str, factory) -> None:
+        self.client, self.run_id, self.factory = client, run_id, factory
+        self.networks: list = []
+
+    def project(self, name: str, host: str, labels: dict | None = None, subnet: str | None = None, **kw):
+        project = f"{self.run_id}-{name}"
+        ipam = docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=subnet)]) if subnet else None
+        net = self.client.networks.create(f"{project}_default", driver="bridge", ipam=ipam, labels={
+            "com.docker.compose.project": project, "com.docker.compose.network": "default"})
+        self.networks.append(net)
+        c = self.factory(f"{name}-web", network=net.name, labels={
+            "com.docker.compose.project": project, "com.docker.compose.service": "web",
+            "wakeproxy.host": host, **(labels or {})}, **kw)
+        return net, c
+
+    def cleanup(self) -> None:
+        self.factory.cleanup()
+        for net in self.networks:
+            remove_network(net)

@@ -270,17 +270,26 @@ class PyBack:
         return [self.python, "-u", "/app/backend.py"]
 
 
-def remove_network(net) -> None:
-    try:
-        net.reload()
-        for c in net.containers:
-            try:
-                net.disconnect(c, force=True)
-            except docker.errors.APIError:
-                pass
-        net.remove()
-    except docker.errors.NotFound:
-        pass
+def remove_network(net, timeout: float = 10.0) -> None:
+    """Disconnect whatever is on `net`, then remove it; again while "active endpoints" remain (a proxy in a
+    container leaves its sandboxes' networks by itself, and its disconnect may be half done)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            net.reload()
+            for c in net.containers:
+                try:
+                    net.disconnect(c, force=True)
+                except docker.errors.APIError:
+                    pass
+            net.remove()
+            return
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as e:
+            if "active endpoints" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 # --------------------------------------------------------------------------
@@ -812,9 +821,13 @@ class Relay:
     refused and the open ones are cut (a client's keep-alive and a streaming reply too). `open()`
     listens again on the same address. Threads only; tests use it on 127.0.0.1 and unix sockets."""
 
-    def __init__(self, bind: Callable[[], socket.socket], connect: Callable[[], socket.socket]) -> None:
+    def __init__(self, bind: Callable[[], socket.socket], connect: Callable[[], socket.socket],
+                 tap: Callable[[], Callable[[bytes], None]] | None = None) -> None:
+        """`tap`: called once per accepted connection; what it returns sees every byte the client sends
+        (after it has been forwarded), e.g. to record the requests."""
         self._bind = bind
         self._connect = connect
+        self._tap = tap
         self._sock: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -857,14 +870,17 @@ class Relay:
                 continue
             with self._lock:
                 self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            tap = self._tap() if self._tap is not None else None
+            for a, b, t in ((client, upstream, tap), (upstream, client, None)):
+                threading.Thread(target=self._pipe, args=(a, b, t), daemon=True).start()
 
     @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(src: socket.socket, dst: socket.socket, tap: Callable[[bytes], None] | None = None) -> None:
         try:
             while data := src.recv(65536):
                 dst.sendall(data)
+                if tap is not None:
+                    tap(data)
         except OSError:
             pass
         finally:

@@ -23,12 +23,13 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
 import pytest
 from container_harness import RecordedProxyContainer, image_tag
-from harness import backend_of, free_port, remove_network, traversable, wait_for
+from harness import Relay, backend_of, free_port, remove_network, traversable, wait_for
 
 # The endpoints the proxy may call, with what it calls each one for. The README's "Docker socket proxy"
 # list comes from here: a socket proxy in front of wakeproxy must allow these (and may refuse the rest).
@@ -101,47 +102,53 @@ class Call:
 
 
 class RecordingDockerRelay:
-    """A unix socket that forwards each connection to the real Docker socket, both ways, and parses the
-    client → engine bytes as HTTP/1.1 requests (several per connection; bodies by Content-Length or
-    chunked) to record every one. Responses (the event stream too) pass untouched and unparsed."""
+    """harness.Relay from a unix socket to the real Docker socket, whose tap parses the client → engine
+    bytes of each connection as HTTP/1.1 requests (several per connection; bodies by Content-Length or
+    chunked) and records every one. Responses (the event stream too) pass untouched and unparsed."""
 
     def __init__(self, path: str, target: str = "/var/run/docker.sock") -> None:
         self.path, self.target = path, target
         self.calls: list[Call] = []
         self.errors: list[str] = []
         self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
-        self._conns: list[socket.socket] = []
-        self._threads: list[threading.Thread] = []
         self._n = 0
+        self._relay = Relay(self._bind, self._connect, tap=self._tap)
 
-    def open(self) -> RecordingDockerRelay:
+    def _bind(self) -> socket.socket:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.bind(self.path)
         os.chmod(self.path, 0o666)
-        s.listen(64)
-        self._sock = s
-        self._spawn(self._accept, s)
+        return s
+
+    def _connect(self) -> socket.socket:
+        engine = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            engine.connect(self.target)
+        except OSError as e:
+            self.errors.append(f"connect to {self.target}: {e}")
+            engine.close()
+            raise
+        return engine
+
+    def _tap(self) -> Callable[[bytes], None]:
+        with self._lock:
+            self._n += 1
+            n = self._n
+        parser = _RequestParser(lambda method, target: self._record(n, method, target))
+
+        def feed(data: bytes) -> None:
+            try:
+                parser.feed(data)
+            except ValueError as e:
+                self.errors.append(f"connection {n}: {e}")
+        return feed
+
+    def open(self) -> RecordingDockerRelay:
+        self._relay.open()
         return self
 
     def close(self) -> None:
-        s, self._sock = self._sock, None
-        if s is not None:
-            try:
-                s.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
-            except OSError:
-                pass
-            s.close()
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            c.close()
-        for t in self._threads:
-            t.join(5)
+        self._relay.close()
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -150,60 +157,6 @@ class RecordingDockerRelay:
     def snapshot(self) -> list[Call]:
         with self._lock:
             return list(self.calls)
-
-    def _spawn(self, target, *args) -> None:
-        t = threading.Thread(target=target, args=args, daemon=True)
-        self._threads.append(t)
-        t.start()
-
-    def _accept(self, s: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = s.accept()
-            except OSError:
-                return  # closed
-            try:
-                engine = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                engine.connect(self.target)
-            except OSError as e:
-                self.errors.append(f"connect to {self.target}: {e}")
-                client.close()
-                continue
-            with self._lock:
-                self._n += 1
-                n = self._n
-                self._conns += [client, engine]
-            self._spawn(self._upstream, n, client, engine)
-            self._spawn(self._pipe, engine, client)
-
-    @staticmethod
-    def _end(src: socket.socket, dst: socket.socket) -> None:
-        for s, how in ((dst, socket.SHUT_WR), (src, socket.SHUT_RD)):
-            try:
-                s.shutdown(how)
-            except OSError:
-                pass
-
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        self._end(src, dst)
-
-    def _upstream(self, n: int, src: socket.socket, dst: socket.socket) -> None:
-        parser = _RequestParser(lambda method, target: self._record(n, method, target))
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)  # forwarded first: recording never delays the engine
-                try:
-                    parser.feed(data)
-                except ValueError as e:
-                    self.errors.append(f"connection {n}: {e}")
-        except OSError:
-            pass
-        self._end(src, dst)
 
     def _record(self, n: int, method: str, target: str) -> None:
         split = urllib.parse.urlsplit(target)
@@ -340,36 +293,6 @@ def recorded(request, docker_client, run_id, image, tmp_path_factory, sandboxes)
         proxy.remove()
         relay.close()
         remove_network(net)
-
-
-class Sandboxes:
-    """Compose-shaped projects (as in test_container.py): `<run_id>-<name>_default` holding the project's web."""
-
-    def __init__(self, client, run_id: str, factory) -> None:
-        self.client, self.run_id, self.factory = client, run_id, factory
-        self.networks: list = []
-
-    def project(self, name: str, host: str, labels: dict | None = None, **kw):
-        project = f"{self.run_id}-{name}"
-        net = self.client.networks.create(f"{project}_default", driver="bridge", labels={
-            "com.docker.compose.project": project, "com.docker.compose.network": "default"})
-        self.networks.append(net)
-        c = self.factory(f"{name}-web", network=net.name, labels={
-            "com.docker.compose.project": project, "com.docker.compose.service": "web",
-            "wakeproxy.host": host, **(labels or {})}, **kw)
-        return net, c
-
-    def cleanup(self) -> None:
-        self.factory.cleanup()
-        for net in self.networks:
-            remove_network(net)
-
-
-@pytest.fixture
-def sandboxes(docker_client, run_id, backend_container):
-    s = Sandboxes(docker_client, run_id, backend_container)
-    yield s
-    s.cleanup()
 
 
 def _status(c) -> str:

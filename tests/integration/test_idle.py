@@ -545,10 +545,20 @@ def test_wakeproxy_status_shows_the_states(mk, idle_proxy, docker_client, host):
     waker = threading.Thread(target=lambda: out.update(r=proxied(p, H["wake"], timeout=40)))
     waker.start()
     try:
-        # running (with a countdown) and waking
+        # running (with a countdown) and waking; first from the endpoint (fast), then through the CLI
+        seen: list[dict] = []
+
+        def counting_down() -> bool:
+            seen.append(status(p))
+            return 40 < (seen[-1][names["run"]]["stops_in"] or 0) <= 60
+        try:
+            wait_for(counting_down, 5, 0.1, "a countdown")
+        except AssertionError:
+            raise AssertionError(f"no countdown for {names['run']}: {json.dumps(seen[-1:], indent=1)}") from None
         js = cli_status(p, as_json=True)
         g = js[names["run"]]
-        assert g["state"] == "running" and g["idle_timeout"] == 60 and 40 < (g["stops_in"] or 0) <= 60, (g, js)
+        assert g["state"] == "running" and g["idle_timeout"] == 60 and 40 < (g["stops_in"] or 0) <= 60, \
+            json.dumps(js, indent=1)  # a string: pytest shows it whole
         assert (g["inflight"], g["open"]) == (0, 0) and g["last_activity"] is not None, g
         assert g["hosts"] == [H["run"]] and g["containers"] == [
             {"name": names["run"], "state": "running", "health": None}], g

@@ -23,7 +23,7 @@ import ipaddress
 import json
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,15 +84,22 @@ class Refusals(Mapping[str, str]):
     """network → why the proxy cannot reach containers on it: read by `build_snapshot`. With
     `everything` set (joining is off), every network the proxy's container is not on."""
 
-    def __init__(self, known: Mapping[str, str] | None = None, everything: str | None = None) -> None:
+    def __init__(self, known: Mapping[str, str] | None = None, everything: str | None = None,
+                 static: Callable[[str], str | None] | None = None) -> None:
+        """`static`: why a network can never be joined whatever happens (its subnet), asked per network, so
+        a site on one says so in the first snapshot that has it, not only after a join was tried."""
         self._known = dict(known or {})
         self._everything = everything
+        self._static = static
 
     def __getitem__(self, network: str) -> str:
         if network in self._known:
             return self._known[network]
         if self._everything is not None:
             return self._everything.format(network=network)
+        why = self._static(network) if self._static is not None else None
+        if why is not None:
+            return why
         raise KeyError(network)
 
     def __iter__(self) -> Iterator[str]:
@@ -200,6 +207,7 @@ class NetworkJoiner:
         self._saved: bytes | None = None
         self._warned_gateway = False
         self.summary: dict[str, Any] | None = None  # for `wakeproxy status`: replaced whole, read from the loop
+        self.subnets: Mapping[str, tuple[str, ...]] = {}  # network → subnets, set by the view from its listing
 
     # --- the proxy's own container, once per connection to the engine ---------------------------
 
@@ -252,7 +260,7 @@ class NetworkJoiner:
         now = time.monotonic()
         failed = {n: why for n, (why, until) in self._failed.items() if until > now}
         if own is None or own.mode == "host" or (own.mode == "bridge" and self.enabled):
-            self.refusals = Refusals(failed)
+            self.refusals = Refusals(failed, static=self._static_refusal)
         elif own.mode == "bridge":
             self.refusals = Refusals(failed, everything=(
                 "the proxy's container is not on network '{network}' (docker.join_networks is false: "
@@ -279,8 +287,10 @@ class NetworkJoiner:
         for net in [n for n, (_, until) in self._failed.items() if until <= now]:
             del self._failed[net]
         failed = {n: why for n, (why, _) in self._failed.items()}
+        if subnets is not None:
+            self.subnets = subnets
         join, leave, refused = plan(wanted_networks(snapshot), on, frozenset(self.ours), own.protected, drivers, failed,
-                                    subnets, self.avoid)
+                                    self.subnets, self.avoid)
         for net in join:
             t0 = time.monotonic()
             try:
@@ -311,9 +321,12 @@ class NetworkJoiner:
             logger.info(f"docker: left network {net} (no running site on it)")
         if join or leave:
             self._save()
-        self.refusals = Refusals(refused)
+        self.refusals = Refusals(refused, static=self._static_refusal)
         self._summarize()
         return dict(self.refusals) != before
+
+    def _static_refusal(self, net: str) -> str | None:
+        return subnet_problem(net, self.subnets.get(net, ()), self.avoid)
 
     def _summarize(self) -> None:
         own = self.own

@@ -504,6 +504,7 @@ class DockerView:
         self._drivers = {n["Name"]: n.get("Driver") or "" for n in listing}
         self._subnets = {n["Name"]: tuple(str(c.get("Subnet") or "") for c in ((n.get("IPAM") or {}).get("Config") or ())
                                           if isinstance(c, dict) and c.get("Subnet")) for n in listing}
+        self._joiner.subnets = self._subnets  # read by the snapshot's refusals (a whole new dict: no lock needed)
 
     def networks_status(self) -> dict[str, Any] | None:
         """The proxy's own container and the networks it joined, for `wakeproxy status` (None: not in one)."""

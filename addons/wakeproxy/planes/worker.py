@@ -44,6 +44,7 @@ logger = get_logger(__name__)
 
 FAILED_GRACE = 1.0  # seconds a group whose wake just failed is held back from forwarding (RemoteWakes.failed)
 REPORT_INTERVAL = 0.25  # seconds between activity reports (only groups that changed)
+FULL_REPORT_EVERY = 8  # every 8th report (2 s) carries every group
 RECONNECT_MIN, RECONNECT_MAX = 0.05, 1.0
 ENV_SLOT = "WAKEPROXY_SLOT"
 ENV_READY_FD = "WAKEPROXY_READY_FD"
@@ -120,6 +121,7 @@ class WorkerPlane:
         self._asked: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._held: dict[str, asyncio.Event] = {}  # groups held for a stop → released when it ends
         self._reported: dict[str, tuple[int, int, float]] = {}
+        self._reports = 0  # activity reports sent (every FULL_REPORT_EVERY-th carries every group)
         self._snapshot_body: Any = None
         self._decoding: asyncio.Task[None] | None = None
         self._certs: dict[str, LoadedCert] = {}  # digest → loaded
@@ -338,10 +340,14 @@ class WorkerPlane:
         peer = self.peer
         if peer is None or self.idle is None:
             return
+        # Every FULL_REPORT_EVERY-th report carries every group, not only the changed ones: a report the
+        # controller could not apply (a group its snapshot did not hold at that moment) heals by itself.
+        self._reports += 1
+        full = self._reports % FULL_REPORT_EVERY == 0
         changed: dict[str, list[Any]] = {}
         for name, act in self.idle.activity.items():
             now = (act.inflight, act.open, act.last)
-            if self._reported.get(name) != now:
+            if full or self._reported.get(name) != now:
                 self._reported[name] = now
                 changed[name] = list(now)
         peer.send("activity", {"groups": changed, "requests": self.requests,

@@ -301,7 +301,7 @@ def _choose_address(
                 continue
             return ("127.0.0.1" if info.running else None), net, None
         if driver in ROUTABLE_DRIVERS and (ip or not info.running):
-            why = (unreachable or {}).get(net) if reach is not None and net not in reach else None
+            why = unreachable.get(net) if unreachable is not None and reach is not None and net not in reach else None
             if why is not None:
                 refused.append(why)
                 refused_net = refused_net or net

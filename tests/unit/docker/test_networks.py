@@ -185,6 +185,10 @@ def test_joiner_off_names_the_command_that_connects_the_proxy(tmp_path: Path):
     j = nw.NetworkJoiner(tmp_path, enabled=False)
     j.detect(api, CID)
     assert "docker network connect a_default proxy" in j.refusals["a_default"]
+    # An empty-looking Refusals still answers for every network: the site says so.
+    snap = build_snapshot([ci("a", "a.test", "a_default")], SourcesConfig(), (), {"a_default": "bridge"},
+                          reach=frozenset(api.nets), unreachable=j.refusals)
+    assert "docker.join_networks is false" in snap.lookup("a.test").backends[0].problem
     assert j.sync(api, backend_snapshot(ci("a", "a.test", "a_default")), {"a_default": "bridge"}, frozenset()) is False
     assert api.calls == []
 
@@ -288,3 +292,15 @@ def test_the_summary_for_status(tmp_path: Path):
     j.sync(api, backend_snapshot(ci("a", "a.test", "a_default")), {"a_default": "bridge"}, frozenset(api.nets))
     assert j.summary == {"container": "proxy", "mode": "bridge", "joining": True, "started_on": ["proxy_net"],
                          "joined": ["a_default"], "cannot_join": {}}
+
+
+def test_a_public_subnet_is_refused_in_the_first_snapshot_before_any_join(tmp_path: Path):
+    api = FakeAPI("proxy_net", ["proxy_net"])
+    j = nw.NetworkJoiner(tmp_path, enabled=True)
+    j.detect(api, CID)
+    j.subnets = {"evil_default": ("44.31.255.0/24",), "fine_default": ("172.30.0.0/16",)}
+    drivers = {"evil_default": "bridge", "fine_default": "bridge", "proxy_net": "bridge"}
+    snap = build_snapshot([ci("e", "e.test", "evil_default"), ci("f", "f.test", "fine_default")], SourcesConfig(), (),
+                          drivers, reach=frozenset(api.nets), unreachable=j.refusals)
+    assert "public addresses" in snap.lookup("e.test").backends[0].problem
+    assert snap.lookup("f.test").backends[0].problem is None
