@@ -1,9 +1,9 @@
 """Certificates the proxy serves, chosen by SNI, and the HTTPS policy that follows from them.
 
 Selection, in this order: an ACME certificate for the name; a custom
-certificate from `tls.certs_dir` (`<name>.crt`/`.key`, `_wildcard.<domain>.crt`
-for `*.<domain>`, or the file base a container names in `wakeproxy.cert-name`
-/ `io.docksal.cert-name` for its hosts); the default certificate
+certificate from `tls.certs_dir` (`<name>.crt`/`.key`: the file base a container
+names in `wakeproxy.cert-name` / `io.docksal.cert-name` for its hosts, else one
+whose names cover the host, the closest file name first: `custom_table`); the default certificate
 (`tls.default_cert`/`default_key`, else a self-signed one generated once into
 `state_dir`).
 
@@ -229,6 +229,30 @@ def scan_custom_dir(directory: Path, chain_dir: Path | None = None) -> dict[str,
     return found
 
 
+def custom_table(custom: Mapping[str, LoadedCert]) -> dict[str, LoadedCert]:
+    """Custom certificates by the names they cover (their DNS SANs), not by their file names: a host gets
+    only a certificate that is valid for it. Where several cover a name, the one whose file name is the
+    closest match wins (as Docksal chooses): the file named for it (`example.com.crt` for `example.com`,
+    `_wildcard.example.com.crt` for `*.example.com`), else the file sharing the most trailing labels with
+    it (`example.com.crt`, covering `*.example.com`, for `project2.example.com`), else the first by name.
+    mitmproxy's lookup then tries the exact name, then `*.parent`: `project2.example.com` finds
+    `*.example.com`, one label deep, as the certificate itself allows."""
+    candidates: dict[str, list[str]] = {}
+    for base, cert in custom.items():
+        for name in cert.names:
+            candidates.setdefault(name, []).append(base)
+
+    def closeness(name: str, base: str) -> tuple[int, int, str]:
+        own = file_base_to_name(base)
+        want, have = name.removeprefix("*.").split("."), own.removeprefix("*.").split(".")
+        shared = 0
+        while shared < min(len(want), len(have)) and want[-1 - shared] == have[-1 - shared]:
+            shared += 1
+        return (0 if own == name else 1, -shared, base)
+
+    return {name: custom[min(bases, key=lambda b: closeness(name, b))] for name, bases in candidates.items()}
+
+
 def _content_copy(path: Path, directory: Path) -> Path:
     """`path`'s certificates (no key) in `directory` under a name derived from their content."""
     certs_only = b"".join(c.public_bytes(serialization.Encoding.PEM)
@@ -278,6 +302,7 @@ class CertRegistry:
     default: LoadedCert | None = None
     custom: dict[str, LoadedCert] = field(default_factory=dict)  # file base → cert
     label_names: dict[str, str] = field(default_factory=dict)  # host → file base
+    hosts: frozenset[str] = frozenset()  # the sites' exact names (a wildcard two labels up does not cover them)
     acme: dict[str, LoadedCert] = field(default_factory=dict)  # name → cert
     version: int = 0  # bumped on every change, so installers know to re-sync
 
@@ -288,13 +313,19 @@ class CertRegistry:
         out: dict[str, LoadedCert] = {}
         if self.default is not None:
             out["*"] = self.default
-        for base, cert in self.custom.items():
-            out[file_base_to_name(base)] = cert
+        out.update(custom_table(self.custom))
         for host, base in self.label_names.items():
             named = self.custom.get(base)
             if named is not None:
                 out[host] = named
         out.update(self.acme)
+        # mitmproxy looks up `*.parent` at every level: a site two labels under a wildcard certificate
+        # would get it, though it does not cover the site. Such a site gets the default instead.
+        if self.default is not None:
+            for host in self.hosts - out.keys():
+                cert = self.choose(host, out)
+                if cert is not None and cert is not self.default and not cert.covers(host):
+                    out[host] = self.default
         return out
 
     def choose(self, host: str, table: Mapping[str, LoadedCert] | None = None) -> LoadedCert | None:
@@ -399,8 +430,10 @@ class Certificates:
     def _update_labels(self, snapshot: Snapshot) -> None:
         # host → file base, from the cert-name labels of each host's owner (when labels.cert_name allows)
         names = dict(snapshot.cert_names)
-        if names != self.registry.label_names:
+        hosts = frozenset(snapshot.exact)
+        if names != self.registry.label_names or hosts != self.registry.hosts:
             self.registry.label_names = names
+            self.registry.hosts = hosts
             self.registry.changed()
 
     async def _follow_snapshots(self) -> None:

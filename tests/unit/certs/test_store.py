@@ -252,3 +252,27 @@ def test_custom_chains_are_served_from_content_named_copies(tmp_path):
     second = scan_custom_dir(d, chains)["a.test"]
     assert second.entry.chain_file != first.entry.chain_file
     assert not first.entry.chain_file.exists()  # the old copy is pruned
+
+
+def test_custom_certificates_are_chosen_by_the_names_they_cover_closest_file_first(tmp_path):
+    """Docksal's rule: project2.example.com gets example.com.crt (SANs example.com, *.example.com); never a
+    certificate that does not cover the host, whatever its file is called."""
+    base = load_cert(make_cert(tmp_path, "example.com", "example.com", "*.example.com"), tmp_path / "example.com.key")
+    other = load_cert(make_cert(tmp_path, "zzz-bundle", "*.example.com", "shop.test"), tmp_path / "zzz-bundle.key")
+    deep = load_cert(make_cert(tmp_path, "b.example.com", "*.b.example.com"), tmp_path / "b.example.com.key")
+    misnamed = load_cert(make_cert(tmp_path, "wrong.example.org", "right.example.net"), tmp_path / "wrong.example.org.key")
+    default = load_cert(make_cert(tmp_path, "default", "localhost", split=False), None, "default")
+    reg = CertRegistry(default=default, custom={"example.com": base, "zzz-bundle": other, "b.example.com": deep,
+                                                "wrong.example.org": misnamed},
+                       label_names={"shop.example.com": "zzz-bundle"},
+                       hosts=frozenset({"project2.example.com", "x.y.example.com", "example.com"}))
+    assert reg.choose("project2.example.com") is base  # both cover it: the closer file name wins
+    assert reg.choose("example.com") is base
+    assert reg.choose("x.b.example.com") is deep  # one label under b.example.com: only that one covers it
+    assert reg.choose("x.y.example.com") is default  # a site: *.example.com is one label deep, it does not cover it
+    assert reg.choose("shop.test") is other  # covered by one certificate only, whatever its file is called
+    assert reg.choose("wrong.example.org") is default  # the file's name is not one of its names
+    assert reg.choose("right.example.net") is misnamed
+    assert reg.choose("shop.example.com") is other  # io.docksal.cert-name / wakeproxy.cert-name still wins
+    for host in ("project2.example.com", "x.b.example.com", "shop.test", "right.example.net"):
+        assert reg.choose(host).covers(host)
