@@ -120,6 +120,7 @@ class WakeConfig:
     retry_after: float = 10.0  # cool-down after a failed wake before another is tried
     ignore_user_agents: tuple[re.Pattern[str], ...] = ()  # these never wake anything
     per_client: int = 10  # new wakes one client (IPv4 address or IPv6 /64) may cause per minute; 0 = no limit
+    autostart: bool = True  # false: a request never starts a sleeping group (a page says so; Docksal's PROJECT_AUTOSTART=0)
 
     def ignores(self, user_agent: str) -> bool:
         return any(p.search(user_agent) for p in self.ignore_user_agents)
@@ -541,6 +542,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[_Reader, yaml.Node, str], A
         "retry_after": _scalar_field(parse_duration),
         "ignore_user_agents": _list_field(_regex),
         "per_client": _scalar_field(_count),
+        "autostart": _scalar_field(_bool),
     }),
     "idle": (IdleConfig, {
         "timeout": _scalar_field(parse_duration),
@@ -606,6 +608,7 @@ _ENV_KEYS: dict[str, tuple[str, str]] = {  # variable → (dotted key, kind: str
     "WAKEPROXY_WAKE_STRATEGY": ("wake.strategy", "str"),
     "WAKEPROXY_WAKE_TIMEOUT": ("wake.timeout", "str"),
     "WAKEPROXY_WAKE_PER_CLIENT": ("wake.per_client", "int"),
+    "WAKEPROXY_WAKE_AUTOSTART": ("wake.autostart", "bool"),
     "WAKEPROXY_IDLE_TIMEOUT": ("idle.timeout", "str"),
     "WAKEPROXY_IDLE_ACTION": ("idle.action", "str"),
     "WAKEPROXY_STATUS_LISTEN": ("status.listen", "opt"),
@@ -620,6 +623,15 @@ _ENV_KEYS: dict[str, tuple[str, str]] = {  # variable → (dotted key, kind: str
     "WAKEPROXY_ACME_CA_BUNDLE": ("acme.ca_bundle", "opt"),
     "WAKEPROXY_DRAIN": ("shutdown.drain", "str"),
 }
+# Docksal's vhost-proxy variables, with their meaning (README "Coming from Docksal"). A WAKEPROXY_* variable
+# for the same key wins. DEFAULT_CERT names a certificate in the certificate folder (below).
+_DOCKSAL_KEYS: dict[str, tuple[str, str]] = {
+    "PROJECT_INACTIVITY_TIMEOUT": ("idle.timeout", "str"),  # 0 = never, as in Docksal
+    "PROJECT_AUTOSTART": ("wake.autostart", "bool"),
+}
+DOCKSAL_DEFAULT_CERT = "DEFAULT_CERT"
+DOCKSAL_CERTS_DIR = Path("/etc/certs/custom")  # Docksal's custom certificate folder: used when it exists
+
 # Set by wakeproxy itself for its own processes, by its scripts, or read elsewhere (not config keys).
 _ENV_OTHER = frozenset({
     ENV_CONFIG, "WAKEPROXY_LISTEN_FDS", "WAKEPROXY_READY_FD", "WAKEPROXY_CHANNEL", "WAKEPROXY_SLOT",
@@ -633,6 +645,11 @@ _TRUE, _FALSE, _OFF = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}, {
 def env_keys() -> dict[str, str]:
     """Environment variable → the config key it sets (for docs and `wakeproxy check`)."""
     return {name: key for name, (key, _) in _ENV_KEYS.items()}
+
+
+def docksal_keys() -> dict[str, str]:
+    """Docksal's variable → the config key it sets."""
+    return {name: key for name, (key, _) in _DOCKSAL_KEYS.items()}
 
 
 def _env_node(name: str, value: str, kind: str) -> yaml.Node:
@@ -651,8 +668,8 @@ def _env_node(name: str, value: str, kind: str) -> yaml.Node:
         setattr(node, "env_var", name)
     elif kind == "bool":
         if text.lower() not in _TRUE | _FALSE:
-            raise ConfigError(f"environment variable {name}: {_ENV_KEYS[name][0]}: expected true or false, "
-                              f"got {text[:100]!r}")
+            key = (_ENV_KEYS.get(name) or _DOCKSAL_KEYS[name])[0]
+            raise ConfigError(f"environment variable {name}: {key}: expected true or false, got {text[:100]!r}")
         node = scalar("bool", "true" if text.lower() in _TRUE else "false")
     elif kind == "opt" and text.lower() in _OFF:
         node = scalar("null", "null")
@@ -668,7 +685,9 @@ def _apply_env(root: yaml.Node | None, env: Mapping[str, str], source: str) -> y
     unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in _ENV_KEYS and k not in _ENV_OTHER)
     if unknown:
         raise ConfigError(f"environment variable {unknown[0]}: unknown (known: {', '.join(sorted(_ENV_KEYS))})")
-    wanted = [(name, *_ENV_KEYS[name]) for name in sorted(_ENV_KEYS) if name in env]
+    # Docksal's first: a WAKEPROXY_* variable for the same key replaces it.
+    wanted = [(name, *_DOCKSAL_KEYS[name]) for name in sorted(_DOCKSAL_KEYS) if name in env]
+    wanted += [(name, *_ENV_KEYS[name]) for name in sorted(_ENV_KEYS) if name in env]
     if not wanted:
         return root
     if root is None or (isinstance(root, yaml.ScalarNode) and root.tag.endswith(":null")):
@@ -752,6 +771,22 @@ def parse_config(text: str, source: str = "<string>", env: Mapping[str, str] | N
     return Config(**kwargs)
 
 
+def _docksal_certs(cfg: Config, env: Mapping[str, str]) -> Config:
+    """Docksal's certificate layout: /etc/certs/custom (NAME.crt + NAME.key) when no tls.certs_dir is set
+    and that folder exists, and DEFAULT_CERT=NAME as the default certificate from it."""
+    tls = cfg.tls
+    if tls.certs_dir is None and DOCKSAL_CERTS_DIR.is_dir():
+        tls = dataclasses.replace(tls, certs_dir=DOCKSAL_CERTS_DIR)
+    name = env.get(DOCKSAL_DEFAULT_CERT, "").strip()
+    if name and tls.default_cert is None:
+        if not re.fullmatch(r"[A-Za-z0-9_*][A-Za-z0-9_.*-]{0,252}", name) or ".." in name:
+            raise ConfigError(f"environment variable {DOCKSAL_DEFAULT_CERT}: {name[:100]!r} is not a certificate "
+                              "name (NAME for NAME.crt and NAME.key in the certificate folder)")
+        folder = tls.certs_dir or DOCKSAL_CERTS_DIR
+        tls = dataclasses.replace(tls, default_cert=folder / f"{name}.crt", default_key=folder / f"{name}.key")
+    return dataclasses.replace(cfg, tls=tls) if tls is not cfg.tls else cfg
+
+
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
     """The config file at `path` with the process's WAKEPROXY_* variables (or `env`'s) on top."""
     p = Path(path)
@@ -768,6 +803,7 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
 
     if not cfg.state_dir.is_absolute():
         cfg = dataclasses.replace(cfg, state_dir=(base / cfg.state_dir).resolve())
+    cfg = _docksal_certs(cfg, os.environ if env is None else env)
     tls = cfg.tls
     cfg = dataclasses.replace(cfg, tls=dataclasses.replace(
         tls,

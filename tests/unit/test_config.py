@@ -879,3 +879,37 @@ def test_health_says_why_it_fails(tmp_path, monkeypatch, capsys):
         server.shutdown()
     assert cli.main(["health", "--config", str(f)]) == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_docksal_variables_with_their_meaning(tmp_path):
+    env = {"PROJECT_INACTIVITY_TIMEOUT": "0.5h", "PROJECT_AUTOSTART": "0"}
+    cfg = parse_config("", "wp.yaml", env)
+    assert cfg.idle.timeout == 1800 and cfg.wake.autostart is False
+    assert parse_config("", "wp.yaml", {"PROJECT_INACTIVITY_TIMEOUT": "0"}).idle.timeout == 0  # off, as in Docksal
+    # Ours for the same key wins.
+    both = parse_config("", "wp.yaml", {"PROJECT_AUTOSTART": "0", "WAKEPROXY_WAKE_AUTOSTART": "1"})
+    assert both.wake.autostart is True
+    with pytest.raises(ConfigError) as exc:
+        parse_config("", "wp.yaml", {"PROJECT_AUTOSTART": "sometimes"})
+    assert str(exc.value).startswith("environment variable PROJECT_AUTOSTART: wake.autostart: expected true or false")
+
+
+def test_docksal_default_cert_names_a_file_in_the_certificate_folder(tmp_path, monkeypatch):
+    from wakeproxy import config as config_mod
+
+    f = tmp_path / "wp.yaml"
+    f.write_text(f"tls:\n  certs_dir: {tmp_path / 'certs'}\n")
+    cfg = load_config(f, {"DEFAULT_CERT": "example.com"})
+    assert cfg.tls.default_cert == tmp_path / "certs" / "example.com.crt"
+    assert cfg.tls.default_key == tmp_path / "certs" / "example.com.key"
+    with pytest.raises(ConfigError) as exc:
+        load_config(f, {"DEFAULT_CERT": "../../etc/shadow"})
+    assert "DEFAULT_CERT" in str(exc.value)
+    # Docksal's folder, when it exists and no certs_dir is set.
+    docksal = tmp_path / "etc-certs-custom"
+    docksal.mkdir()
+    monkeypatch.setattr(config_mod, "DOCKSAL_CERTS_DIR", docksal)
+    f.write_text("")
+    cfg = load_config(f, {"DEFAULT_CERT": "example.com"})
+    assert cfg.tls.certs_dir == docksal and cfg.tls.default_cert == docksal / "example.com.crt"
+    assert load_config(f, {}).tls.default_cert is None

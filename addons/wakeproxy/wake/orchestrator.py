@@ -60,10 +60,21 @@ class Member(enum.Enum):
 class WakeFailed(Exception):
     """A wake that cannot succeed: the HTTP status, a title and a message (with internal detail)."""
 
-    def __init__(self, status: int, title: str, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, status: int, title: str, message: str, retry_after: float | None = None,
+                 public: tuple[str, str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.title, self.message = status, title, message
         self.retry_after = retry_after  # seconds, for a Retry-After header (429, 503)
+        self.public = public  # (title, message with {host}, hint) for anonymous clients, else the status's own
+
+
+# wake.autostart: false (Docksal's PROJECT_AUTOSTART=0): not a failure that passes, so no Retry-After.
+AUTOSTART_OFF = WakeFailed(
+    503, "Sandbox stopped",
+    "This server does not start sleeping sites on request (wake.autostart is false, or PROJECT_AUTOSTART=0). "
+    "Start its containers by hand: docker compose start, fin project start, docker start NAME.",
+    public=("Sandbox stopped", "The site '{host}' is stopped, and this server does not start it on request.",
+            "Ask the people who run this site to start it."))
 
 
 @dataclass
@@ -389,6 +400,9 @@ class Orchestrator:
         return {g: (until - now, f) for g, (until, f) in self._cooldown.items() if until > now}
 
     def cooling(self, groups: list[Group]) -> WakeFailed | None:
+        """Why `groups` may not be woken now, if they may not: wake.autostart is off, or a recent wake failed."""
+        if not self.runtime.config.wake.autostart:
+            return AUTOSTART_OFF
         now = time.monotonic()
         for g in groups:
             entry = self._cooldown.get(g.name)

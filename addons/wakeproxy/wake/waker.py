@@ -200,7 +200,7 @@ class Waker:
         request = flow.request
         retry = {"Retry-After": f"{failure.retry_after:.0f}"} if failure.retry_after is not None else None
         if not self.runtime.config.shows_detail(pages.client_ip(flow)):
-            title, message, hint = _PUBLIC_FAILURE.get(failure.status, _PUBLIC_FAILURE[502])
+            title, message, hint = failure.public or _PUBLIC_FAILURE.get(failure.status, _PUBLIC_FAILURE[502])
             return pages.error_response(request, failure.status, title, message.format(host=pages.bounded(host)),
                                         hint, host, retry)
         hint = {

@@ -202,3 +202,32 @@ def test_services_that_depend_on_each_other_are_started_together(caplog):
     assert set(started[:2]) == {"a", "b"}, started  # the cycle first, together
     assert started[2:] == ["web"], started  # then what depends on it
     assert "depend on each other" in caplog.text
+
+
+def test_autostart_off_answers_a_page_and_starts_nothing():
+    """wake.autostart: false (Docksal's PROJECT_AUTOSTART=0): the request and the waking page's wait endpoint
+    get a 503 that says the sandbox is stopped (no Retry-After: waiting does not help), and nothing starts."""
+    async def run():
+        w, ops = _waker(Config(wake=WakeConfig(autostart=False)), _sleepers(1))
+        site = w.runtime.snapshot.lookup("s0.test")
+        f = _flow("s0.test")
+        held = w.asleep(f, site, "s0.test", lambda flow, site: None)
+        return w, ops, f, held
+
+    w, ops, f, held = asyncio.run(run())
+    assert held is None and ops.calls == [] and w._wakes == {}
+    assert f.response.status_code == 503 and "Retry-After" not in f.response.headers
+    text = f.response.get_text()
+    assert "Sandbox stopped" in text and "does not start it on request" in text
+    assert "PROJECT_AUTOSTART" not in text  # internal detail only for debug clients
+    w2, _ = _waker(Config(wake=WakeConfig(autostart=False), debug_clients=(ip_network("192.0.2.0/24"),)), _sleepers(1))
+    g = _flow("s0.test")
+    asyncio.run(_call_asleep(w2, g))
+    assert "PROJECT_AUTOSTART=0" in g.response.get_text()
+    body = json.loads(_wait(w, "s0.test").response.content)
+    assert body == {"state": "failed"} and ops.calls == []
+
+
+async def _call_asleep(w: Waker, f: http.HTTPFlow) -> None:
+    site = w.runtime.snapshot.lookup(f.request.host_header or "")
+    w.asleep(f, site, f.request.host_header or "", lambda flow, site: None)
