@@ -247,6 +247,12 @@ def _status(config_path: str, url: str | None, as_json: bool) -> int:
         print(line + ")")
         for net, why in (own.get("cannot_join") or {}).items():
             print(f"  cannot join {net}: {why}")
+    counts = report.get("counts")
+    if isinstance(counts, dict):
+        states = ", ".join(f"{counts[k]} {k}" for k in ("running", "asleep", "paused", "waking", "stopping")
+                           if counts.get(k))
+        print(f"projects: {counts.get('groups', 0)}{f' ({states})' if states else ''}; "
+              f"{counts.get('permanent', 0)} never put to sleep")
     rows = [("GROUP", "STATE", "HOSTS", "CONTAINERS", "IN FLIGHT", "OPEN", "LAST ACTIVITY", "STOPS IN")]
     for g in report["groups"]:
         rows.append((

@@ -571,7 +571,11 @@ def test_wakeproxy_status_shows_the_states(mk, idle_proxy, docker_client, host):
         wait_for(lambda: status(p)[names["asleep"]]["state"] == "asleep", 2, 0.05, "asleep")
         text = cli_status(p)
         assert text.splitlines()[0].startswith("docker: connected to "), text  # the engine first
-        assert text.splitlines()[1].split() == ["GROUP", "STATE", "HOSTS", "CONTAINERS", "IN", "FLIGHT", "OPEN",
+        # Then Docksal's `proxyctl stats` counts: 5 projects, "wake" waking, none without a timeout.
+        counts = text.splitlines()[1]
+        assert counts.startswith("projects: 5 (") and "1 stopping" in counts and "1 asleep" in counts \
+            and "1 paused" in counts and counts.endswith("; 0 never put to sleep"), text
+        assert text.splitlines()[2].split() == ["GROUP", "STATE", "HOSTS", "CONTAINERS", "IN", "FLIGHT", "OPEN",
                                                 "LAST", "ACTIVITY", "STOPS", "IN"], text
         row = cli_row(text, names["stop"])
         assert row[1:4] == ["stopping", H["stop"], f"{names['stop']}:running"], text

@@ -27,6 +27,24 @@ class DockerOpError(OpError):
     """A Docker call failed; the message names the container and Docker's explanation."""
 
 
+# Docker's words when it has no address left for a network, and what to do about it (README "Networks at
+# sandbox scale"): Docker's default pools hold about 30 bridge networks.
+_OUT_OF_ADDRESSES = ("could not find an available, non-overlapping ipv4 address pool",
+                     "could not find an available, non-overlapping ipv6 address pool",
+                     "no available addresses", "no address space", "ipam: address pool exhausted")
+OUT_OF_ADDRESSES_FIX = ("Docker has no network addresses left: give it more with \"default-address-pools\" in "
+                        "/etc/docker/daemon.json (README: Networks at sandbox scale), restart dockerd, and remove "
+                        "unused networks (docker network prune)")
+
+
+def explain(what: str, name: str, detail: str) -> DockerOpError:
+    """Docker's error for `docker WHAT NAME`, as a user reads it; 503 when it is out of network addresses."""
+    if any(marker in detail.lower() for marker in _OUT_OF_ADDRESSES):
+        return DockerOpError(f"docker {what} {name} failed: {detail}. {OUT_OF_ADDRESSES_FIX}", 503,
+                             "Out of network addresses")
+    return DockerOpError(f"docker {what} {name} failed: {detail}")
+
+
 class DockerOps:
     def __init__(self, config: DockerConfig) -> None:
         self.config = config
@@ -49,7 +67,7 @@ class DockerOps:
             detail = e.explanation or str(e)
             if isinstance(detail, bytes):
                 detail = detail.decode(errors="replace")
-            raise DockerOpError(f"docker {what} {name} failed: {detail}") from None
+            raise explain(what, name, detail) from None
         except Exception as e:  # the engine is unreachable, or the socket broke
             raise DockerOpError(f"docker {what} {name} failed: {type(e).__name__}: {e}") from None
 

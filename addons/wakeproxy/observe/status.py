@@ -93,8 +93,18 @@ class StatusServer:
             })
         return out
 
+    @staticmethod
+    def counts(groups: list[dict[str, Any]]) -> dict[str, int]:
+        out = {"groups": len(groups), "running": 0, "asleep": 0, "paused": 0, "waking": 0, "stopping": 0,
+               "permanent": 0}
+        for g in groups:
+            out[g["state"]] = out.get(g["state"], 0) + 1
+            out["permanent"] += g["idle_timeout"] <= 0
+        return out
+
     def report(self) -> dict[str, Any]:
         snap = self.runtime.snapshot
+        groups = self.groups()
         report: dict[str, Any] = {
             "synced": snap.synced,
             "docker": self.runtime.engine.as_dict(),
@@ -103,7 +113,9 @@ class StatusServer:
             "skipped": dict(snap.skipped),
             # Hosts declared only by skipped containers (their owner's): they answer "misconfigured".
             "misconfigured": sorted(snap.misconfigured),
-            "groups": self.groups(),
+            "groups": groups,
+            # Docksal's `proxyctl stats`: how many projects run, sleep, are paused, never sleep.
+            "counts": self.counts(groups),
             # Claims that do not stand: on a name another group owns, and outside the operator's policy.
             "conflicts": [r.as_dict() for r in snap.refused if r.owner is not None],
             "refused": [r.as_dict() for r in snap.refused if r.owner is None],

@@ -36,7 +36,12 @@ PROBE_INTERVAL_MAX = 0.2
 
 
 class OpError(Exception):
-    """A container operation failed; the message names the container and the engine's explanation."""
+    """A container operation failed; the message names the container and the engine's explanation.
+    `status`: the answer a wake gets for it (502; 503 when the engine is out of something: try later)."""
+
+    def __init__(self, message: str, status: int = 502, title: str = "Wake-up failed") -> None:
+        super().__init__(message)
+        self.status, self.title = status, title
 
 
 class ContainerOps(Protocol):
@@ -197,7 +202,7 @@ class Orchestrator:
         wake.fail(exc)
         if self.log_outcomes:
             logger.warning(f"wake {wake.group}: {exc.message} ({wake.timing()})")
-        if exc.status == 502:
+        if exc.status in (502, 503):  # a failed start, or an engine out of addresses: not again at once
             self._cooldown[wake.group] = (time.monotonic() + self.runtime.config.wake.retry_after, exc)
 
     async def _run(self, wake: Wake) -> None:
@@ -289,7 +294,7 @@ class Orchestrator:
                 wake.status[info.name] = "starting"
                 await self.ops.start(cid, info.name)
         except OpError as e:
-            raise WakeFailed(502, "Wake-up failed", str(e)) from None
+            raise WakeFailed(e.status, e.title, str(e)) from None
 
     async def _until(self, wake: Wake, check: Any) -> None:
         """Re-evaluate `check(snapshot)` on every new snapshot and every probe interval until it holds."""

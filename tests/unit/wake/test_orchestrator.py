@@ -147,3 +147,27 @@ def test_the_wake_core_imports_neither_mitmproxy_nor_the_docker_sdk():
             "print(sorted(m for m in ('mitmproxy', 'docker') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_an_engine_out_of_network_addresses_is_a_503_naming_the_fix(monkeypatch):
+    from wakeproxy.docker import ops as ops_mod
+
+    err = ops_mod.explain("start", "web", "failed to create network p_default: could not find an available, "
+                                          "non-overlapping IPv4 address pool among the defaults to assign to the network")
+    assert err.status == 503 and "default-address-pools" in str(err)
+    assert ops_mod.explain("start", "web", "no such image").status == 502
+
+    async def run():
+        rt, engine, o = setup([sleeper("web", 9)])
+
+        async def out_of_addresses(cid: str, name: str) -> None:
+            raise err
+        monkeypatch.setattr(engine, "start", out_of_addresses)
+        with pytest.raises(WakeFailed) as e:
+            await o.wake_until_ready(rt.snapshot.groups["p"])
+        return e.value, o.cooling([rt.snapshot.groups["p"]])
+
+    failure, cooling = asyncio.run(run())
+    assert failure.status == 503 and failure.title == "Out of network addresses"
+    assert "daemon.json" in failure.message
+    assert cooling is not None and cooling.status == 503  # not tried again at once
