@@ -249,18 +249,22 @@ def _status(config_path: str, url: str | None, as_json: bool) -> int:
             print(f"  cannot join {net}: {why}")
     counts = report.get("counts")
     if isinstance(counts, dict):
-        states = ", ".join(f"{counts[k]} {k}" for k in ("running", "asleep", "paused", "waking", "stopping")
-                           if counts.get(k))
+        states = ", ".join(f"{counts[k]} {k}" for k in ("running", "asleep", "paused", "waking", "stopping",
+                                                          "removing") if counts.get(k))
+        retire = counts.get("removed_within_a_day")
         print(f"projects: {counts.get('groups', 0)}{f' ({states})' if states else ''}; "
-              f"{counts.get('permanent', 0)} never put to sleep")
-    rows = [("GROUP", "STATE", "HOSTS", "CONTAINERS", "IN FLIGHT", "OPEN", "LAST ACTIVITY", "STOPS IN")]
+              f"{counts.get('permanent', 0)} never put to sleep" + (f"; {retire} removed within a day (unused)"
+                                                                     if retire else ""))
+    removal = any(g.get("removed_in") is not None for g in report["groups"])  # idle.remove_after is on
+    rows = [("GROUP", "STATE", "HOSTS", "CONTAINERS", "IN FLIGHT", "OPEN", "LAST ACTIVITY", "STOPS IN")
+            + (("REMOVED IN",) if removal else ())]
     for g in report["groups"]:
         rows.append((
             g["group"], g["state"], ",".join(g["hosts"]),
             ",".join(f"{c['name']}:{c['state']}" for c in g["containers"]),
             str(g["inflight"]), str(g["open"]), _ago(g["last_activity"]),
             "never" if g["idle_timeout"] <= 0 else _duration(g["stops_in"]),
-        ))
+        ) + (("never" if g.get("removed_in") is None else _duration(g["removed_in"]),) if removal else ()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

@@ -133,6 +133,8 @@ class IdleConfig:
     timeout: float = 1800.0  # seconds without a request in flight, an open stream or a byte moved; 0 = never
     action: str = "stop"  # stop | pause
     stop_timeout: float = 10.0  # `docker stop -t`
+    remove_after: float = 0.0  # a sleeping group unused this long is removed (containers, its own networks); 0 = never
+    remove_volumes: bool = False  # with remove_after: also the containers' anonymous volumes (never named ones)
 
 
 @dataclass(frozen=True)
@@ -548,6 +550,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[_Reader, yaml.Node, str], A
         "timeout": _scalar_field(parse_duration),
         "action": _scalar_field(_choice("stop", "pause")),
         "stop_timeout": _scalar_field(parse_duration),
+        "remove_after": _scalar_field(parse_duration),
+        "remove_volumes": _scalar_field(_bool),
     }),
     "status": (StatusConfig, {"listen": _scalar_field(parse_address)}),
     "tls": (TlsConfig, {
@@ -611,6 +615,7 @@ _ENV_KEYS: dict[str, tuple[str, str]] = {  # variable → (dotted key, kind: str
     "WAKEPROXY_WAKE_AUTOSTART": ("wake.autostart", "bool"),
     "WAKEPROXY_IDLE_TIMEOUT": ("idle.timeout", "str"),
     "WAKEPROXY_IDLE_ACTION": ("idle.action", "str"),
+    "WAKEPROXY_REMOVE_AFTER": ("idle.remove_after", "str"),
     "WAKEPROXY_STATUS_LISTEN": ("status.listen", "opt"),
     "WAKEPROXY_CERTS_DIR": ("tls.certs_dir", "opt"),
     "WAKEPROXY_DEFAULT_CERT": ("tls.default_cert", "opt"),
@@ -628,6 +633,7 @@ _ENV_KEYS: dict[str, tuple[str, str]] = {  # variable → (dotted key, kind: str
 _DOCKSAL_KEYS: dict[str, tuple[str, str]] = {
     "PROJECT_INACTIVITY_TIMEOUT": ("idle.timeout", "str"),  # 0 = never, as in Docksal
     "PROJECT_AUTOSTART": ("wake.autostart", "bool"),
+    "PROJECT_DANGLING_TIMEOUT": ("idle.remove_after", "str"),  # 0 = never
 }
 DOCKSAL_DEFAULT_CERT = "DEFAULT_CERT"
 DOCKSAL_CERTS_DIR = Path("/etc/certs/custom")  # Docksal's custom certificate folder: used when it exists

@@ -1,4 +1,5 @@
-"""The one place that changes containers: start, unpause, stop, pause.
+"""The one place that changes containers: start, unpause, stop, pause (and, for idle.remove_after,
+removing a retired group's containers and its own networks).
 
 Each call runs the blocking SDK call in a worker thread (never on the event
 loop) with a client of that thread's own, and turns Docker's errors into a
@@ -82,3 +83,10 @@ class DockerOps:
 
     async def pause(self, container_id: str, name: str) -> None:
         await self._call("pause", name, "pause", container_id)
+
+    # Retiring an abandoned group (idle.remove_after): never a named volume, never a host folder.
+    async def remove(self, container_id: str, name: str, volumes: bool) -> None:
+        await self._call("rm", name, "remove_container", container_id, v=volumes)
+
+    async def remove_network(self, name: str) -> None:
+        await self._call("network rm", name, "remove_network", name)

@@ -64,7 +64,9 @@ class StatusServer:
         for name, group in sorted(snap.groups.items()):
             members = [snap.containers[c] for c in group.members if c in snap.containers]
             act = self.idle.activity.get(name)
-            if name in self.runtime.stopping:
+            if name in self.idle.retiring:
+                state = "removing"
+            elif name in self.runtime.stopping:
                 state = "stopping"
             elif self.waker.is_waking(name):
                 state = "waking"
@@ -90,16 +92,18 @@ class StatusServer:
                 "last_activity": _iso(act.last if act else self.idle.saved_clock(name)),
                 "idle_timeout": timeout,
                 "stops_in": idle_in,
+                "removed_in": self.idle.removes_in(group, now),  # idle.remove_after; None: never
             })
         return out
 
     @staticmethod
     def counts(groups: list[dict[str, Any]]) -> dict[str, int]:
         out = {"groups": len(groups), "running": 0, "asleep": 0, "paused": 0, "waking": 0, "stopping": 0,
-               "permanent": 0}
+               "removing": 0, "permanent": 0, "removed_within_a_day": 0}
         for g in groups:
             out[g["state"]] = out.get(g["state"], 0) + 1
             out["permanent"] += g["idle_timeout"] <= 0
+            out["removed_within_a_day"] += g.get("removed_in") is not None and g["removed_in"] < 86400
         return out
 
     def report(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from mitmproxy import http
 
+from wakeproxy.config import format_duration
 from wakeproxy.files import write_private
 from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.routing.snapshot import Group, Snapshot
@@ -58,6 +59,10 @@ class StopOps(Protocol):
 
     async def pause(self, container_id: str, name: str) -> None: ...
 
+    async def remove(self, container_id: str, name: str, volumes: bool) -> None: ...
+
+    async def remove_network(self, name: str) -> None: ...
+
 
 class IdleKeeper:
     """Counts activity per group from the flows it sees and, where it `decides` (one process, or the
@@ -79,6 +84,11 @@ class IdleKeeper:
         self.remote: dict[str, dict[str, tuple[int, int, float]]] = {}
         self.quiesce: Callable[[str], Awaitable[bool]] | None = None
         self._loaded: dict[str, float] = {}
+        self._loaded_used: dict[str, float] = {}  # last_used from the state file, until the group is first seen
+        # Last real use per group (a request or a byte, wall clock), kept across sleeps and restarts: what
+        # idle.remove_after counts from. A group never used since the proxy first saw it counts from then.
+        self.used: dict[str, float] = {}
+        self.retiring: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._dirty = False
         self._saved_at = 0.0
@@ -121,7 +131,7 @@ class IdleKeeper:
         act = self.activity.get(group)
         if act is None:
             act = self.activity[group] = Activity(time.time(), running=True)
-        act.last = time.time()
+        act.last = self.used[group] = time.time()
         self._dirty = True
         return act
 
@@ -188,6 +198,9 @@ class IdleKeeper:
             act.inflight = sum(c[0] for c in counts)
             act.open = sum(c[1] for c in counts)
             act.last = min(now, max([act.last, *(c[2] for c in counts)]))
+            reported = max((c[2] for c in counts), default=0.0)
+            if reported > self.used.get(name, 0.0):  # a worker's last byte: real use
+                self.used[name] = min(now, reported)
             self._dirty = True
 
     # --- the clock ----------------------------------------------------------------------
@@ -218,10 +231,17 @@ class IdleKeeper:
         snap = self.runtime.snapshot
         if not snap.synced or not self.runtime.manage:
             return  # (a debugging copy never puts anything to sleep)
+        remove_after = self.runtime.config.idle.remove_after
         for name, group in snap.groups.items():
+            if name not in self.used:
+                self.used[name] = self._loaded_used.pop(name, now)  # first sight: a full remove_after from now
+                self._dirty = True
             running = any(
                 (c := snap.containers.get(cid)) is not None and c.state == "running" for cid in group.members
             )
+            if remove_after > 0 and not running and self._retirable(snap, group, now):
+                self._retire(snap, group, now - self.used[name])
+                continue
             act = self.activity.get(name)
             if act is None:
                 if not running:
@@ -249,6 +269,70 @@ class IdleKeeper:
             if now - act.last < timeout:
                 continue
             self._put_to_sleep(snap, group, now - act.last)
+
+    # --- retiring abandoned groups (idle.remove_after; Docksal's "dangling" projects) -----------------
+
+    def removes_in(self, group: Group, now: float) -> float | None:
+        """Seconds until `group` is removed as abandoned; None when it never is (off, or permanent)."""
+        remove_after = self.runtime.config.idle.remove_after
+        if remove_after <= 0 or group.idle_timeout == 0.0:  # io.docksal.permanent, wakeproxy.idle-timeout=0
+            return None
+        return max(0.0, self.used.get(group.name, now) + remove_after - now)
+
+    def _retirable(self, snap: Snapshot, group: Group, now: float) -> bool:
+        left = self.removes_in(group, now)
+        if left is None or left > 0 or group.name in self.runtime.stopping or self.waker.is_waking(group.name):
+            return False
+        # Asleep: nothing runs, is paused or restarting (a running group is put to sleep first, by its timeout).
+        return all((c := snap.containers.get(cid)) is None or c.state in ("exited", "created", "dead")
+                   for cid in group.members)
+
+    def _retire(self, snap: Snapshot, group: Group, unused: float) -> None:
+        logger.info(f"retire {group.name}: unused for {format_duration(unused)} (idle.remove_after "
+                    f"{format_duration(self.runtime.config.idle.remove_after)}); removing it")
+        task = asyncio.get_running_loop().create_task(self._remove(snap, group), name=f"retire {group.name}")
+        self.runtime.stopping[group.name] = task  # requests for it wait, as during a stop
+        self.retiring.add(group.name)
+        task.add_done_callback(functools.partial(self._retired, group.name))
+
+    async def _remove(self, snap: Snapshot, group: Group) -> bool:
+        if self.quiesce is not None and not await self.quiesce(group.name):
+            return False  # a request came in after all: it is used
+        assert self.ops is not None
+        volumes = self.runtime.config.idle.remove_volumes
+        members = [i for cid in group.members if (i := snap.containers.get(cid)) is not None]
+        removed: list[str] = []
+        for info in members:
+            try:
+                await self.ops.remove(info.id, info.name, volumes)
+                removed.append(info.name)
+            except OpError as e:
+                logger.warning(f"retire {group.name}: {e}")
+        # Its own networks: those of its members that no other container is on (any state, any group).
+        gone = {i.id for i in members}
+        others = {n for c in snap.containers.values() if c.id not in gone for n in c.networks}
+        nets = sorted({n for i in members for n in i.networks} - others - {"bridge", "host", "none"})
+        left: list[str] = []
+        for net in nets:
+            try:
+                await self.ops.remove_network(net)
+                left.append(net)
+            except OpError as e:
+                logger.warning(f"retire {group.name}: {e}")
+        logger.info(f"retire {group.name}: removed container(s) {', '.join(removed) or 'none'}; network(s) "
+                    f"{', '.join(left) or 'none'}; " + ("anonymous volumes removed, named volumes kept" if volumes
+                                                        else "volumes kept"))
+        return True
+
+    def _retired(self, group: str, task: asyncio.Task[bool]) -> None:
+        self.retiring.discard(group)
+        if self.runtime.stopping.get(group) is task:
+            del self.runtime.stopping[group]
+        if not task.cancelled() and task.exception() is None and not task.result():
+            self.used[group] = time.time()  # in use after all
+            self._dirty = True
+        elif not task.cancelled() and task.exception() is not None:
+            logger.error(f"retire {group}: failed", exc_info=task.exception())
 
     def _put_to_sleep(self, snap: Snapshot, group: Group, idle: float) -> None:
         action = group.idle_action or self.runtime.config.idle.action
@@ -298,10 +382,12 @@ class IdleKeeper:
 
     def _state(self) -> dict[str, Any]:
         clocks = {**self._loaded, **{name: act.last for name, act in self.activity.items()}}
+        used = {**self._loaded_used, **self.used}
         snap = self.runtime.snapshot
         if snap.synced:  # forget groups that no longer exist
             clocks = {name: t for name, t in clocks.items() if name in snap.groups}
-        return {"version": 1, "saved": time.time(), "last_activity": clocks}
+            used = {name: t for name, t in used.items() if name in snap.groups}
+        return {"version": 1, "saved": time.time(), "last_activity": clocks, "last_used": used}
 
     def _write(self, state: dict[str, Any]) -> None:
         try:
@@ -324,8 +410,10 @@ class IdleKeeper:
             now = time.time()
             # A clock from the future (a wrong system time) would keep a group up forever: cap it.
             loaded = {str(k): float(v) for k, v in clocks.items()}
-            if not all(math.isfinite(v) for v in loaded.values()):
+            used = {str(k): float(v) for k, v in (data.get("last_used") or {}).items()}
+            if not all(math.isfinite(v) for v in [*loaded.values(), *used.values()]):
                 raise ValueError("a clock is not a finite number")
+            self._loaded_used = {k: min(v, now) for k, v in used.items()}
             return {k: min(v, now) for k, v in loaded.items()}
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             logger.warning(f"idle: {path} is corrupt ({type(e).__name__}: {e}); every running group counts as active now")

@@ -85,6 +85,12 @@ class FakeOps:
     async def pause(self, cid, name):
         await self._op("pause", name)
 
+    async def remove(self, cid, name, volumes):
+        await self._op("rm", name, volumes)
+
+    async def remove_network(self, name):
+        await self._op("network rm", name)
+
     async def start(self, cid, name):  # never called by the keeper
         raise AssertionError("the idle keeper must never start anything")
 
@@ -718,3 +724,77 @@ def test_status_endpoint_serves_the_report_over_http():
             await server.done()
 
     asyncio.run(go())
+
+
+# --------------------------------------------------------------------------
+# retiring abandoned groups (idle.remove_after; Docksal's PROJECT_DANGLING_TIMEOUT)
+
+
+def _net(info: ContainerInfo, *nets: str) -> ContainerInfo:
+    return dataclasses.replace(info, networks={n: "" for n in nets})
+
+
+def test_an_abandoned_group_is_removed_with_its_own_networks_only(tmp_path, caplog):
+    old = [_net(c("old-web", "old.test", state="exited", project="old"), "old_default", "shared"),
+           _net(c("old-db", state="exited", project="old"), "old_default")]
+    other = _net(c("other", "other.test", state="exited", project="other"), "shared")
+    keeper = make_keeper(*old, other, tmp_path=tmp_path, remove_after=3600.0)
+    keeper.runtime.publish(build_snapshot([*old, other], SourcesConfig(), (), {"old_default": "bridge",
+                                                                              "shared": "bridge"}))
+
+    async def run():
+        keeper.check(1000.0)  # first sight: a full remove_after from now
+        assert keeper.removes_in(keeper.runtime.snapshot.groups["old"], 1000.0) == 3600.0
+        keeper.used["old"] = 1000.0 - 3601  # unused for longer than remove_after
+        with caplog.at_level(logging.INFO):
+            keeper.check(1000.0)
+            await asyncio.sleep(0.2)
+    asyncio.run(run())
+    removed = [(what, name, arg) for step, what, name, arg in keeper.ops.calls if step == "end"]
+    assert ("rm", "old-web", False) in removed and ("rm", "old-db", False) in removed  # volumes kept
+    assert ("network rm", "old_default", None) in removed
+    assert all(name != "shared" for _, name, _ in removed)  # another group's container is on it
+    assert all(name != "other" for _, name, _ in removed)
+    assert "retire old: removed container(s) old-db, old-web; network(s) old_default; volumes kept" in caplog.text
+    assert "old" not in keeper.runtime.stopping and keeper.retiring == set()
+
+
+@pytest.mark.parametrize("case", ["permanent", "running", "recent", "off"])
+def test_what_is_never_removed(tmp_path, case):
+    labels = {"io.docksal.permanent": "true"} if case == "permanent" else None
+    state = "running" if case == "running" else "exited"
+    keeper = make_keeper(c("web", "web.test", state=state, project="p", labels=labels), tmp_path=tmp_path,
+                         remove_after=0.0 if case == "off" else 3600.0)
+
+    async def run():
+        keeper.check(1000.0)
+        keeper.used["p"] = 1000.0 - (10 if case == "recent" else 99999)
+        keeper.check(1000.0)
+        await asyncio.sleep(0.05)
+    asyncio.run(run())
+    assert not [call for call in keeper.ops.calls if call[1] in ("rm", "network rm")]
+    expected = None if case in ("permanent", "off") else (3590.0 if case == "recent" else 0.0)
+    assert keeper.removes_in(keeper.runtime.snapshot.groups["p"], 1000.0) == expected
+
+
+def test_the_last_use_survives_a_restart_and_a_never_used_group_counts_from_first_sight(tmp_path):
+    k1 = make_keeper(c("web", "web.test", state="exited", project="p"), tmp_path=tmp_path, remove_after=3600.0)
+    k1.check(1000.0)
+    k1.used["p"] = 500.0
+    k1._write(k1._state())
+    k2 = make_keeper(c("web", "web.test", state="exited", project="p"), c("new", "new.test", state="exited"),
+                     tmp_path=tmp_path, remove_after=3600.0)
+    k2._loaded = k2._load()
+    k2.check(2000.0)
+    assert k2.used["p"] == 500.0  # a restart does not make it look used, nor abandoned
+    assert k2.used["new"] == 2000.0
+
+
+def test_status_shows_when_a_group_is_removed(tmp_path):
+    keeper = make_keeper(c("web", "web.test", state="exited", project="p"), tmp_path=tmp_path, remove_after=7200.0)
+    keeper.used["p"] = time.time() - 3600
+    server = StatusServer(keeper.runtime, FakeWaker(), keeper)  # type: ignore[arg-type]
+    report = server.report()
+    g = next(g for g in report["groups"] if g["group"] == "p")
+    assert 3500 < g["removed_in"] <= 3600
+    assert report["counts"]["removed_within_a_day"] == 1
