@@ -44,10 +44,11 @@ class ProxyContainer:
     def __init__(self, client: Any, image: str, name: str, mode: str, workdir: Path, config: dict,
                  network: str | None = None, env: dict | None = None, files: dict[str, str] | None = None,
                  http_port: int | None = None, https_port: int | None = None,
-                 also_publish: tuple[str, ...] = ()) -> None:
+                 also_publish: tuple[str, ...] = (), volumes: dict[str, dict] | None = None) -> None:
         """`also_publish`: more host addresses the bridge mode publishes the ports on (the same port numbers)."""
         self.client, self.image, self.name, self.mode = client, image, name, mode
         self.also_publish = also_publish
+        self.extra_volumes = dict(volumes or {})
         self.external: Any = None  # test_container's ExternalClient, in bridge mode
         self.http_port = http_port or free_port()
         self.https_port = https_port or free_port()
@@ -83,7 +84,7 @@ class ProxyContainer:
             "name": self.name, "detach": True, "environment": self.env,
             "volumes": {SOCKET: {"bind": SOCKET, "mode": "rw"},
                         self.volume: {"bind": "/var/lib/wakeproxy", "mode": "rw"},
-                        str(self.config_dir): {"bind": CONFIG_DIR, "mode": "ro"}},
+                        str(self.config_dir): {"bind": CONFIG_DIR, "mode": "ro"}, **self.extra_volumes},
             "stop_signal": "SIGTERM",
         }
         if self.mode == "host":

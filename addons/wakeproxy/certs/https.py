@@ -32,7 +32,9 @@ class HttpsPolicy:
         if req.path.startswith(CHALLENGE_PREFIX):
             return
         host = normalize_host(req.host_header or "")
-        if not host or self.certificates.valid_for(host) is None or self._opted_out(host):
+        if not host or self.runtime.snapshot.lookup(host) is None:
+            return  # no site: its 404 (or the default host) over plain HTTP too, as a visitor typed it
+        if self.certificates.valid_for(host) is None or self._opted_out(host):
             return
         port = config.listen.https.port
         authority = host if port == 443 else f"{host}:{port}"
