@@ -256,3 +256,23 @@ def _exists(c) -> bool:
         return True
     except docker.errors.NotFound:
         return False
+
+
+def test_project_autostart_0_answers_a_page_and_starts_nothing(docker_client, run_id, tmp_path, projects):
+    """PROJECT_AUTOSTART=0: a request for a stopped project gets a page saying so (Docksal answered 406; ours
+    is a 503 without Retry-After), and the project stays stopped."""
+    proxy = ProxyContainer(docker_client, image_tag(), f"{run_id}-docksal-noauto", "host", tmp_path,
+                           {"docker": {"networks": []}, "wake": {"per_client": 0}},
+                           env={"PROJECT_AUTOSTART": "0", "PROJECT_INACTIVITY_TIMEOUT": "0"})
+    try:
+        proxy.start()
+        host = f"stopped.{run_id.split('-')[-1]}.example.com"
+        _, (web,) = projects("dk-noauto", host, start=False)
+        r = wait_for(lambda: (resp := _http(proxy, host)).status_code != 404 and resp, 10, 0.1, "the site known")
+        assert r.status_code == 503 and "Retry-After" not in r.headers
+        assert "Sandbox stopped" in r.text and "PROJECT_AUTOSTART=0" in r.text  # 127.0.0.1: a debug client
+        time.sleep(1)
+        assert _status(web) == "created"  # never started
+        assert "wake " not in proxy.log()
+    finally:
+        proxy.remove()

@@ -66,11 +66,13 @@ class WakeFailed(Exception):
     """A wake that cannot succeed: the HTTP status, a title and a message (with internal detail)."""
 
     def __init__(self, status: int, title: str, message: str, retry_after: float | None = None,
-                 public: tuple[str, str, str] | None = None) -> None:
+                 public: tuple[str, str, str] | None = None, cools: bool | None = None) -> None:
         super().__init__(message)
         self.status, self.title, self.message = status, title, message
         self.retry_after = retry_after  # seconds, for a Retry-After header (429, 503)
         self.public = public  # (title, message with {host}, hint) for anonymous clients, else the status's own
+        # Not tried again before wake.retry_after: a failed start (502), or anything the engine refused.
+        self.cools = status == 502 if cools is None else cools
 
 
 # wake.autostart: false (Docksal's PROJECT_AUTOSTART=0): not a failure that passes, so no Retry-After.
@@ -202,7 +204,7 @@ class Orchestrator:
         wake.fail(exc)
         if self.log_outcomes:
             logger.warning(f"wake {wake.group}: {exc.message} ({wake.timing()})")
-        if exc.status in (502, 503):  # a failed start, or an engine out of addresses: not again at once
+        if exc.cools:  # a failed start, or an engine that refused (out of addresses): not again at once
             self._cooldown[wake.group] = (time.monotonic() + self.runtime.config.wake.retry_after, exc)
 
     async def _run(self, wake: Wake) -> None:
@@ -294,7 +296,7 @@ class Orchestrator:
                 wake.status[info.name] = "starting"
                 await self.ops.start(cid, info.name)
         except OpError as e:
-            raise WakeFailed(e.status, e.title, str(e)) from None
+            raise WakeFailed(e.status, e.title, str(e), cools=True) from None
 
     async def _until(self, wake: Wake, check: Any) -> None:
         """Re-evaluate `check(snapshot)` on every new snapshot and every probe interval until it holds."""

@@ -798,3 +798,23 @@ def test_status_shows_when_a_group_is_removed(tmp_path):
     g = next(g for g in report["groups"] if g["group"] == "p")
     assert 3500 < g["removed_in"] <= 3600
     assert report["counts"]["removed_within_a_day"] == 1
+
+
+def test_a_group_the_names_policy_refuses_is_never_removed(tmp_path):
+    """Only groups the proxy manages (routed, their names accepted) are ever retired."""
+    from wakeproxy.config import NamesConfig
+    from wakeproxy.routing.snapshot import Policy
+
+    cfg = dataclasses.replace(config(tmp_path, remove_after=60.0), names=NamesConfig(allow=("*.ours.test",)))
+    theirs = c("theirs", "x.elsewhere.test", state="exited", project="theirs")
+    snapshot = build_snapshot([theirs], SourcesConfig(), (), {}, policy=Policy.from_config(cfg))
+    assert snapshot.groups == {}  # refused by the names policy: not the proxy's to manage
+    keeper = IdleKeeper(Runtime(config=cfg, snapshot=snapshot), FakeWaker())
+    keeper.ops = FakeOps()
+
+    async def run():
+        keeper.check(1000.0)
+        keeper.check(1000.0 + 10_000)
+        await asyncio.sleep(0.05)
+    asyncio.run(run())
+    assert keeper.ops.calls == []

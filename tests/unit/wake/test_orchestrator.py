@@ -171,3 +171,10 @@ def test_an_engine_out_of_network_addresses_is_a_503_naming_the_fix(monkeypatch)
     assert failure.status == 503 and failure.title == "Out of network addresses"
     assert "daemon.json" in failure.message
     assert cooling is not None and cooling.status == 503  # not tried again at once
+
+
+def test_only_failed_starts_and_engine_refusals_cool_down():
+    assert WakeFailed(502, "Wake-up failed", "x").cools
+    assert not WakeFailed(503, "Site asleep", "the controller is not there").cools  # passes: ask again soon
+    assert not WakeFailed(504, "Wake-up timed out", "x").cools
+    assert WakeFailed(503, "Out of network addresses", "x", cools=True).cools
