@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 import docker.errors
+import docker.types
 import httpx
 import pytest
 from container_harness import ProxyContainer, image_tag
-from harness import backend_of, remove_network, wait_for
+from harness import backend_of, proxied, remove_network, wait_for
 
 INACTIVITY = 3.0
 DANGLING = 12.0
@@ -276,3 +277,36 @@ def test_project_autostart_0_answers_a_page_and_starts_nothing(docker_client, ru
         assert "wake " not in proxy.log()
     finally:
         proxy.remove()
+
+
+def test_a_wake_on_a_network_without_free_addresses_is_a_503_naming_the_fix(proxy, backend_container, busybox_image,
+                                                                             docker_client, run_id, host):
+    """Docker's own out-of-addresses error at `docker start`, for real: a /29 network filled up first."""
+    from harness import choose_free_block
+
+    block = choose_free_block(docker_client)
+    subnet = f"{block.network_address}/29"
+    net = docker_client.networks.create(f"{run_id}-full", driver="bridge", ipam=docker.types.IPAMConfig(
+        pool_configs=[docker.types.IPAMPool(subnet=subnet)]))
+    try:
+        for i in range(10):  # take every address (Docker keeps the gateway's; a /29 has 5 more)
+            filler = backend_container(f"filler{i}", image=busybox_image, command=["sleep", "300"],
+                                       network=net.name, start=False)
+            try:
+                filler.start()
+            except docker.errors.APIError as e:
+                assert "no available" in str(e).lower(), e
+                filler.remove(force=True)
+                break
+        else:
+            pytest.fail("the /29 network never filled up")
+        backend_container("full-web", network=net.name, keep_awake=False, start=False,
+                          labels={"wakeproxy.host": host("full-web")})
+        p = proxy({"docker": {"networks": []}})
+        r = proxied(p, host("full-web"), headers={"Accept": "application/json"}, timeout=20)
+        assert r.status_code == 503, r.text[:500]
+        assert "Out of network addresses" in r.text and "bigger subnet" in r.text  # 127.0.0.1 sees the detail
+        assert "bigger subnet" in p.log()  # and the log line names the fix
+    finally:
+        backend_container.cleanup()
+        remove_network(net)

@@ -30,18 +30,25 @@ class DockerOpError(OpError):
 
 # Docker's words when it has no address left for a network, and what to do about it (README "Networks at
 # sandbox scale"): Docker's default pools hold about 30 bridge networks.
-_OUT_OF_ADDRESSES = ("could not find an available, non-overlapping ipv4 address pool",
-                     "could not find an available, non-overlapping ipv6 address pool",
-                     "no available addresses", "no address space", "ipam: address pool exhausted")
-OUT_OF_ADDRESSES_FIX = ("Docker has no network addresses left: give it more with \"default-address-pools\" in "
-                        "/etc/docker/daemon.json (README: Networks at sandbox scale), restart dockerd, and remove "
-                        "unused networks (docker network prune)")
+_OUT_OF_POOLS = ("could not find an available, non-overlapping ipv4 address pool",
+                 "could not find an available, non-overlapping ipv6 address pool", "ipam: address pool exhausted")
+OUT_OF_POOLS_FIX = ("Docker has no network addresses left: give it more with \"default-address-pools\" in "
+                    "/etc/docker/daemon.json (README: Networks at sandbox scale), restart dockerd, and remove "
+                    "unused networks (docker network prune)")
+# One network full: every address of its subnet is taken (a Compose file's small `ipam` subnet, say).
+_NETWORK_FULL = ("no available ipv4 addresses", "no available ipv6 addresses", "no available addresses")
+NETWORK_FULL_FIX = ("a network of this container has no free address left: give it a bigger subnet (its Compose "
+                    "file's ipam), or fewer containers on it")
 
 
 def explain(what: str, name: str, detail: str) -> DockerOpError:
     """Docker's error for `docker WHAT NAME`, as a user reads it; 503 when it is out of network addresses."""
-    if any(marker in detail.lower() for marker in _OUT_OF_ADDRESSES):
-        return DockerOpError(f"docker {what} {name} failed: {detail}. {OUT_OF_ADDRESSES_FIX}", 503,
+    text = detail.lower()
+    if any(marker in text for marker in _OUT_OF_POOLS):
+        return DockerOpError(f"docker {what} {name} failed: {detail}. {OUT_OF_POOLS_FIX}", 503,
+                             "Out of network addresses")
+    if any(marker in text for marker in _NETWORK_FULL):
+        return DockerOpError(f"docker {what} {name} failed: {detail}. Docker's {NETWORK_FULL_FIX}", 503,
                              "Out of network addresses")
     return DockerOpError(f"docker {what} {name} failed: {detail}")
 

@@ -156,6 +156,8 @@ def test_an_engine_out_of_network_addresses_is_a_503_naming_the_fix(monkeypatch)
                                           "non-overlapping IPv4 address pool among the defaults to assign to the network")
     assert err.status == 503 and "default-address-pools" in str(err)
     assert ops_mod.explain("start", "web", "no such image").status == 502
+    full = ops_mod.explain("start", "web", "no available IPv4 addresses on this network's address pools: p_default")
+    assert full.status == 503 and "bigger subnet" in str(full)
 
     async def run():
         rt, engine, o = setup([sleeper("web", 9)])
