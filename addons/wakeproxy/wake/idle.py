@@ -384,9 +384,10 @@ class IdleKeeper:
         clocks = {**self._loaded, **{name: act.last for name, act in self.activity.items()}}
         used = {**self._loaded_used, **self.used}
         snap = self.runtime.snapshot
-        if snap.synced:  # forget groups that no longer exist
+        if snap.synced:  # forget groups that no longer exist (one that comes back counts as used then)
             clocks = {name: t for name, t in clocks.items() if name in snap.groups}
             used = {name: t for name, t in used.items() if name in snap.groups}
+            self.used = {name: t for name, t in self.used.items() if name in snap.groups}
         return {"version": 1, "saved": time.time(), "last_activity": clocks, "last_used": used}
 
     def _write(self, state: dict[str, Any]) -> None:
