@@ -283,9 +283,7 @@ class IdleKeeper:
         left = self.removes_in(group, now)
         if left is None or left > 0 or group.name in self.runtime.stopping or self.waker.is_waking(group.name):
             return False
-        # Asleep: nothing runs, is paused or restarting (a running group is put to sleep first, by its timeout).
-        return all((c := snap.containers.get(cid)) is None or c.state in ("exited", "created", "dead")
-                   for cid in group.members)
+        return _asleep(snap, group)
 
     def _retire(self, snap: Snapshot, group: Group, unused: float) -> None:
         logger.info(f"retire {group.name}: unused for {format_duration(unused)} (idle.remove_after "
@@ -298,6 +296,13 @@ class IdleKeeper:
     async def _remove(self, snap: Snapshot, group: Group) -> bool:
         if self.quiesce is not None and not await self.quiesce(group.name):
             return False  # a request came in after all: it is used
+        # Docker as it is now, not as it was when this began (the quiesce takes up to 2 s): a member that
+        # was started meanwhile means the group is in use. (`docker rm` without force would refuse it anyway.)
+        snap = self.runtime.snapshot
+        current = snap.groups.get(group.name)
+        if current is None or not _asleep(snap, current):
+            return False
+        group = current
         assert self.ops is not None
         volumes = self.runtime.config.idle.remove_volumes
         members = [i for cid in group.members if (i := snap.containers.get(cid)) is not None]
@@ -419,3 +424,9 @@ class IdleKeeper:
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             logger.warning(f"idle: {path} is corrupt ({type(e).__name__}: {e}); every running group counts as active now")
             return {}
+
+
+def _asleep(snap: Snapshot, group: Group) -> bool:
+    """Nothing of `group` runs, is paused or restarting (a running group is put to sleep first, by its timeout)."""
+    return all((c := snap.containers.get(cid)) is None or c.state in ("exited", "created", "dead")
+               for cid in group.members)
