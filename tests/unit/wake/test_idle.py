@@ -818,3 +818,24 @@ def test_a_group_the_names_policy_refuses_is_never_removed(tmp_path):
         await asyncio.sleep(0.05)
     asyncio.run(run())
     assert keeper.ops.calls == []
+
+
+def test_a_member_started_during_the_quiesce_keeps_the_group(tmp_path):
+    web = _net(c("web", "web.test", state="exited", project="p"), "p_default")
+    keeper = make_keeper(web, tmp_path=tmp_path, remove_after=60.0)
+    keeper.runtime.publish(build_snapshot([web], SourcesConfig(), (), {"p_default": "bridge"}))
+
+    async def quiesce(group: str) -> bool:  # meanwhile, its owner runs `docker compose start`
+        started = dataclasses.replace(web, state="running", networks={"p_default": "10.9.0.2"})
+        keeper.runtime.publish(build_snapshot([started], SourcesConfig(), (), {"p_default": "bridge"}))
+        return True
+    keeper.quiesce = quiesce
+
+    async def run():
+        keeper.check(1000.0)
+        keeper.used["p"] = 0.0
+        keeper.check(1000.0)
+        await asyncio.sleep(0.1)
+    asyncio.run(run())
+    assert not [call for call in keeper.ops.calls if call[1] in ("rm", "network rm")]
+    assert keeper.used["p"] > 1000.0 - 1  # counted as used: a full remove_after again
