@@ -913,3 +913,9 @@ def test_docksal_default_cert_names_a_file_in_the_certificate_folder(tmp_path, m
     cfg = load_config(f, {"DEFAULT_CERT": "example.com"})
     assert cfg.tls.certs_dir == docksal and cfg.tls.default_cert == docksal / "example.com.crt"
     assert load_config(f, {}).tls.default_cert is None
+
+
+@pytest.mark.parametrize("value", ["9" * 400, "\u0663s", "inf", "1e400"])
+def test_a_duration_is_finite_and_in_ascii_digits(value):
+    with pytest.raises(ValueError):
+        parse_duration(value)

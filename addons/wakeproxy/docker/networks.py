@@ -109,6 +109,14 @@ class Refusals(Mapping[str, str]):
         return len(self._known)
 
 
+_LOOKS_LIKE_AN_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def tenant_of(group: str) -> str:
+    """The tenant a group key belongs to: a Compose project split by `wakeproxy.group` ("P/G") is P."""
+    return group.split("/", 1)[0]
+
+
 def wanted_networks(snapshot: Snapshot) -> dict[str, frozenset[str]]:
     """The networks of the sites' containers that run (or are paused) → the groups that want them."""
     groups: dict[str, set[str]] = {}
@@ -117,6 +125,29 @@ def wanted_networks(snapshot: Snapshot) -> dict[str, frozenset[str]]:
             if b.network and b.state in KEEP_STATES:
                 groups.setdefault(b.network, set()).add(b.group)
     return {n: frozenset(g) for n, g in groups.items()}
+
+
+RESOLV_CONF = Path("/etc/resolv.conf")
+_IP_TOKEN = re.compile(r"[0-9a-fA-F:.]{3,45}")
+
+
+def resolver_addresses(text: str) -> tuple[IPAddress, ...]:
+    """The DNS servers a resolv.conf names: `nameserver` lines, and the upstream servers Docker's embedded
+    resolver (127.0.0.11) forwards to, which newer engines note in a `# ExtServers: [host(10.0.0.2)]` line.
+    A joined subnet holding one of them would answer the proxy's lookups (its ACME CA's, say)."""
+    out: list[IPAddress] = []
+    for line in text.splitlines()[:200]:
+        words = line.strip()
+        if not (words.startswith("nameserver") or "ExtServers" in words):
+            continue
+        for token in _IP_TOKEN.findall(words.removeprefix("nameserver")):
+            try:
+                ip = ipaddress.ip_address(token)
+            except ValueError:
+                continue
+            if not ip.is_loopback and ip not in out:
+                out.append(ip)
+    return tuple(out)
 
 
 def subnet_problem(net: str, subnets: tuple[str, ...], avoid: tuple[IPAddress, ...]) -> str | None:
@@ -137,7 +168,7 @@ def subnet_problem(net: str, subnets: tuple[str, ...], avoid: tuple[IPAddress, .
         for ip in avoid:
             if ip.version == subnet.version and ip in subnet:
                 return (f"network '{net}' ({subnet}) holds {ip}, an address the proxy itself talks to "
-                        "(docker.url): joining it would route that traffic into the sandbox")
+                        "(its DNS server, or docker.url): joining it would route that traffic into the sandbox")
     return None
 
 
@@ -158,13 +189,15 @@ def plan(wanted: Mapping[str, frozenset[str]], on: frozenset[str], ours: frozens
     for net in sorted(wanted):
         if net in on:
             continue
-        fits = [g for g in sorted(wanted[net]) if share.get(g, 0) < MAX_PER_GROUP]
+        # Per tenant: a Compose project split by wakeproxy.group labels ("P/G") is still one project.
+        tenants = sorted({tenant_of(g) for g in wanted[net]})
+        fits = [t for t in tenants if share.get(t, 0) < MAX_PER_GROUP]
         if fits:
             allowed.add(net)
-            for g in wanted[net]:
-                share[g] = share.get(g, 0) + 1
+            for t in tenants:
+                share[t] = share.get(t, 0) + 1
         else:
-            over[net] = min(wanted[net])
+            over[net] = tenants[0]
     order = sorted(wanted, key=lambda n: (-len(wanted[n]), n))
     keep: list[str] = []
     for net in order:
@@ -173,11 +206,15 @@ def plan(wanted: Mapping[str, frozenset[str]], on: frozenset[str], ours: frozens
             keep.append(net)
         elif driver not in JOINABLE_DRIVERS:
             refused[net] = f"network '{net}' ({driver or 'unknown'} driver) cannot be joined by the proxy's container"
+        elif _LOOKS_LIKE_AN_ID.fullmatch(net):
+            # Docker looks a full ID up before a name: a network named with another one's ID would make the
+            # proxy join (and never leave) that other network.
+            refused[net] = f"network '{net[:12]}…' is named like a network ID: the proxy joins it by no name"
         elif net in failed:
             refused[net] = failed[net]
         elif net in over:
-            refused[net] = (f"group '{over[net]}' has {MAX_PER_GROUP} networks joined for it already (the most "
-                            "per group): put its sites on fewer networks")
+            refused[net] = (f"project '{over[net]}' has {MAX_PER_GROUP} networks joined for it already (the most "
+                            "per project): put its sites on fewer networks")
         elif (why := subnet_problem(net, (subnets or {}).get(net, ()), avoid)) is not None:
             refused[net] = why
         else:

@@ -97,3 +97,16 @@ class DockerOps:
 
     async def remove_network(self, name: str) -> None:
         await self._call("network rm", name, "remove_network", name)
+
+    async def network_labels(self, name: str) -> dict[str, str] | None:
+        """The labels of the network called exactly `name` (None: there is none), from the network listing."""
+        def run() -> dict[str, str] | None:
+            for n in self._api().networks(names=[name]):  # a name filter matches parts of names too
+                if n.get("Name") == name:
+                    return dict(n.get("Labels") or {})
+            return None
+
+        try:
+            return await asyncio.to_thread(run)
+        except Exception as e:  # noqa: BLE001 - the engine is away: nothing is removed
+            raise DockerOpError(f"docker network ls {name} failed: {type(e).__name__}: {e}") from None

@@ -35,7 +35,7 @@ import docker.errors
 
 from wakeproxy.config import Config
 from wakeproxy.docker.client import LISTING_TIMEOUT, connect
-from wakeproxy.docker.networks import NetworkJoiner, own_container_id
+from wakeproxy.docker.networks import RESOLV_CONF, NetworkJoiner, own_container_id, resolver_addresses
 from wakeproxy.files import write_private
 from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.routing.labels import USED_ENV, ContainerInfo
@@ -71,6 +71,13 @@ def _engine_addresses(config: Config) -> tuple[ipaddress.IPv4Address | ipaddress
         return (ipaddress.ip_address(url.hostname),)
     except ValueError:
         return ()  # a name: resolved per connection by the SDK; not pinned here
+
+
+def _resolvers() -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
+    try:
+        return resolver_addresses(RESOLV_CONF.read_text(errors="replace")[:65536])
+    except OSError:
+        return ()
 
 
 def _reason(e: BaseException) -> str:
@@ -312,7 +319,8 @@ class DockerView:
         self._ownership = Ownership()
         self._owners_path = config.state_dir / OWNERS_FILE
         self._owners_on = True  # False once the file could not be written
-        self._joiner = NetworkJoiner(config.state_dir, config.docker.join_networks, _engine_addresses(config))
+        self._joiner = NetworkJoiner(config.state_dir, config.docker.join_networks,
+                                     _engine_addresses(config) + _resolvers())
         self._subnets: dict[str, tuple[str, ...]] = {}
         self._last: Snapshot | None = None
         self._own_id = own_container_id() if own_id is True else own_id or None

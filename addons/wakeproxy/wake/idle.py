@@ -63,6 +63,8 @@ class StopOps(Protocol):
 
     async def remove_network(self, name: str) -> None: ...
 
+    async def network_labels(self, name: str) -> dict[str, str] | None: ...
+
 
 class IdleKeeper:
     """Counts activity per group from the flows it sees and, where it `decides` (one process, or the
@@ -313,13 +315,18 @@ class IdleKeeper:
                 removed.append(info.name)
             except OpError as e:
                 logger.warning(f"retire {group.name}: {e}")
-        # Its own networks: those of its members that no other container is on (any state, any group).
+        # Its own networks: those of its members that no other container is on (any state, any group), and
+        # that its Compose project made (labelled so): never an `external:` one or one the operator made.
         gone = {i.id for i in members}
         others = {n for c in snap.containers.values() if c.id not in gone for n in c.networks}
         nets = sorted({n for i in members for n in i.networks} - others - {"bridge", "host", "none"})
+        project = group.name.split("/", 1)[0]  # a project split by wakeproxy.group labels: "P/G"
         left: list[str] = []
         for net in nets:
             try:
+                labels = await self.ops.network_labels(net)
+                if labels is None or labels.get("com.docker.compose.project") != project:
+                    continue  # not the project's own network
                 await self.ops.remove_network(net)
                 left.append(net)
             except OpError as e:

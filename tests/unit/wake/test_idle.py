@@ -91,6 +91,9 @@ class FakeOps:
     async def remove_network(self, name):
         await self._op("network rm", name)
 
+    async def network_labels(self, name):  # every network "P_x" was made by Compose project P
+        return {"com.docker.compose.project": name.split("_")[0]} if "_" in name else {}
+
     async def start(self, cid, name):  # never called by the keeper
         raise AssertionError("the idle keeper must never start anything")
 
@@ -839,3 +842,20 @@ def test_a_member_started_during_the_quiesce_keeps_the_group(tmp_path):
     asyncio.run(run())
     assert not [call for call in keeper.ops.calls if call[1] in ("rm", "network rm")]
     assert keeper.used["p"] > 1000.0 - 1  # counted as used: a full remove_after again
+
+
+def test_only_the_projects_own_networks_are_removed(tmp_path):
+    """An empty `external:` network, or one the operator made, stays: only networks labelled with the
+    group's Compose project are removed."""
+    web = _net(c("web", "web.test", state="exited", project="p"), "p_default", "operatornet", "q_default")
+    keeper = make_keeper(web, tmp_path=tmp_path, remove_after=60.0)
+    keeper.runtime.publish(build_snapshot([web], SourcesConfig(), (), {"p_default": "bridge"}))
+
+    async def run():
+        keeper.check(1000.0)
+        keeper.used["p"] = 0.0
+        keeper.check(1000.0)
+        await asyncio.sleep(0.1)
+    asyncio.run(run())
+    removed = [name for step, what, name, _ in keeper.ops.calls if step == "end" and what == "network rm"]
+    assert removed == ["p_default"]
