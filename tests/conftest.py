@@ -131,6 +131,14 @@ def backend_container(docker_client, run_id, pyback_image, busybox_image, test_n
     factory.cleanup()
 
 
+@pytest.fixture(scope="session")
+def image() -> str:
+    """The wakeproxy image under test (WPTEST_IMAGE from scripts/test, else built by scripts/image)."""
+    from container_harness import image_tag
+
+    return image_tag()
+
+
 @pytest.fixture
 def sandboxes(docker_client, run_id, backend_container):
     """Compose-shaped projects (container_harness.Sandboxes): a `<run_id>-<name>_default` network each."""

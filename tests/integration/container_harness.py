@@ -16,6 +16,7 @@ from typing import Any
 
 import docker.errors
 import docker.types
+import httpx
 import pytest
 import yaml
 from harness import READY_LINE, REPO, children_of, free_port, remove_network, wait_for
@@ -78,6 +79,11 @@ class ProxyContainer:
     @property
     def https_url(self) -> str:
         return f"https://127.0.0.1:{self.https_port}"
+
+    def get(self, host: str, path: str = "/", timeout: float = 30.0) -> httpx.Response:
+        """GET http://<proxy>/path with `Host: host`, plain HTTP/1.1."""
+        with httpx.Client(timeout=timeout, trust_env=False) as c:
+            return c.get(f"{self.http_url}{path}", headers={"Host": host})
 
     def start(self, ready_timeout: float = 60.0) -> ProxyContainer:
         kw: dict[str, Any] = {

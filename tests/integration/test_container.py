@@ -20,9 +20,8 @@ from pathlib import Path
 
 import docker.errors
 import docker.types
-import httpx
 import pytest
-from container_harness import ProxyContainer, image_tag
+from container_harness import ProxyContainer
 from harness import Relay, backend_of, choose_free_block, free_port, remove_network, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "acme"))
@@ -31,14 +30,6 @@ from acme_harness import Pebble, https_get, leaf_of, wait_issued  # noqa: E402
 MODES = ["bridge", "host"]
 
 
-@pytest.fixture(scope="session")
-def image() -> str:
-    return image_tag()
-
-
-def _get(proxy: ProxyContainer, host: str, path: str = "/", timeout: float = 30) -> httpx.Response:
-    with httpx.Client(timeout=timeout, trust_env=False) as c:
-        return c.get(f"{proxy.http_url}{path}", headers={"Host": host})
 
 
 class ExternalClient:
@@ -160,7 +151,7 @@ def test_routes_to_a_sandbox_on_its_own_network_joined_then_left(deployed, sandb
     mode, proxy, _ = deployed
     name = host(f"joined-{mode}")
     net, web = sandboxes.project(f"joined-{mode}", name)
-    r = wait_for(lambda: (resp := _get(proxy, name)).status_code == 200 and resp, 15, 0.1, f"{name} routed")
+    r = wait_for(lambda: (resp := proxy.get(name)).status_code == 200 and resp, 15, 0.1, f"{name} routed")
     assert backend_of(r) == f"joined-{mode}-web"
     if mode == "bridge":
         assert net.name in proxy.networks()
@@ -173,7 +164,7 @@ def test_routes_to_a_sandbox_on_its_own_network_joined_then_left(deployed, sandb
         wait_for(lambda: net.name not in proxy.networks(), 10, 0.1, f"the proxy to leave {net.name}")
     net.remove()
     sandboxes.networks.remove(net)
-    wait_for(lambda: _get(proxy, name).status_code == 404, 10, 0.1, f"{name} gone from every worker")
+    wait_for(lambda: proxy.get(name).status_code == 404, 10, 0.1, f"{name} gone from every worker")
 
 
 def test_the_client_address_reaches_the_backend(deployed, sandboxes, host):
@@ -181,7 +172,7 @@ def test_the_client_address_reaches_the_backend(deployed, sandboxes, host):
     mode, proxy, _ = deployed
     name = host(f"client-{mode}")
     sandboxes.project(f"client-{mode}", name)
-    r = wait_for(lambda: (resp := _get(proxy, name)).status_code == 200 and resp, 15, 0.1, f"{name} routed")
+    r = wait_for(lambda: (resp := proxy.get(name)).status_code == 200 and resp, 15, 0.1, f"{name} routed")
     xff = r.json()["headers"].get("x-forwarded-for") or r.json()["headers"].get("X-Forwarded-For")
     if mode == "host":
         assert xff == "127.0.0.1"  # the real client: nothing between it and the proxy
@@ -203,7 +194,7 @@ def test_a_hostile_sandbox_cannot_make_the_proxy_join_another_projects_network(d
     # The victim sleeps (created, not started): its network is not joined until it runs.
     victim_net, _ = sandboxes.project(f"victim-{mode}", host(f"victim-{mode}"), start=False)
     sandboxes.project(f"attacker-{mode}", host(f"attacker-{mode}"), labels={"wakeproxy.network": victim_net.name})
-    r = wait_for(lambda: (resp := _get(proxy, host(f"attacker-{mode}"))).status_code != 404 and resp, 15, 0.1,
+    r = wait_for(lambda: (resp := proxy.get(host(f"attacker-{mode}"))).status_code != 404 and resp, 15, 0.1,
                  "the attacker's site to be known")
     assert r.status_code == 503, r.text[:300]
     time.sleep(0.5)
@@ -219,7 +210,7 @@ def test_a_sandbox_network_with_public_addresses_is_not_joined(deployed, sandbox
         pytest.skip("with host networking nothing is joined")
     # 44.31.255.0/24: global unicast that no test traffic goes to; the bridge's route exists only meanwhile.
     net, _ = sandboxes.project(f"public-{mode}", host(f"public-{mode}"), subnet="44.31.255.0/24")
-    r = wait_for(lambda: (resp := _get(proxy, host(f"public-{mode}"))).status_code != 404 and resp, 15, 0.1,
+    r = wait_for(lambda: (resp := proxy.get(host(f"public-{mode}"))).status_code != 404 and resp, 15, 0.1,
                  "the site to be known")
     assert r.status_code == 503  # from the first snapshot that has the site: the subnet is known with it
     assert net.name not in proxy.networks()
@@ -232,7 +223,7 @@ def test_wakes_a_sleeping_sandbox_and_puts_an_idle_one_to_sleep(deployed, sandbo
     name = host(f"sleepy-{mode}")
     net, web = sandboxes.project(f"sleepy-{mode}", name, labels={"wakeproxy.idle-timeout": "2s"},
                                  keep_awake=False)
-    wait_for(lambda: _get(proxy, name).status_code == 200, 15, 0.1, f"{name} routed")
+    wait_for(lambda: proxy.get(name).status_code == 200, 15, 0.1, f"{name} routed")
 
     def exited() -> bool:
         web.reload()
@@ -241,7 +232,7 @@ def test_wakes_a_sleeping_sandbox_and_puts_an_idle_one_to_sleep(deployed, sandbo
     if mode == "bridge":  # nothing runs on it: the proxy leaves (a sleeping sandbox costs no interface)
         wait_for(lambda: net.name not in proxy.networks(), 10, 0.1, f"the proxy to leave {net.name}")
     t0 = time.monotonic()
-    r = _get(proxy, name, "/api", timeout=60)  # not a browser navigation: held until the app answers
+    r = proxy.get(name, "/api", timeout=60)  # not a browser navigation: held until the app answers
     woke = time.monotonic() - t0
     assert r.status_code == 200, r.text[:500]
     assert backend_of(r) == f"sleepy-{mode}-web"
@@ -286,7 +277,7 @@ def test_status_and_health_through_docker_exec(deployed, sandboxes, host):
     mode, proxy, _ = deployed
     name = host(f"status-{mode}")
     sandboxes.project(f"status-{mode}", name)
-    wait_for(lambda: _get(proxy, name).status_code == 200, 15, 0.1, f"{name} routed")
+    wait_for(lambda: proxy.get(name).status_code == 200, 15, 0.1, f"{name} routed")
     code, out = proxy.exec("wakeproxy", "status")
     assert code == 0, out
     assert "GROUP" in out and f"{sandboxes.run_id}-status-{mode}" in out and "WORKER" in out
@@ -314,7 +305,7 @@ def test_status_and_health_through_docker_exec(deployed, sandboxes, host):
     wait_for(lambda: proxy.log().count("wakeproxy: reload done") > done_before, 60, 0.2, "the reload")
     # The old workers drain (shutdown.drain) and exit; their replacements serve meanwhile.
     wait_for(lambda: set(proxy.children("worker")).isdisjoint(workers), 30, 0.2, "the old workers to exit")
-    assert _get(proxy, name).status_code == 200
+    assert proxy.get(name).status_code == 200
 
 
 def test_sigterm_drains_and_docker_logs_show_the_proxys_lines(deployed, sandboxes, host):
@@ -322,12 +313,12 @@ def test_sigterm_drains_and_docker_logs_show_the_proxys_lines(deployed, sandboxe
     mode, proxy, _ = deployed
     name = host(f"drain-{mode}")
     sandboxes.project(f"drain-{mode}", name)
-    wait_for(lambda: _get(proxy, name).status_code == 200, 15, 0.1, f"{name} routed")
+    wait_for(lambda: proxy.get(name).status_code == 200, 15, 0.1, f"{name} routed")
     result: dict = {}
 
     def slow() -> None:
         try:
-            result["r"] = _get(proxy, name, "/sleep?s=3")
+            result["r"] = proxy.get(name, "/sleep?s=3")
         except Exception as e:  # noqa: BLE001
             result["e"] = e
     t = threading.Thread(target=slow)

@@ -26,9 +26,8 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import httpx
 import pytest
-from container_harness import RecordedProxyContainer, image_tag
+from container_harness import RecordedProxyContainer
 from harness import Relay, backend_of, free_port, remove_network, traversable, wait_for
 
 # The endpoints the proxy may call, with what it calls each one for. The README's "Docker socket proxy"
@@ -251,14 +250,6 @@ def test_endpoint_pattern_and_parser():
 # the recorded run
 
 
-@pytest.fixture(scope="module")
-def image() -> str:
-    return image_tag()
-
-
-def _get(proxy: RecordedProxyContainer, host: str, path: str = "/", timeout: float = 30) -> httpx.Response:
-    with httpx.Client(timeout=timeout, trust_env=False) as c:
-        return c.get(f"{proxy.http_url}{path}", headers={"Host": host})
 
 
 @pytest.fixture
@@ -311,7 +302,7 @@ def test_the_proxy_calls_only_the_documented_docker_endpoints(recorded, sandboxe
     _, nap = sandboxes.project("api-nap", napping, keep_awake=False, labels={"wakeproxy.idle-action": "pause"})
     doze_net, doze = sandboxes.project("api-doze", dozing, keep_awake=False)
     for name, backend in ((awake, "api-awake-web"), (napping, "api-nap-web"), (dozing, "api-doze-web")):
-        r = wait_for(lambda n=name: (resp := _get(proxy, n, "/api", timeout=60)).status_code == 200 and resp,
+        r = wait_for(lambda n=name: (resp := proxy.get(n, "/api", timeout=60)).status_code == 200 and resp,
                      30, 0.1, f"{name} routed")
         assert backend_of(r) == backend
     assert awake_net.name in proxy.networks()
@@ -328,7 +319,7 @@ def test_the_proxy_calls_only_the_documented_docker_endpoints(recorded, sandboxe
 
     # A request wakes each: unpause, start (and the network joined again).
     for name, c in ((napping, nap), (dozing, doze)):
-        r = _get(proxy, name, "/api", timeout=60)
+        r = proxy.get(name, "/api", timeout=60)
         assert r.status_code == 200, r.text[:500]
         assert backend_of(r) == c.name.removeprefix(f"{sandboxes.run_id}-")
     assert doze_net.name in proxy.networks()

@@ -17,7 +17,7 @@ import docker.errors
 import docker.types
 import httpx
 import pytest
-from container_harness import ProxyContainer, image_tag
+from container_harness import ProxyContainer
 from harness import backend_of, proxied, remove_network, wait_for
 
 INACTIVITY = 3.0
@@ -45,7 +45,7 @@ def _cert(directory: Path, base: str, *names: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def docksal(docker_client, run_id, tmp_path_factory):
+def docksal(docker_client, run_id, image, tmp_path_factory):
     """The proxy container, as a Docksal server would run it, and the names its certificates cover."""
     workdir = tmp_path_factory.mktemp("docksal")
     certs = workdir / "certs"
@@ -59,7 +59,7 @@ def docksal(docker_client, run_id, tmp_path_factory):
         p.chmod(0o755 if p.is_dir() else 0o644)
     config = {"docker": {"networks": []}, "wake": {"per_client": 0},
               "labels": {"cert_name": True}}  # io.docksal.cert-name, trusted as on a Docksal server
-    proxy = ProxyContainer(docker_client, image_tag(), f"{run_id}-docksal", "host", workdir, config,
+    proxy = ProxyContainer(docker_client, image, f"{run_id}-docksal", "host", workdir, config,
                            env={"PROJECT_INACTIVITY_TIMEOUT": f"{INACTIVITY:g}s",
                                 "PROJECT_DANGLING_TIMEOUT": f"{DANGLING:g}s", "PROJECT_AUTOSTART": "1",
                                 "DEFAULT_CERT": "fallback",
@@ -122,10 +122,6 @@ def projects(docker_client, run_id, backend_container):
     p.cleanup()
 
 
-def _http(proxy: ProxyContainer, host: str, path: str = "/", timeout: float = 30.0) -> httpx.Response:
-    with httpx.Client(timeout=timeout, trust_env=False) as c:
-        return c.get(f"{proxy.http_url}{path}", headers={"Host": host})
-
 
 def _https(proxy: ProxyContainer, host: str, path: str = "/", http2: bool = True,
            timeout: float = 30.0) -> httpx.Response:
@@ -166,7 +162,7 @@ def _status(c) -> str:
 
 def test_unknown_host_404_over_http1_and_http2(docksal):
     proxy, domain = docksal
-    r = _http(proxy, f"nobody.{domain}")
+    r = proxy.get(f"nobody.{domain}")
     assert r.status_code == 404 and r.http_version == "HTTP/1.1"
     r = _https(proxy, f"nobody.{domain}")
     assert r.status_code == 404 and r.http_version == "HTTP/2"
@@ -178,14 +174,14 @@ def test_a_started_project_answers_within_2_s_and_a_stopped_one_is_woken_over_ht
     _, (web,) = projects("dk-p1", host, start=False)
     web.start()
     t0 = time.monotonic()
-    wait_for(lambda: _http(proxy, host, timeout=5).status_code == 200, 10, 0.05, f"{host} after its start")
+    wait_for(lambda: proxy.get(host, timeout=5).status_code == 200, 10, 0.05, f"{host} after its start")
     assert time.monotonic() - t0 < 2.0
     group = f"{projects.run_id}-dk-p1"
     for scheme in ("http", "https"):
         web.stop(timeout=5)
         wait_for(lambda: _group(proxy, group)["state"] == "asleep", 10, 0.1, "the stop to be seen")
         t0 = time.monotonic()
-        r = (_http if scheme == "http" else _https)(proxy, host, "/api")  # not a navigation: held, then answered
+        r = proxy.get(host, "/api") if scheme == "http" else _https(proxy, host, "/api")  # held, then answered
         assert r.status_code == 200 and backend_of(r) == "dk-p1-web", (scheme, r.status_code, r.text[:300])
         assert _status(web) == "running"
         print(f"\n[docksal] woken over {scheme} in {time.monotonic() - t0:.2f} s")
@@ -196,7 +192,7 @@ def test_an_idle_stack_is_stopped_whole_and_a_permanent_one_is_not(docksal, proj
     _, idle = projects("dk-idle", f"idle.{domain}", db=True)
     _, perm = projects("dk-perm", f"perm.{domain}", db=True, labels={"io.docksal.permanent": "true"})
     for h in (f"idle.{domain}", f"perm.{domain}"):
-        wait_for(lambda h=h: _http(proxy, h).status_code == 200, 10, 0.1, h)
+        wait_for(lambda h=h: proxy.get(h).status_code == 200, 10, 0.1, h)
     wait_for(lambda: all(_status(c) == "exited" for c in idle), INACTIVITY + 10, 0.2, "the idle stack stopped")
     assert all(_status(c) == "running" for c in perm)
     for c in idle:  # stopped, not removed
@@ -210,7 +206,7 @@ def test_a_non_default_port_label_for_a_stack_and_a_standalone_container(docksal
     backend_container("dk-lone", keep_awake=False, env={"PORT": "8081"},
                       labels={"io.docksal.virtual-host": f"lone.{domain}", "io.docksal.virtual-port": "8081"})
     for h, name in ((f"port.{domain}", "dk-port-web"), (f"lone.{domain}", "dk-lone")):
-        r = wait_for(lambda h=h: (resp := _http(proxy, h)).status_code == 200 and resp, 10, 0.1, h)
+        r = wait_for(lambda h=h: (resp := proxy.get(h)).status_code == 200 and resp, 10, 0.1, h)
         assert backend_of(r) == name
 
 
@@ -220,7 +216,7 @@ def test_certificates_by_closest_match_by_cert_name_and_the_default(docksal, pro
     projects("dk-named", f"special.{domain}", labels={"io.docksal.cert-name": "special"})
     projects("dk-deep", f"a.b.{domain}")
     for h in (f"special.{domain}", f"a.b.{domain}"):
-        wait_for(lambda h=h: _http(proxy, h).status_code == 200, 10, 0.1, h)
+        wait_for(lambda h=h: proxy.get(h).status_code == 200, 10, 0.1, h)
     assert sorted(_served_names(proxy, f"project2.{domain}")) == sorted([domain, f"*.{domain}"])
     wait_for(lambda: _served_names(proxy, f"special.{domain}") == [f"special.{domain}"], 10, 0.2,
              "the cert-name certificate")
@@ -238,7 +234,7 @@ def test_a_dangling_project_is_removed_but_a_permanent_and_a_recently_used_one_s
     t0 = time.monotonic()
     code, out = proxy.exec("wakeproxy", "status")
     while time.monotonic() - t0 < DANGLING + 15 and any(_exists(c) for c in dangling):
-        _http(proxy, f"used.{domain}")  # used now and then: it stays
+        proxy.get(f"used.{domain}")  # used now and then: it stays
         time.sleep(2)
     assert not any(_exists(c) for c in dangling), "the dangling project was not removed"
     with pytest.raises(docker.errors.NotFound):
@@ -259,17 +255,17 @@ def _exists(c) -> bool:
         return False
 
 
-def test_project_autostart_0_answers_a_page_and_starts_nothing(docker_client, run_id, tmp_path, projects):
+def test_project_autostart_0_answers_a_page_and_starts_nothing(docker_client, run_id, image, tmp_path, projects):
     """PROJECT_AUTOSTART=0: a request for a stopped project gets a page saying so (Docksal answered 406; ours
     is a 503 without Retry-After), and the project stays stopped."""
-    proxy = ProxyContainer(docker_client, image_tag(), f"{run_id}-docksal-noauto", "host", tmp_path,
+    proxy = ProxyContainer(docker_client, image, f"{run_id}-docksal-noauto", "host", tmp_path,
                            {"docker": {"networks": []}, "wake": {"per_client": 0}},
                            env={"PROJECT_AUTOSTART": "0", "PROJECT_INACTIVITY_TIMEOUT": "0"})
     try:
         proxy.start()
         host = f"stopped.{run_id.split('-')[-1]}.example.com"
         _, (web,) = projects("dk-noauto", host, start=False)
-        r = wait_for(lambda: (resp := _http(proxy, host)).status_code != 404 and resp, 10, 0.1, "the site known")
+        r = wait_for(lambda: (resp := proxy.get(host)).status_code != 404 and resp, 10, 0.1, "the site known")
         assert r.status_code == 503 and "Retry-After" not in r.headers
         assert "Sandbox stopped" in r.text and "PROJECT_AUTOSTART=0" in r.text  # 127.0.0.1: a debug client
         time.sleep(1)
