@@ -63,10 +63,44 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.0
         time.sleep(interval)
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_handed_out: set[int] = set()
+_ports_lock = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on every address now, outside the kernel's ephemeral range.
+
+    Ports from the ephemeral range (what `bind(0)` gives) can be taken meanwhile as
+    the source port of any outgoing connection, before dockerd's userland proxy or
+    the proxy binds them (seen in CI: "bind: address already in use"). Ports below
+    that range are only ever taken by an explicit bind. Never the same port twice in
+    one run.
+    """
+    low, _ = _ephemeral_range()
+    first, last = 20000, min(low, 65536) - 1
+    if last - first < 1000:
+        first, last = 1024, 65535
+    with _ports_lock:
+        for _ in range(2000):
+            port = first + secrets.randbelow(last - first + 1)
+            if port in _handed_out:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("0.0.0.0", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free TCP port found")
 
 
 def deep_merge(base: dict, override: dict) -> dict:
