@@ -48,6 +48,11 @@ class DockerConfig:
     # In a container on a bridge network, connect the proxy's container to the networks of the sites
     # it serves (and leave them when no longer needed). Host networking and no container: nothing to do.
     join_networks: bool = True
+    # Swarm services (docker/swarm.py): "auto" routes and wakes them when the engine is a Swarm
+    # manager; "on" insists (a worker or a single engine is an error); "off" ignores services.
+    swarm: str = "auto"
+    swarm_resync: float = 10.0  # seconds between task listings while a service is up (rescheduling, node loss)
+    max_replicas: int = 10  # a service's wakeproxy.replicas label is capped at this
 
 
 @dataclass(frozen=True)
@@ -346,6 +351,18 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
+def _swarm_mode(value: Any) -> str:
+    """docker.swarm: auto, or on / off (YAML reads a bare on/off/true/false as a boolean)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    text = str(value).strip().lower()
+    if text in ("auto", "on", "off"):
+        return text
+    if text in ("true", "false"):
+        return "on" if text == "true" else "off"
+    raise ValueError(f"{value!r} is not one of auto, on, off")
+
+
 def _opt_path(value: Any) -> Path | None:
     return None if value is None else Path(_str(value)).expanduser()
 
@@ -529,7 +546,10 @@ def _list_field(parse: Callable[[Any], Any]) -> Callable[[_Reader, yaml.Node, st
 _SECTIONS: dict[str, tuple[type, dict[str, Callable[[_Reader, yaml.Node, str], Any]]]] = {
     "listen": (ListenConfig, {"http": _scalar_field(parse_address), "https": _scalar_field(parse_address)}),
     "docker": (DockerConfig, {"url": _scalar_field(_docker_url), "networks": _list_field(_str),
-                              "join_networks": _scalar_field(_bool)}),
+                              "join_networks": _scalar_field(_bool),
+                              "swarm": _scalar_field(_swarm_mode),
+                              "swarm_resync": _scalar_field(_positive_duration),
+                              "max_replicas": _scalar_field(_positive_int)}),
     "sources": (SourcesConfig, {f.name: _scalar_field(_bool) for f in dataclasses.fields(SourcesConfig)}),
     "names": (NamesConfig, {
         "allow": _list_field(_name_pattern),
@@ -609,6 +629,7 @@ _ENV_KEYS: dict[str, tuple[str, str]] = {  # variable → (dotted key, kind: str
     "WAKEPROXY_DOCKER_URL": ("docker.url", "opt"),
     "WAKEPROXY_NETWORKS": ("docker.networks", "list"),
     "WAKEPROXY_JOIN_NETWORKS": ("docker.join_networks", "bool"),
+    "WAKEPROXY_SWARM": ("docker.swarm", "str"),
     "WAKEPROXY_NAMES_ALLOW": ("names.allow", "list"),
     "WAKEPROXY_TRUSTED_PROXIES": ("forwarded.trusted_proxies", "list"),
     "WAKEPROXY_WAKE_STRATEGY": ("wake.strategy", "str"),

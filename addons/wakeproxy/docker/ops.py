@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import docker
 import docker.errors
+import docker.types
 
 from wakeproxy.config import DockerConfig
 from wakeproxy.docker.client import OPERATION_TIMEOUT, connect
@@ -22,6 +24,9 @@ from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.wake.orchestrator import OpError
 
 logger = get_logger(__name__)
+
+
+SCALE_ATTEMPTS = 4  # a scale that keeps meeting "update out of sequence" gives up after this many tries
 
 
 class DockerOpError(OpError):
@@ -69,8 +74,13 @@ class DockerOps:
         def run() -> None:
             getattr(self._api(), fn)(*args, **kwargs)
 
+        await self._run(what, name, run)
+
+    async def _run(self, what: str, name: str, run: Callable[[], None]) -> None:
         try:
             await asyncio.to_thread(run)
+        except DockerOpError:
+            raise
         except docker.errors.APIError as e:
             detail = e.explanation or str(e)
             if isinstance(detail, bytes):
@@ -90,6 +100,37 @@ class DockerOps:
 
     async def pause(self, container_id: str, name: str) -> None:
         await self._call("pause", name, "pause", container_id)
+
+    async def scale(self, service_id: str, name: str, replicas: int, up_only: bool = True) -> None:
+        """`docker service scale NAME=replicas`, version-checked: read the service, change only its replica
+        count, and send it with the version read; "update out of sequence" (someone updated it between)
+        reads it again, up to SCALE_ATTEMPTS times. `up_only`: never fewer replicas than it has (a
+        wake does not undo an operator's bigger count)."""
+        def run() -> None:
+            api = self._api()
+            for attempt in range(1, SCALE_ATTEMPTS + 1):
+                service = api.inspect_service(service_id)
+                mode = (service.get("Spec") or {}).get("Mode") or {}
+                if "Replicated" not in mode:
+                    raise DockerOpError(f"docker service scale {name} failed: it is not a replicated service "
+                                        "(a global service cannot be scaled)")
+                current = int((mode.get("Replicated") or {}).get("Replicas") or 0)
+                if current == replicas or (up_only and current > replicas):
+                    return
+                try:
+                    answer = api.update_service(service_id, service["Version"]["Index"],
+                                                mode=docker.types.ServiceMode("replicated", replicas),
+                                                fetch_current_spec=True)
+                except docker.errors.APIError as e:
+                    if "update out of sequence" in str(e.explanation or e) and attempt < SCALE_ATTEMPTS:
+                        logger.debug(f"docker: service {name} was updated meanwhile; scaling again ({attempt})")
+                        continue
+                    raise
+                for warning in (answer or {}).get("Warnings") or ():
+                    logger.warning(f"docker service scale {name}: {str(warning)[:300]}")
+                return
+
+        await self._run("service scale", f"{name}={replicas}", run)
 
     # Retiring an abandoned group (idle.remove_after): never a named volume, never a host folder.
     async def remove(self, container_id: str, name: str, volumes: bool) -> None:

@@ -35,12 +35,16 @@ import docker.errors
 
 from wakeproxy.config import Config
 from wakeproxy.docker.client import LISTING_TIMEOUT, connect
+from wakeproxy.docker.fields import created_time as _created
+from wakeproxy.docker.fields import parse_env as _parse_env
+from wakeproxy.docker.fields import parse_exposed as _parse_exposed
 from wakeproxy.docker.networks import RESOLV_CONF, NetworkJoiner, own_container_id, resolver_addresses
+from wakeproxy.docker.swarm import SwarmState, swarm_role
 from wakeproxy.files import write_private
 from wakeproxy.observe.logsafe import get_logger
-from wakeproxy.routing.labels import USED_ENV, ContainerInfo
+from wakeproxy.routing.labels import SWARM_SERVICE_LABEL, USED_ENV, ContainerInfo
 from wakeproxy.routing.policy import OWNERS_FILE, Ownership
-from wakeproxy.routing.snapshot import Policy, Snapshot, build_snapshot
+from wakeproxy.routing.snapshot import INGRESS, Policy, Snapshot, build_snapshot
 from wakeproxy.runtime import ContainerEvent, EngineState
 
 logger = get_logger(__name__)
@@ -113,25 +117,6 @@ class _Static:
         return cls(_parse_env(cfg.get("Env")), _parse_exposed(cfg.get("ExposedPorts")))
 
 
-def _parse_env(env: list[str] | None) -> dict[str, str]:
-    """`KEY=value` strings → the variables wakeproxy reads (USED_ENV); every other one is dropped."""
-    out: dict[str, str] = {}
-    for item in env or ():
-        key, sep, value = item.partition("=")
-        if sep and key in USED_ENV:
-            out[key] = value
-    return out
-
-
-def _parse_exposed(exposed: dict[str, Any] | None) -> tuple[int, ...]:
-    ports: list[int] = []
-    for spec in exposed or {}:
-        num, _, proto = spec.partition("/")
-        if proto in ("", "tcp") and num.isdigit():
-            ports.append(int(num))
-    return tuple(sorted(set(ports)))
-
-
 class OtherEnvKeys(ValueError):
     """The cache was written by a version that kept other environment variables."""
 
@@ -200,22 +185,6 @@ def info_from_inspect(data: dict[str, Any]) -> ContainerInfo:
         exit_code=state.get("ExitCode") if status in ("exited", "dead") else None,
         created=_created(data.get("Created")),
     )
-
-
-def _created(value: Any) -> float:
-    """Creation time in whole seconds, from the listing (an int) or inspect (RFC 3339 with ns)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(int(value))
-    if isinstance(value, str) and value:
-        import datetime
-
-        text = value.rstrip("Z").split(".", 1)[0]
-        try:
-            dt = datetime.datetime.fromisoformat(text).replace(tzinfo=datetime.UTC)
-        except ValueError:
-            return 0.0
-        return float(int(dt.timestamp()))
-    return 0.0
 
 
 def _health_from_status(status: str) -> str | None:
@@ -322,6 +291,10 @@ class DockerView:
         self._joiner = NetworkJoiner(config.state_dir, config.docker.join_networks,
                                      _engine_addresses(config) + _resolvers())
         self._subnets: dict[str, tuple[str, ...]] = {}
+        self._net_names: dict[str, str] = {}  # network id → name
+        self._swarm: SwarmState | None = None  # set while the engine is a Swarm manager (docker.swarm)
+        self.swarm_role = "unknown"  # manager | worker | none | off, for `wakeproxy status`
+        self._swarm_said = ""  # the role last logged about (said once per change)
         self._last: Snapshot | None = None
         self._own_id = own_container_id() if own_id is True else own_id or None
         self._api: Any = None  # the connected client's API, for the joiner (this thread only)
@@ -373,10 +346,10 @@ class DockerView:
             try:
                 attempts += 1
                 client = self._connect()
+                self._detect_swarm(client.api)
                 # Subscribe first, then list: nothing that happens in between is missed.
-                self._events = client.api.events(
-                    decode=True, filters={"type": ["container", "network"]}
-                )
+                types = ["container", "network"] + (["service"] if self._swarm is not None else [])
+                self._events = client.api.events(decode=True, filters={"type": types})
                 inbox: queue.Queue[Any] = queue.Queue()
                 threading.Thread(
                     target=self._read, args=(self._events, inbox), name="wakeproxy-docker-events", daemon=True
@@ -384,7 +357,8 @@ class DockerView:
                 t0 = time.monotonic()
                 inspected, cached = self._resync(client)
                 logger.info(
-                    f"docker: synced {len(self._containers)} containers in "
+                    f"docker: synced {len(self._containers)} containers"
+                    + (f" and {len(self._swarm.services)} services" if self._swarm is not None else "") + " in "
                     f"{(time.monotonic() - t0) * 1000:.0f} ms ({inspected} inspected, {cached} cached)"
                     + (f" (after {attempts} attempts)" if outage_logged else "")
                 )
@@ -423,6 +397,30 @@ class DockerView:
             self._stop.wait(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
+    def _detect_swarm(self, api: Any) -> None:
+        """Route and wake Swarm services when the engine is a manager (docker.swarm: auto / on)."""
+        mode = self.config.docker.swarm
+        role = "off" if mode == "off" else swarm_role(api.info())
+        self.swarm_role = role
+        if role == "manager":
+            if self._swarm is None:
+                self._swarm = SwarmState(self.config.docker.swarm_resync)
+        else:
+            self._swarm = None
+        if role == self._swarm_said:
+            return
+        self._swarm_said = role
+        if role == "manager":
+            logger.info("docker: the engine is a Swarm manager: services are routed and woken too "
+                        "(labels under deploy.labels)")
+        elif role == "worker":
+            logger.error("docker: the engine is a Swarm worker: services can only be listed and scaled on a "
+                         "manager; point docker.url at a manager (or run the proxy on one). Containers are "
+                         "served as usual")
+        elif role == "none" and mode == "on":
+            logger.error("docker: docker.swarm is on, but the engine is not in a swarm: no service is routed "
+                         "(docker swarm init, or docker.swarm: auto)")
+
     @staticmethod
     def _read(events: Any, inbox: queue.Queue[Any]) -> None:
         """Move events from the blocking stream into `inbox`; end with a _StreamEnd."""
@@ -451,6 +449,16 @@ class DockerView:
                     self._sync_networks()
                     continue
                 wait = due if wait is None else min(wait, due)
+            if self._swarm is not None:
+                due_at = self._swarm.poll_due(time.monotonic())
+                if due_at is not None:
+                    due = max(0.0, due_at - time.monotonic())
+                    if due == 0.0:
+                        if self._swarm.poll(client.api):
+                            self._publish()
+                            self._sync_networks()
+                        continue
+                    wait = due if wait is None else min(wait, due)
             release = self._ownership.next_release(self._policy.names.release_after)
             if release is not None:
                 due = max(0.0, release - time.time())
@@ -493,6 +501,9 @@ class DockerView:
                         self._mark_unsaved()
                         name = (data.get("Name") or cid[:12]).lstrip("/")
                         logger.debug(f"docker: inspected {name} (not in the container cache)")
+        if self._swarm is not None:
+            self._swarm.net_names = self._net_names
+            self._swarm.resync_all(api)
         containers: dict[str, ContainerInfo] = {}
         for entry in listing:
             static = self._static.get(entry["Id"])
@@ -509,7 +520,12 @@ class DockerView:
     def _read_networks(self, api: Any) -> None:
         """Every network's driver (which ones are routable) and subnets (which ones may be joined)."""
         listing = api.networks()
-        self._drivers = {n["Name"]: n.get("Driver") or "" for n in listing}
+        # The routing mesh's network is an overlay that nothing may be routed on (it has no task IPs to
+        # use, and no IPVS on many kernels): its driver is called INGRESS here.
+        self._drivers = {n["Name"]: INGRESS if n.get("Ingress") else n.get("Driver") or "" for n in listing}
+        self._net_names = {n["Id"]: n["Name"] for n in listing if n.get("Id") and n.get("Name")}
+        if self._swarm is not None:
+            self._swarm.net_names = self._net_names
         self._subnets = {n["Name"]: tuple(str(c.get("Subnet") or "") for c in ((n.get("IPAM") or {}).get("Config") or ())
                                           if isinstance(c, dict) and c.get("Subnet")) for n in listing}
         self._joiner.subnets = self._subnets  # read by the snapshot's refusals (a whole new dict: no lock needed)
@@ -529,12 +545,21 @@ class DockerView:
         last_action: dict[str, str] = {}  # container id → its last action in this batch
         emits: list[ContainerEvent] = []
         refresh_networks = False
+        services: dict[str, str] = {}  # service id → its last action in this batch
+        task_services: list[str] = []  # services whose task containers had events on this node
         for event in batch:
             kind = event.get("Type")
             raw_action = event.get("Action") or event.get("status") or ""
             action = raw_action.split(":", 1)[0]
             actor = event.get("Actor") or {}
             attrs = actor.get("Attributes") or {}
+            if kind == "service":
+                sid = actor.get("ID")
+                if sid and action in ("create", "update", "remove"):
+                    services[sid] = action
+                continue
+            if kind == "container" and attrs.get(SWARM_SERVICE_LABEL) and action in _CONTAINER_ACTIONS:
+                task_services.append(attrs[SWARM_SERVICE_LABEL])
             if kind == "network":
                 if action in ("create", "destroy"):
                     refresh_networks = True
@@ -559,6 +584,15 @@ class DockerView:
         if refresh_networks:
             self._read_networks(client.api)
             changed = True
+        if self._swarm is not None:
+            for sid, action in services.items():
+                if action == "remove":
+                    changed = self._swarm.remove(sid) or changed
+                else:
+                    changed = self._swarm.refresh_service(client.api, sid) or changed
+            pending = [s for s in task_services if s not in services]
+            if pending:
+                changed = self._swarm.refresh_tasks(client.api, pending) or changed
         for cid, action in last_action.items():
             data = None if action == "destroy" else self._inspect(client.api, cid)
             if data is None:  # destroyed, or removed before we could look
@@ -639,9 +673,23 @@ class DockerView:
             return
         self._cache_saved = data
 
+    def _overlays(self) -> frozenset[str] | None:
+        """The Swarm networks the proxy reaches tasks on: its own container's overlays; when it is not
+        in a container (a process put into a network namespace by hand), the docker.networks the
+        operator names; None: none (services are not reachable)."""
+        if self._swarm is None:
+            return None
+        own = self._containers.get(self._own_id) if self._own_id else None
+        if own is not None:
+            return frozenset(n for n in own.networks if self._drivers.get(n) == "overlay")
+        if self.config.docker.networks:
+            return frozenset(n for n in self.config.docker.networks if self._drivers.get(n) == "overlay")
+        return None
+
     def _publish(self) -> Snapshot:
+        services = list(self._swarm.services.values()) if self._swarm is not None else []
         snap = build_snapshot(
-            self._containers.values(),
+            [*self._containers.values(), *services],
             self.config.sources,
             self.config.docker.networks,
             self._drivers,
@@ -651,6 +699,7 @@ class DockerView:
             ownership=self._ownership,
             reach=self._joiner.reach(self._containers),
             unreachable=self._joiner.refusals,
+            overlays=self._overlays(),
         )
         if self._ownership.dirty:
             self._mark_unsaved()  # written with the container cache, at most every CACHE_SAVE_DELAY

@@ -62,6 +62,9 @@ class _NoOps:
     async def unpause(self, container_id: str, name: str) -> None:
         raise AssertionError("a worker never unpauses containers")
 
+    async def scale(self, service_id: str, name: str, replicas: int) -> None:
+        raise AssertionError("a worker never scales services")
+
 
 class RemoteWakes(Orchestrator):
     """The orchestrator of a worker: a wake is a question to the controller, asked once per group

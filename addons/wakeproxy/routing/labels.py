@@ -53,9 +53,10 @@ MAX_ERRORS = 10  # errors named in one container's LabelError (the rest are coun
 _ALWAYS_READ = frozenset({
     "io.docksal.permanent", "io.docksal.cert-name",
     "com.docker.compose.project", "com.docker.compose.service", "com.docker.compose.depends_on",
+    "com.docker.stack.namespace", "sablier.active.replicas",
 })
 _DOCKSAL_READ = frozenset({"io.docksal.virtual-host", "io.docksal.virtual-port"})
-_TRAEFIK_READ = frozenset({"traefik.enable", "traefik.docker.network"})
+_TRAEFIK_READ = frozenset({"traefik.enable", "traefik.docker.network", "traefik.swarm.network"})
 _ROUTERS = "traefik.http.routers."
 _SERVICES = "traefik.http.services."  # the service names are read from every such label's name
 _SERVER_KEYS = (".loadbalancer.server.port", ".loadbalancer.server.scheme")  # and these values
@@ -111,8 +112,28 @@ class _Errors:
 
 
 @dataclass(frozen=True)
+class TaskInfo:
+    """One task of a Swarm service whose desired state is `running` (the others are never kept)."""
+
+    id: str
+    name: str  # "SERVICE.SLOT" (replicated) or "SERVICE.NODE" (global)
+    state: str  # new | pending | assigned | accepted | preparing | starting | running | failed | …
+    networks: Mapping[str, str] = field(default_factory=dict)  # network name → IP (without the prefix length)
+    error: str = ""  # the engine's Status.Err of a failing task (bounded)
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+
+SERVICE = "service"  # ContainerInfo.kind of a Swarm service
+
+
+@dataclass(frozen=True)
 class ContainerInfo:
-    """What the proxy knows about one container: a plain value, built from the Docker API."""
+    """What the proxy knows about one container, or one Swarm service (kind "service": its labels
+    and env are the service spec's, `networks` the spec's networks (no IP: the tasks have those),
+    `state` "running" when its spec asks for replicas, else "exited"): a plain value from the API."""
 
     id: str
     name: str
@@ -124,10 +145,21 @@ class ContainerInfo:
     health: str | None = None  # starting | healthy | unhealthy | None (no HEALTHCHECK)
     exit_code: int | None = None
     created: float = 0.0  # creation time, whole seconds since the epoch (as the listing gives it)
+    kind: str = "container"  # or SERVICE
+    replicas: int | None = None  # a service's replica count in its spec (None: a global service)
+    tasks: tuple[TaskInfo, ...] = ()  # a service's tasks that are meant to run, by name
 
     @property
     def running(self) -> bool:
         return self.state == "running"
+
+    @property
+    def is_service(self) -> bool:
+        return self.kind == SERVICE
+
+    @property
+    def running_tasks(self) -> tuple[TaskInfo, ...]:
+        return tuple(t for t in self.tasks if t.running)
 
     @property
     def group(self) -> str:
@@ -137,6 +169,10 @@ class ContainerInfo:
 
 GROUP_LABEL = "wakeproxy.group"
 PROJECT_LABEL = "com.docker.compose.project"
+STACK_LABEL = "com.docker.stack.namespace"  # set by `docker stack deploy` on a stack's services
+SWARM_SERVICE_LABEL = "com.docker.swarm.service.id"  # on the containers of a service's tasks
+REPLICAS_LABELS = ("wakeproxy.replicas", "sablier.active.replicas")
+MAX_REPLICAS = 100  # what a replicas label may ask for at most (docker.max_replicas caps it lower)
 _GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
@@ -149,9 +185,19 @@ def group_of(info: ContainerInfo) -> tuple[str, str, str]:
     - A container with neither is a group of its own, named like the container.
     A label never pulls another project's (or an unlabelled) container into a group: the kind
     ("compose", "group", "container") is part of who the group is.
+    A Swarm service is grouped the same way by its own (spec) labels: its stack `S` plays the part
+    of the project ("stack"), a lone service is a group of its own ("service").
     """
-    project = info.labels.get(PROJECT_LABEL) or ""
     own = (info.labels.get(GROUP_LABEL) or "").strip()
+    if info.kind == SERVICE:
+        stack = (info.labels.get(STACK_LABEL) or "").strip()
+        if stack:
+            key = stack if not own or own == stack else f"{stack}/{own}"
+            return "stack", key, key
+        if own:
+            return "group", own, own
+        return "service", info.name, info.name
+    project = info.labels.get(PROJECT_LABEL) or ""
     if project:
         key = project if not own or own == project else f"{project}/{own}"
         return "compose", key, key
@@ -162,7 +208,7 @@ def group_of(info: ContainerInfo) -> tuple[str, str, str]:
 
 def check_group_labels(labels: Mapping[str, str]) -> None:
     """The group labels must be plain names (they end up in logs, pages and the state files)."""
-    for key in (PROJECT_LABEL, GROUP_LABEL):
+    for key in (PROJECT_LABEL, GROUP_LABEL, STACK_LABEL):
         value = labels.get(key)
         if value is not None and value.strip() and not _GROUP_NAME.fullmatch(value.strip()):
             raise LabelError(f"label {key}: {value[:80]!r} is not a name (letters, digits, '_', '.', '-'; "
@@ -192,6 +238,7 @@ class ContainerSettings:
     letsencrypt: tuple[str, ...] = ()  # env LETSENCRYPT_HOST (acme-companion's convention)
     cert_name: str | None = None  # wakeproxy.cert-name / io.docksal.cert-name: a custom certificate file base
     https_redirect: bool | None = None  # wakeproxy.https-redirect
+    replicas: int | None = None  # a service's replicas when awake: wakeproxy.replicas / sablier.active.replicas
 
 
 @dataclass(frozen=True)
@@ -580,7 +627,7 @@ def _traefik(info: ContainerInfo, out: _Declaration) -> list[Route]:
         for k in labels
         if k.startswith(_SERVICES) and len(k.split(".")) > 4
     }
-    network = labels.get("traefik.docker.network") or None
+    network = labels.get("traefik.swarm.network") or labels.get("traefik.docker.network") or None
     routes: list[Route] = []
     for router, rule in sorted(routers.items()):
         what = f"label {_ROUTERS}{router}.rule"
@@ -707,6 +754,16 @@ def _cert_name(labels: Mapping[str, str]) -> str | None:
     return cert_name
 
 
+def _replicas(labels: Mapping[str, str]) -> int | None:
+    key = next((k for k in REPLICAS_LABELS if labels.get(k, "").strip()), None)
+    if key is None:
+        return None
+    value = labels[key].strip()
+    if not (value.isascii() and value.isdigit()) or len(value) > 4 or not 1 <= int(value) <= MAX_REPLICAS:
+        raise LabelError(f"label {key}: {_shown(value)} is not a replica count from 1 to {MAX_REPLICAS}")
+    return int(value)
+
+
 def _idle_action(value: str) -> str:
     action = value.strip().lower()
     if action not in ("stop", "pause"):
@@ -743,6 +800,7 @@ def settings_for(info: ContainerInfo) -> ContainerSettings:
     cert_name = check(_cert_name, labels)
     redirect = check(_flag, labels.get(REDIRECT_LABEL), f"label {REDIRECT_LABEL}")
     idle_action = label("wakeproxy.idle-action", _idle_action)
+    replicas = check(_replicas, labels) if info.kind == SERVICE else None
     errors.raise_any()
     return ContainerSettings(strategy, timeout, ready_path, labels.get("com.docker.compose.service"), deps,
-                             idle_timeout, idle_action, acme, letsencrypt, cert_name, redirect)
+                             idle_timeout, idle_action, acme, letsencrypt, cert_name, redirect, replicas)

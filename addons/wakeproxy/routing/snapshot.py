@@ -20,6 +20,7 @@ from typing import TypeVar
 from wakeproxy.config import Config, LabelTrustConfig, SourcesConfig
 from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.routing.labels import (
+    SWARM_SERVICE_LABEL,
     ContainerInfo,
     ContainerSettings,
     LabelError,
@@ -38,11 +39,15 @@ logger = get_logger(__name__)
 # Network drivers whose container IPs the host can reach directly through a local bridge.
 # Overlay (Swarm) IPs are not local: traffic to them would leave the machine.
 ROUTABLE_DRIVERS = frozenset({"bridge", "host"})
+# A Swarm service's tasks are reached on an overlay the proxy's own container is attached to.
+INGRESS = "ingress"  # the view's driver name for the routing mesh's network: never routed to
 
 
 @dataclass(frozen=True)
 class Backend:
-    """One container behind a site."""
+    """One container behind a site (for a Swarm service: one of its tasks; `container_id` is the
+    service's, `container_name` the task's; a service without a running task has one backend
+    without an address, so that its site stays)."""
 
     container_id: str
     container_name: str
@@ -195,11 +200,12 @@ class Policy:
     trust: LabelTrustConfig = field(default_factory=LabelTrustConfig)
     idle_timeout: float = 1800.0  # the config's; labels may not exceed it unless trust.keep_awake
     acme_max: int = 10  # names one group may have certificates for
+    max_replicas: int = 10  # docker.max_replicas: what a service's replicas label may ask for
 
     @classmethod
     def from_config(cls, config: Config) -> Policy:
         return cls(NamePolicy.from_config(config), config.labels, config.idle.timeout,
-                   config.acme.max_names_per_group)
+                   config.acme.max_names_per_group, config.docker.max_replicas)
 
 
 @dataclass(frozen=True)
@@ -367,6 +373,11 @@ def _parse(info: ContainerInfo, sources: SourcesConfig, allowed: tuple[str, ...]
         notes.append("its cert-name label is ignored (labels.cert_name: true honours it)")
     if settings.https_redirect is False and not trust.https_redirect:
         notes.append("its https-redirect=false label is ignored (labels.https_redirect: true honours it)")
+    if settings.replicas is not None and settings.replicas > policy.max_replicas:
+        notes.append(f"its replicas label is capped at docker.max_replicas ({policy.max_replicas})")
+        settings = dataclasses.replace(settings, replicas=policy.max_replicas)
+    if info.is_service and info.replicas is None:
+        settings = dataclasses.replace(settings, idle_timeout=0.0)  # a global service cannot be scaled: never stopped
     t = settings.idle_timeout
     if t is not None and not trust.keep_awake and policy.idle_timeout > 0 and (t <= 0 or t > policy.idle_timeout):
         notes.append(f"its idle timeout is capped at idle.timeout ({policy.idle_timeout:g} s; "
@@ -382,24 +393,61 @@ def _group_keys(infos: Iterable[ContainerInfo]) -> dict[str, tuple[GroupId, str]
     outside Compose or a lone container whose name equals a project's (or a group's) is shown as
     `group:NAME` / `container:NAME`, so it never merges with it."""
     ids: dict[str, GroupId] = {}
-    taken: dict[str, set[str]] = {"compose": set(), "group": set(), "container": set()}
+    taken: dict[str, set[str]] = {"compose": set(), "stack": set(), "group": set(), "container": set(),
+                                  "service": set()}
     for info in infos:
         kind, base, _key = group_of(info)
         ids[info.id] = GroupId(kind, base)
         taken[kind].add(base)
+    # Who keeps the bare name when kinds share one: a project, then a stack, a group, a container, a service.
+    before = {"compose": (), "stack": ("compose",), "group": ("compose", "stack"),
+              "container": ("compose", "stack", "group"), "service": ("compose", "stack", "group", "container")}
     out: dict[str, tuple[GroupId, str]] = {}
     for cid, gid in ids.items():
         key = gid.base
-        if gid.kind == "group" and key in taken["compose"]:
-            key = f"group:{key}"
-        elif gid.kind == "container" and (key in taken["compose"] or key in taken["group"]):
-            key = f"container:{key}"
+        if any(key in taken[k] for k in before[gid.kind]):
+            key = f"{gid.kind}:{key}"
         out[cid] = (gid, key)
     return out
 
 
+def _service_backends(info: ContainerInfo, route: Route, key: str, ready_path: str | None,
+                      drivers: Mapping[str, str], overlays: frozenset[str] | None) -> list[Backend]:
+    """A service's backends for `route`: one per running task, by its IP on one network it shares with
+    the proxy — the route's network label, else the first of its overlays (by name) the proxy is on,
+    never the routing mesh. None running: one backend without an address (the site stays)."""
+    nets = [n for n in info.networks if drivers.get(n) != INGRESS and n != INGRESS]
+    candidates = [route.network] if route.network else sorted(n for n in nets if drivers.get(n) == "overlay")
+    on = ", ".join(sorted(nets)) or "no network"
+    problem: str | None = None
+    net: str | None = None
+    if overlays is None:
+        problem = (f"service '{info.name}' cannot be reached: the proxy is not in a container on a Swarm network "
+                   f"(the service is on: {on}); run it in a container or service attached to one (README: Swarm)")
+    elif route.network and route.network not in info.networks:
+        problem = f"service '{info.name}' cannot be reached: it asks for network '{route.network}' but is on: {on}"
+    elif route.network and drivers.get(route.network) == INGRESS:
+        problem = f"service '{info.name}' cannot be reached: '{route.network}' is the routing mesh, not a network to route on"
+    else:
+        net = next((n for n in candidates if n in overlays), None)
+        if net is None:
+            mine = ", ".join(sorted(overlays)) or "none"
+            problem = (f"service '{info.name}' cannot be reached: it is on {on}, and the proxy's container on {mine}: "
+                       "attach the proxy to one of the service's networks (docker network connect NET PROXY, "
+                       "or the stack's network in the proxy's compose file)")
+    addresses = [(t.name, ip) for t in info.running_tasks if net is not None and (ip := t.networks.get(net))]
+    if problem is None and addresses:
+        return [Backend(info.id, name, key, "running", route.scheme, route.port, ip, None, ready_path, net)
+                for name, ip in addresses]
+    state = "starting" if info.running else info.state  # asked to run, no task running yet
+    return [Backend(info.id, info.name, key, state, route.scheme, route.port, None, problem, ready_path,
+                    net if problem is None else None)]
+
+
 def _usable_networks(info: ContainerInfo, allowed: tuple[str, ...], drivers: Mapping[str, str]) -> set[str]:
     """The container's networks the proxy may use (a stopped container keeps its attachments)."""
+    if info.is_service:
+        return {n for n in info.networks if drivers.get(n) == "overlay"}
     nets = [n for n in info.networks if n in allowed] if allowed else list(info.networks)
     return {n for n in nets if drivers.get(n, "bridge" if n == "bridge" else "") in ROUTABLE_DRIVERS or n == "host"}
 
@@ -416,6 +464,7 @@ def build_snapshot(
     now: float | None = None,
     reach: frozenset[str] | None = None,
     unreachable: Mapping[str, str] | None = None,
+    overlays: frozenset[str] | None = None,
 ) -> Snapshot:
     """Index every container's routes by host and path, with one owner group per host.
 
@@ -427,6 +476,9 @@ def build_snapshot(
     errors and ignored labels are logged only when first seen.  `ownership`
     keeps who owns which name across snapshots (and restarts); without it,
     owners are decided by container creation time alone.
+    Swarm services (kind "service") are sites like containers, reached on `overlays` (the Swarm
+    networks the proxy's container is on; None: it is on none); the containers of their tasks are
+    left out (their labels are not the service's, and they come and go).
     """
     policy = policy or Policy()
     ownership = ownership if ownership is not None else Ownership()
@@ -435,6 +487,8 @@ def build_snapshot(
     parsed: dict[str, tuple[ContainerInfo, _Parsed]] = {}
     broken: dict[str, tuple[ContainerInfo, _Skipped]] = {}
     for info in containers:
+        if not info.is_service and SWARM_SERVICE_LABEL in info.labels:
+            continue  # a task's container: its service is the site
         all_containers[info.id] = info
         cached = route_cache.get(info.id) if route_cache is not None else None
         result: _Parsed | _Skipped
@@ -486,11 +540,18 @@ def build_snapshot(
             mine = own_hosts.setdefault(cid, [])
             if route.host not in mine:
                 mine.append(route.host)
+            replicas = by_host.setdefault(route.host, {}).setdefault((route.path, route.exact), [])
+            if info.is_service:
+                backends = _service_backends(info, route, key, st.ready_path, network_drivers, overlays)
+                if backends[0].problem is None:
+                    routed.add(cid)
+                replicas.extend(backends)
+                continue
             address, net, problem = _choose_address(info, route, allowed_networks, network_drivers, reach,
                                                     unreachable)
             if problem is None:
                 routed.add(cid)  # only containers we may reach are ever started or stopped
-            by_host.setdefault(route.host, {}).setdefault((route.path, route.exact), []).append(
+            replicas.append(
                 Backend(cid, info.name, key, info.state, route.scheme, route.port, address, problem, st.ready_path,
                         net)
             )

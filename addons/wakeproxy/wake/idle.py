@@ -59,6 +59,8 @@ class StopOps(Protocol):
 
     async def pause(self, container_id: str, name: str) -> None: ...
 
+    async def scale(self, service_id: str, name: str, replicas: int, up_only: bool = True) -> None: ...
+
     async def remove(self, container_id: str, name: str, volumes: bool) -> None: ...
 
     async def remove_network(self, name: str) -> None: ...
@@ -91,6 +93,7 @@ class IdleKeeper:
         # idle.remove_after counts from. A group never used since the proxy first saw it counts from then.
         self.used: dict[str, float] = {}
         self.retiring: set[str] = set()
+        self._said_no_pause: set[str] = set()  # groups told once that services cannot be paused
         self._task: asyncio.Task[None] | None = None
         self._dirty = False
         self._saved_at = 0.0
@@ -279,6 +282,9 @@ class IdleKeeper:
         remove_after = self.runtime.config.idle.remove_after
         if remove_after <= 0 or group.idle_timeout == 0.0:  # io.docksal.permanent, wakeproxy.idle-timeout=0
             return None
+        containers = self.runtime.snapshot.containers
+        if any((c := containers.get(cid)) is not None and c.is_service for cid in group.members):
+            return None  # a stack or service is removed with `docker stack rm` / `service rm`, never here
         return max(0.0, self.used.get(group.name, now) + remove_after - now)
 
     def _retirable(self, snap: Snapshot, group: Group, now: float) -> bool:
@@ -365,7 +371,15 @@ class IdleKeeper:
                 info = self.runtime.snapshot.containers.get(cid)
                 if info is None or info.state != "running":
                     continue
-                if action == "pause":
+                if info.is_service:
+                    if info.replicas is None:
+                        continue  # a global service cannot be scaled (the snapshot never lets one idle)
+                    if action == "pause" and group.name not in self._said_no_pause:
+                        self._said_no_pause.add(group.name)
+                        logger.warning(f"idle {group.name}: Swarm services cannot be paused; service "
+                                       f"{info.name} is scaled to 0 instead")
+                    calls.append(self.ops.scale(cid, info.name, 0, up_only=False))
+                elif action == "pause":
                     calls.append(self.ops.pause(cid, info.name))
                 else:
                     calls.append(self.ops.stop(cid, info.name, stop_timeout))

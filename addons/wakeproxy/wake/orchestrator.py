@@ -51,6 +51,10 @@ class ContainerOps(Protocol):
 
     async def unpause(self, container_id: str, name: str) -> None: ...
 
+    async def scale(self, service_id: str, name: str, replicas: int) -> None:
+        """A Swarm service to at least `replicas` (never fewer than it has)."""
+        ...
+
 
 class Member(enum.Enum):
     """Where one member of a waking group is (readiness is decided on this, never on a text)."""
@@ -96,7 +100,7 @@ class Wake:
     starting: set[str] = field(default_factory=set)  # members we issued start/unpause for
     started: set[str] = field(default_factory=set)  # … whose start/unpause event has arrived since
     completed: set[str] = field(default_factory=set)  # one-shot members that exited 0
-    port_ready: set[tuple[str, int]] = field(default_factory=set)
+    port_ready: set[tuple[str, str, int]] = field(default_factory=set)  # (member, address, port) that answered
     status: dict[str, str] = field(default_factory=dict)  # member name → what it is doing
     marks: dict[str, float] = field(default_factory=dict)  # phase → seconds since t0
     failure: WakeFailed | None = None
@@ -115,6 +119,12 @@ class Wake:
     def timing(self) -> str:
         return ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.marks.items())
 
+
+
+def replicas_of(snap: Snapshot, service_id: str) -> int:
+    """How many replicas a service is woken to: its replicas label (capped by the policy), else 1."""
+    st = snap.settings.get(service_id)
+    return st.replicas if st is not None and st.replicas else 1
 
 
 class Orchestrator:
@@ -282,7 +292,12 @@ class Orchestrator:
             raise WakeFailed(502, "Wake-up failed", f"container {cid[:12]} was removed while waking")
         wake.starting.add(cid)
         try:
-            if info.state == "paused":
+            if info.is_service:
+                if info.replicas is not None:  # a global service runs where it runs: nothing to scale
+                    target = replicas_of(self.runtime.snapshot, cid)
+                    wake.status[info.name] = f"scaling to {target} replica(s)"
+                    await self.ops.scale(cid, info.name, target)
+            elif info.state == "paused":
                 wake.status[info.name] = "unpausing"
                 try:
                     await self.ops.unpause(cid, info.name)
@@ -330,7 +345,7 @@ class Orchestrator:
         probes = [
             self._probe(wake, cid, b)
             for cid, (st, _) in states.items() if st is Member.PORT
-            for b in snap.endpoints.get(cid, ()) if (cid, b.port) not in wake.port_ready
+            for b in snap.endpoints.get(cid, ()) if b.address and (cid, b.address, b.port) not in wake.port_ready
         ]
         if probes:
             await asyncio.gather(*probes)
@@ -338,9 +353,15 @@ class Orchestrator:
         for info in infos:
             st, text = states[info.id]
             if st is Member.PORT:
-                waiting = [b.port for b in snap.endpoints.get(info.id, ()) if (info.id, b.port) not in wake.port_ready]
-                st, text = ((Member.PORT, f"running, not yet accepting connections on port {waiting[0]}")
-                            if waiting else (Member.READY, Member.READY.value))
+                waiting = [b for b in snap.endpoints.get(info.id, ())
+                           if (info.id, b.address, b.port) not in wake.port_ready]
+                if not waiting:
+                    st, text = Member.READY, Member.READY.value
+                elif info.is_service:
+                    text = (f"{len(waiting)} task(s) running, not yet accepting connections on port {waiting[0].port}"
+                            f" ({', '.join(sorted(b.container_name for b in waiting)[:5])})")
+                else:
+                    text = f"running, not yet accepting connections on port {waiting[0].port}"
             wake.status[info.name] = text
             ready = ready and st is Member.READY
         if ready:
@@ -350,6 +371,8 @@ class Orchestrator:
     def _member_status(self, wake: Wake, info: ContainerInfo, routed: bool, snap: Snapshot) -> tuple[Member, str]:
         """Where this member is, and how to say it (for the waking page and a 504's message).
         Member.PORT: only its port probes remain."""
+        if info.is_service:
+            return self._service_status(info, routed, snap)
         if not routed and info.id in wake.completed:
             return Member.READY, "ready"  # a one-shot helper (migrations, setup) that finished with exit code 0
         if info.state != "running":
@@ -368,10 +391,35 @@ class Orchestrator:
             return Member.ADDRESS, "running, waiting for its network address"
         return Member.PORT, "running, not yet accepting connections"
 
+    def _service_status(self, info: ContainerInfo, routed: bool, snap: Snapshot) -> tuple[Member, str]:
+        """A Swarm service: its running tasks reach the replicas it is woken to (a failing task is
+        replaced by Swarm with a new one and a new address: followed, never counted as ready)."""
+        running = info.running_tasks
+        target = replicas_of(snap, info.id) if info.replicas is not None else max(1, len(info.tasks))
+        if len(running) < target:
+            text = f"{len(running)} of {target} task(s) running"
+            failing = next((t for t in info.tasks if t.error), None)
+            starting = [t for t in info.tasks if t.state == "starting"]
+            if failing is not None:
+                text += f"; task {failing.name} {failing.state}: {failing.error}"
+            elif starting:
+                text += f"; {len(starting)} starting (health check, when it has one)"
+                return Member.HEALTH, text
+            return Member.NOT_RUNNING, text
+        if not routed:
+            return Member.READY, "ready"
+        endpoints = snap.endpoints.get(info.id, ())
+        problem = next((b.problem for b in endpoints if b.problem), None)
+        if problem:
+            raise WakeFailed(502, "Site unreachable", problem)
+        if len([b for b in endpoints if b.address]) < min(target, len(running)):
+            return Member.ADDRESS, "tasks running, waiting for their network addresses"
+        return Member.PORT, "tasks running, not yet accepting connections"
+
     async def _probe(self, wake: Wake, cid: str, backend: Backend) -> None:
         assert backend.address is not None
         if await readiness.ready(backend):
-            wake.port_ready.add((cid, backend.port))
+            wake.port_ready.add((cid, backend.address, backend.port))
 
     def _on_event(self, event: ContainerEvent) -> None:
         for wake in self._wakes.values():

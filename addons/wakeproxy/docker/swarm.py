@@ -1,0 +1,249 @@
+"""The Swarm side of the Docker view: services and their tasks → `ContainerInfo` values of kind "service".
+
+A service is a site's unit the way a container is: its labels are the *service's* (`deploy.labels` in a
+stack file; the labels of task containers are never read: they exist only while a task runs, on its
+node), its env is the service spec's (nginx-proxy's VIRTUAL_HOST), and its tasks are where requests go.
+A service at 0 replicas keeps its routes: nothing here depends on a task existing.
+
+Swarm emits no task events: service events say "look again" (they carry no labels, so the service is
+re-read by ID; the `name` filter matches parts of names), the local node's container events of task
+containers say "list this service's tasks again", and `poll_due` asks for a listing of every task
+now and then (rescheduling, node loss and other nodes' tasks produce no event here): fast while a
+service's running tasks differ from its replica count (a wake, a scale-down, a failing task), every
+`docker.swarm_resync` while a service is up, rarely when all are asleep. Only the DockerView's
+thread calls in here; every call is one listing (about 2 ms), never one per request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import docker.errors
+
+from wakeproxy.docker.fields import created_time, parse_env, parse_exposed
+from wakeproxy.observe.logsafe import get_logger
+from wakeproxy.routing.labels import SERVICE, ContainerInfo, TaskInfo
+
+logger = get_logger(__name__)
+
+FAST_POLL = 0.25  # seconds between task listings while a service is between states
+FAST_FOR = 60.0  # … for at most this long after the last change seen; then every SLOW_UNSETTLED
+SLOW_UNSETTLED = 2.0
+ASLEEP_POLL = 60.0  # every service at 0 replicas: only events can change that, this is a safety net
+MAX_TASKS = 256  # tasks kept per service (a replicas label is capped far lower)
+MAX_IMAGES = 512  # images whose exposed ports are remembered
+_ERR_CHARS = 200
+
+
+def swarm_role(info: Mapping[str, Any]) -> str:
+    """`docker info` → "manager", "worker", or "none" (not in a swarm, or joining/leaving)."""
+    swarm = info.get("Swarm") or {}
+    if swarm.get("LocalNodeState") != "active":
+        return "none"
+    return "manager" if swarm.get("ControlAvailable") else "worker"
+
+
+def _address(cidr: Any) -> str:
+    try:
+        return str(ipaddress.ip_interface(str(cidr)).ip)
+    except ValueError:
+        return ""
+
+
+def task_from(data: Mapping[str, Any], service_name: str, net_names: Mapping[str, str]) -> TaskInfo:
+    """One entry of `GET /tasks` → TaskInfo (addresses by network name)."""
+    status = data.get("Status") or {}
+    networks: dict[str, str] = {}
+    for att in data.get("NetworksAttachments") or ():
+        net = att.get("Network") or {}
+        name = (net.get("Spec") or {}).get("Name") or net_names.get(net.get("ID") or "", "")
+        addrs = [a for a in (_address(c) for c in att.get("Addresses") or ()) if a]
+        if name and addrs:
+            networks[name] = addrs[0]
+    slot = data.get("Slot")
+    suffix = str(slot) if slot else str(data.get("NodeID") or "")[:12]
+    return TaskInfo(
+        id=str(data.get("ID") or ""),
+        name=f"{service_name}.{suffix}",
+        state=str(status.get("State") or "unknown"),
+        networks=networks,
+        error=str(status.get("Err") or "")[:_ERR_CHARS],
+    )
+
+
+def service_networks(spec: Mapping[str, Any], net_names: Mapping[str, str]) -> dict[str, str]:
+    """The networks a service's spec attaches its tasks to, by name (IDs translated) → "" (no IP here)."""
+    template = spec.get("TaskTemplate") or {}
+    out: dict[str, str] = {}
+    for att in template.get("Networks") or spec.get("Networks") or ():
+        target = str((att or {}).get("Target") or "")
+        name = net_names.get(target, target)
+        if name:
+            out[name] = ""
+    return out
+
+
+def image_ref(spec: Mapping[str, Any]) -> str:
+    return str(((spec.get("TaskTemplate") or {}).get("ContainerSpec") or {}).get("Image") or "")
+
+
+def service_from(data: Mapping[str, Any], tasks: Iterable[TaskInfo], net_names: Mapping[str, str],
+                 exposed: tuple[int, ...] = ()) -> ContainerInfo | None:
+    """One entry of `GET /services` → ContainerInfo of kind "service"; None for jobs (they run to an end)."""
+    spec = data.get("Spec") or {}
+    mode = spec.get("Mode") or {}
+    if "Replicated" in mode:
+        replicas: int | None = int((mode.get("Replicated") or {}).get("Replicas") or 0)
+    elif "Global" in mode:
+        replicas = None
+    else:
+        return None  # ReplicatedJob / GlobalJob: nothing to route to or to keep awake
+    name = str(spec.get("Name") or data.get("ID") or "")[:128]
+    kept = tuple(sorted(tasks, key=lambda t: t.name))[:MAX_TASKS]
+    container = (spec.get("TaskTemplate") or {}).get("ContainerSpec") or {}
+    up = replicas > 0 if replicas is not None else any(t.running for t in kept)
+    return ContainerInfo(
+        id=str(data.get("ID") or ""),
+        name=name,
+        state="running" if up else "exited",
+        labels=dict(spec.get("Labels") or {}),
+        env=parse_env(container.get("Env")),
+        exposed_ports=exposed,
+        networks=service_networks(spec, net_names),
+        created=created_time(data.get("CreatedAt")),
+        kind=SERVICE,
+        replicas=replicas,
+        tasks=kept,
+    )
+
+
+def settled(info: ContainerInfo) -> bool:
+    """Do the service's tasks match its spec (as many running as it asks for, none on the way)?"""
+    if info.replicas is None:
+        return all(t.running for t in info.tasks)
+    return len(info.tasks) == info.replicas and all(t.running for t in info.tasks)
+
+
+class SwarmState:
+    """The services of a Swarm manager and their tasks, kept current by the DockerView's thread."""
+
+    def __init__(self, resync: float) -> None:
+        self.resync = resync
+        self.services: dict[str, ContainerInfo] = {}
+        self._raw: dict[str, Mapping[str, Any]] = {}  # service id → its last `GET /services` entry
+        self._tasks: dict[str, list[Mapping[str, Any]]] = {}  # service id → its raw tasks
+        self._images: dict[str, tuple[int, ...]] = {}  # image reference → exposed TCP ports (() unknown)
+        self._last_poll = 0.0
+        self._changed_at = 0.0  # monotonic time of the last change a listing showed
+        self.net_names: Mapping[str, str] = {}  # network id → name (from the view's network listing)
+        self.api: Any = None  # the view's API client, for image inspects (set on each connect)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def resync_all(self, api: Any) -> bool:
+        """Every service and every task meant to run, in two listings. True when something changed."""
+        self.api = api
+        services = api.services()
+        tasks = api.tasks(filters={"desired-state": "running"})
+        self._raw = {s["ID"]: s for s in services if s.get("ID")}
+        self._tasks = {}
+        for t in tasks:
+            sid = t.get("ServiceID")
+            if sid in self._raw:
+                self._tasks.setdefault(sid, []).append(t)
+        self._last_poll = time.monotonic()
+        return self._rebuild(set(self._raw) | set(self.services))
+
+    def refresh_service(self, api: Any, service_id: str) -> bool:
+        """After a service event: that service again (by exact ID), and its tasks."""
+        found = [s for s in api.services(filters={"id": service_id}) if s.get("ID") == service_id]
+        if not found:
+            self._raw.pop(service_id, None)
+            self._tasks.pop(service_id, None)
+        else:
+            self._raw[service_id] = found[0]
+            self._tasks[service_id] = list(api.tasks(filters={"service": service_id, "desired-state": "running"}))
+        return self._rebuild({service_id})
+
+    def remove(self, service_id: str) -> bool:
+        self._raw.pop(service_id, None)
+        self._tasks.pop(service_id, None)
+        return self._rebuild({service_id})
+
+    def refresh_tasks(self, api: Any, service_ids: Iterable[str]) -> bool:
+        """After container events of task containers on this node: those services' tasks."""
+        ids = [s for s in dict.fromkeys(service_ids) if s in self._raw]
+        for sid in ids:
+            self._tasks[sid] = list(api.tasks(filters={"service": sid, "desired-state": "running"}))
+        return self._rebuild(set(ids))
+
+    def poll_due(self, now: float) -> float | None:
+        """Monotonic time of the next task listing (None: no service known)."""
+        if not self._raw:
+            return None
+        if any(not settled(s) for s in self.services.values()):
+            unsettled_for = now - self._changed_at
+            return self._last_poll + (FAST_POLL if unsettled_for < FAST_FOR else SLOW_UNSETTLED)
+        if any(s.running for s in self.services.values()):
+            return self._last_poll + self.resync
+        return self._last_poll + ASLEEP_POLL
+
+    def poll(self, api: Any) -> bool:
+        """Every task meant to run, in one listing (services are known from events). True: changed."""
+        tasks = api.tasks(filters={"desired-state": "running"})
+        self._last_poll = time.monotonic()
+        by_service: dict[str, list[Any]] = {sid: [] for sid in self._raw}
+        for t in tasks:
+            sid = t.get("ServiceID")
+            if sid in by_service:
+                by_service[sid].append(t)
+        self._tasks = by_service
+        return self._rebuild(set(self._raw))
+
+    # --- building --------------------------------------------------------------------------------
+
+    def _exposed(self, api: Any, ref: str) -> tuple[int, ...]:
+        """The image's exposed TCP ports, when the manager has the image (best effort, remembered)."""
+        if not ref:
+            return ()
+        if ref in self._images:
+            return self._images[ref]
+        ports: tuple[int, ...] = ()
+        for candidate in dict.fromkeys((ref, ref.split("@", 1)[0])):
+            try:
+                data = api.inspect_image(candidate)
+            except docker.errors.ImageNotFound:
+                continue
+            except docker.errors.APIError:
+                continue
+            ports = parse_exposed((data.get("Config") or {}).get("ExposedPorts"))
+            break
+        if len(self._images) >= MAX_IMAGES:
+            self._images.clear()
+        self._images[ref] = ports
+        return ports
+
+    def _rebuild(self, ids: set[str]) -> bool:
+        changed = False
+        api = self.api
+        for sid in ids:
+            raw = self._raw.get(sid)
+            if raw is None:
+                changed = self.services.pop(sid, None) is not None or changed
+                continue
+            name = str((raw.get("Spec") or {}).get("Name") or sid)
+            tasks = [task_from(t, name, self.net_names) for t in self._tasks.get(sid, ())]
+            exposed = self._exposed(api, image_ref(raw.get("Spec") or {})) if api is not None else ()
+            info = service_from(raw, tasks, self.net_names, exposed)
+            if info is None:
+                changed = self.services.pop(sid, None) is not None or changed
+                continue
+            if self.services.get(sid) != info:
+                self.services[sid] = info
+                changed = True
+        if changed:
+            self._changed_at = time.monotonic()
+        return changed
