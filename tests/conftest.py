@@ -31,12 +31,16 @@ from harness import (  # noqa: E402
     PyBack,
     build_busybox_image,
     build_pyback_image,
+    install_route_guard,
     make_self_signed,
     python_runtime,
     remove_network,
     sweep_prefix,
     traversable,
 )
+
+# Nothing this test process opens may leave the machine (Swarm overlay IPs would: harness.install_route_guard).
+install_route_guard()
 
 
 @pytest.fixture(autouse=True)

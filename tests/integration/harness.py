@@ -125,6 +125,72 @@ def assert_bridge_route(ip: str) -> None:
     assert _ROUTE_DEV.search(out), f"refusing to contact {ip}: route is not via a docker bridge: {out!r}"
 
 
+# The host's own addresses ("local … dev lo") and the tests' bridges; docker_gwbridge is Swarm's local bridge.
+_LOCAL_ROUTE = re.compile(r"^(local\s|\S+\s.*\bdev (lo|docker0|docker_gwbridge|br-[0-9a-f]+)\b)")
+
+
+class OffMachineConnection(ConnectionRefusedError):
+    """The route guard refused a connection that would leave this machine."""
+
+
+def route_is_local(ip: str) -> tuple[bool, str]:
+    """Is `ip` loopback, one of this host's own addresses, or behind a local Docker bridge? (and the route)"""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False, f"{ip!r} is not an IP address"
+    if addr.is_loopback or (isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None
+                            and addr.ipv4_mapped.is_loopback):
+        return True, "loopback"
+    now = time.monotonic()
+    if _local_until.get(str(addr), 0.0) > now:
+        return True, "local (checked just now)"
+    out = subprocess.run(["ip", "route", "get", str(addr)], capture_output=True, text=True).stdout.strip()
+    ok = bool(_LOCAL_ROUTE.search(out))
+    if ok:
+        _local_until[str(addr)] = now + 2.0  # a load loop to a bridge IP does not run `ip` per connect
+    return ok, out
+
+
+_local_until: dict[str, float] = {}
+
+
+_guard_installed = False
+
+
+def install_route_guard() -> None:
+    """Make every TCP/UDP connect of this (test) process check its route first: an address whose
+    `ip route get` is not loopback, the host's own, or a local Docker bridge is refused with
+    OffMachineConnection. Overlay (Swarm) task IPs have no local route — a packet to one would leave
+    the machine through the default gateway — so only processes inside an overlay's network namespace
+    (the proxy's container) may contact them. Unix sockets (the Docker socket) are not touched."""
+    global _guard_installed
+    if _guard_installed:
+        return
+    _guard_installed = True
+    plain_connect = socket.socket.connect
+    plain_connect_ex = socket.socket.connect_ex
+
+    def check(sock: socket.socket, address: Any) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and isinstance(address, tuple) and address:
+            ok, route = route_is_local(str(address[0]))
+            if not ok:
+                raise OffMachineConnection(f"test route guard: refusing to connect to {address[0]} from the "
+                                           f"host's network namespace (route: {route!r}): it would leave "
+                                           "this machine")
+
+    def connect(self: socket.socket, address: Any) -> None:
+        check(self, address)
+        plain_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: Any) -> int:
+        check(self, address)
+        return plain_connect_ex(self, address)
+
+    socket.socket.connect = connect  # type: ignore[method-assign]
+    socket.socket.connect_ex = connect_ex  # type: ignore[method-assign]
+
+
 def container_ip(container, network: str) -> str:
     """The container's IP on `network`, after checking it is routed via a Docker bridge."""
     container.reload()

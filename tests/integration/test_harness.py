@@ -7,6 +7,7 @@ address is routed via a Docker bridge these tests created.
 import hashlib
 
 import httpx
+import pytest
 from harness import container_ip, pattern_sha256
 
 
@@ -43,3 +44,19 @@ def test_busybox_httpd(backend_container, busybox_image, test_network):
     from harness import wait_for
     r = wait_for(lambda: httpx.get(f"http://{ip}/", timeout=2), 5)
     assert r.text.strip() == "hi-bb"
+
+
+def test_the_route_guard_refuses_addresses_that_would_leave_the_machine() -> None:
+    """conftest installs the guard for the whole run. A UDP connect sends no packet: safe to try even if
+    the guard were broken; TCP to an overlay-like address is refused before any SYN."""
+    import socket
+
+    from harness import OffMachineConnection, route_is_local
+
+    assert route_is_local("127.0.0.1")[0]
+    ok, route = route_is_local("198.51.100.7")  # TEST-NET-2: routed through the default gateway here
+    assert not ok, route
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        with pytest.raises(OffMachineConnection):
+            s.connect(("198.51.100.7", 9))
+        s.connect(("127.0.0.1", 9))  # loopback is fine

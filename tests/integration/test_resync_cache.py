@@ -149,6 +149,12 @@ def test_the_fast_inspector_reads_what_the_sdk_reads(docker_client, busybox_imag
         static = _Static.from_config(a["Config"])
         assert static.env == {"VIRTUAL_HOST": f"inspector.{run_id}.test"}
         assert 8087 in static.exposed_ports
+        # The SDK keeps one connection pool per URL, 25 at most, and closes those it drops: many
+        # distinct listings (the Swarm view makes them) must not leave the fast path on a closed pool.
+        for i in range(40):
+            api.containers(filters={"name": f"{run_id}-nothing-{i}"})
+        again = fast(c.id)
+        assert again is not None and again["Id"] == c.id
     finally:
         c.remove(force=True)
     assert fast(c.id) is None

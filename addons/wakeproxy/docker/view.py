@@ -231,6 +231,9 @@ class Inspector:
 
             adapter = api.get_adapter(api.base_url)
             if isinstance(adapter, UnixHTTPAdapter):
+                # Asked for on every call, never kept: the adapter keeps one pool per URL in a small LRU
+                # (25) and closes the ones it drops, and the Swarm view's listings are many URLs.
+                self._adapter = adapter
                 self._pool = adapter.get_connection(api.base_url)
                 self._prefix = f"/v{api.api_version}/containers/"
                 self._timeout = getattr(api, "timeout", 30)
@@ -244,7 +247,7 @@ class Inspector:
                 return self.api.inspect_container(cid)
             except docker.errors.NotFound:
                 return None  # removed between the listing and now
-        r = self._pool.urlopen(
+        r = self._adapter.get_connection(self.api.base_url).urlopen(
             "GET", self._prefix + urllib.parse.quote(cid, safe="") + "/json",
             retries=False, timeout=self._timeout, preload_content=True,
         )
