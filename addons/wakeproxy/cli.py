@@ -153,6 +153,14 @@ def _check(path: str) -> int:
     return 0
 
 
+def _member(c: dict[str, Any]) -> str:
+    """One member of a group in `wakeproxy status`: NAME:STATE, or NAME:RUNNING/REPLICAS for a service."""
+    if c.get("kind") == "service":
+        replicas = c.get("replicas")
+        return f"{c['name']}:{c.get('running_tasks', 0)}/{replicas if replicas is not None else 'global'}"
+    return f"{c['name']}:{c['state']}"
+
+
 def _ago(iso: str | None) -> str:
     if not iso:
         return "-"
@@ -237,7 +245,10 @@ def _status(config_path: str, url: str | None, as_json: bool) -> int:
             print(f"docker: {engine.get('state')} since {_ago(iso)} — cannot reach {engine.get('url')}: "
                   f"{engine.get('last_error') or 'not connected yet'}")
         else:
-            print(f"docker: connected to {engine.get('url')} (since {_ago(iso)})")
+            swarm = {"manager": "; a Swarm manager: services are routed too",
+                     "worker": "; a Swarm WORKER: services are not routed (point docker.url at a manager)"}
+            print(f"docker: connected to {engine.get('url')} (since {_ago(iso)})"
+                  + swarm.get(str(engine.get("swarm") or ""), ""))
     own = report.get("container")
     if isinstance(own, dict):
         line = f"container: {own.get('container')} ({own.get('mode')} networking"
@@ -261,7 +272,7 @@ def _status(config_path: str, url: str | None, as_json: bool) -> int:
     for g in report["groups"]:
         rows.append((
             g["group"], g["state"], ",".join(g["hosts"]),
-            ",".join(f"{c['name']}:{c['state']}" for c in g["containers"]),
+            ",".join(_member(c) for c in g["containers"]),
             str(g["inflight"]), str(g["open"]), _ago(g["last_activity"]),
             "never" if g["idle_timeout"] <= 0 else _duration(g["stops_in"]),
         ) + (("never" if g.get("removed_in") is None else _duration(g["removed_in"]),) if removal else ()))

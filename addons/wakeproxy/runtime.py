@@ -38,10 +38,11 @@ class EngineState:
     since: float = 0.0  # wall clock of the last change of `state`
     last_error: str | None = None
     ever_connected: bool = False
+    swarm: str = ""  # the engine's Swarm role when last connected: manager | worker | none | off
 
     def as_dict(self) -> dict[str, object]:
         return {"state": self.state, "url": self.url, "since": self.since, "last_error": self.last_error,
-                "ever_connected": self.ever_connected}
+                "ever_connected": self.ever_connected, "swarm": self.swarm}
 
 
 @dataclass

@@ -18,7 +18,6 @@ import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import docker
@@ -75,13 +74,14 @@ class Services:
         self.made: list[Any] = []
 
     def create(self, name: str, labels: dict[str, str], replicas: int = 0, env: dict[str, str] | None = None,
-               healthcheck: docker.types.Healthcheck | None = None, **kw: Any) -> Any:
+               healthcheck: docker.types.Healthcheck | None = None, command: list[str] | None = None,
+               mounts: tuple[str, ...] = (), **kw: Any) -> Any:
         environment = {"PORT": "8080", "BACKEND_NAME": "", **(env or {})}
         service = self.client.services.create(
-            self.pyback.image, self.pyback.command(), name=f"{self.run_id}-{name}", labels=labels,
+            self.pyback.image, command or self.pyback.command(), name=f"{self.run_id}-{name}", labels=labels,
             env=[f"{k}={v}" for k, v in environment.items()], networks=[self.overlay],
             mode=docker.types.ServiceMode("replicated", replicas), init=True,
-            mounts=[f"{d}:{d}:ro" for d in self.pyback.mounts], healthcheck=healthcheck,
+            mounts=[*(f"{d}:{d}:ro" for d in self.pyback.mounts), *mounts], healthcheck=healthcheck,
             restart_policy=docker.types.RestartPolicy(condition="any", delay=1 * NS), **kw)
         self.made.append(service)
         return service
@@ -213,6 +213,27 @@ def test_a_health_checked_service_is_ready_when_healthy(services, swarm_proxy, h
     assert r.status_code == 200, r.text
     log = swarm_proxy.log()
     assert f"wake {services.run_id}-health: ready" in log, log[-3000:]
+
+
+def test_a_task_that_fails_is_replaced_and_followed_not_reported_ready(services, swarm_proxy, host,
+                                                                      tmp_path) -> None:
+    """The first task exits at once; Swarm starts a new one (new container, new IP) after the restart
+    delay. The wake follows it: the held request is answered by the replacement, never a 502."""
+    h = host("flaky")
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    flags.chmod(0o777)
+    python = " ".join(services.pyback.command())
+    svc = services.create("flaky", {"wakeproxy.host": h, "wakeproxy.port": "8080"},
+                          command=["/bin/sh", "-c", f"if [ ! -e /flags/failed ]; then touch /flags/failed; exit 3; fi; "
+                                                    f"exec {python}"],
+                          mounts=(f"{flags}:/flags:rw",))
+    wait_for(lambda: h in swarm_proxy.exec("wakeproxy", "status")[1], 15, 0.3, "the site in the status")
+    r = swarm_proxy.get(h, timeout=60)
+    assert r.status_code == 200, r.text
+    assert (flags / "failed").exists()
+    states = [t["Status"]["State"] for t in svc.tasks()]
+    assert "failed" in states and "running" in states, states
 
 
 def test_idle_scales_to_zero_and_the_next_request_wakes_it_again(services, swarm_proxy, host) -> None:

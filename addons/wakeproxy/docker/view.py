@@ -336,7 +336,8 @@ class DockerView:
         e = self.engine
         connected = e.ever_connected or state == "connected"
         since = e.since if state == e.state and e.since else time.time()
-        self.engine = EngineState(state, e.url, since, error if error is not None else e.last_error, connected)
+        self.engine = EngineState(state, e.url, since, error if error is not None else e.last_error, connected,
+                                  self.swarm_role)
         if self.report is not None:
             self._call(self.report, self.engine)
 

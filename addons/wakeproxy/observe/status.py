@@ -85,7 +85,10 @@ class StatusServer:
                 "state": state,
                 "hosts": sorted(hosts.get(name, [])),
                 "containers": [
-                    {"name": m.name, "state": m.state, "health": m.health} for m in members
+                    {"name": m.name, "state": m.state, "health": m.health} if not m.is_service else
+                    {"name": m.name, "state": m.state, "health": None, "kind": "service", "replicas": m.replicas,
+                     "running_tasks": len(m.running_tasks)}
+                    for m in members
                 ],
                 "inflight": act.inflight if act else 0,
                 "open": act.open if act else 0,

@@ -31,7 +31,7 @@ from wakeproxy.files import write_private
 from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.routing.snapshot import Group, Snapshot
 from wakeproxy.runtime import Runtime
-from wakeproxy.wake.orchestrator import OpError
+from wakeproxy.wake.orchestrator import OpError, members_text
 
 logger = get_logger(__name__)
 
@@ -354,7 +354,9 @@ class IdleKeeper:
 
     def _put_to_sleep(self, snap: Snapshot, group: Group, idle: float) -> None:
         action = group.idle_action or self.runtime.config.idle.action
-        logger.info(f"idle {group.name}: no activity for {idle:.1f} s; {_ING[action]} {len(group.members)} container(s)")
+        logger.info(f"idle {group.name}: no activity for {idle:.1f} s; {_ING[action]} {members_text(snap, group)}"
+                    + (" (services: scaled to 0)" if any((c := snap.containers.get(m)) is not None and c.is_service
+                                                         for m in group.members) else ""))
         task = asyncio.get_running_loop().create_task(self._sleep(snap, group, action), name=f"idle {action} {group.name}")
         self.runtime.stopping[group.name] = task
         task.add_done_callback(functools.partial(self._slept, group.name))

@@ -127,6 +127,15 @@ def replicas_of(snap: Snapshot, service_id: str) -> int:
     return st.replicas if st is not None and st.replicas else 1
 
 
+def members_text(snap: Snapshot, group: Group) -> str:
+    """"3 container(s)", "1 service(s)", or "2 container(s) and 1 service(s)": what a group is made of."""
+    services = sum(1 for cid in group.members if (i := snap.containers.get(cid)) is not None and i.is_service)
+    containers = len(group.members) - services
+    if not services:
+        return f"{containers} container(s)"
+    return f"{services} service(s)" if not containers else f"{containers} container(s) and {services} service(s)"
+
+
 class Orchestrator:
     """Single-flight wakes of groups, from the runtime's snapshots and container events."""
 
@@ -171,7 +180,7 @@ class Orchestrator:
         wake.task.add_done_callback(functools.partial(self._finished, wake))
         self._wakes[group.name] = wake
         if self.log_outcomes:
-            logger.info(f"wake {group.name}: starting {len(group.members)} container(s)")
+            logger.info(f"wake {group.name}: starting {members_text(self.runtime.snapshot, group)}")
         self._tell()
         return wake
 
@@ -337,7 +346,8 @@ class Orchestrator:
         if group is None:
             raise WakeFailed(502, "Wake-up failed", f"the containers of '{wake.group}' were removed while waking")
         infos = [i for cid in wake.members if (i := snap.containers.get(cid)) is not None]
-        if all(i.state == "running" or i.id in wake.completed for i in infos):
+        if all((len(i.running_tasks) >= replicas_of(snap, i.id) if i.is_service else i.state == "running")
+               or i.id in wake.completed for i in infos):
             wake.mark("running")
             if all(i.health in (None, "healthy") for i in infos):
                 wake.mark("healthy")
