@@ -13,6 +13,7 @@ Python mounted read-only), with `--init` so that a scale-down takes ~3 s rather 
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import time
@@ -336,3 +337,57 @@ def test_the_proxy_restarted_with_services_at_zero_keeps_their_routes(services, 
     r = swarm_proxy.get(h)
     assert r.status_code == 200, r.text
     assert services.replicas(svc) == 1
+
+
+def test_the_proxy_deployed_as_a_swarm_service_from_deploy_stack_yaml(docker_client, services, image, host,
+                                                                    tmp_path) -> None:
+    """deploy/stack.yaml as shipped, with three changes for this machine: the image under test, no
+    published ports (host mode would bind every address of this host), and the run's overlay as the
+    `sandboxes` network. The client runs inside the proxy's own task container (127.0.0.1 there)."""
+    from harness import READY_LINE, REPO
+
+    stack = f"{services.run_id}-wp"
+    spec = yaml.safe_load((REPO / "deploy" / "stack.yaml").read_text())
+    proxy = spec["services"]["wakeproxy"]
+    assert [p["mode"] for p in proxy["ports"]] == ["host", "host"]
+    assert "node.role == manager" in proxy["deploy"]["placement"]["constraints"]
+    proxy["image"] = image
+    del proxy["ports"]
+    spec["networks"]["sandboxes"] = {"external": True, "name": services.overlay}
+    path = tmp_path / "stack.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    h = host("as-service")
+    app = services.create("as-service-app", {"wakeproxy.host": h, "wakeproxy.port": "8080"})
+    out = subprocess.run(["docker", "stack", "deploy", "--resolve-image", "never", "-c", str(path), stack],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    try:
+        def task_container() -> Any:
+            found = docker_client.containers.list(filters={"label": f"com.docker.swarm.service.name={stack}_wakeproxy"})
+            return found[0] if found else None
+
+        container = wait_for(task_container, 60, 0.5, "the proxy's task container")
+        wait_for(lambda: READY_LINE in container.logs().decode(errors="replace"), 60, 0.3, "the proxy ready")
+        client = ("import urllib.request,sys;"
+                  f"r=urllib.request.urlopen(urllib.request.Request('http://127.0.0.1/',headers={{'Host':'{h}'}}),"
+                  "timeout=60);sys.stdout.write(str(r.status)+' '+r.read().decode())")
+        code, answer = container.exec_run(["/opt/wakeproxy/bin/python", "-c", client])
+        text = answer.decode(errors="replace")
+        assert code == 0 and text.startswith("200 "), text + container.logs().decode(errors="replace")[-3000:]
+        assert json.loads(text[4:])["headers"]["host"] == h
+        assert services.replicas(app) == 1
+        logs = container.logs().decode(errors="replace")
+        assert "the engine is a Swarm manager" in logs
+    finally:
+        subprocess.run(["docker", "stack", "rm", stack], capture_output=True, timeout=60)
+
+        def volume_gone() -> bool:
+            try:
+                docker_client.volumes.get(f"{stack}_state").remove(force=True)
+            except docker.errors.NotFound:
+                return True
+            except docker.errors.APIError:
+                return False  # still in use by the stopping task
+            return True
+
+        wait_for(volume_gone, 40, 0.5, "the stack's state volume removed")
