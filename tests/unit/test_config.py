@@ -919,3 +919,16 @@ def test_docksal_default_cert_names_a_file_in_the_certificate_folder(tmp_path, m
 def test_a_duration_is_finite_and_in_ascii_digits(value):
     with pytest.raises(ValueError):
         parse_duration(value)
+
+
+def test_the_swarm_keys():
+    assert parse_config("").docker.swarm == "auto"
+    assert parse_config("docker:\n  swarm: on\n").docker.swarm == "on"  # YAML's bare on is a boolean
+    assert parse_config("docker:\n  swarm: false\n").docker.swarm == "off"
+    assert parse_config("", "wp.yaml", {"WAKEPROXY_SWARM": "off"}).docker.swarm == "off"
+    cfg = parse_config("docker:\n  swarm_resync: 30s\n  max_replicas: 3\n")
+    assert cfg.docker.swarm_resync == 30 and cfg.docker.max_replicas == 3
+    with pytest.raises(ConfigError, match=r"^<string>:2: docker.swarm: 'sometimes' is not one of auto, on, off"):
+        parse_config("docker:\n  swarm: sometimes\n")
+    with pytest.raises(ConfigError, match=r"docker.max_replicas"):
+        parse_config("docker:\n  max_replicas: 0\n")

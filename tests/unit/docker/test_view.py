@@ -422,3 +422,40 @@ def test_inspector_uses_the_sdk_for_other_transports() -> None:
     assert inspect("abc") == {"Id": "abc"}
     assert inspect("gone") is None
     assert api.calls == ["abc", "gone"]
+
+
+class SwarmInfoAPI:
+    def __init__(self, swarm: dict[str, Any]) -> None:
+        self._swarm = swarm
+
+    def info(self) -> dict[str, Any]:
+        return {"Swarm": self._swarm}
+
+
+@pytest.mark.parametrize(("mode", "swarm", "role", "said"), [
+    ("auto", {"LocalNodeState": "active", "ControlAvailable": True}, "manager", "services are routed"),
+    ("auto", {"LocalNodeState": "active", "ControlAvailable": False}, "worker", "point docker.url at a manager"),
+    ("on", {"LocalNodeState": "active", "ControlAvailable": False}, "worker", "point docker.url at a manager"),
+    ("on", {"LocalNodeState": "inactive"}, "none", "docker.swarm is on, but the engine is not in a swarm"),
+    ("auto", {"LocalNodeState": "inactive"}, "none", None),
+    ("off", {"LocalNodeState": "active", "ControlAvailable": True}, "off", None),
+])
+def test_the_swarm_view_runs_only_on_a_manager_and_a_worker_is_told_clearly(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, mode: str, swarm: dict[str, Any], role: str,
+        said: str | None) -> None:
+    from wakeproxy.config import DockerConfig
+
+    view = DockerView(Config(state_dir=tmp_path, docker=DockerConfig(swarm=mode)), DirectLoop(),  # type: ignore[arg-type]
+                      lambda s: None, own_id=None)
+    with caplog.at_level("INFO"):
+        view._detect_swarm(SwarmInfoAPI(swarm))
+        view._detect_swarm(SwarmInfoAPI(swarm))  # each reconnect asks again: said once
+    assert view.swarm_role == role
+    assert (view._swarm is not None) == (role == "manager")
+    lines = [r.getMessage() for r in caplog.records if "Swarm" in r.getMessage() or "swarm" in r.getMessage()]
+    if said is None:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and said in lines[0], lines
+        if role == "worker":
+            assert caplog.records[-1].levelname == "ERROR"
