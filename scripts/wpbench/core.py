@@ -34,6 +34,7 @@ from wpbench.common import (
 from wpbench.convergence import ConvergenceSection
 from wpbench.scale import ScaleSection
 from wpbench.soak import SoakSection
+from wpbench.swarm import SwarmSection
 from wpbench.throughput import ThroughputSection
 from wpbench.wake import WakeSection
 
@@ -41,7 +42,7 @@ from wpbench.wake import WakeSection
 
 
 
-class Bench(ThroughputSection, WakeSection, ConvergenceSection, ScaleSection, SoakSection):
+class Bench(ThroughputSection, WakeSection, ConvergenceSection, ScaleSection, SoakSection, SwarmSection):
     """Owns everything one benchmark run starts; `close()` removes it all."""
 
     def __init__(self, args: argparse.Namespace) -> None:

@@ -29,7 +29,7 @@ from wakeproxy.routing.labels import SERVICE, ContainerInfo, TaskInfo
 
 logger = get_logger(__name__)
 
-FAST_POLL = 0.25  # seconds between task listings while a service is between states
+FAST_POLL = 0.1  # seconds between task listings while a service is between states (~2 ms each)
 FAST_FOR = 60.0  # … for at most this long after the last change seen; then every SLOW_UNSETTLED
 SLOW_UNSETTLED = 2.0
 ASLEEP_POLL = 60.0  # every service at 0 replicas: only events can change that, this is a safety net
