@@ -40,6 +40,7 @@ ALLOWED: dict[str, str] = {
     "GET /containers/json": "listing every container (all=1) at start and after every reconnect",
     "GET /containers/{id}/json": "inspecting a container: labels, networks, state; and its own container",
     "GET /networks": "listing the networks for their drivers (only bridge-like networks are joined)",
+    "GET /info": "the engine's Swarm role, once per connection (not called with docker.swarm: off)",
     # The network joiner (bridge mode): join a running site's network, leave it when nothing runs there.
     "POST /networks/{id}/connect": "joining the network of a running site",
     "POST /networks/{id}/disconnect": "leaving a network no running site needs any more",
@@ -49,6 +50,16 @@ ALLOWED: dict[str, str] = {
     "POST /containers/{id}/stop": "putting an idle site to sleep (wakeproxy.idle-action: stop, the default)",
     "POST /containers/{id}/pause": "putting an idle site to sleep (wakeproxy.idle-action: pause)",
 }
+
+# On a Swarm manager, besides ALLOWED (recorded by test_swarm.py, which drives each of SWARM_ESSENTIAL).
+SWARM_ALLOWED: dict[str, str] = {
+    "GET /services": "listing the services at start and after a reconnect; one service again (by ID) after its event",
+    "GET /tasks": "listing the tasks meant to run: all of them now and then, one service's after a hint",
+    "GET /images/{id}/json": "a service image's exposed ports, once per image (when the manager has it)",
+    "GET /services/{id}": "reading a service's version and replicas before scaling it",
+    "POST /services/{id}/update": "scaling a service: 0 → N to wake it, N → 0 to put it to sleep",
+}
+SWARM_ESSENTIAL = {"GET /info", "GET /services", "GET /tasks", "GET /services/{id}", "POST /services/{id}/update"}
 
 # What every run must have seen: the test drives each of these.
 ESSENTIAL = {

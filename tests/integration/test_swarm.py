@@ -27,7 +27,7 @@ import docker.types
 import httpx
 import pytest
 import yaml
-from container_harness import ProxyContainer
+from container_harness import ProxyContainer, RecordedProxyContainer
 from harness import OffMachineConnection, wait_for
 
 NS = 1_000_000_000
@@ -111,15 +111,28 @@ def services(docker_client, run_id, overlay, pyback_image) -> Iterator[Services]
 
 
 @pytest.fixture(scope="module")
-def swarm_proxy(docker_client, image, run_id, overlay, tmp_path_factory) -> Iterator[ProxyContainer]:
+def recording(tmp_path_factory) -> Iterator[Any]:
+    """A relay in front of the Docker socket that records every request the proxy makes."""
+    from test_docker_api_calls import RecordingDockerRelay
+
+    folder = tmp_path_factory.mktemp("swsock")
+    folder.chmod(0o755)
+    relay = RecordingDockerRelay(str(folder / "docker.sock")).open()
+    yield relay
+    relay.close()
+
+
+@pytest.fixture(scope="module")
+def swarm_proxy(docker_client, image, run_id, overlay, tmp_path_factory, recording) -> Iterator[ProxyContainer]:
     config = {
         "docker": {"networks": [], "swarm_resync": "2s"},
         "wake": {"timeout": "60s", "per_client": 0},
         "idle": {"timeout": "10m"},
         "shutdown": {"drain": "5s"},
     }
-    proxy = ProxyContainer(docker_client, image, f"{run_id}-swarm-proxy", "bridge", tmp_path_factory.mktemp("swp"),
-                           config, network=overlay)
+    proxy = RecordedProxyContainer(docker_client, image, f"{run_id}-swarm-proxy", "bridge",
+                                   tmp_path_factory.mktemp("swp"), config, network=overlay,
+                                   socket_path=recording.path)
     try:
         proxy.start()
         yield proxy
@@ -337,6 +350,20 @@ def test_the_proxy_restarted_with_services_at_zero_keeps_their_routes(services, 
     r = swarm_proxy.get(h)
     assert r.status_code == 200, r.text
     assert services.replicas(svc) == 1
+
+
+def test_on_a_swarm_the_proxy_calls_only_the_documented_endpoints(recording, swarm_proxy) -> None:
+    """Everything the module's proxy asked the engine (waking, scaling down, events, restarts): within
+    ALLOWED and SWARM_ALLOWED (the README's socket-proxy table), and every Swarm call was seen."""
+    from test_docker_api_calls import ALLOWED, SWARM_ALLOWED, SWARM_ESSENTIAL
+
+    assert not recording.errors, recording.errors
+    seen = {c.endpoint for c in recording.snapshot()}
+    outside = sorted(seen - set(ALLOWED) - set(SWARM_ALLOWED))
+    assert not outside, f"calls outside the documented ones: {outside}"
+    assert SWARM_ESSENTIAL <= seen, sorted(SWARM_ESSENTIAL - seen)
+    updates = [c for c in recording.snapshot() if c.endpoint == "POST /services/{id}/update"]
+    assert all(dict(c.query).get("version") for c in updates), updates  # every scale is version-checked
 
 
 def test_the_proxy_deployed_as_a_swarm_service_from_deploy_stack_yaml(docker_client, services, image, host,
