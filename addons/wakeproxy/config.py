@@ -313,11 +313,12 @@ def _name_pattern(value: Any) -> str:
 
 
 def _group_ref(value: Any) -> str:
-    """A group in names.reserved: `NAME`, or `KIND:NAME` with KIND compose, group or container."""
+    """A group in names.reserved: `NAME`, or `KIND:NAME` with KIND compose, stack, group, container or service."""
     v = _str(value)
     kind, sep, name = v.partition(":")
-    if sep and kind not in ("compose", "group", "container") or not (name if sep else v):
-        raise ValueError(f"{v!r} is not a group (NAME, or compose:NAME, group:NAME, container:NAME)")
+    if sep and kind not in ("compose", "stack", "group", "container", "service") or not (name if sep else v):
+        raise ValueError(f"{v!r} is not a group (NAME, or compose:NAME, stack:NAME, group:NAME, container:NAME, "
+                         "service:NAME)")
     return v
 
 

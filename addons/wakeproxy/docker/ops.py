@@ -16,7 +16,6 @@ from typing import Any
 
 import docker
 import docker.errors
-import docker.types
 
 from wakeproxy.config import DockerConfig
 from wakeproxy.docker.client import OPERATION_TIMEOUT, connect
@@ -27,6 +26,18 @@ logger = get_logger(__name__)
 
 
 SCALE_ATTEMPTS = 4  # a scale that keeps meeting "update out of sequence" gives up after this many tries
+
+
+def _post_update(api: Any, service_id: str, version: int, spec: dict[str, Any]) -> Any:
+    """POST /services/{id}/update?version=V&registryAuthFrom=spec with `spec`, through the SDK's own
+    request helpers (APIClient._url / _post_json / _result: there since docker-py 2, checked here)."""
+    for helper in ("_url", "_post_json", "_result"):
+        if not callable(getattr(api, helper, None)):
+            raise DockerOpError(f"docker service scale failed: this Docker SDK has no APIClient.{helper}; "
+                                "install the docker version pyproject.toml names")
+    url = api._url("/services/{0}/update", service_id)
+    response = api._post_json(url, data=spec, params={"version": version, "registryAuthFrom": "spec"})
+    return api._result(response, json=True)
 
 
 class DockerOpError(OpError):
@@ -102,25 +113,30 @@ class DockerOps:
         await self._call("pause", name, "pause", container_id)
 
     async def scale(self, service_id: str, name: str, replicas: int, up_only: bool = True) -> None:
-        """`docker service scale NAME=replicas`, version-checked: read the service, change only its replica
-        count, and send it with the version read; "update out of sequence" (someone updated it between)
-        reads it again, up to SCALE_ATTEMPTS times. `up_only`: never fewer replicas than it has (a
-        wake does not undo an operator's bigger count)."""
+        """`docker service scale NAME=replicas`, version-checked: read the service's spec as it was written
+        (no defaults filled in), change only its replica count, and send it back with the version read;
+        "update out of sequence" (someone updated it between) reads it again, up to SCALE_ATTEMPTS times.
+        `up_only`: never fewer replicas than it has (a wake does not undo an operator's bigger count).
+
+        Not the SDK's `update_service`: it re-reads the spec *with* defaults and sends those back (a
+        changed task template makes Swarm replace running tasks), and it adds registry credentials of
+        this host for the registry the (tenant-written) image names. The update here carries none
+        (`registryAuthFrom=spec`: the service keeps what it had)."""
         def run() -> None:
             api = self._api()
             for attempt in range(1, SCALE_ATTEMPTS + 1):
                 service = api.inspect_service(service_id)
-                mode = (service.get("Spec") or {}).get("Mode") or {}
+                spec = dict(service.get("Spec") or {})
+                mode = dict(spec.get("Mode") or {})
                 if "Replicated" not in mode:
                     raise DockerOpError(f"docker service scale {name} failed: it is not a replicated service "
                                         "(a global service cannot be scaled)")
                 current = int((mode.get("Replicated") or {}).get("Replicas") or 0)
                 if current == replicas or (up_only and current > replicas):
                     return
+                spec["Mode"] = {**mode, "Replicated": {**(mode.get("Replicated") or {}), "Replicas": replicas}}
                 try:
-                    answer = api.update_service(service_id, service["Version"]["Index"],
-                                                mode=docker.types.ServiceMode("replicated", replicas),
-                                                fetch_current_spec=True)
+                    answer = _post_update(api, service_id, service["Version"]["Index"], spec)
                 except docker.errors.APIError as e:
                     if "update out of sequence" in str(e.explanation or e) and attempt < SCALE_ATTEMPTS:
                         logger.debug(f"docker: service {name} was updated meanwhile; scaling again ({attempt})")

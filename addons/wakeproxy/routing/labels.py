@@ -171,6 +171,7 @@ GROUP_LABEL = "wakeproxy.group"
 PROJECT_LABEL = "com.docker.compose.project"
 STACK_LABEL = "com.docker.stack.namespace"  # set by `docker stack deploy` on a stack's services
 SWARM_SERVICE_LABEL = "com.docker.swarm.service.id"  # on the containers of a service's tasks
+SWARM_TASK_LABEL = "com.docker.swarm.task.id"  # … together with this one
 REPLICAS_LABELS = ("wakeproxy.replicas", "sablier.active.replicas")
 MAX_REPLICAS = 100  # what a replicas label may ask for at most (docker.max_replicas caps it lower)
 _GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")

@@ -48,8 +48,9 @@ OWNERS_VERSION = 1
 class GroupId:
     """Who a group is, as far as ownership goes: a kind no label can forge, and its base name.
 
-    kind: "compose" (the Compose project label), "group" (a `wakeproxy.group` label on a container
-    outside any Compose project) or "container" (a lone container)."""
+    kind: "compose" (the Compose project label), "stack" (a Swarm stack: `docker stack deploy` sets its
+    label on every service, over the file's), "group" (a `wakeproxy.group` label outside both),
+    "container" (a lone container) or "service" (a lone Swarm service)."""
 
     kind: str
     base: str
@@ -106,20 +107,21 @@ class NamePolicy:
     def allowed(self, name: str, gid: GroupId) -> bool:
         """Does names.allow let the group claim `name`? (An empty list allows every name.)
 
-        `{group}` stands for a Compose project's name (also when a wakeproxy.group label splits the
-        project): a project is the unit a tenant controls, so a pattern with `{group}` never lets a
+        `{group}` stands for a Compose project's or a Swarm stack's name (also when a wakeproxy.group
+        label splits it): a project (a stack) is the unit a tenant controls, so a pattern with `{group}` never lets a
         lone container or a `wakeproxy.group` outside Compose pre-claim the names of a project that
         does not exist yet. Their names come from patterns without `{group}`."""
         if not self.allow:
             return True
-        if gid.kind != "compose":
+        if gid.kind not in ("compose", "stack"):
             return any(_pattern_covers(p, name) for p in self.allow if "{group}" not in p)
         own = gid.base.split("/", 1)[0].lower()
         return any(_pattern_covers(p.replace("{group}", own), name) for p in self.allow)
 
     def reserved_for(self, name: str, gid: GroupId) -> str | None:
         """The names.reserved entry that `gid` does not match, or None (not reserved, or its group).
-        An entry is `NAME` (any kind of group of that name) or `KIND:NAME` (compose, group, container)."""
+        An entry is `NAME` (any kind of group of that name) or `KIND:NAME` (compose, stack, group,
+        container, service)."""
         entry = self.reserved.get(name)
         if entry is None:
             return None

@@ -21,6 +21,7 @@ from wakeproxy.config import Config, LabelTrustConfig, SourcesConfig
 from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.routing.labels import (
     SWARM_SERVICE_LABEL,
+    SWARM_TASK_LABEL,
     ContainerInfo,
     ContainerSettings,
     LabelError,
@@ -376,8 +377,6 @@ def _parse(info: ContainerInfo, sources: SourcesConfig, allowed: tuple[str, ...]
     if settings.replicas is not None and settings.replicas > policy.max_replicas:
         notes.append(f"its replicas label is capped at docker.max_replicas ({policy.max_replicas})")
         settings = dataclasses.replace(settings, replicas=policy.max_replicas)
-    if info.is_service and info.replicas is None:
-        settings = dataclasses.replace(settings, idle_timeout=0.0)  # a global service cannot be scaled: never stopped
     t = settings.idle_timeout
     if t is not None and not trust.keep_awake and policy.idle_timeout > 0 and (t <= 0 or t > policy.idle_timeout):
         notes.append(f"its idle timeout is capped at idle.timeout ({policy.idle_timeout:g} s; "
@@ -409,6 +408,10 @@ def _group_keys(infos: Iterable[ContainerInfo]) -> dict[str, tuple[GroupId, str]
             key = f"{gid.kind}:{key}"
         out[cid] = (gid, key)
     return out
+
+
+def _is_global(info: ContainerInfo) -> bool:
+    return info.is_service and info.replicas is None
 
 
 def _service_backends(info: ContainerInfo, route: Route, key: str, ready_path: str | None,
@@ -487,7 +490,7 @@ def build_snapshot(
     parsed: dict[str, tuple[ContainerInfo, _Parsed]] = {}
     broken: dict[str, tuple[ContainerInfo, _Skipped]] = {}
     for info in containers:
-        if not info.is_service and SWARM_SERVICE_LABEL in info.labels:
+        if not info.is_service and SWARM_SERVICE_LABEL in info.labels and SWARM_TASK_LABEL in info.labels:
             continue  # a task's container: its service is the site
         all_containers[info.id] = info
         cached = route_cache.get(info.id) if route_cache is not None else None
@@ -582,7 +585,8 @@ def build_snapshot(
         ids = tuple(i.id for i in infos)
         strategies = [settings[i].wake_strategy for i in ids if settings[i].wake_strategy]
         timeouts = [t for i in ids if (t := settings[i].wake_timeout)]
-        idle = [t for i in ids if (t := settings[i].idle_timeout) is not None]
+        # A global Swarm service cannot be scaled: it is never stopped, and has no say in when the rest is.
+        idle = [t for i in ids if (t := settings[i].idle_timeout) is not None and not _is_global(all_containers[i])]
         actions = [settings[i].idle_action for i in ids if settings[i].idle_action]
         groups[name] = Group(name, ids, group_routed, strategies[0] if strategies else None,
                              max(timeouts) if timeouts else None,

@@ -241,8 +241,10 @@ class IdleKeeper:
             if name not in self.used:
                 self.used[name] = self._loaded_used.pop(name, now)  # first sight: a full remove_after from now
                 self._dirty = True
+            # (A global Swarm service runs on every node and is never scaled: it does not keep a group up.)
             running = any(
-                (c := snap.containers.get(cid)) is not None and c.state == "running" for cid in group.members
+                (c := snap.containers.get(cid)) is not None and c.state == "running"
+                and not (c.is_service and c.replicas is None) for cid in group.members
             )
             if remove_after > 0 and not running and self._retirable(snap, group, now):
                 self._retire(snap, group, now - self.used[name])

@@ -15,7 +15,7 @@ from wakeproxy.config import Config, SourcesConfig, WakeConfig
 from wakeproxy.docker import ops as ops_mod
 from wakeproxy.docker import swarm
 from wakeproxy.docker.ops import DockerOpError, DockerOps
-from wakeproxy.routing.labels import SERVICE, SWARM_SERVICE_LABEL, ContainerInfo, TaskInfo
+from wakeproxy.routing.labels import SERVICE, SWARM_SERVICE_LABEL, SWARM_TASK_LABEL, ContainerInfo, TaskInfo
 from wakeproxy.routing.snapshot import INGRESS, Policy, build_snapshot
 from wakeproxy.runtime import Runtime
 from wakeproxy.wake.orchestrator import Orchestrator, WakeFailed
@@ -192,15 +192,18 @@ def test_groups_come_from_the_stack_and_never_merge_with_a_compose_project_or_a_
 
 def test_task_containers_are_not_sites_and_labels_are_bounded() -> None:
     task_container = ContainerInfo("cid-t", "web.1.abc", "running", networks={"app": "10.0.1.2"},
-                                   labels={SWARM_SERVICE_LABEL: "sid-web", "wakeproxy.host": "t.test"})
+                                   labels={SWARM_SERVICE_LABEL: "sid-web", SWARM_TASK_LABEL: "tid-1",
+                                           "wakeproxy.host": "t.test"})
     s = snap([task_container, service("web", {"wakeproxy.host": "w.test", "wakeproxy.replicas": "50"})],
              policy=Policy(max_replicas=10))
     assert s.lookup("t.test") is None and "cid-t" not in s.containers
     assert s.settings["sid-web"].replicas == 10  # capped at docker.max_replicas
     bad = snap([service("web", {"wakeproxy.host": "w.test", "wakeproxy.replicas": "1000"})])
     assert "web" in bad.skipped and "replica count" in bad.skipped["web"]
-    assert snap([service("g", {"wakeproxy.host": "g.test"}, replicas=None,
-                         tasks=(task("g.n1", "10.0.1.9"),))]).groups["g"].idle_timeout == 0.0  # global: never stopped
+    mixed = snap([service("g", {"wakeproxy.host": "g.test", "wakeproxy.group": "m", "wakeproxy.idle-timeout": "0"},
+                          replicas=None, tasks=(task("g.n1", "10.0.1.9"),)),
+                  service("r", {"wakeproxy.host": "r.test", "wakeproxy.group": "m", "wakeproxy.idle-timeout": "5m"})])
+    assert mixed.groups["m"].idle_timeout == 300.0  # a global service has no say in when the rest sleeps
     sablier = snap([service("s", {"wakeproxy.host": "s.test", "sablier.active.replicas": "2"})])
     assert sablier.settings["sid-s"].replicas == 2
 
@@ -214,26 +217,38 @@ def test_a_later_service_cannot_take_an_earlier_ones_host() -> None:
 
 
 class ScaleAPI:
+    """inspect_service plus the SDK's request helpers that ops.scale posts the update with."""
+
     def __init__(self, replicas: int, conflicts: int = 0, mode: str = "Replicated") -> None:
         self.replicas, self.conflicts, self.mode = replicas, conflicts, mode
         self.version = 5
         self.updates: list[tuple[int, int]] = []
+        self.template = {"ContainerSpec": {"Image": "tenant.example/app:1"}, "ForceUpdate": 0}
 
     def inspect_service(self, sid: str) -> dict[str, Any]:
         mode = {"Replicated": {"Replicas": self.replicas}} if self.mode == "Replicated" else {"Global": {}}
-        return {"ID": sid, "Version": {"Index": self.version}, "Spec": {"Name": "web", "Mode": mode}}
+        return {"ID": sid, "Version": {"Index": self.version},
+                "Spec": {"Name": "web", "Mode": mode, "TaskTemplate": self.template, "Labels": {"a": "b"}}}
 
-    def update_service(self, sid: str, version: int, mode: Any, fetch_current_spec: bool) -> dict[str, Any]:
-        assert fetch_current_spec
+    def _url(self, fmt: str, *args: str) -> str:
+        return fmt.format(*args)
+
+    def _post_json(self, url: str, data: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+        assert url == "/services/sid/update"
+        assert params["registryAuthFrom"] == "spec"  # no credentials of this host go along
+        assert data["TaskTemplate"] == self.template and data["Labels"] == {"a": "b"}  # only the count changes
         if self.conflicts:
             self.conflicts -= 1
             self.version += 1  # someone else's update came first
             raise docker.errors.APIError("500", explanation="rpc error: code = Unknown desc = update out of sequence")
-        assert version == self.version
-        self.updates.append((version, mode["replicated"]["Replicas"]))
-        self.replicas = mode["replicated"]["Replicas"]
+        assert params["version"] == self.version
+        self.updates.append((params["version"], data["Mode"]["Replicated"]["Replicas"]))
+        self.replicas = data["Mode"]["Replicated"]["Replicas"]
         self.version += 1
         return {"Warnings": None}
+
+    def _result(self, response: dict[str, Any], json: bool = False) -> dict[str, Any]:
+        return response
 
 
 def scale(api: ScaleAPI, replicas: int, up_only: bool = True) -> None:
