@@ -30,11 +30,13 @@ from wakeproxy.routing.labels import SERVICE, ContainerInfo, TaskInfo
 logger = get_logger(__name__)
 
 FAST_POLL = 0.1  # seconds between task listings while a service is between states (~2 ms each)
-FAST_FOR = 60.0  # … for at most this long after the last change seen; then every SLOW_UNSETTLED
+FAST_FOR = 60.0  # … for at most this long after its spec last changed (a scale); then every SLOW_UNSETTLED
 SLOW_UNSETTLED = 2.0
 ASLEEP_POLL = 60.0  # every service at 0 replicas: only events can change that, this is a safety net
 MAX_TASKS = 256  # tasks kept per service (a replicas label is capped far lower)
 MAX_IMAGES = 512  # images whose exposed ports are remembered
+IMAGE_MISS_AGAIN = 60.0  # an image the manager did not have is looked for again after this long
+FAIL_BACKOFF_MAX = 30.0  # a Swarm listing that fails is tried again after 1, 2, 4 … up to this many seconds
 _ERR_CHARS = 200
 
 
@@ -135,9 +137,11 @@ class SwarmState:
         self.services: dict[str, ContainerInfo] = {}
         self._raw: dict[str, Mapping[str, Any]] = {}  # service id → its last `GET /services` entry
         self._tasks: dict[str, list[Mapping[str, Any]]] = {}  # service id → its raw tasks
-        self._images: dict[str, tuple[int, ...]] = {}  # image reference → exposed TCP ports (() unknown)
+        self._images: dict[str, tuple[tuple[int, ...], float]] = {}  # image reference → (exposed TCP ports, until)
         self._last_poll = 0.0
-        self._changed_at = 0.0  # monotonic time of the last change a listing showed
+        self._spec_at: dict[str, tuple[int, float]] = {}  # service id → (spec version, monotonic time it was first seen)
+        self.failing_until = 0.0  # monotonic: a listing failed; no other is tried before then
+        self._fail_backoff = 0.0
         self.net_names: Mapping[str, str] = {}  # network id → name (from the view's network listing)
         self.api: Any = None  # the view's API client, for image inspects (set on each connect)
 
@@ -146,6 +150,7 @@ class SwarmState:
     def resync_all(self, api: Any) -> bool:
         """Every service and every task meant to run, in two listings. True when something changed."""
         self.api = api
+        self._images = {k: v for k, v in self._images.items() if v[0]}  # a reconnect looks for missed images again
         services = api.services()
         tasks = api.tasks(filters={"desired-state": "running"})
         self._raw = {s["ID"]: s for s in services if s.get("ID")}
@@ -160,12 +165,17 @@ class SwarmState:
     def refresh_service(self, api: Any, service_id: str) -> bool:
         """After a service event: that service again (by exact ID), and its tasks."""
         found = [s for s in api.services(filters={"id": service_id}) if s.get("ID") == service_id]
+        if found:
+            try:
+                tasks = list(api.tasks(filters={"service": service_id, "desired-state": "running"}))
+            except docker.errors.NotFound:  # removed between the two calls
+                found = []
         if not found:
             self._raw.pop(service_id, None)
             self._tasks.pop(service_id, None)
         else:
             self._raw[service_id] = found[0]
-            self._tasks[service_id] = list(api.tasks(filters={"service": service_id, "desired-state": "running"}))
+            self._tasks[service_id] = tasks
         return self._rebuild({service_id})
 
     def remove(self, service_id: str) -> bool:
@@ -177,19 +187,40 @@ class SwarmState:
         """After container events of task containers on this node: those services' tasks."""
         ids = [s for s in dict.fromkeys(service_ids) if s in self._raw]
         for sid in ids:
-            self._tasks[sid] = list(api.tasks(filters={"service": sid, "desired-state": "running"}))
+            try:
+                self._tasks[sid] = list(api.tasks(filters={"service": sid, "desired-state": "running"}))
+            except docker.errors.NotFound:  # the service is gone (its remove event is on its way)
+                self._raw.pop(sid, None)
+                self._tasks.pop(sid, None)
         return self._rebuild(set(ids))
 
     def poll_due(self, now: float) -> float | None:
         """Monotonic time of the next task listing (None: no service known)."""
         if not self._raw:
             return None
-        if any(not settled(s) for s in self.services.values()):
-            unsettled_for = now - self._changed_at
-            return self._last_poll + (FAST_POLL if unsettled_for < FAST_FOR else SLOW_UNSETTLED)
-        if any(s.running for s in self.services.values()):
-            return self._last_poll + self.resync
-        return self._last_poll + ASLEEP_POLL
+        unsettled = [sid for sid, s in self.services.items() if not settled(s)]
+        if any(now - self._spec_at.get(sid, (0, 0.0))[1] < FAST_FOR for sid in unsettled):
+            due = self._last_poll + FAST_POLL  # a service just scaled (or changed): follow its tasks closely
+        elif unsettled:
+            due = self._last_poll + SLOW_UNSETTLED  # e.g. one whose task fails over and over: no 10 Hz forever
+        elif any(s.running for s in self.services.values()):
+            due = self._last_poll + self.resync
+        else:
+            due = self._last_poll + ASLEEP_POLL
+        return max(due, self.failing_until)
+
+    def failed(self, now: float) -> float:
+        """A listing failed (the manager lost its quorum, say): back off; the seconds until the next try."""
+        self._fail_backoff = min(max(1.0, self._fail_backoff * 2), FAIL_BACKOFF_MAX)
+        self.failing_until = now + self._fail_backoff
+        self._last_poll = now
+        return self._fail_backoff
+
+    def recovered(self) -> bool:
+        """A listing worked again; True when it had failed before."""
+        was = self._fail_backoff > 0
+        self._fail_backoff, self.failing_until = 0.0, 0.0
+        return was
 
     def poll(self, api: Any) -> bool:
         """Every task meant to run, in one listing (services are known from events). True: changed."""
@@ -209,8 +240,10 @@ class SwarmState:
         """The image's exposed TCP ports, when the manager has the image (best effort, remembered)."""
         if not ref:
             return ()
-        if ref in self._images:
-            return self._images[ref]
+        now = time.monotonic()
+        known = self._images.get(ref)
+        if known is not None and (known[0] or known[1] > now):
+            return known[0]
         ports: tuple[int, ...] = ()
         for candidate in dict.fromkeys((ref, ref.split("@", 1)[0])):
             try:
@@ -223,7 +256,8 @@ class SwarmState:
             break
         if len(self._images) >= MAX_IMAGES:
             self._images.clear()
-        self._images[ref] = ports
+        # Not there (a node pulls it only for a task): looked for again later, and on the next resync.
+        self._images[ref] = (ports, now + IMAGE_MISS_AGAIN)
         return ports
 
     def _rebuild(self, ids: set[str]) -> bool:
@@ -241,9 +275,12 @@ class SwarmState:
             if info is None:
                 changed = self.services.pop(sid, None) is not None or changed
                 continue
+            version = int((raw.get("Version") or {}).get("Index") or 0)
+            if self._spec_at.get(sid, (None, 0.0))[0] != version:
+                self._spec_at[sid] = (version, time.monotonic())
             if self.services.get(sid) != info:
                 self.services[sid] = info
                 changed = True
-        if changed:
-            self._changed_at = time.monotonic()
+        for gone in set(self._spec_at) - set(self._raw):
+            del self._spec_at[gone]
         return changed

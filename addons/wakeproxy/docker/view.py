@@ -18,6 +18,7 @@ the containers created since the file was last written.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import os
@@ -298,6 +299,7 @@ class DockerView:
         self._swarm: SwarmState | None = None  # set while the engine is a Swarm manager (docker.swarm)
         self.swarm_role = "unknown"  # manager | worker | none | off, for `wakeproxy status`
         self._swarm_said = ""  # the role last logged about (said once per change)
+        self._swarm_warned = 0.0  # monotonic time of the last "Swarm listing failed" line
         self._last: Snapshot | None = None
         self._own_id = own_container_id() if own_id is True else own_id or None
         self._api: Any = None  # the connected client's API, for the joiner (this thread only)
@@ -458,7 +460,7 @@ class DockerView:
                 if due_at is not None:
                     due = max(0.0, due_at - time.monotonic())
                     if due == 0.0:
-                        if self._swarm.poll(client.api):
+                        if self._swarm_do("task listing", functools.partial(self._swarm.poll, client.api)):
                             self._publish()
                             self._sync_networks()
                         continue
@@ -506,8 +508,9 @@ class DockerView:
                         name = (data.get("Name") or cid[:12]).lstrip("/")
                         logger.debug(f"docker: inspected {name} (not in the container cache)")
         if self._swarm is not None:
-            self._swarm.net_names = self._net_names
-            self._swarm.resync_all(api)
+            swarm = self._swarm
+            swarm.net_names = self._net_names
+            self._swarm_do("listing", lambda: swarm.resync_all(api))
         containers: dict[str, ContainerInfo] = {}
         for entry in listing:
             static = self._static.get(entry["Id"])
@@ -588,15 +591,17 @@ class DockerView:
         if refresh_networks:
             self._read_networks(client.api)
             changed = True
-        if self._swarm is not None:
+        swarm = self._swarm
+        if swarm is not None:
             for sid, action in services.items():
                 if action == "remove":
-                    changed = self._swarm.remove(sid) or changed
+                    changed = swarm.remove(sid) or changed
                 else:
-                    changed = self._swarm.refresh_service(client.api, sid) or changed
+                    read = functools.partial(swarm.refresh_service, client.api, sid)
+                    changed = self._swarm_do("service read", read) or changed
             pending = [s for s in task_services if s not in services]
             if pending:
-                changed = self._swarm.refresh_tasks(client.api, pending) or changed
+                changed = self._swarm_do("task listing", lambda: swarm.refresh_tasks(client.api, pending)) or changed
         for cid, action in last_action.items():
             data = None if action == "destroy" else self._inspect(client.api, cid)
             if data is None:  # destroyed, or removed before we could look
@@ -676,6 +681,27 @@ class DockerView:
             )
             return
         self._cache_saved = data
+
+    def _swarm_do(self, what: str, call: Callable[[], bool]) -> bool:
+        """A Swarm listing; when the engine refuses it (a manager without quorum answers 503, a demoted one
+        refuses), the services keep their last known state, containers are served as before, and the
+        listing is tried again with a backoff. A broken connection is not this: it reconnects, as ever."""
+        swarm = self._swarm
+        assert swarm is not None
+        try:
+            changed = call()
+        except docker.errors.APIError as e:
+            now = time.monotonic()
+            wait = swarm.failed(now)
+            if now - self._swarm_warned >= RETRY_LOG_INTERVAL:
+                self._swarm_warned = now
+                logger.warning(f"docker: Swarm {what} failed ({_reason(e)}); services keep their last known "
+                               f"state; trying again in {wait:g} s")
+            return False
+        if swarm.recovered():
+            self._swarm_warned = 0.0
+            logger.info("docker: Swarm listings work again")
+        return changed
 
     def _overlays(self) -> frozenset[str] | None:
         """The Swarm networks the proxy reaches tasks on: its own container's overlays; when it is not

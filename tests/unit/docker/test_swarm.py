@@ -356,3 +356,42 @@ def test_a_failing_task_is_followed_and_a_timeout_names_the_tasks() -> None:
 
     failure = asyncio.run(run())
     assert failure.status == 504 and "web: 0 of 1 task(s) running" in failure.message
+
+
+def test_a_crash_looping_service_is_listed_slowly_and_a_missing_image_is_looked_for_again(monkeypatch) -> None:
+    api = FakeAPI([raw_service("s1", "web", {"wakeproxy.host": "w.test"}, replicas=1)],
+                  [raw_task("t1", "s1", 1, "starting", "10.0.1.5")])
+    state = swarm.SwarmState(resync=10.0)
+    state.net_names = NETS
+    state.resync_all(api)
+    assert state.services["s1"].exposed_ports == ()  # the manager does not have the image yet
+    now = time.monotonic()
+    assert state.poll_due(now) == state._last_poll + swarm.FAST_POLL  # just seen: followed closely
+    later = now + swarm.FAST_FOR + 1  # its spec did not change since, its tasks keep failing
+    assert state.poll_due(later) == state._last_poll + swarm.SLOW_UNSETTLED
+    api.images["img:1"] = {"Config": {"ExposedPorts": {"3000/tcp": {}}}}
+    monkeypatch.setattr(swarm.time, "monotonic", lambda: later)
+    api.tsk = [raw_task("t2", "s1", 1, "running", "10.0.1.6")]
+    assert state.poll(api)
+    assert state.services["s1"].exposed_ports == (3000,)  # pulled meanwhile: looked for again
+
+
+def test_a_failing_swarm_listing_keeps_the_services_and_backs_off() -> None:
+    api = FakeAPI([raw_service("s1", "web", {"wakeproxy.host": "w.test"}, replicas=1)],
+                  [raw_task("t1", "s1", 1, "running", "10.0.1.5")])
+    state = swarm.SwarmState(resync=10.0)
+    state.net_names = NETS
+    state.resync_all(api)
+    now = time.monotonic()
+    waits = [state.failed(now) for _ in range(7)]
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert state.poll_due(now) == now + 30.0 and "s1" in state.services
+    assert state.recovered() and not state.recovered()
+
+    class Gone(FakeAPI):
+        def tasks(self, filters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+            if filters and "service" in filters:
+                raise docker.errors.NotFound("service s1 not found")  # what the engine says once it is gone
+            return []
+
+    assert state.refresh_tasks(Gone([], []), ["s1"]) and "s1" not in state.services

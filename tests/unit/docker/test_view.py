@@ -459,3 +459,28 @@ def test_the_swarm_view_runs_only_on_a_manager_and_a_worker_is_told_clearly(
         assert len(lines) == 1 and said in lines[0], lines
         if role == "worker":
             assert caplog.records[-1].levelname == "ERROR"
+
+
+def test_a_swarm_listing_that_fails_does_not_stop_the_containers_from_being_served(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A manager without quorum refuses service listings (503); the container view goes on."""
+
+    class NoQuorum(FakeAPI):
+        def info(self) -> dict[str, Any]:
+            return {"Swarm": {"LocalNodeState": "active", "ControlAvailable": True}}
+
+        def services(self, filters: Any = None) -> list[Any]:
+            raise docker.errors.APIError("503", explanation="rpc error: code = Unknown desc = The swarm does "
+                                                            "not have a leader")
+
+    api = NoQuorum()
+    api.add(1)
+    published: list[Snapshot] = []
+    view = make_view(tmp_path, published)
+    view._detect_swarm(api)
+    with caplog.at_level("WARNING"):
+        start(view, api)
+    assert published and published[-1].lookup("c1.test") is not None
+    assert any("Swarm listing failed" in r.getMessage() and "not have a leader" in r.getMessage()
+               for r in caplog.records)
+    assert view._swarm is not None and view._swarm.failing_until > 0
