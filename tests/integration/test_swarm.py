@@ -299,6 +299,70 @@ def test_a_stack_of_two_services_wakes_as_one_group(docker_client, services, swa
         subprocess.run(["docker", "stack", "rm", stack], capture_output=True, timeout=60)
 
 
+def deploy_stack(name: str, pyback: Any, services_spec: dict[str, Any], networks: dict[str, Any],
+                 tmp_path: Path) -> None:
+    mounts = [{"type": "bind", "source": d, "target": d, "read_only": True} for d in pyback.mounts]
+    base = {"image": pyback.image, "command": pyback.command(), "init": True,
+            "environment": {"PORT": "8080", "BACKEND_NAME": ""}, "volumes": mounts}
+    compose = {"version": "3.8", "services": {k: {**base, **v} for k, v in services_spec.items()},
+               "networks": networks}
+    path = tmp_path / f"{name}.yml"
+    path.write_text(yaml.safe_dump(compose))
+    out = subprocess.run(["docker", "stack", "deploy", "--resolve-image", "never", "-c", str(path), name],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+def remove_stack(docker_client: Any, name: str) -> None:
+    subprocess.run(["docker", "stack", "rm", name], capture_output=True, timeout=60)
+    deadline = time.monotonic() + 30
+    while docker_client.networks.list(names=[f"{name}_default"]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def test_a_stack_on_its_own_attachable_overlay_is_joined_while_it_runs_and_left_after(
+        docker_client, services, swarm_proxy, host, pyback_image, tmp_path) -> None:
+    """The isolated layout: each stack keeps its own (attachable) network, and the proxy's container joins
+    it only while something of the stack runs, as it does for Compose projects' bridges."""
+    h = host("own-net")
+    stack = f"{services.run_id}-own"
+    deploy_stack(stack, pyback_image, {
+        "web": {"deploy": {"replicas": 0, "labels": {"wakeproxy.host": h, "wakeproxy.port": "8080",
+                                                     "wakeproxy.idle-timeout": "3s"}}},
+    }, {"default": {"driver": "overlay", "attachable": True}}, tmp_path)
+    try:
+        net = f"{stack}_default"
+        web = docker_client.services.get(f"{stack}_web")
+        wait_for(lambda: h in swarm_proxy.exec("wakeproxy", "status")[1], 15, 0.3, "the site in the status")
+        assert net not in swarm_proxy.networks()  # asleep: not joined
+        r = swarm_proxy.get(h)
+        assert r.status_code == 200, r.text
+        assert net in swarm_proxy.networks()
+        assert services.replicas(web) == 1
+        wait_for(lambda: services.replicas(web) == 0, 40, 0.5, "the idle scale-down")
+        wait_for(lambda: net not in swarm_proxy.networks(), 30, 0.5, "the proxy leaving the stack's network")
+        assert swarm_proxy.get(h).status_code == 200  # and once more: joined again
+    finally:
+        remove_stack(docker_client, stack)
+
+
+def test_a_stack_whose_network_cannot_be_joined_says_why(docker_client, services, swarm_proxy, host, pyback_image,
+                                                        tmp_path) -> None:
+    h = host("closed-net")
+    stack = f"{services.run_id}-closed"
+    deploy_stack(stack, pyback_image, {
+        "web": {"deploy": {"replicas": 0, "labels": {"wakeproxy.host": h, "wakeproxy.port": "8080"}}},
+    }, {"default": {"driver": "overlay"}}, tmp_path)  # stack networks are not attachable by default
+    try:
+        wait_for(lambda: h in swarm_proxy.exec("wakeproxy", "status")[1], 15, 0.3, "the site in the status")
+        r = swarm_proxy.get(h)
+        assert r.status_code in (502, 503), r.text
+        assert "not attachable" not in r.text  # an anonymous client learns nothing of the inside
+        wait_for(lambda: "not attachable" in swarm_proxy.log(), 10, 0.3, "the reason in the log")
+    finally:
+        remove_stack(docker_client, stack)
+
+
 def test_labels_updated_live_take_effect_and_a_removed_service_404s(services, swarm_proxy, host) -> None:
     old, new = host("live-old"), host("live-new")
     svc = services.create("live", {"wakeproxy.host": old, "wakeproxy.port": "8080"}, replicas=1)

@@ -44,7 +44,7 @@ MAX_JOINED = 256  # networks joined at once, at most (each is an interface in th
 MAX_PER_GROUP = 4  # networks joined for one group (Compose project), at most: no tenant takes the rest
 RETRY_AFTER = 30.0  # a network that could not be joined is tried again after this long
 KEEP_STATES = frozenset({"running", "paused", "restarting"})  # a site's network is needed while its container is
-JOINABLE_DRIVERS = frozenset({"bridge"})
+JOINABLE_DRIVERS = frozenset({"bridge"})  # and an overlay (Swarm) network created `attachable`
 _ID_IN_ROOT = re.compile(r"/containers/([0-9a-f]{64})/")
 _DOCKER_FILES = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")
 
@@ -172,10 +172,16 @@ def subnet_problem(net: str, subnets: tuple[str, ...], avoid: tuple[IPAddress, .
     return None
 
 
+def not_attachable(net: str) -> str:
+    return (f"network '{net}' is a Swarm overlay that is not attachable, so the proxy's container cannot join it: "
+            "create it with `attachable: true` (stack file) / `--attachable`, or put the proxy on it")
+
+
 def plan(wanted: Mapping[str, frozenset[str]], on: frozenset[str], ours: frozenset[str], protected: frozenset[str],
          drivers: Mapping[str, str], failed: Mapping[str, str],
          subnets: Mapping[str, tuple[str, ...]] | None = None,
-         avoid: tuple[IPAddress, ...] = ()) -> tuple[list[str], list[str], dict[str, str]]:
+         avoid: tuple[IPAddress, ...] = (), attachable: frozenset[str] = frozenset(),
+         ) -> tuple[list[str], list[str], dict[str, str]]:
     """(join, leave, refused): which networks to connect to and leave, and why others cannot be joined.
 
     Only networks the proxy joined itself (`ours`) are ever left, never a `protected` one. One group
@@ -204,7 +210,9 @@ def plan(wanted: Mapping[str, frozenset[str]], on: frozenset[str], ours: frozens
         driver = drivers.get(net, "")
         if net in on:
             keep.append(net)
-        elif driver not in JOINABLE_DRIVERS:
+        elif driver == "overlay" and net not in attachable:
+            refused[net] = not_attachable(net)
+        elif driver not in JOINABLE_DRIVERS and driver != "overlay":
             refused[net] = f"network '{net}' ({driver or 'unknown'} driver) cannot be joined by the proxy's container"
         elif _LOOKS_LIKE_AN_ID.fullmatch(net):
             # Docker looks a full ID up before a name: a network named with another one's ID would make the
@@ -245,6 +253,7 @@ class NetworkJoiner:
         self._warned_gateway = False
         self.summary: dict[str, Any] | None = None  # for `wakeproxy status`: replaced whole, read from the loop
         self.subnets: Mapping[str, tuple[str, ...]] = {}  # network → subnets, set by the view from its listing
+        self.overlays: Mapping[str, bool] = {}  # overlay network → attachable, set by the view from its listing
 
     # --- the proxy's own container, once per connection to the engine ---------------------------
 
@@ -327,7 +336,7 @@ class NetworkJoiner:
         if subnets is not None:
             self.subnets = subnets
         join, leave, refused = plan(wanted_networks(snapshot), on, frozenset(self.ours), own.protected, drivers, failed,
-                                    self.subnets, self.avoid)
+                                    self.subnets, self.avoid, frozenset(n for n, a in self.overlays.items() if a))
         for net in join:
             t0 = time.monotonic()
             try:
@@ -363,7 +372,13 @@ class NetworkJoiner:
         return dict(self.refusals) != before
 
     def _static_refusal(self, net: str) -> str | None:
+        if self.overlays.get(net) is False:
+            return not_attachable(net)
         return subnet_problem(net, self.subnets.get(net, ()), self.avoid)
+
+    def joins(self) -> bool:
+        """Does the proxy join networks by itself (in a container on a bridge or overlay, joining on)?"""
+        return self.own is not None and self.own.mode == "bridge" and self.enabled
 
     def _summarize(self) -> None:
         own = self.own

@@ -536,6 +536,8 @@ class DockerView:
         self._subnets = {n["Name"]: tuple(str(c.get("Subnet") or "") for c in ((n.get("IPAM") or {}).get("Config") or ())
                                           if isinstance(c, dict) and c.get("Subnet")) for n in listing}
         self._joiner.subnets = self._subnets  # read by the snapshot's refusals (a whole new dict: no lock needed)
+        self._joiner.overlays = {n["Name"]: bool(n.get("Attachable")) for n in listing
+                                 if n.get("Driver") == "overlay" and not n.get("Ingress")}
 
     def networks_status(self) -> dict[str, Any] | None:
         """The proxy's own container and the networks it joined, for `wakeproxy status` (None: not in one)."""
@@ -730,6 +732,7 @@ class DockerView:
             reach=self._joiner.reach(self._containers),
             unreachable=self._joiner.refusals,
             overlays=self._overlays(),
+            overlay_join=self._joiner.joins(),
         )
         if self._ownership.dirty:
             self._mark_unsaved()  # written with the container cache, at most every CACHE_SAVE_DELAY

@@ -415,10 +415,13 @@ def _is_global(info: ContainerInfo) -> bool:
 
 
 def _service_backends(info: ContainerInfo, route: Route, key: str, ready_path: str | None,
-                      drivers: Mapping[str, str], overlays: frozenset[str] | None) -> list[Backend]:
+                      drivers: Mapping[str, str], overlays: frozenset[str] | None, join: bool = False,
+                      unreachable: Mapping[str, str] | None = None) -> list[Backend]:
     """A service's backends for `route`: one per running task, by its IP on one network it shares with
     the proxy — the route's network label, else the first of its overlays (by name) the proxy is on,
-    never the routing mesh. None running: one backend without an address (the site stays)."""
+    never the routing mesh; with `join` (the proxy joins networks by itself: docker/networks.py), else
+    the first of them it may join (`unreachable`: those it may not, and why). None running: one
+    backend without an address (the site stays)."""
     nets = [n for n in info.networks if drivers.get(n) != INGRESS and n != INGRESS]
     candidates = [route.network] if route.network else sorted(n for n in nets if drivers.get(n) == "overlay")
     on = ", ".join(sorted(nets)) or "no network"
@@ -433,7 +436,12 @@ def _service_backends(info: ContainerInfo, route: Route, key: str, ready_path: s
         problem = f"service '{info.name}' cannot be reached: '{route.network}' is the routing mesh, not a network to route on"
     else:
         net = next((n for n in candidates if n in overlays), None)
-        if net is None:
+        refusals = [why for n in candidates if unreachable is not None and (why := unreachable.get(n))]
+        if net is None and join:
+            net = next((n for n in candidates if unreachable is None or n not in unreachable), None)
+        if net is None and refusals:
+            problem = f"service '{info.name}' cannot be reached: {'; '.join(dict.fromkeys(refusals))}"
+        elif net is None:
             mine = ", ".join(sorted(overlays)) or "none"
             problem = (f"service '{info.name}' cannot be reached: it is on {on}, and the proxy's container on {mine}: "
                        "attach the proxy to one of the service's networks (docker network connect NET PROXY, "
@@ -468,6 +476,7 @@ def build_snapshot(
     reach: frozenset[str] | None = None,
     unreachable: Mapping[str, str] | None = None,
     overlays: frozenset[str] | None = None,
+    overlay_join: bool = False,
 ) -> Snapshot:
     """Index every container's routes by host and path, with one owner group per host.
 
@@ -545,7 +554,8 @@ def build_snapshot(
                 mine.append(route.host)
             replicas = by_host.setdefault(route.host, {}).setdefault((route.path, route.exact), [])
             if info.is_service:
-                backends = _service_backends(info, route, key, st.ready_path, network_drivers, overlays)
+                backends = _service_backends(info, route, key, st.ready_path, network_drivers, overlays,
+                                             overlay_join, unreachable)
                 if backends[0].problem is None:
                     routed.add(cid)
                 replicas.extend(backends)

@@ -78,7 +78,10 @@ def test_plan_never_joins_other_drivers_or_recent_failures_and_caps_the_count():
     join, _, refused = nw.plan(W("ov", "mv", "x", "bad"), on=frozenset(), ours=frozenset(), protected=frozenset(),
                                drivers=drivers, failed={"bad": "the proxy could not join network 'bad': nope"})
     assert join == ["x"]
-    assert "overlay driver" in refused["ov"] and "macvlan driver" in refused["mv"]
+    assert "not attachable" in refused["ov"] and "macvlan driver" in refused["mv"]
+    join2, _, refused2 = nw.plan(W("ov", "x"), on=frozenset(), ours=frozenset(), protected=frozenset(),
+                                 drivers=drivers, failed={}, attachable=frozenset({"ov"}))
+    assert join2 == ["ov", "x"] and refused2 == {}  # an attachable Swarm overlay is joined like a bridge
     assert refused["bad"].endswith("nope")
     many = [f"n{i:03}" for i in range(nw.MAX_JOINED + 3)]
     join, _, refused = nw.plan({n: frozenset({n}) for n in many}, on=frozenset(), ours=frozenset(), protected=frozenset(),

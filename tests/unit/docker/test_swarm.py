@@ -395,3 +395,22 @@ def test_a_failing_swarm_listing_keeps_the_services_and_backs_off() -> None:
             return []
 
     assert state.refresh_tasks(Gone([], []), ["s1"]) and "s1" not in state.services
+
+
+def test_a_service_on_its_own_overlay_is_reached_once_the_proxy_joins_it() -> None:
+    from wakeproxy.docker.networks import Refusals, not_attachable
+
+    labels = {"wakeproxy.host": "w.test", "wakeproxy.port": "80"}
+    running = (TaskInfo("t1", "web.1", "running", {"priv": "10.0.7.2"}),)
+    drivers = {**DRIVERS, "priv": "overlay", "closed": "overlay"}
+    s = build_snapshot([service("web", labels, 1, running, networks=("priv",))], SourcesConfig(), (), drivers,
+                       overlays=frozenset({"app"}), overlay_join=True, unreachable=Refusals())
+    site = s.lookup("w.test")
+    assert site is not None and [(b.address, b.network) for b in site.backends] == [("10.0.7.2", "priv")]
+    assert "web" in s.groups  # the joiner joins `priv` for the running task; the wake probes until it has
+    closed = build_snapshot([service("web", labels, 1, (TaskInfo("t1", "web.1", "running", {"closed": "10.0.8.2"}),),
+                                     networks=("closed",))], SourcesConfig(), (), drivers,
+                            overlays=frozenset({"app"}), overlay_join=True,
+                            unreachable=Refusals(static=lambda n: not_attachable(n) if n == "closed" else None))
+    site = closed.lookup("w.test")
+    assert site is not None and "not attachable" in (site.backends[0].problem or "")
