@@ -43,7 +43,8 @@ STATE_FILE = "networks.json"
 MAX_JOINED = 256  # networks joined at once, at most (each is an interface in the proxy's namespace)
 MAX_PER_GROUP = 4  # networks joined for one group (Compose project), at most: no tenant takes the rest
 RETRY_AFTER = 30.0  # a network that could not be joined is tried again after this long
-KEEP_STATES = frozenset({"running", "paused", "restarting"})  # a site's network is needed while its container is
+# A site's network is needed while its container is so ("starting": a Swarm service that asks for tasks).
+KEEP_STATES = frozenset({"running", "paused", "restarting", "starting"})
 JOINABLE_DRIVERS = frozenset({"bridge"})  # and an overlay (Swarm) network created `attachable`
 _ID_IN_ROOT = re.compile(r"/containers/([0-9a-f]{64})/")
 _DOCKER_FILES = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")

@@ -78,14 +78,14 @@ def task_from(data: Mapping[str, Any], service_name: str, net_names: Mapping[str
 
 def service_networks(spec: Mapping[str, Any], net_names: Mapping[str, str]) -> dict[str, str]:
     """The networks a service's spec attaches its tasks to, by name (IDs translated) → "" (no IP here)."""
+    return {net_names.get(t, t): "" for t in network_targets(spec)}
+
+
+def network_targets(spec: Mapping[str, Any]) -> list[str]:
+    """The spec's network targets as written: IDs (a stack's, a CLI's) or names."""
     template = spec.get("TaskTemplate") or {}
-    out: dict[str, str] = {}
-    for att in template.get("Networks") or spec.get("Networks") or ():
-        target = str((att or {}).get("Target") or "")
-        name = net_names.get(target, target)
-        if name:
-            out[name] = ""
-    return out
+    targets = [str((att or {}).get("Target") or "") for att in template.get("Networks") or spec.get("Networks") or ()]
+    return [t for t in targets if t]
 
 
 def image_ref(spec: Mapping[str, Any]) -> str:
@@ -193,6 +193,16 @@ class SwarmState:
                 self._raw.pop(sid, None)
                 self._tasks.pop(sid, None)
         return self._rebuild(set(ids))
+
+    def unknown_networks(self) -> bool:
+        """Does a service name a network ID the last network listing did not have (made since)?"""
+        names = set(self.net_names.values())
+        return any(t not in self.net_names and t not in names
+                   for raw in self._raw.values() for t in network_targets(raw.get("Spec") or {}))
+
+    def rebuild_all(self) -> bool:
+        """After the network listing changed (names of IDs): every service again, without a call."""
+        return self._rebuild(set(self._raw))
 
     def poll_due(self, now: float) -> float | None:
         """Monotonic time of the next task listing (None: no service known)."""

@@ -60,6 +60,7 @@ _CONTAINER_ACTIONS = {
 MAX_BATCH = 1000  # events applied as one snapshot at most
 BACKOFF_MAX = 5.0  # seconds between attempts to reach the engine, at most
 RETRY_LOG_INTERVAL = 60.0  # during an outage, one "still cannot reach" line per this long
+NETWORKS_AGAIN = 2.0  # a service on a network the listing lacks: the networks are listed again, at most this often
 
 
 def engine_url(config: Config) -> str:
@@ -300,6 +301,7 @@ class DockerView:
         self.swarm_role = "unknown"  # manager | worker | none | off, for `wakeproxy status`
         self._swarm_said = ""  # the role last logged about (said once per change)
         self._swarm_warned = 0.0  # monotonic time of the last "Swarm listing failed" line
+        self._networks_read_at = 0.0  # monotonic time of the last network listing
         self._last: Snapshot | None = None
         self._own_id = own_container_id() if own_id is True else own_id or None
         self._api: Any = None  # the connected client's API, for the joiner (this thread only)
@@ -527,12 +529,14 @@ class DockerView:
     def _read_networks(self, api: Any) -> None:
         """Every network's driver (which ones are routable) and subnets (which ones may be joined)."""
         listing = api.networks()
+        self._networks_read_at = time.monotonic()
         # The routing mesh's network is an overlay that nothing may be routed on (it has no task IPs to
         # use, and no IPVS on many kernels): its driver is called INGRESS here.
         self._drivers = {n["Name"]: INGRESS if n.get("Ingress") else n.get("Driver") or "" for n in listing}
         self._net_names = {n["Id"]: n["Name"] for n in listing if n.get("Id") and n.get("Name")}
         if self._swarm is not None:
             self._swarm.net_names = self._net_names
+            self._swarm.rebuild_all()
         self._subnets = {n["Name"]: tuple(str(c.get("Subnet") or "") for c in ((n.get("IPAM") or {}).get("Config") or ())
                                           if isinstance(c, dict) and c.get("Subnet")) for n in listing}
         self._joiner.subnets = self._subnets  # read by the snapshot's refusals (a whole new dict: no lock needed)
@@ -692,6 +696,11 @@ class DockerView:
         assert swarm is not None
         try:
             changed = call()
+            if swarm.unknown_networks() and swarm.api is not None \
+                    and time.monotonic() - self._networks_read_at >= NETWORKS_AGAIN:
+                # A stack's network is made with its services; its event may come later than theirs.
+                self._read_networks(swarm.api)
+                changed = True
         except docker.errors.APIError as e:
             now = time.monotonic()
             wait = swarm.failed(now)

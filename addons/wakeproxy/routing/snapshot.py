@@ -447,6 +447,10 @@ def _service_backends(info: ContainerInfo, route: Route, key: str, ready_path: s
                        "attach the proxy to one of the service's networks (docker network connect NET PROXY, "
                        "or the stack's network in the proxy's compose file)")
     addresses = [(t.name, ip) for t in info.running_tasks if net is not None and (ip := t.networks.get(net))]
+    if problem is None and addresses and overlays is not None and net not in overlays:
+        # Not joined yet: no address until it is. A packet from the proxy to an overlay it is not on
+        # leaves through its default route, off this machine: never probed, never routed to.
+        return [Backend(info.id, info.name, key, "starting", route.scheme, route.port, None, None, ready_path, net)]
     if problem is None and addresses:
         return [Backend(info.id, name, key, "running", route.scheme, route.port, ip, None, ready_path, net)
                 for name, ip in addresses]
