@@ -355,13 +355,31 @@ def test_a_stack_whose_network_cannot_be_joined_says_why(docker_client, services
         "web": {"deploy": {"replicas": 0, "labels": {"wakeproxy.host": h, "wakeproxy.port": "8080"}}},
     }, {"default": {"driver": "overlay"}}, tmp_path)  # stack networks are not attachable by default
     try:
-        wait_for(lambda: h in swarm_proxy.exec("wakeproxy", "status")[1], 15, 0.3, "the site in the status")
-        r = swarm_proxy.get(h)
+        r = wait_for(lambda: (a := swarm_proxy.get(h)).status_code != 404 and a, 15, 0.3, "the site")
         assert r.status_code in (502, 503), r.text
-        assert "not attachable" not in r.text  # an anonymous client learns nothing of the inside
-        wait_for(lambda: "not attachable" in swarm_proxy.log(), 10, 0.3, "the reason in the log")
+        assert "attachable" not in r.text  # an anonymous client learns nothing of the inside
+        code, text = inside_get(swarm_proxy.container, h)  # from 127.0.0.1 in the proxy's container: debug_clients
+        assert code in (502, 503) and "not attachable" in text, text
+        assert services.replicas(docker_client.services.get(f"{stack}_web")) == 0  # never woken for nothing
     finally:
         remove_stack(docker_client, stack)
+
+
+def inside_get(container: Any, host: str, timeout: float = 60) -> tuple[int, str]:
+    """GET http://127.0.0.1/ with `Host: host` from inside the proxy's own container (its loopback:
+    a debug client); (status, body)."""
+    client = ("import urllib.request,urllib.error,sys\n"
+              f"req=urllib.request.Request('http://127.0.0.1/',headers={{'Host':'{host}'}})\n"
+              "try:\n"
+              f"    r=urllib.request.urlopen(req,timeout={timeout})\n"
+              "except urllib.error.HTTPError as e:\n"
+              "    r=e\n"
+              "sys.stdout.write(str(r.status)+' '+r.read().decode())\n")
+    code, answer = container.exec_run(["/opt/wakeproxy/bin/python", "-c", client])
+    text = answer.decode(errors="replace")
+    assert code == 0, text
+    status, _, body = text.partition(" ")
+    return int(status), body
 
 
 def test_labels_updated_live_take_effect_and_a_removed_service_404s(services, swarm_proxy, host) -> None:
@@ -460,13 +478,9 @@ def test_the_proxy_deployed_as_a_swarm_service_from_deploy_stack_yaml(docker_cli
 
         container = wait_for(task_container, 60, 0.5, "the proxy's task container")
         wait_for(lambda: READY_LINE in container.logs().decode(errors="replace"), 60, 0.3, "the proxy ready")
-        client = ("import urllib.request,sys;"
-                  f"r=urllib.request.urlopen(urllib.request.Request('http://127.0.0.1/',headers={{'Host':'{h}'}}),"
-                  "timeout=60);sys.stdout.write(str(r.status)+' '+r.read().decode())")
-        code, answer = container.exec_run(["/opt/wakeproxy/bin/python", "-c", client])
-        text = answer.decode(errors="replace")
-        assert code == 0 and text.startswith("200 "), text + container.logs().decode(errors="replace")[-3000:]
-        assert json.loads(text[4:])["headers"]["host"] == h
+        status, body = inside_get(container, h)
+        assert status == 200, body + container.logs().decode(errors="replace")[-3000:]
+        assert json.loads(body)["headers"]["host"] == h
         assert services.replicas(app) == 1
         logs = container.logs().decode(errors="replace")
         assert "the engine is a Swarm manager" in logs

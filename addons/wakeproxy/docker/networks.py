@@ -344,7 +344,7 @@ class NetworkJoiner:
                 self._connect(api, own, net)
             except docker.errors.APIError as e:
                 detail = _explain(e)
-                if "already exists" in detail:  # joined by a call whose event is still on its way
+                if "already exists" in detail or "already attached" in detail:  # joined by a call whose event is still on its way (bridge; overlay)
                     self.ours.add(net)
                     continue
                 why = f"the proxy could not join network '{net}': {detail}"
