@@ -29,7 +29,9 @@ from wakeproxy.routing.labels import SERVICE, ContainerInfo, TaskInfo
 
 logger = get_logger(__name__)
 
-FAST_POLL = 0.1  # seconds between task listings while a service is between states (~2 ms each)
+FASTEST_POLL = 0.05  # seconds between task listings in the first FASTEST_FOR after a service's spec changed
+FASTEST_FOR = 5.0  # (a wake: most tasks run within 1 s; each listing is ~2 ms)
+FAST_POLL = 0.1  # … then this often while it is between states
 FAST_FOR = 60.0  # … for at most this long after its spec last changed (a scale); then every SLOW_UNSETTLED
 SLOW_UNSETTLED = 2.0
 ASLEEP_POLL = 60.0  # every service at 0 replicas: only events can change that, this is a safety net
@@ -209,8 +211,11 @@ class SwarmState:
         if not self._raw:
             return None
         unsettled = [sid for sid, s in self.services.items() if not settled(s)]
-        if any(now - self._spec_at.get(sid, (0, 0.0))[1] < FAST_FOR for sid in unsettled):
-            due = self._last_poll + FAST_POLL  # a service just scaled (or changed): follow its tasks closely
+        since = min((now - self._spec_at.get(sid, (0, 0.0))[1] for sid in unsettled), default=FAST_FOR)
+        if since < FASTEST_FOR:
+            due = self._last_poll + FASTEST_POLL  # a service just scaled (a wake): follow its tasks closely
+        elif since < FAST_FOR:
+            due = self._last_poll + FAST_POLL
         elif unsettled:
             due = self._last_poll + SLOW_UNSETTLED  # e.g. one whose task fails over and over: no 10 Hz forever
         elif any(s.running for s in self.services.values()):

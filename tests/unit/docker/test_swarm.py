@@ -116,7 +116,7 @@ def test_the_state_follows_events_with_exact_ids_and_polls_fast_only_while_unset
     assert state.refresh_service(api, "s1")
     assert state.services["s1"].replicas == 1 and state.services["s1x"].replicas == 0
     due = state.poll_due(time.monotonic())
-    assert due is not None and due - time.monotonic() <= swarm.FAST_POLL
+    assert due is not None and due - time.monotonic() <= swarm.FASTEST_POLL
     api.tsk = [raw_task("t1", "s1", 1, "running", "10.0.1.5")]
     assert state.poll(api)
     assert state.services["s1"].running_tasks
@@ -366,7 +366,8 @@ def test_a_crash_looping_service_is_listed_slowly_and_a_missing_image_is_looked_
     state.resync_all(api)
     assert state.services["s1"].exposed_ports == ()  # the manager does not have the image yet
     now = time.monotonic()
-    assert state.poll_due(now) == state._last_poll + swarm.FAST_POLL  # just seen: followed closely
+    assert state.poll_due(now) == state._last_poll + swarm.FASTEST_POLL  # just seen: followed closely
+    assert state.poll_due(now + swarm.FASTEST_FOR + 1) == state._last_poll + swarm.FAST_POLL
     later = now + swarm.FAST_FOR + 1  # its spec did not change since, its tasks keep failing
     assert state.poll_due(later) == state._last_poll + swarm.SLOW_UNSETTLED
     api.images["img:1"] = {"Config": {"ExposedPorts": {"3000/tcp": {}}}}
