@@ -167,8 +167,8 @@ scaled back to 0 between cycles). *raw*: `docker service scale SVC=1` (the versi
 the task listing every 10 ms until a task runs, then a GET to the task's overlay address until the app
 answers — run inside the overlay's network namespace, as the proxy is. *wakeproxy*: a GET through the
 proxy (itself in that namespace, its port published on 127.0.0.1) for the sleeping service's host until
-the first byte of the app's answer: the proxy scales, lists the tasks every 0.1 s while the service is
-between states, probes each task's port, forwards.
+the first byte of the app's answer: the proxy scales, lists the tasks every 0.05 s in the first 5 s after
+the scale, probes each task's port, forwards.
 
 | | p50 ms | p90 ms |
 |---|---:|---:|
