@@ -107,7 +107,9 @@ def service_from(data: Mapping[str, Any], tasks: Iterable[TaskInfo], net_names: 
         return None  # ReplicatedJob / GlobalJob: nothing to route to or to keep awake
     name = str(spec.get("Name") or data.get("ID") or "")[:128]
     kept = tuple(sorted(tasks, key=lambda t: t.name))[:MAX_TASKS]
-    container = (spec.get("TaskTemplate") or {}).get("ContainerSpec") or {}
+    template = spec.get("TaskTemplate") or {}
+    container = template.get("ContainerSpec") or {}
+    restart = str((template.get("RestartPolicy") or {}).get("Condition") or "any")
     up = replicas > 0 if replicas is not None else any(t.running for t in kept)
     return ContainerInfo(
         id=str(data.get("ID") or ""),
@@ -121,6 +123,7 @@ def service_from(data: Mapping[str, Any], tasks: Iterable[TaskInfo], net_names: 
         kind=SERVICE,
         replicas=replicas,
         tasks=kept,
+        one_shot=restart in ("none", "on-failure"),
     )
 
 

@@ -148,6 +148,7 @@ class ContainerInfo:
     kind: str = "container"  # or SERVICE
     replicas: int | None = None  # a service's replica count in its spec (None: a global service)
     tasks: tuple[TaskInfo, ...] = ()  # a service's tasks that are meant to run, by name
+    one_shot: bool = False  # a service whose tasks are not started again after a clean exit (a migration)
 
     @property
     def running(self) -> bool:

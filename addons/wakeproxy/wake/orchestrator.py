@@ -406,6 +406,10 @@ class Orchestrator:
         replaced by Swarm with a new one and a new address: followed, never counted as ready)."""
         running = info.running_tasks
         target = replicas_of(snap, info.id) if info.replicas is not None else max(1, len(info.tasks))
+        if not routed and info.one_shot:
+            # A one-shot helper (restart_policy: none / on-failure: a migration): scaled up, not waited for.
+            # A stack has no depends_on to say "after it completed", and its task may be gone already.
+            return Member.READY, "ready (one-shot: not waited for)"
         if len(running) < target:
             text = f"{len(running)} of {target} task(s) running"
             failing = next((t for t in info.tasks if t.error), None)

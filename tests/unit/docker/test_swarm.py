@@ -421,3 +421,31 @@ def test_a_service_on_its_own_overlay_is_reached_once_the_proxy_joins_it() -> No
                             unreachable=Refusals(static=lambda n: not_attachable(n) if n == "closed" else None))
     site = closed.lookup("w.test")
     assert site is not None and "not attachable" in (site.backends[0].problem or "")
+
+
+def test_a_one_shot_helper_of_a_stack_is_scaled_but_not_waited_for() -> None:
+    raw = raw_service("s9", "shop_migrate", {"com.docker.stack.namespace": "shop"})
+    raw["Spec"]["TaskTemplate"]["RestartPolicy"] = {"Condition": "none"}
+    info = swarm.service_from(raw, [], NETS)
+    assert info is not None and info.one_shot
+
+    async def run() -> list[Any]:
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        stack = {"com.docker.stack.namespace": "shop"}
+        web = service("shop_web", {**stack, "wakeproxy.host": "w.test", "wakeproxy.port": str(port)})
+        migrate = dataclasses.replace(service("shop_migrate", stack), one_shot=True)
+        rt = Runtime(config=Config(wake=WakeConfig(timeout=3.0)), snapshot=snap([web, migrate]))
+
+        class OnlyWebRuns(FakeSwarm):
+            async def scale(self, sid: str, name: str, replicas: int) -> None:
+                self.calls.append(("scale", name, replicas))
+                if name == "shop_web":
+                    asyncio.get_running_loop().create_task(self._tasks(sid, replicas))
+
+        engine = OnlyWebRuns(rt, ["127.0.0.1"])
+        await asyncio.wait_for(Orchestrator(rt, engine).wake_until_ready(rt.snapshot.groups["shop"]), 3)
+        server.close()
+        return engine.calls
+
+    assert sorted(asyncio.run(run())) == [("scale", "shop_migrate", 1), ("scale", "shop_web", 1)]
