@@ -60,6 +60,7 @@ _CONTAINER_ACTIONS = {
 MAX_BATCH = 1000  # events applied as one snapshot at most
 BACKOFF_MAX = 5.0  # seconds between attempts to reach the engine, at most
 RETRY_LOG_INTERVAL = 60.0  # during an outage, one "still cannot reach" line per this long
+ROLE_AGAIN = 60.0  # the engine's Swarm role is asked again this often (a `swarm init`, a join, a promotion)
 NETWORKS_AGAIN = 2.0  # a service on a network the listing lacks: the networks are listed again, at most this often
 
 
@@ -97,6 +98,10 @@ def _reason(e: BaseException) -> str:
 CACHE_FILE = "containers.json"  # in state_dir: the _Static parts per container ID
 CACHE_VERSION = 1
 CACHE_SAVE_DELAY = 2.0  # after events that added/removed containers, the cache is written at most this often
+
+
+class _RoleChanged(Exception):
+    """The engine's Swarm role changed since the connection was made: connect again (other events, other listings)."""
 
 
 @dataclass(frozen=True)
@@ -302,6 +307,7 @@ class DockerView:
         self._swarm_said = ""  # the role last logged about (said once per change)
         self._swarm_warned = 0.0  # monotonic time of the last "Swarm listing failed" line
         self._networks_read_at = 0.0  # monotonic time of the last network listing
+        self._role_at = 0.0  # monotonic time the Swarm role was last asked
         self._last: Snapshot | None = None
         self._own_id = own_container_id() if own_id is True else own_id or None
         self._api: Any = None  # the connected client's API, for the joiner (this thread only)
@@ -375,6 +381,9 @@ class DockerView:
                     self._save_cache()
                 backoff, outage_logged, attempts = 0.25, False, 0
                 self._follow(client, inbox)
+            except _RoleChanged as e:
+                logger.info(f"docker: {e}; reading everything again")
+                backoff = 0.25
             except Exception as e:
                 if self._stop.is_set():
                     return
@@ -409,6 +418,7 @@ class DockerView:
         """Route and wake Swarm services when the engine is a manager (docker.swarm: auto / on)."""
         mode = self.config.docker.swarm
         role = "off" if mode == "off" else swarm_role(api.info())
+        self._role_at = time.monotonic()
         self.swarm_role = role
         if role == "manager":
             if self._swarm is None:
@@ -467,6 +477,15 @@ class DockerView:
                             self._sync_networks()
                         continue
                     wait = due if wait is None else min(wait, due)
+            if self.config.docker.swarm != "off" and self._role_at:
+                due = self._role_at + ROLE_AGAIN - time.monotonic()
+                if due <= 0:
+                    self._role_at = time.monotonic()
+                    role = swarm_role(client.api.info())
+                    if role != self.swarm_role:
+                        raise _RoleChanged(f"the engine's Swarm role changed from {self.swarm_role} to {role}")
+                    continue
+                wait = due if wait is None else min(wait, due)
             release = self._ownership.next_release(self._policy.names.release_after)
             if release is not None:
                 due = max(0.0, release - time.time())

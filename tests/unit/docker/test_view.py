@@ -484,3 +484,25 @@ def test_a_swarm_listing_that_fails_does_not_stop_the_containers_from_being_serv
     assert any("Swarm listing failed" in r.getMessage() and "not have a leader" in r.getMessage()
                for r in caplog.records)
     assert view._swarm is not None and view._swarm.failing_until > 0
+
+
+def test_a_swarm_made_after_the_start_is_noticed_within_a_minute(tmp_path: Path) -> None:
+    import queue
+
+    from wakeproxy.docker.view import ROLE_AGAIN, _RoleChanged
+
+    class Engine(FakeAPI):
+        role: dict[str, Any] = {"LocalNodeState": "inactive"}
+
+        def info(self) -> dict[str, Any]:
+            return {"Swarm": self.role}
+
+    api = Engine()
+    view = make_view(tmp_path)
+    view._detect_swarm(api)
+    start(view, api)
+    assert view.swarm_role == "none"
+    api.role = {"LocalNodeState": "active", "ControlAvailable": True}  # `docker swarm init` meanwhile
+    view._role_at -= ROLE_AGAIN
+    with pytest.raises(_RoleChanged, match="from none to manager"):
+        view._follow(FakeClient(api), queue.Queue())  # type: ignore[arg-type]
