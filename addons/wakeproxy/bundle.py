@@ -17,6 +17,7 @@ from wakeproxy.core import WakeProxy
 from wakeproxy.mitm import earlyanswer, errorpages, h2reuse, headbound
 from wakeproxy.mitm.limits import ConnectionLimits
 from wakeproxy.mitm.upstream import Upstream
+from wakeproxy.observe.metrics import Metrics, RequestMetrics
 from wakeproxy.routing.hygiene import Hygiene
 from wakeproxy.routing.router import Router
 from wakeproxy.runtime import Runtime
@@ -46,9 +47,13 @@ def make_addons(runtime: Runtime | None = None) -> list[Any]:
     tls_addons = [certificates, ChallengeAnswers(tokens), acme, HttpsPolicy(runtime, certificates)]
     core = WakeProxy(runtime)
     status = StatusServer(runtime, waker, idle, extra={"certificates": acme.status, "container": core.container_status})
-    # Hygiene right after the config: its requestheaders runs before every other addon's.
+    requests = RequestMetrics()
+    metrics = Metrics(runtime, status, waker.core, idle, certificates, core, acme, requests=requests)
+    # Hygiene right after the config: its requestheaders runs before every other addon's. The request
+    # metrics last: they see each answer as it leaves (our pages included).
     return [core, Hygiene(runtime), ConnectionLimits(runtime), *tls_addons, waker,
-            Router(runtime, waker), idle, status, Upstream(runtime, waker), errorpages.UpstreamErrors(runtime)]
+            Router(runtime, waker), idle, status, Upstream(runtime, waker), errorpages.UpstreamErrors(runtime),
+            metrics, requests]
 
 
 def make_controller_addons(runtime: Runtime | None = None) -> list[Any]:
@@ -66,7 +71,19 @@ def make_controller_addons(runtime: Runtime | None = None) -> list[Any]:
     core = WakeProxy(runtime, announce="controller ready")
     status = StatusServer(runtime, waker, idle, extra={"certificates": acme.status, "workers": plane.status,
                                                        "container": core.container_status})
-    return [core, certificates, acme, waker, idle, plane, status]
+    metrics = Metrics(runtime, status, waker.core, idle, certificates, core, acme, plane=plane)
+    return [core, certificates, acme, waker, idle, plane, status, metrics]
+
+
+class _WorkerMetricsConfig:
+    """Tells a worker's RequestMetrics the config's metrics.per_group (the worker exports nothing itself)."""
+
+    def __init__(self, runtime: Runtime, requests: RequestMetrics) -> None:
+        self.runtime, self.requests = runtime, requests
+
+    def configure(self, updated: set[str]) -> None:
+        cfg = self.runtime.config.metrics
+        self.requests.configure_from(cfg.per_group, cfg.max_groups)
 
 
 def make_worker_addons(runtime: Runtime | None = None) -> list[Any]:
@@ -80,6 +97,9 @@ def make_worker_addons(runtime: Runtime | None = None) -> list[Any]:
     waker = Waker(runtime, plane.wakes)
     idle = IdleKeeper(runtime, waker, decides=False)
     plane.idle = idle
+    requests = RequestMetrics()
+    plane.metrics = requests
     tls_addons = [certificates, ChallengeAnswers(tokens), HttpsPolicy(runtime, certificates)]
     return [WorkerCore(runtime, plane), Hygiene(runtime), ConnectionLimits(runtime), *tls_addons, waker,
-            Router(runtime, waker), idle, Upstream(runtime, waker), errorpages.UpstreamErrors(runtime), plane]
+            Router(runtime, waker), idle, Upstream(runtime, waker), errorpages.UpstreamErrors(runtime), plane,
+            _WorkerMetricsConfig(runtime, requests), requests]

@@ -148,6 +148,15 @@ class StatusConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics (observe/metrics.py), on a listener of their own, never the public ports."""
+
+    listen: Address | None = Address("127.0.0.1", 9180)  # GET /metrics; null turns it off
+    per_group: bool = False  # series per group (requests, wakes, last activity): bounded by max_groups
+    max_groups: int = 2000  # groups with series of their own at most; the rest are summed as "other"
+
+
+@dataclass(frozen=True)
 class TlsConfig:
     certs_dir: Path | None = None  # <name>.crt + <name>.key; _wildcard.<domain>.crt for *.<domain>
     default_cert: Path | None = None  # served for names without a certificate of their own
@@ -211,6 +220,7 @@ class Config:
     wake: WakeConfig = field(default_factory=WakeConfig)
     idle: IdleConfig = field(default_factory=IdleConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     acme: AcmeConfig = field(default_factory=AcmeConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -577,6 +587,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[_Reader, yaml.Node, str], A
         "remove_volumes": _scalar_field(_bool),
     }),
     "status": (StatusConfig, {"listen": _scalar_field(parse_address)}),
+    "metrics": (MetricsConfig, {"listen": _scalar_field(parse_address), "per_group": _scalar_field(_bool),
+                                "max_groups": _scalar_field(_positive_int)}),
     "tls": (TlsConfig, {
         "certs_dir": _scalar_field(_opt_path),
         "default_cert": _scalar_field(_opt_path),
@@ -641,6 +653,7 @@ _ENV_KEYS: dict[str, tuple[str, str]] = {  # variable → (dotted key, kind: str
     "WAKEPROXY_IDLE_ACTION": ("idle.action", "str"),
     "WAKEPROXY_REMOVE_AFTER": ("idle.remove_after", "str"),
     "WAKEPROXY_STATUS_LISTEN": ("status.listen", "opt"),
+    "WAKEPROXY_METRICS_LISTEN": ("metrics.listen", "opt"),
     "WAKEPROXY_CERTS_DIR": ("tls.certs_dir", "opt"),
     "WAKEPROXY_DEFAULT_CERT": ("tls.default_cert", "opt"),
     "WAKEPROXY_DEFAULT_KEY": ("tls.default_key", "opt"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any, Optional
 
 from mitmproxy import ctx, exceptions, tls
@@ -88,6 +89,8 @@ class WakeProxy:
         self.view: DockerView | None = None
         self._ready_logged = False
         self._running = False
+        self.reloads: dict[str, int] = {"ok": 0, "error": 0}  # config loads after the first (metrics)
+        self.loaded_at = 0.0  # when the config in force was loaded (wall clock)
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -112,10 +115,13 @@ class WakeProxy:
         try:
             config = load_config(ctx.options.wakeproxy_config)
         except ConfigError as e:
+            if self._running:
+                self.reloads["error"] += 1
             raise exceptions.OptionsError(str(e)) from None
         if self._running:
             fixed = [key for key in FIXED_WHILE_RUNNING if getattr(config, key) != getattr(self.runtime.config, key)]
             if fixed:
+                self.reloads["error"] += 1
                 # mitmproxy rolls the option back: the running proxy keeps its config, nothing half-applied.
                 raise exceptions.OptionsError(
                     f"{config.source}: {', '.join(fixed)} cannot change while the proxy runs (the ACME account, "
@@ -123,6 +129,9 @@ class WakeProxy:
                     "to apply the new config")
         options = self.options_for(config, set(ctx.options.keys()))
         self.runtime.config = config
+        if self._running:
+            self.reloads["ok"] += 1
+        self.loaded_at = time.time()
         ctx.options.update(**options)
         if self._running and self.watches_docker:
             self._restart_view()

@@ -32,6 +32,7 @@ from wpbench.common import (
     wait_port,
 )
 from wpbench.convergence import ConvergenceSection
+from wpbench.metrics import MetricsSection
 from wpbench.scale import ScaleSection
 from wpbench.soak import SoakSection
 from wpbench.swarm import SwarmSection
@@ -42,7 +43,8 @@ from wpbench.wake import WakeSection
 
 
 
-class Bench(ThroughputSection, WakeSection, ConvergenceSection, ScaleSection, SoakSection, SwarmSection):
+class Bench(ThroughputSection, WakeSection, ConvergenceSection, ScaleSection, SoakSection, SwarmSection,
+            MetricsSection):
     """Owns everything one benchmark run starts; `close()` removes it all."""
 
     def __init__(self, args: argparse.Namespace) -> None:

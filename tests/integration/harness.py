@@ -634,6 +634,7 @@ class ProxyLauncher:
             # Not part of the routing contract, but its default is a fixed port
             # (127.0.0.1:8099) that two proxies of one test would share.
             "status": {"listen": f"127.0.0.1:{free_port()}"},
+            "metrics": {"listen": None},  # likewise (127.0.0.1:9180); tests of the metrics set their own
             # Every test client is 127.0.0.1: one wake budget would be shared by the whole suite.
             # The tests of the budget set their own.
             "wake": {"per_client": 0},

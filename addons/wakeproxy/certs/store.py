@@ -365,6 +365,10 @@ class Certificates:
 
     # --- lifecycle ------------------------------------------------------------------
 
+    def expiries(self) -> dict[str, float]:
+        """Name → when the certificate in service for it expires (seconds since the epoch; for metrics)."""
+        return {name: cert.not_after.timestamp() for name, cert in self._table.items()}
+
     def configure(self, updated: set[str]) -> None:
         config = self.runtime.config
         # Only once the real config is in (never the built-in defaults, whose state_dir is /var/lib).

@@ -308,6 +308,9 @@ class DockerView:
         self._swarm_warned = 0.0  # monotonic time of the last "Swarm listing failed" line
         self._networks_read_at = 0.0  # monotonic time of the last network listing
         self._role_at = 0.0  # monotonic time the Swarm role was last asked
+        # For metrics (read from the loop: plain ints, each replaced whole): events read, full listings,
+        # engine calls that failed (a lost connection, a refused Swarm listing).
+        self.stats: dict[str, int] = {"events": 0, "resyncs": 0, "errors": 0}
         self._last: Snapshot | None = None
         self._own_id = own_container_id() if own_id is True else own_id or None
         self._api: Any = None  # the connected client's API, for the joiner (this thread only)
@@ -387,6 +390,7 @@ class DockerView:
             except Exception as e:
                 if self._stop.is_set():
                     return
+                self.stats["errors"] += 1
                 reason = _reason(e)
                 next_in = min(backoff * 2, BACKOFF_MAX)
                 if not outage_logged:
@@ -515,6 +519,7 @@ class DockerView:
         how many were known (from the cache file or an earlier sync)."""
         api = client.api
         self._api = api
+        self.stats["resyncs"] += 1
         self._inspector = Inspector(api)
         self._read_networks(api)
         self._joiner.detect(api, self._own_id)
@@ -574,6 +579,7 @@ class DockerView:
     def _apply(self, client: docker.DockerClient, batch: list[dict[str, Any]]) -> None:
         """Update the containers from a batch of events, publish one snapshot, then pass the
         container events on (after the snapshot, so listeners see the state they produced)."""
+        self.stats["events"] += len(batch)
         last_action: dict[str, str] = {}  # container id → its last action in this batch
         emits: list[ContainerEvent] = []
         refresh_networks = False
@@ -721,6 +727,7 @@ class DockerView:
                 self._read_networks(swarm.api)
                 changed = True
         except docker.errors.APIError as e:
+            self.stats["errors"] += 1
             now = time.monotonic()
             wait = swarm.failed(now)
             if now - self._swarm_warned >= RETRY_LOG_INTERVAL:

@@ -28,6 +28,7 @@ from wakeproxy.certs.challenges import ChallengeTokens
 from wakeproxy.certs.store import Certificates, LoadedCert
 from wakeproxy.mitm.upstream import DEATH
 from wakeproxy.observe.logsafe import get_logger
+from wakeproxy.observe.metrics import Counts
 from wakeproxy.planes import channel
 from wakeproxy.planes.wire import frame, to_plain
 from wakeproxy.routing.snapshot import Snapshot
@@ -58,6 +59,7 @@ class WorkerInfo:
     sent_certs: set[str] = field(default_factory=set)
     snapshot: Snapshot | None = None  # the last one sent
     quiesce: dict[int, asyncio.Future[tuple[int, int, float]]] = field(default_factory=dict)
+    metrics: Counts | None = None  # its request metrics, from its last full report
 
     @property
     def name(self) -> str:
@@ -76,6 +78,7 @@ class ControllerPlane:
         self.tokens = tokens
         self.path = path
         self.workers: dict[channel.Peer, WorkerInfo] = {}
+        self.retired = Counts()  # the counters of workers that have gone (metrics: totals never go down)
         self.budget = WakeBudget(runtime.config.wake.per_client)
         self._server: asyncio.AbstractServer | None = None
         self._snapshot_frame: tuple[Snapshot, bytes] | None = None
@@ -158,6 +161,8 @@ class ControllerPlane:
             peer.close()
             self.workers.pop(peer, None)
             self.idle.forget(info.name)
+            if info.metrics is not None:
+                self.retired.add_counters(info.metrics)  # its totals stay in the sums
             for fut in info.quiesce.values():
                 if not fut.done():
                     fut.set_result((0, 0, 0.0))  # a worker that is gone holds no request any more
@@ -189,6 +194,8 @@ class ControllerPlane:
                 raise ValueError("a last-activity time that is not a finite number")
             self.idle.report(info.name, counts)
             info.requests, info.connections = int(body["requests"]), int(body["connections"])
+            if body.get("metrics") is not None:
+                info.metrics = Counts.from_wire(body["metrics"], self.runtime.config.metrics.max_groups)
             info.last_report = time.time()
         elif kind == "wake":
             self._wake(peer, info, int(body["id"]), str(body["group"]), str(body.get("client", ""))[:64])
@@ -385,6 +392,14 @@ class ControllerPlane:
         self._broadcast("tokens", self.tokens.export())
 
     # --- for `wakeproxy status` -------------------------------------------------------------------
+
+    def metrics_counts(self) -> Counts:
+        """The request metrics of every worker there is and was, summed (observe/metrics.py)."""
+        out = self.retired.copy()
+        for info in list(self.workers.values()):
+            if info.metrics is not None:
+                out.add(info.metrics)
+        return out
 
     def status(self) -> list[dict[str, Any]]:
         return [{"slot": i.slot, "pid": i.pid, "uid": i.uid, "connections": i.connections, "requests": i.requests,

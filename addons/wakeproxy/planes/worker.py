@@ -33,6 +33,7 @@ from wakeproxy.config import Config
 from wakeproxy.core import WakeProxy, proxy_options
 from wakeproxy.files import write_private
 from wakeproxy.observe.logsafe import get_logger
+from wakeproxy.observe.metrics import RequestMetrics
 from wakeproxy.planes import channel
 from wakeproxy.planes.wire import from_plain, loaded
 from wakeproxy.routing.snapshot import Site, Snapshot
@@ -111,6 +112,7 @@ class WorkerPlane:
         self.certificates = certificates
         self.tokens = tokens
         self.idle: IdleKeeper | None = None  # set by the bundle (it needs the waker, which needs `wakes`)
+        self.metrics: RequestMetrics | None = None  # set by the bundle: sent with every full report
         self.wakes = RemoteWakes(runtime, self)
         self.path = path or os.environ.get(ENV_CHANNEL, "")
         self.directory = directory or Path(os.environ.get(ENV_DIR, "."))
@@ -353,8 +355,10 @@ class WorkerPlane:
             if full or self._reported.get(name) != now:
                 self._reported[name] = now
                 changed[name] = list(now)
-        peer.send("activity", {"groups": changed, "requests": self.requests,
-                               "connections": _open_connections()})
+        body: dict[str, Any] = {"groups": changed, "requests": self.requests, "connections": _open_connections()}
+        if full and self.metrics is not None:
+            body["metrics"] = self.metrics.counts.wire()  # cumulative: the controller keeps the last one
+        peer.send("activity", body)
 
 
 def _decode_snapshot(body: Any) -> Snapshot:

@@ -94,6 +94,8 @@ class IdleKeeper:
         self.used: dict[str, float] = {}
         self.retiring: set[str] = set()
         self._said_no_pause: set[str] = set()  # groups told once that services cannot be paused
+        self.stops: list[Callable[[str, str, str], None]] = []  # told (group, action, reason) after a stop
+        self._actions: dict[str, str] = {}  # group → the action of its stop in progress
         self._task: asyncio.Task[None] | None = None
         self._dirty = False
         self._saved_at = 0.0
@@ -348,6 +350,9 @@ class IdleKeeper:
         self.retiring.discard(group)
         if self.runtime.stopping.get(group) is task:
             del self.runtime.stopping[group]
+        if not task.cancelled() and task.exception() is None and task.result():
+            for told in self.stops:
+                told(group, "remove", "unused")
         if not task.cancelled() and task.exception() is None and not task.result():
             self.used[group] = time.time()  # in use after all
             self._dirty = True
@@ -356,6 +361,8 @@ class IdleKeeper:
 
     def _put_to_sleep(self, snap: Snapshot, group: Group, idle: float) -> None:
         action = group.idle_action or self.runtime.config.idle.action
+        members = [c for m in group.members if (c := snap.containers.get(m)) is not None]
+        self._actions[group.name] = "scale0" if members and all(c.is_service for c in members) else action
         logger.info(f"idle {group.name}: no activity for {idle:.1f} s; {_ING[action]} {members_text(snap, group)}"
                     + (" (services: scaled to 0)" if any((c := snap.containers.get(m)) is not None and c.is_service
                                                          for m in group.members) else ""))
@@ -400,11 +407,15 @@ class IdleKeeper:
             del self.runtime.stopping[group]
         act = self.activity.get(group)
         if not task.cancelled() and task.exception() is None and not task.result():
+            self._actions.pop(group, None)
             return  # not stopped: the group runs on, its clock as the workers reported it
         if act is not None:
             act.running = False
             act.last = time.time()  # a failed stop is not retried before another full timeout
             self._dirty = True
+        if not task.cancelled() and task.exception() is None:
+            for told in self.stops:
+                told(group, self._actions.pop(group, "stop"), "idle")
         if not task.cancelled() and task.exception() is not None:
             logger.error(f"idle {group}: stop failed", exc_info=task.exception())
 

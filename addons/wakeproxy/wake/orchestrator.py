@@ -148,6 +148,7 @@ class Orchestrator:
         self._wakes: dict[str, Wake] = {}
         self._cooldown: dict[str, tuple[float, WakeFailed]] = {}
         self.watchers: list[Callable[[], None]] = []  # told when a wake starts or ends
+        self.outcomes: list[Callable[[Wake, str, float], None]] = []  # (wake, "ok" | "timeout" | "error", seconds)
         runtime.listeners.append(self._on_event)
 
     def _tell(self) -> None:
@@ -213,6 +214,9 @@ class Orchestrator:
         if task.cancelled():
             return
         exc = task.exception()
+        result = "ok" if exc is None else "timeout" if isinstance(exc, WakeFailed) and exc.status == 504 else "error"
+        for told in self.outcomes:
+            told(wake, result, time.monotonic() - wake.t0)
         if exc is None:
             if self.log_outcomes:
                 logger.info(f"wake {wake.group}: ready ({wake.timing()})")

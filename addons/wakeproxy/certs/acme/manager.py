@@ -94,6 +94,7 @@ class AcmeManager:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rng = random.Random()
         self._backoff_min = BACKOFF_MIN
+        self.orders: dict[str, int] = {"issued": 0, "failed": 0}  # attempts by result (metrics)
 
     @property
     def enabled(self) -> bool:
@@ -231,6 +232,7 @@ class AcmeManager:
                     self._failed(st, describe(e), None)
                 else:
                     st.failures, st.last_error, st.next_attempt = 0, None, 0.0
+                    self.orders["issued"] += 1
                     st.history.append(issued.seconds)
                     self._installed(st, cert)
                     n = issued.retries
@@ -251,6 +253,7 @@ class AcmeManager:
 
     def _failed(self, st: NameState, message: str, retry_after: float | None) -> None:
         st.failures += 1
+        self.orders["failed"] += 1
         delay = backoff_delay(st.failures, self._rng, self._backoff_min, max(BACKOFF_MAX, self._backoff_min))
         if retry_after is not None:
             delay = max(delay, retry_after)
