@@ -17,6 +17,7 @@ from wakeproxy.core import WakeProxy
 from wakeproxy.mitm import earlyanswer, errorpages, h2reuse, headbound
 from wakeproxy.mitm.limits import ConnectionLimits
 from wakeproxy.mitm.upstream import Upstream
+from wakeproxy.observe.access import AccessLog
 from wakeproxy.observe.metrics import Metrics, RequestMetrics
 from wakeproxy.routing.hygiene import Hygiene
 from wakeproxy.routing.router import Router
@@ -53,7 +54,7 @@ def make_addons(runtime: Runtime | None = None) -> list[Any]:
     # metrics last: they see each answer as it leaves (our pages included).
     return [core, Hygiene(runtime), ConnectionLimits(runtime), *tls_addons, waker,
             Router(runtime, waker), idle, status, Upstream(runtime, waker), errorpages.UpstreamErrors(runtime),
-            metrics, requests]
+            metrics, requests, AccessLog(runtime)]
 
 
 def make_controller_addons(runtime: Runtime | None = None) -> list[Any]:
@@ -102,4 +103,4 @@ def make_worker_addons(runtime: Runtime | None = None) -> list[Any]:
     tls_addons = [certificates, ChallengeAnswers(tokens), HttpsPolicy(runtime, certificates)]
     return [WorkerCore(runtime, plane), Hygiene(runtime), ConnectionLimits(runtime), *tls_addons, waker,
             Router(runtime, waker), idle, Upstream(runtime, waker), errorpages.UpstreamErrors(runtime), plane,
-            _WorkerMetricsConfig(runtime, requests), requests]
+            _WorkerMetricsConfig(runtime, requests), requests, AccessLog(runtime)]

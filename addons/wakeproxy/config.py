@@ -200,6 +200,14 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """The access log (observe/access.py): one line per request."""
+
+    access: str | None = None  # a file path, "-" for standard output; None: off
+    access_format: str = "combined"  # combined (Apache/nginx's, plus our fields) | json
+
+
+@dataclass(frozen=True)
 class ShutdownConfig:
     drain: float = 10.0  # after SIGTERM, requests in flight get this long to finish
 
@@ -221,6 +229,7 @@ class Config:
     idle: IdleConfig = field(default_factory=IdleConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     acme: AcmeConfig = field(default_factory=AcmeConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -587,6 +596,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[_Reader, yaml.Node, str], A
         "remove_volumes": _scalar_field(_bool),
     }),
     "status": (StatusConfig, {"listen": _scalar_field(parse_address)}),
+    "log": (LogConfig, {"access": _scalar_field(_opt_str), "access_format": _scalar_field(_choice("combined", "json"))}),
     "metrics": (MetricsConfig, {"listen": _scalar_field(parse_address), "per_group": _scalar_field(_bool),
                                 "max_groups": _scalar_field(_positive_int)}),
     "tls": (TlsConfig, {
@@ -654,6 +664,8 @@ _ENV_KEYS: dict[str, tuple[str, str]] = {  # variable → (dotted key, kind: str
     "WAKEPROXY_REMOVE_AFTER": ("idle.remove_after", "str"),
     "WAKEPROXY_STATUS_LISTEN": ("status.listen", "opt"),
     "WAKEPROXY_METRICS_LISTEN": ("metrics.listen", "opt"),
+    "WAKEPROXY_ACCESS_LOG": ("log.access", "opt"),
+    "WAKEPROXY_ACCESS_LOG_FORMAT": ("log.access_format", "str"),
     "WAKEPROXY_CERTS_DIR": ("tls.certs_dir", "opt"),
     "WAKEPROXY_DEFAULT_CERT": ("tls.default_cert", "opt"),
     "WAKEPROXY_DEFAULT_KEY": ("tls.default_key", "opt"),
