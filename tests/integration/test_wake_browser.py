@@ -91,3 +91,35 @@ def test_browser_sees_waking_page_then_the_app(backend_container, busybox_image,
     log = p.log()
     assert f"wake {c.name}: starting" in log and f"wake {c.name}: ready (" in log, log
     print(f"browser on the app after {took:.2f}s;", *[ln for ln in log.splitlines() if "wake " in ln], sep="\n")
+
+
+def test_the_status_page_in_a_browser_shows_a_sleeping_and_a_running_sandbox(
+        backend_container, proxy, host, browser, tmp_path, run_id):
+    """Headless Chromium loads the status listener's page (a phone-sized window too) and screenshots it."""
+    up, down = host("st-up"), host("st-down")
+    backend_container("st-up", labels={"wakeproxy.host": up})
+    backend_container("st-down", start=False, labels={"wakeproxy.host": down})
+    p = proxy()
+    assert p.status_port is not None
+    url = f"http://127.0.0.1:{p.status_port}/"
+
+    def rows() -> dict[str, str]:
+        browser.get(url)
+        out = {}
+        for tr in browser.find_elements("css selector", "tbody tr"):
+            cells = tr.find_elements("css selector", "td")
+            if len(cells) >= 2:
+                out[cells[0].text.strip()] = cells[1].text.strip()
+        return out
+
+    seen = wait_for(lambda: (r := rows()).get(f"{run_id}-st-up") and r, 20, 0.5, "both sandboxes on the page")
+    assert seen[f"{run_id}-st-up"] == "running" and seen[f"{run_id}-st-down"] == "asleep", seen
+    assert "wakeproxy" in browser.title and down in browser.page_source
+    wide = tmp_path / "status-wide.png"
+    assert browser.save_screenshot(str(wide)) and wide.stat().st_size > 5000
+    browser.set_window_size(390, 844)  # a phone
+    browser.get(url)
+    narrow = tmp_path / "status-phone.png"
+    assert browser.save_screenshot(str(narrow)) and narrow.stat().st_size > 5000
+    width = browser.execute_script("return document.documentElement.scrollWidth")
+    assert width <= 400, f"the page is {width} px wide on a 390 px screen"

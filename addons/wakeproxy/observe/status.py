@@ -1,4 +1,5 @@
-"""A small read-only status endpoint (`GET /status`, JSON) for `wakeproxy status`.
+"""A small read-only status endpoint (`GET /status`, JSON) for `wakeproxy status`, and the same
+data as a page that refreshes itself (`GET /` or `/status` from a browser: observe/page.py).
 
 It listens on `status.listen` (127.0.0.1:8099 by default), separately from the
 proxy's listeners, so it never mixes with sandbox traffic and is not exposed
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from wakeproxy.observe import page
 from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.runtime import Runtime
 from wakeproxy.wake.idle import IdleKeeper
@@ -96,8 +98,16 @@ class StatusServer:
                 "idle_timeout": timeout,
                 "stops_in": idle_in,
                 "removed_in": self.idle.removes_in(group, now),  # idle.remove_after; None: never
+                "last_wake": self._last_wake(name),
             })
         return out
+
+    def _last_wake(self, group: str) -> dict[str, Any] | None:
+        recent = getattr(getattr(self.waker, "core", None), "recent", {}).get(group)
+        if recent is None:
+            return None
+        at, result, timing = recent
+        return {"at": _iso(at), "result": result, "timing": timing}
 
     @staticmethod
     def counts(groups: list[dict[str, Any]]) -> dict[str, int]:
@@ -137,16 +147,30 @@ class StatusServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
+            accept = ""
+            for _ in range(100):  # at most 100 header lines, each read within 5 s
+                header = await asyncio.wait_for(reader.readline(), 5)
+                if header in (b"\r\n", b"\n", b""):
+                    break
+                name, _, value = header.decode("latin-1").partition(":")
+                if name.strip().lower() == "accept":
+                    accept = value.strip()[:500]
             parts = line.decode("latin-1").split()
-            if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] in ("/status", "/"):
-                status, body = "200 OK", json.dumps(self.report(), indent=1).encode()
+            path, _, query = parts[1].partition("?") if len(parts) >= 2 else ("", "", "")
+            if len(parts) >= 2 and parts[0] == "GET" and path in ("/status", "/"):
+                html = "format=html" in query or ("format=json" not in query and "text/html" in accept)
+                if html:
+                    ctype, body = "text/html; charset=utf-8", page.render(self.report(), time.time()).encode()
+                else:
+                    ctype, body = "application/json", json.dumps(self.report(), indent=1).encode()
+                status = "200 OK"
             else:
-                status, body = "404 Not Found", b'{"error": "GET /status"}'
+                status, ctype, body = "404 Not Found", "application/json", b'{"error": "GET /status"}'
             writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                f"Cache-Control: no-store\r\nConnection: close\r\n\r\n".encode() + body
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                f"Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
+                f"Content-Security-Policy: default-src 'none'; style-src 'unsafe-inline'\r\n"
+                f"Connection: close\r\n\r\n".encode() + body
             )
             await writer.drain()
         except (TimeoutError, OSError, UnicodeDecodeError):

@@ -31,6 +31,7 @@ from wakeproxy.wake import readiness
 
 logger = get_logger(__name__)
 
+RECENT_MAX = 5000  # groups whose last wake is remembered (for the status page)
 PROBE_INTERVAL = 0.05  # seconds between readiness checks when no Docker event arrives
 PROBE_INTERVAL_MAX = 0.2
 
@@ -149,6 +150,7 @@ class Orchestrator:
         self._cooldown: dict[str, tuple[float, WakeFailed]] = {}
         self.watchers: list[Callable[[], None]] = []  # told when a wake starts or ends
         self.outcomes: list[Callable[[Wake, str, float], None]] = []  # (wake, "ok" | "timeout" | "error", seconds)
+        self.recent: dict[str, tuple[float, str, str]] = {}  # group → (when, result, timing) of its last wake
         runtime.listeners.append(self._on_event)
 
     def _tell(self) -> None:
@@ -217,6 +219,10 @@ class Orchestrator:
         result = "ok" if exc is None else "timeout" if isinstance(exc, WakeFailed) and exc.status == 504 else "error"
         for told in self.outcomes:
             told(wake, result, time.monotonic() - wake.t0)
+        self.recent.pop(wake.group, None)
+        self.recent[wake.group] = (time.time(), result, wake.timing())
+        if len(self.recent) > RECENT_MAX:
+            del self.recent[next(iter(self.recent))]  # the oldest
         if exc is None:
             if self.log_outcomes:
                 logger.info(f"wake {wake.group}: ready ({wake.timing()})")
