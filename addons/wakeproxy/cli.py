@@ -78,6 +78,13 @@ def build_master(config_path: str, verbosity: str = "info", role: str = "single"
             errorcheck.ErrorCheck(),
             *ours,
         )
+    try:
+        if load_config(config_path).log.format == "json":
+            from wakeproxy.observe.jsonlog import use_json
+
+            use_json(m._termlog_addon, role)
+    except ConfigError:
+        pass  # said when the option is set, just below
     opts.update(termlog_verbosity=verbosity, wakeproxy_config=config_path)
     return m
 
@@ -423,6 +430,11 @@ def main(argv: list[str] | None = None) -> int:
         from wakeproxy.planes.supervisor import Supervisor
 
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+        if config.log.format == "json":
+            from wakeproxy.observe.jsonlog import JsonFormatter
+
+            for handler in logging.getLogger().handlers:
+                handler.setFormatter(JsonFormatter("supervisor"))
         try:
             return Supervisor(args.config, verbosity).run()
         except ConfigError as e:

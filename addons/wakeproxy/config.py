@@ -205,6 +205,7 @@ class LogConfig:
 
     access: str | None = None  # a file path, "-" for standard output; None: off
     access_format: str = "combined"  # combined (Apache/nginx's, plus our fields) | json
+    format: str = "text"  # the proxy's own log lines: text | json (one object a line; set at start)
 
 
 @dataclass(frozen=True)
@@ -596,7 +597,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[_Reader, yaml.Node, str], A
         "remove_volumes": _scalar_field(_bool),
     }),
     "status": (StatusConfig, {"listen": _scalar_field(parse_address)}),
-    "log": (LogConfig, {"access": _scalar_field(_opt_str), "access_format": _scalar_field(_choice("combined", "json"))}),
+    "log": (LogConfig, {"access": _scalar_field(_opt_str), "access_format": _scalar_field(_choice("combined", "json")),
+                        "format": _scalar_field(_choice("text", "json"))}),
     "metrics": (MetricsConfig, {"listen": _scalar_field(parse_address), "per_group": _scalar_field(_bool),
                                 "max_groups": _scalar_field(_positive_int)}),
     "tls": (TlsConfig, {
@@ -666,6 +668,7 @@ _ENV_KEYS: dict[str, tuple[str, str]] = {  # variable → (dotted key, kind: str
     "WAKEPROXY_METRICS_LISTEN": ("metrics.listen", "opt"),
     "WAKEPROXY_ACCESS_LOG": ("log.access", "opt"),
     "WAKEPROXY_ACCESS_LOG_FORMAT": ("log.access_format", "str"),
+    "WAKEPROXY_LOG_FORMAT": ("log.format", "str"),
     "WAKEPROXY_CERTS_DIR": ("tls.certs_dir", "opt"),
     "WAKEPROXY_DEFAULT_CERT": ("tls.default_cert", "opt"),
     "WAKEPROXY_DEFAULT_KEY": ("tls.default_key", "opt"),

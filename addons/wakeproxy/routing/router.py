@@ -19,6 +19,7 @@ from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.routing.labels import normalize_host
 from wakeproxy.routing.snapshot import Backend, PathRoute, Site
 from wakeproxy.runtime import Runtime
+from wakeproxy.wake.orchestrator import wake_fields
 from wakeproxy.wake.waker import CONTROL_PREFIX, Wake, Waker
 
 logger = get_logger(__name__)
@@ -112,7 +113,7 @@ class Router:
         if wake is not None and not wake.first_byte_logged:
             wake.first_byte_logged = True
             wake.mark("first byte")
-            logger.info(f"wake {wake.group}: first response ({wake.timing()})")
+            logger.info(f"wake {wake.group}: first response ({wake.timing()})", extra=wake_fields(wake, "first_byte"))
         if resp is None or resp.stream:
             return
         if resp.headers.get("content-type", "").startswith("text/event-stream") or (

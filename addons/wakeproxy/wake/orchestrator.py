@@ -128,6 +128,15 @@ def replicas_of(snap: Snapshot, service_id: str) -> int:
     return st.replicas if st is not None and st.replicas else 1
 
 
+def wake_fields(wake: Wake, result: str, status: int | None = None) -> dict[str, Any]:
+    """A wake's line as structured fields (log.format json): its group, result and each phase in ms."""
+    out: dict[str, Any] = {"event": "wake", "group": wake.group, "result": result,
+                           "ms": {k.replace(" ", "_"): round(v * 1000) for k, v in wake.marks.items()}}
+    if status is not None:
+        out["status"] = status
+    return {"wakeproxy": out}
+
+
 def members_text(snap: Snapshot, group: Group) -> str:
     """"3 container(s)", "1 service(s)", or "2 container(s) and 1 service(s)": what a group is made of."""
     services = sum(1 for cid in group.members if (i := snap.containers.get(cid)) is not None and i.is_service)
@@ -225,14 +234,15 @@ class Orchestrator:
             del self.recent[next(iter(self.recent))]  # the oldest
         if exc is None:
             if self.log_outcomes:
-                logger.info(f"wake {wake.group}: ready ({wake.timing()})")
+                logger.info(f"wake {wake.group}: ready ({wake.timing()})", extra=wake_fields(wake, "ready"))
             return
         if not isinstance(exc, WakeFailed):
             logger.error(f"wake {wake.group}: internal error", exc_info=exc)
             exc = WakeFailed(502, "Wake-up failed", f"wakeproxy could not start '{wake.group}': {exc}")
         wake.fail(exc)
         if self.log_outcomes:
-            logger.warning(f"wake {wake.group}: {exc.message} ({wake.timing()})")
+            logger.warning(f"wake {wake.group}: {exc.message} ({wake.timing()})",
+                           extra=wake_fields(wake, "timeout" if exc.status == 504 else "failed", exc.status))
         if exc.cools:  # a failed start, or an engine that refused (out of addresses): not again at once
             self._cooldown[wake.group] = (time.monotonic() + self.runtime.config.wake.retry_after, exc)
 
