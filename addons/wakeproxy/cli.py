@@ -65,6 +65,13 @@ def build_master(config_path: str, verbosity: str = "info", role: str = "single"
             "wakeproxy: this mitmproxy's AddonManager is not the shape wakeproxy.dispatch expects; "
             "using the stock hook dispatch (slower, same behaviour)")
     m._termlog_addon = termlog.TermLog()
+    try:
+        if load_config(config_path).log.format == "json":  # before the addons below log their first lines
+            from wakeproxy.observe.jsonlog import use_json
+
+            use_json(m._termlog_addon, role)
+    except ConfigError:
+        pass  # said when the option is set, below
     if role == "controller":
         m.addons.add(m._termlog_addon, core.Core(), errorcheck.ErrorCheck(), *bundle.make_controller_addons())
     else:
@@ -78,13 +85,6 @@ def build_master(config_path: str, verbosity: str = "info", role: str = "single"
             errorcheck.ErrorCheck(),
             *ours,
         )
-    try:
-        if load_config(config_path).log.format == "json":
-            from wakeproxy.observe.jsonlog import use_json
-
-            use_json(m._termlog_addon, role)
-    except ConfigError:
-        pass  # said when the option is set, just below
     opts.update(termlog_verbosity=verbosity, wakeproxy_config=config_path)
     return m
 

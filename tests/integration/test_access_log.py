@@ -48,3 +48,27 @@ def test_every_request_is_one_line_with_every_field(proxy, backend_container, ho
             assert r["tls"] == "-" and r["held"] == "-"
     other = next(r for r in rows if r["host"] != h)
     assert (other["status"] == 404) if fmt == "json" else other["status"] == "404"
+
+
+def test_json_logs_are_one_object_a_line_with_the_wakes_phases(proxy, backend_container, host, run_id):
+    h = host("jl-wake")
+    backend_container("jl-wake", start=False, labels={"wakeproxy.host": h})
+    p = proxy({"log": {"format": "json"}, "workers": 2})
+    assert proxied(p, h, timeout=60).status_code == 200
+
+    def lines() -> list[dict]:
+        out = []
+        for line in p.log().splitlines():
+            if line.startswith("{"):
+                out.append(json.loads(line))
+        return out
+
+    ready = wait_for(lambda: [d for d in lines() if d.get("event") == "wake" and d.get("result") == "ready"], 10, 0.1,
+                     "the wake's line")
+    d = ready[0]
+    assert d["group"] == f"{run_id}-jl-wake" and d["role"] == "controller" and d["level"] == "info"
+    assert d["ms"]["port_ready"] >= d["ms"]["start_calls"] >= 0
+    roles = {d["role"] for d in lines()}
+    assert {"controller", "worker"} <= roles, roles
+    text_lines = [line for line in p.log().splitlines() if line.strip() and not line.startswith("{")]
+    assert all(line.startswith(("wakeproxy: ", "wakeproxy ready")) for line in text_lines), text_lines[:5]
