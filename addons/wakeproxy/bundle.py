@@ -50,11 +50,12 @@ def make_addons(runtime: Runtime | None = None) -> list[Any]:
     status = StatusServer(runtime, waker, idle, extra={"certificates": acme.status, "container": core.container_status})
     requests = RequestMetrics()
     metrics = Metrics(runtime, status, waker.core, idle, certificates, core, acme, requests=requests)
-    # Hygiene right after the config: its requestheaders runs before every other addon's. The request
-    # metrics last: they see each answer as it leaves (our pages included).
-    return [core, Hygiene(runtime), ConnectionLimits(runtime), *tls_addons, waker,
+    # The request metrics first: a request's clock starts before the router may hold it for a wake (an
+    # addon's async hook delays every later addon's). Hygiene next: its requestheaders runs before the
+    # rest's.
+    return [core, requests, Hygiene(runtime), ConnectionLimits(runtime), *tls_addons, waker,
             Router(runtime, waker), idle, status, Upstream(runtime, waker), errorpages.UpstreamErrors(runtime),
-            metrics, requests, AccessLog(runtime)]
+            metrics, AccessLog(runtime)]
 
 
 def make_controller_addons(runtime: Runtime | None = None) -> list[Any]:
@@ -101,6 +102,6 @@ def make_worker_addons(runtime: Runtime | None = None) -> list[Any]:
     requests = RequestMetrics()
     plane.metrics = requests
     tls_addons = [certificates, ChallengeAnswers(tokens), HttpsPolicy(runtime, certificates)]
-    return [WorkerCore(runtime, plane), Hygiene(runtime), ConnectionLimits(runtime), *tls_addons, waker,
+    return [WorkerCore(runtime, plane), requests, Hygiene(runtime), ConnectionLimits(runtime), *tls_addons, waker,
             Router(runtime, waker), idle, Upstream(runtime, waker), errorpages.UpstreamErrors(runtime), plane,
-            _WorkerMetricsConfig(runtime, requests), requests, AccessLog(runtime)]
+            _WorkerMetricsConfig(runtime, requests), AccessLog(runtime)]

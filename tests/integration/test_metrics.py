@@ -89,6 +89,12 @@ def test_a_real_prometheus_sees_the_wake_the_requests_and_the_groups(prometheus,
     buckets = query(prom, 'wakeproxy_wake_duration_seconds_bucket{le="+Inf"}')
     assert buckets == {(("le", "+Inf"), ("result", "ok")): 1.0}
     assert query(prom, "wakeproxy_wake_held_seconds_count") == {(): 1.0}
+    # The held request's clock started before the hold: it took as long as the wake (a container start).
+    (held_sum,) = query(prom, "wakeproxy_wake_held_seconds_sum").values()
+    (wake_sum,) = query(prom, "wakeproxy_wake_duration_seconds_sum").values()
+    assert held_sum >= wake_sum * 0.9 and held_sum > 0.1, (held_sum, wake_sum)
+    fast = query(prom, 'wakeproxy_http_request_duration_seconds_bucket{code="2xx",le="0.1"}')
+    assert fast[(("code", "2xx"), ("le", "0.1"))] <= 5  # not the woken one
     groups = query(prom, "wakeproxy_groups")
     assert groups[(("state", "running"),)] >= 2  # ours (the session may hold other projects' too)
     assert query(prom, "wakeproxy_docker_connected") == {(): 1.0}

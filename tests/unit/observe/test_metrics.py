@@ -171,3 +171,15 @@ def test_the_exporter_serves_its_sample_on_its_own_listener_and_a_taken_port_is_
         other.start(Address("127.0.0.1", taken))
         assert other._server is None
         assert any("cannot listen" in r.getMessage() for r in caplog.records)
+
+
+def test_a_requests_clock_starts_before_the_router_can_hold_it() -> None:
+    """mitmproxy runs a flow's hooks addon by addon, awaiting each: the router's requestheaders holds a
+    request for a wake, so the metrics must come before it (or the hold would not be in the durations)."""
+    from wakeproxy import bundle
+    from wakeproxy.routing.router import Router
+
+    for make in (bundle.make_addons, bundle.make_worker_addons):
+        addons = make()
+        kinds = [type(a) for a in addons]
+        assert kinds.index(m.RequestMetrics) < kinds.index(Router), make.__name__
