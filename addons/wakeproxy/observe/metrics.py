@@ -318,64 +318,48 @@ def families(sample: Sample) -> Iterator[Any]:
     """The metric families of a sample (prometheus_client's core types), for the collector."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-    c = sample.counts
-    requests = CounterMetricFamily("wakeproxy_http_requests", "Requests answered, by status class and method",
-                                   labels=["code", "method"])
-    for key, n in sorted(c.requests.items()):
-        code, method = key.split(" ", 1)
-        requests.add_metric([code, method], n)
-    yield requests
-    duration = HistogramMetricFamily("wakeproxy_http_request_duration_seconds",
-                                     "Time from the request's head to the end of the answer, by status class",
-                                     labels=["code"])
-    for cls, h in sorted(c.durations.items()):
-        duration.add_metric([cls], h.cumulative(), h.total)
-    yield duration
-    held = HistogramMetricFamily("wakeproxy_wake_held_seconds",
-                                 "Requests that waited for a wake: time until the first byte of the answer")
-    held.add_metric([], c.held.cumulative(), c.held.total)
-    yield held
+    def counter(name: str, doc: str, labels: list[str], rows: Iterable[tuple[str, float]]) -> Any:
+        """A counter whose label values are the row keys split at spaces ("2xx GET")."""
+        fam = CounterMetricFamily(name, doc, labels=labels)
+        for key, n in rows:
+            fam.add_metric(key.split(" ", len(labels) - 1), n)
+        return fam
+
+    def histogram(name: str, doc: str, label: str | None, rows: Iterable[tuple[str, Histogram]]) -> Any:
+        fam = HistogramMetricFamily(name, doc, labels=[label] if label else [])
+        for key, h in rows:
+            fam.add_metric([key] if label else [], h.cumulative(), h.total)
+        return fam
+
+    c, w = sample.counts, sample.wakes
+    yield counter("wakeproxy_http_requests", "Requests answered, by status class and method", ["code", "method"],
+                  sorted(c.requests.items()))
+    yield histogram("wakeproxy_http_request_duration_seconds",
+                    "Time from the request's head to the end of the answer, by status class", "code",
+                    sorted(c.durations.items()))
+    yield histogram("wakeproxy_wake_held_seconds",
+                    "Requests that waited for a wake: time until the first byte of the answer", None, [("", c.held)])
     yield GaugeMetricFamily("wakeproxy_http_requests_in_flight", "Requests being answered now", value=c.inflight)
     conns = GaugeMetricFamily("wakeproxy_open_connections", "Client connections open now, by protocol",
                               labels=["protocol"])
     for proto in PROTOCOLS:
         conns.add_metric([proto], c.connections.get(proto, 0))
     yield conns
-    pages = CounterMetricFamily("wakeproxy_pages_served", "The proxy's own pages (errors, the waking page)",
-                                labels=["page"])
-    for page in PAGES:
-        pages.add_metric([page], c.pages.get(page, 0))
-    yield pages
+    yield counter("wakeproxy_pages_served", "The proxy's own pages (errors, the waking page)", ["page"],
+                  [(p, c.pages.get(p, 0)) for p in PAGES])
     if c.groups:
-        per = CounterMetricFamily("wakeproxy_group_requests", "Requests routed to a group (metrics.per_group)",
-                                  labels=["group"])
-        for g, n in sorted(c.groups.items()):
-            per.add_metric([g], n)
-        yield per
-    w = sample.wakes
-    wakes = CounterMetricFamily("wakeproxy_wakes", "Wakes of sleeping groups, by kind and result",
-                                labels=["kind", "result"])
-    for key, n in sorted(w.wakes.items()):
-        kind, result = key.split(" ", 1)
-        wakes.add_metric([kind, result], n)
-    yield wakes
-    wake_duration = HistogramMetricFamily("wakeproxy_wake_duration_seconds",
-                                          "From the first request to a sleeping group until it is ready, by result",
-                                          labels=["result"])
-    for result, h in sorted(w.durations.items()):
-        wake_duration.add_metric([result], h.cumulative(), h.total)
-    yield wake_duration
-    stops = CounterMetricFamily("wakeproxy_idle_stops", "Groups put to sleep, by action and reason",
-                                labels=["action", "reason"])
-    for key, n in sorted(w.stops.items()):
-        action, reason = key.split(" ", 1)
-        stops.add_metric([action, reason], n)
-    yield stops
+        yield counter("wakeproxy_group_requests", "Requests routed to a group (metrics.per_group)", ["group"],
+                      sorted(c.groups.items()))
+    yield counter("wakeproxy_wakes", "Wakes of sleeping groups, by kind and result", ["kind", "result"],
+                  sorted(w.wakes.items()))
+    yield histogram("wakeproxy_wake_duration_seconds",
+                    "From the first request to a sleeping group until it is ready, by result", "result",
+                    sorted(w.durations.items()))
+    yield counter("wakeproxy_idle_stops", "Groups put to sleep, by action and reason", ["action", "reason"],
+                  sorted(w.stops.items()))
     if w.group_wakes:
-        gw = CounterMetricFamily("wakeproxy_group_wakes", "Wakes per group (metrics.per_group)", labels=["group"])
-        for g, n in sorted(w.group_wakes.items()):
-            gw.add_metric([g], n)
-        yield gw
+        yield counter("wakeproxy_group_wakes", "Wakes per group (metrics.per_group)", ["group"],
+                      sorted(w.group_wakes.items()))
     for name, value in sorted(sample.gauges.items()):
         yield GaugeMetricFamily(name, _HELP.get(name, name), value=value)
     for name, (labels, rows) in sorted(sample.labelled.items()):

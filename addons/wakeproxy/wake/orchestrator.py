@@ -122,6 +122,15 @@ class Wake:
 
 
 
+def _reachable_endpoints(snap: Snapshot, member: str) -> tuple[Backend, ...]:
+    """A routed member's backends; a 502 WakeFailed when the snapshot says it cannot be reached."""
+    endpoints = snap.endpoints.get(member, ())
+    problem = next((b.problem for b in endpoints if b.problem), None)
+    if problem:
+        raise WakeFailed(502, "Site unreachable", problem)
+    return endpoints
+
+
 def replicas_of(snap: Snapshot, service_id: str) -> int:
     """How many replicas a service is woken to: its replicas label (capped by the policy), else 1."""
     st = snap.settings.get(service_id)
@@ -413,10 +422,7 @@ class Orchestrator:
             return Member.HEALTH, f"running, health: {info.health}"
         if not routed:
             return Member.READY, "ready"
-        endpoints = snap.endpoints.get(info.id, ())
-        problem = next((b.problem for b in endpoints if b.problem), None)
-        if problem:
-            raise WakeFailed(502, "Site unreachable", problem)
+        endpoints = _reachable_endpoints(snap, info.id)
         if not endpoints or any(b.address is None for b in endpoints):
             return Member.ADDRESS, "running, waiting for its network address"
         return Member.PORT, "running, not yet accepting connections"
@@ -442,10 +448,7 @@ class Orchestrator:
             return Member.NOT_RUNNING, text
         if not routed:
             return Member.READY, "ready"
-        endpoints = snap.endpoints.get(info.id, ())
-        problem = next((b.problem for b in endpoints if b.problem), None)
-        if problem:
-            raise WakeFailed(502, "Site unreachable", problem)
+        endpoints = _reachable_endpoints(snap, info.id)
         if len([b for b in endpoints if b.address]) < min(target, len(running)):
             return Member.ADDRESS, "tasks running, waiting for their network addresses"
         return Member.PORT, "tasks running, not yet accepting connections"
