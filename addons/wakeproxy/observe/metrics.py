@@ -362,18 +362,14 @@ def families(sample: Sample) -> Iterator[Any]:
                       sorted(w.group_wakes.items()))
     for name, value in sorted(sample.gauges.items()):
         yield GaugeMetricFamily(name, _HELP.get(name, name), value=value)
-    for name, (labels, rows) in sorted(sample.labelled.items()):
-        fam = GaugeMetricFamily(name, _HELP.get(name, name), labels=list(labels))
-        for values, value in rows:
-            fam.add_metric(list(values), value)
-        yield fam
     for name, value in sorted(sample.counters.items()):
         yield CounterMetricFamily(name, _HELP.get(name, name), value=value)
-    for name, (labels, rows) in sorted(sample.labelled_counters.items()):
-        cfam = CounterMetricFamily(name, _HELP.get(name, name), labels=list(labels))
-        for values, value in rows:
-            cfam.add_metric(list(values), value)
-        yield cfam
+    for kind, table in ((GaugeMetricFamily, sample.labelled), (CounterMetricFamily, sample.labelled_counters)):
+        for name, (labels, rows) in sorted(table.items()):
+            fam = kind(name, _HELP.get(name, name), labels=list(labels))
+            for values, value in rows:
+                fam.add_metric(list(values), value)
+            yield fam
     info = GaugeMetricFamily("wakeproxy_build_info", "wakeproxy's version, and mitmproxy's and Python's",
                              labels=sorted(sample.build))
     info.add_metric([sample.build[k] for k in sorted(sample.build)], 1)

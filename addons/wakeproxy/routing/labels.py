@@ -192,20 +192,15 @@ def group_of(info: ContainerInfo) -> tuple[str, str, str]:
     """
     own = (info.labels.get(GROUP_LABEL) or "").strip()
     if info.kind == SERVICE:
-        stack = (info.labels.get(STACK_LABEL) or "").strip()
-        if stack:
-            key = stack if not own or own == stack else f"{stack}/{own}"
-            return "stack", key, key
-        if own:
-            return "group", own, own
-        return "service", info.name, info.name
-    project = info.labels.get(PROJECT_LABEL) or ""
-    if project:
-        key = project if not own or own == project else f"{project}/{own}"
-        return "compose", key, key
+        parent, (parent_kind, alone) = (info.labels.get(STACK_LABEL) or "").strip(), ("stack", "service")
+    else:
+        parent, (parent_kind, alone) = info.labels.get(PROJECT_LABEL) or "", ("compose", "container")
+    if parent:
+        key = parent if not own or own == parent else f"{parent}/{own}"
+        return parent_kind, key, key
     if own:
         return "group", own, own
-    return "container", info.name, info.name
+    return alone, info.name, info.name
 
 
 def check_group_labels(labels: Mapping[str, str]) -> None:
