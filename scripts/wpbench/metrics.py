@@ -27,21 +27,20 @@ class MetricsSection:
             f = tflow.tflow(resp=True)
             f.metadata["wakeproxy.group"] = f"g{i % groups}"
             flows.append(f)
-        t0 = time.perf_counter()
-        for f in flows:
-            rm.requestheaders(f)
-            rm.responseheaders(f)
-            rm.response(f)
-        per_request_on = (time.perf_counter() - t0) / len(flows) * 1e6
-        off = m.RequestMetrics()
-        for f in flows:
-            f.metadata.pop("wakeproxy.t0", None)
-        t0 = time.perf_counter()
-        for f in flows:
-            off.requestheaders(f)
-            off.responseheaders(f)
-            off.response(f)
-        per_request_off = (time.perf_counter() - t0) / len(flows) * 1e6
+
+        def per_request(counter: m.RequestMetrics) -> float:
+            """µs of the three hooks a request calls, over every prepared flow."""
+            for f in flows:
+                f.metadata.pop("wakeproxy.t0", None)
+            t0 = time.perf_counter()
+            for f in flows:
+                counter.requestheaders(f)
+                counter.responseheaders(f)
+                counter.response(f)
+            return (time.perf_counter() - t0) / len(flows) * 1e6
+
+        per_request_on = per_request(rm)
+        per_request_off = per_request(m.RequestMetrics())
         wakes = m.WakeCounts()
         for i in range(groups):
             wakes.wake(f"g{i}", "container", "ok", 0.5 + i % 7, per_group=True, max_groups=2000)

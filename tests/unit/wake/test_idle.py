@@ -823,6 +823,16 @@ def test_a_group_the_names_policy_refuses_is_never_removed(tmp_path):
     assert keeper.ops.calls == []
 
 
+def _retire_p_now(keeper) -> None:
+    """Group "p" seen, then unused since the epoch: its retirement runs (and gets 0.1 s to finish)."""
+    async def run():
+        keeper.check(1000.0)
+        keeper.used["p"] = 0.0
+        keeper.check(1000.0)
+        await asyncio.sleep(0.1)
+    asyncio.run(run())
+
+
 def test_a_member_started_during_the_quiesce_keeps_the_group(tmp_path):
     web = _net(c("web", "web.test", state="exited", project="p"), "p_default")
     keeper = make_keeper(web, tmp_path=tmp_path, remove_after=60.0)
@@ -834,12 +844,7 @@ def test_a_member_started_during_the_quiesce_keeps_the_group(tmp_path):
         return True
     keeper.quiesce = quiesce
 
-    async def run():
-        keeper.check(1000.0)
-        keeper.used["p"] = 0.0
-        keeper.check(1000.0)
-        await asyncio.sleep(0.1)
-    asyncio.run(run())
+    _retire_p_now(keeper)
     assert not [call for call in keeper.ops.calls if call[1] in ("rm", "network rm")]
     assert keeper.used["p"] > 1000.0 - 1  # counted as used: a full remove_after again
 
@@ -851,11 +856,6 @@ def test_only_the_projects_own_networks_are_removed(tmp_path):
     keeper = make_keeper(web, tmp_path=tmp_path, remove_after=60.0)
     keeper.runtime.publish(build_snapshot([web], SourcesConfig(), (), {"p_default": "bridge"}))
 
-    async def run():
-        keeper.check(1000.0)
-        keeper.used["p"] = 0.0
-        keeper.check(1000.0)
-        await asyncio.sleep(0.1)
-    asyncio.run(run())
+    _retire_p_now(keeper)
     removed = [name for step, what, name, _ in keeper.ops.calls if step == "end" and what == "network rm"]
     assert removed == ["p_default"]
