@@ -14,6 +14,7 @@ from wakeproxy.certs.challenges import ChallengeAnswers, ChallengeTokens
 from wakeproxy.certs.https import HttpsPolicy
 from wakeproxy.certs.store import Certificates
 from wakeproxy.core import WakeProxy
+from wakeproxy.debug.ui import DebugUI
 from wakeproxy.mitm import earlyanswer, errorpages, h2reuse, headbound
 from wakeproxy.mitm.limits import ConnectionLimits
 from wakeproxy.mitm.upstream import Upstream
@@ -47,7 +48,9 @@ def make_addons(runtime: Runtime | None = None) -> list[Any]:
     acme = AcmeManager(runtime, certificates, tokens)
     tls_addons = [certificates, ChallengeAnswers(tokens), acme, HttpsPolicy(runtime, certificates)]
     core = WakeProxy(runtime)
-    status = StatusServer(runtime, waker, idle, extra={"certificates": acme.status, "container": core.container_status})
+    debug = DebugUI(runtime)
+    status = StatusServer(runtime, waker, idle, extra={"certificates": acme.status, "container": core.container_status,
+                                                       "debug": debug.status})
     requests = RequestMetrics()
     metrics = Metrics(runtime, status, waker.core, idle, certificates, core, acme, requests=requests)
     # The request metrics first: a request's clock starts before the router may hold it for a wake (an
@@ -55,7 +58,7 @@ def make_addons(runtime: Runtime | None = None) -> list[Any]:
     # rest's.
     return [core, requests, Hygiene(runtime), ConnectionLimits(runtime), *tls_addons, waker,
             Router(runtime, waker), idle, status, Upstream(runtime, waker), errorpages.UpstreamErrors(runtime),
-            metrics, AccessLog(runtime)]
+            metrics, AccessLog(runtime), debug]
 
 
 def make_controller_addons(runtime: Runtime | None = None) -> list[Any]:
@@ -71,10 +74,12 @@ def make_controller_addons(runtime: Runtime | None = None) -> list[Any]:
     acme = AcmeManager(runtime, certificates, tokens)
     plane = ControllerPlane(runtime, waker.core, idle, certificates, tokens)
     core = WakeProxy(runtime, announce="controller ready")
+    debug = DebugUI(runtime)
+    debug.watchers.append(plane.watch_changed)
     status = StatusServer(runtime, waker, idle, extra={"certificates": acme.status, "workers": plane.status,
-                                                       "container": core.container_status})
+                                                       "container": core.container_status, "debug": debug.status})
     metrics = Metrics(runtime, status, waker.core, idle, certificates, core, acme, plane=plane)
-    return [core, certificates, acme, waker, idle, plane, status, metrics]
+    return [core, certificates, acme, waker, idle, plane, status, metrics, debug]
 
 
 class _WorkerMetricsConfig:

@@ -5,6 +5,8 @@
     wakeproxy status [--config FILE] [--json]
                                        groups, their state and idle clocks, from the running proxy
     wakeproxy health [--config FILE]   exit 0 when the running proxy serves (the image's HEALTHCHECK)
+    wakeproxy debug [HOST|GROUP] [--for 30m] [--off]
+                                       one sandbox's live traffic in mitmweb, on the running proxy
     wakeproxy web [--config FILE] [MITMWEB ARGS…]
                                        the same proxy inside mitmweb, to watch live traffic
     wakeproxy --version                wakeproxy's, mitmproxy's and Python's versions
@@ -328,6 +330,62 @@ def _status(config_path: str, url: str | None, as_json: bool) -> int:
     return EXIT_NO_DOCKER if blind else 0
 
 
+def _debug(config: Any, name: str | None, length: str | None, off: bool, as_json: bool) -> int:
+    """`wakeproxy debug`: ask the running proxy (its admin socket) to watch, stop watching, or list."""
+    import json
+
+    from wakeproxy.config import parse_duration
+    from wakeproxy.debug.ui import ask
+
+    request: dict[str, Any]
+    if off:
+        request = {"op": "off", "name": name or ""}
+    elif name:
+        request = {"op": "watch", "name": name}
+        if length is not None:
+            try:
+                request["for"] = parse_duration(length)
+            except ValueError as e:
+                print(f"wakeproxy debug: --for {length}: {e}", file=sys.stderr)
+                return EXIT_CONFIG
+    else:
+        request = {"op": "list"}
+    try:
+        answer = ask(config.state_dir, request)
+    except FileNotFoundError:
+        print(f"wakeproxy debug: no running proxy found ({config.state_dir}/run/admin.sock); is it started "
+              f"with this config?", file=sys.stderr)
+        return 1
+    except PermissionError:
+        print(f"wakeproxy debug: {config.state_dir}/run/admin.sock is the operator's: run this as the user "
+              f"the proxy runs as (or root; in a container: docker exec)", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:
+        print(f"wakeproxy debug: the running proxy did not answer ({e})", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(answer, indent=2))
+        return 1 if "error" in answer else 0
+    if "error" in answer:
+        print(f"wakeproxy debug: {answer['error']}", file=sys.stderr)
+    watches = answer.get("watches") or []
+    labels = answer.get("labels") or []
+    if not watches and not labels:
+        print("nothing is watched" + ("" if "error" in answer else " (the debug UI is stopped)"))
+        return 1 if "error" in answer else 0
+    if answer.get("url"):
+        print(f"mitmweb: {answer['url']}")
+        print("  (the token is the key to this traffic: share it only with who may see it)")
+    else:
+        why = answer.get("problem") or f"it is {answer.get('state')}"
+        print(f"mitmweb: not up ({why}); the watched sandboxes are routed directly meanwhile")
+    rows = [("WATCHED", "WHAT", "ENDS IN", "BY")]
+    rows += [(w["target"], w["kind"], format_duration(float(w["left"])), "wakeproxy debug") for w in watches]
+    rows += [(h, "host", "-", "label wakeproxy.debug") for h in labels]
+    _table(rows)
+    return 1 if "error" in answer else 0
+
+
 def _table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -340,7 +398,8 @@ COMMANDS = {
     "check": "validate the config and the files it names, then exit (status 2 on a problem)",
     "status": "groups, conflicts, certificates and the Docker engine, from the running proxy",
     "health": "exit 0 when the running proxy serves, 1 saying why not (for HEALTHCHECK)",
-    "web": "the same proxy inside mitmweb, to watch live traffic (starts, stops and orders nothing unless --manage)",
+    "debug": "show one sandbox's live traffic in mitmweb, on the running proxy (no restart; others unrecorded)",
+    "web": "the whole proxy inside mitmweb, by hand (starts, stops and orders nothing unless --manage)",
 }
 
 
@@ -377,6 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     if command == "status":
         parser.add_argument("--json", action="store_true", help="print the raw JSON")
         parser.add_argument("--url", help="status endpoint (default: http://<status.listen>/status from the config)")
+    if command == "debug":
+        parser.add_argument("name", nargs="?", metavar="HOST|GROUP", help="what to watch (none: list what is watched)")
+        parser.add_argument("--for", dest="length", metavar="DURATION", help="how long (default: debug.default_for, 30m)")
+        parser.add_argument("--off", action="store_true", help="stop watching HOST|GROUP (without a name: everything)")
+        parser.add_argument("--json", action="store_true", help="print the raw JSON")
     if command == "run":
         parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
         parser.add_argument("--quiet", "-q", action="store_true", help="log warnings and errors only")
@@ -395,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         from wakeproxy.planes.supervisor import reload
 
         return reload(config)
+    if command == "debug":
+        return _debug(config, args.name, args.length, args.off, args.json)
     if role != "single":
         verbosity = "debug" if args.verbose else "warn" if args.quiet else "info"
         try:

@@ -114,6 +114,7 @@ class LabelTrustConfig:
     cert_name: bool = False  # wakeproxy.cert-name / io.docksal.cert-name
     https_redirect: bool = False  # wakeproxy.https-redirect=false
     keep_awake: bool = True  # io.docksal.permanent, wakeproxy.idle-timeout=0 or above idle.timeout
+    debug: bool = False  # wakeproxy.debug=true: the container's traffic shown in the debug UI (`wakeproxy debug`)
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,17 @@ class MetricsConfig:
     listen: Address | None = Address("127.0.0.1", 9180)  # GET /metrics; null turns it off
     per_group: bool = False  # series per group (requests, wakes, last activity): bounded by max_groups
     max_groups: int = 2000  # groups with series of their own at most; the rest are summed as "other"
+
+
+@dataclass(frozen=True)
+class DebugConfig:
+    """`wakeproxy debug`: one sandbox's live traffic in mitmweb (debug/), started only while something is watched."""
+
+    listen: Address = Address("127.0.0.1", 8081)  # mitmweb's UI (token required); keep it on loopback
+    max_flows: int = 500  # flows the UI keeps (the oldest finished ones go first)
+    max_body: int = 1024 * 1024  # bodies above this are passed through, not kept (stream_large_bodies)
+    default_for: float = 1800.0  # `wakeproxy debug NAME` without --for
+    max_for: float = 86400.0  # the longest --for accepted
 
 
 @dataclass(frozen=True)
@@ -230,6 +242,7 @@ class Config:
     idle: IdleConfig = field(default_factory=IdleConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     log: LogConfig = field(default_factory=LogConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     acme: AcmeConfig = field(default_factory=AcmeConfig)
@@ -304,6 +317,13 @@ def parse_address(value: Any) -> Address | None:
     if not 0 < port < 65536:
         raise ValueError(f"port {port} is out of range 1-65535")
     return Address(host, port)
+
+
+def _required_address(value: Any) -> Address:
+    addr = parse_address(value)
+    if addr is None:
+        raise ValueError("expected \"host:port\" (this listener cannot be turned off)")
+    return addr
 
 
 def _hostname(value: Any) -> str | None:
@@ -601,6 +621,10 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[_Reader, yaml.Node, str], A
                         "format": _scalar_field(_choice("text", "json"))}),
     "metrics": (MetricsConfig, {"listen": _scalar_field(parse_address), "per_group": _scalar_field(_bool),
                                 "max_groups": _scalar_field(_positive_int)}),
+    "debug": (DebugConfig, {"listen": _scalar_field(_required_address), "max_flows": _scalar_field(_positive_int),
+                            "max_body": _scalar_field(_int_at_least(1024, "bytes")),
+                            "default_for": _scalar_field(_positive_duration),
+                            "max_for": _scalar_field(_positive_duration)}),
     "tls": (TlsConfig, {
         "certs_dir": _scalar_field(_opt_path),
         "default_cert": _scalar_field(_opt_path),
@@ -666,6 +690,7 @@ _ENV_KEYS: dict[str, tuple[str, str]] = {  # variable → (dotted key, kind: str
     "WAKEPROXY_REMOVE_AFTER": ("idle.remove_after", "str"),
     "WAKEPROXY_STATUS_LISTEN": ("status.listen", "opt"),
     "WAKEPROXY_METRICS_LISTEN": ("metrics.listen", "opt"),
+    "WAKEPROXY_DEBUG_LISTEN": ("debug.listen", "str"),
     "WAKEPROXY_ACCESS_LOG": ("log.access", "opt"),
     "WAKEPROXY_ACCESS_LOG_FORMAT": ("log.access_format", "str"),
     "WAKEPROXY_LOG_FORMAT": ("log.format", "str"),

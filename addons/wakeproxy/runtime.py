@@ -16,6 +16,7 @@ from typing import Any
 
 from wakeproxy.config import Config
 from wakeproxy.routing.snapshot import Snapshot
+from wakeproxy.routing.watch import Watch
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Runtime:
     snapshot: Snapshot = field(default_factory=Snapshot)
     engine: EngineState = field(default_factory=EngineState)
     manage: bool = True  # False in a debugging copy (`wakeproxy web`): no start, stop, pause, ACME order
+    watch: Watch = field(default_factory=Watch)  # what goes through the debug UI (routing/watch.py)
     listeners: list[Callable[[ContainerEvent], None]] = field(default_factory=list)
     # Groups being put to sleep by the idle keeper: a request for one waits for the stop, then wakes it.
     stopping: dict[str, asyncio.Task[Any]] = field(default_factory=dict)

@@ -10,43 +10,14 @@ installs them); selenium must not download a browser or a driver.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import pytest
 from harness import wait_for
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 APP_TITLE = "Browser wake app"
 APP_TEXT = "Hello from the woken app"
-
-
-@pytest.fixture
-def browser(tmp_path):
-    """Headless Chromium whose resolver maps every *.test name to 127.0.0.1."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    for exe in (CHROMIUM, CHROMEDRIVER):
-        assert os.access(exe, os.X_OK), f"{exe} missing: install Debian's chromium and chromium-driver"
-    profile = tmp_path / "chromium-profile"
-    profile.mkdir()
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--no-proxy-server", "--disable-dev-shm-usage",
-                 f"--user-data-dir={profile}", "--host-resolver-rules=MAP *.test 127.0.0.1"):
-        options.add_argument(flag)
-    service = Service(executable_path=CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"))
-    driver = webdriver.Chrome(options=options, service=service)
-    try:
-        driver.set_page_load_timeout(30)
-        yield driver
-    finally:
-        driver.quit()
 
 
 @pytest.fixture

@@ -175,6 +175,7 @@ class ControllerPlane:
         peer.send("wakes", list(self._waking))
         peer.send("cooling", self._cooling_body(self.orchestrator.cooling_now()))
         peer.send("tokens", self.tokens.export())
+        peer.send("watch", to_plain(self.runtime.watch))
         self._send_certs(peer, info)
         # Even before the first sync: the worker then holds requests and says the engine is away.
         await self._sync(peer, info)
@@ -352,6 +353,10 @@ class ControllerPlane:
         for peer, info in list(self.workers.items()):
             await self._sync(peer, info)
         return engine, snap
+
+    def watch_changed(self) -> None:
+        """What goes through the debug UI changed (debug/ui.py): every worker is told at once."""
+        self._broadcast("watch", to_plain(self.runtime.watch))
 
     def _certs_changed(self) -> None:
         if self._cert_push is None:

@@ -37,6 +37,7 @@ from wakeproxy.observe.metrics import RequestMetrics
 from wakeproxy.planes import channel
 from wakeproxy.planes.wire import from_plain, loaded
 from wakeproxy.routing.snapshot import Site, Snapshot
+from wakeproxy.routing.watch import Watch
 from wakeproxy.runtime import ContainerEvent, EngineState, Runtime
 from wakeproxy.wake.idle import IdleKeeper
 from wakeproxy.wake.orchestrator import Orchestrator, Wake, WakeFailed
@@ -189,6 +190,7 @@ class WorkerPlane:
                                 "retry": 10})
         self._asked.clear()
         self.wakes.elsewhere = frozenset()
+        self.runtime.watch = Watch()  # the controller's debug UI ends with it: route directly
         for name in list(self._held):
             self._release(name)
 
@@ -211,6 +213,8 @@ class WorkerPlane:
             self.runtime.engine = EngineState(**body)
         elif kind == "manage":
             self.runtime.manage = bool(body)
+        elif kind == "watch":
+            self.runtime.watch = from_plain(Watch, body)
         elif kind == "quiesce":
             self._quiesce(int(body["id"]), str(body["group"]))
         elif self._decoding is not None and not self._decoding.done():

@@ -36,6 +36,7 @@ LETSENCRYPT_ENV = "LETSENCRYPT_HOST"  # read by settings_for
 ACME_LABEL = "wakeproxy.acme"
 CERT_NAME_LABELS = ("wakeproxy.cert-name", "io.docksal.cert-name")
 REDIRECT_LABEL = "wakeproxy.https-redirect"
+DEBUG_LABEL = "wakeproxy.debug"
 _CERT_BASE = re.compile(r"[a-z0-9_*][a-z0-9_.*-]{0,253}")
 USED_ENV: frozenset[str] = frozenset({*NGINX_PROXY_ENV, LETSENCRYPT_ENV})
 
@@ -236,6 +237,7 @@ class ContainerSettings:
     cert_name: str | None = None  # wakeproxy.cert-name / io.docksal.cert-name: a custom certificate file base
     https_redirect: bool | None = None  # wakeproxy.https-redirect
     replicas: int | None = None  # a service's replicas when awake: wakeproxy.replicas / sablier.active.replicas
+    debug: bool = False  # wakeproxy.debug=true: its hosts' traffic in the debug UI (honoured where labels.debug)
 
 
 @dataclass(frozen=True)
@@ -798,6 +800,8 @@ def settings_for(info: ContainerInfo) -> ContainerSettings:
     redirect = check(_flag, labels.get(REDIRECT_LABEL), f"label {REDIRECT_LABEL}")
     idle_action = label("wakeproxy.idle-action", _idle_action)
     replicas = check(_replicas, labels) if info.kind == SERVICE else None
+    debug = check(_flag, labels.get(DEBUG_LABEL), f"label {DEBUG_LABEL}")
     errors.raise_any()
     return ContainerSettings(strategy, timeout, ready_path, labels.get("com.docker.compose.service"), deps,
-                             idle_timeout, idle_action, acme, letsencrypt, cert_name, redirect, replicas)
+                             idle_timeout, idle_action, acme, letsencrypt, cert_name, redirect, replicas,
+                             debug is True)

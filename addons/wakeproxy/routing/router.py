@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
-from mitmproxy import http
+from mitmproxy import connection, http
 
 from wakeproxy import pages
 from wakeproxy.observe.logsafe import get_logger
@@ -85,7 +85,7 @@ class Router:
             return None
         backends = route.ready_backends
         if backends and not self.waker.busy(site):
-            self.route_to(flow, self._pick(site, route, backends), host_header)
+            self.route_to(flow, self._pick(site, route, backends), host_header, site.host)
             return None
         # A sleeping route wakes the site's group as a whole (every path of a host is one group's).
         if self.waker.busy(site) or any(b.state != "running" and b.problem is None for b in route.backends):
@@ -103,7 +103,7 @@ class Router:
                 flow.request, 502, "Wake-up failed", f"'{site.host}' started but has no reachable container.",
                 "Check the containers' networks and logs.", site.host)
             return
-        self.route_to(flow, self._pick(fresh, route, backends), host_header)
+        self.route_to(flow, self._pick(fresh, route, backends), host_header, fresh.host)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         # Stream what must arrive as it is produced: server-sent events, and responses
@@ -120,6 +120,12 @@ class Router:
             resp.headers.get("x-accel-buffering", "").lower() == "no"
         ):
             resp.stream = True
+
+    def http_connect_upstream(self, flow: http.HTTPFlow) -> None:
+        """The CONNECT to the debug UI's proxy listener carries the key it admits workers by."""
+        watch = self.runtime.watch
+        if watch.proxy is not None and tuple(flow.server_conn.address or ()) == watch.proxy:
+            flow.request.headers["Proxy-Authorization"] = f"Bearer {watch.key}"
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         assert flow.websocket is not None
@@ -146,8 +152,9 @@ class Router:
         self._turn[key] = turn + 1
         return backends[turn % len(backends)]
 
-    def route_to(self, flow: http.HTTPFlow, backend: Backend, host_header: str) -> None:
-        """Point `flow` at `backend`, keeping the client's Host and adding X-Forwarded-*."""
+    def route_to(self, flow: http.HTTPFlow, backend: Backend, host_header: str, site_host: str) -> None:
+        """Point `flow` at `backend`, keeping the client's Host and adding X-Forwarded-*; through the
+        debug UI's proxy listener when the site is watched (`wakeproxy debug`)."""
         assert backend.address is not None
         self._forwarded_headers(flow, host_header)
         req = flow.request
@@ -160,6 +167,12 @@ class Router:
         req.host = backend.address  # this setter rewrites Host/:authority …
         req.port = backend.port
         req.host_header = host_header or None  # … so put the client's back
+        via = self.runtime.watch.via(site_host, backend.group)
+        if via is not None:
+            # mitmproxy tunnels to the backend through the UI (CONNECT, see http_connect_upstream).
+            # A Server of the flow's own: the one it holds is shared by the connection's other streams.
+            flow.server_conn = connection.Server(address=(req.host, req.port), via=("http", via),
+                                                 transport_protocol=flow.server_conn.transport_protocol)
         flow.metadata["wakeproxy.container"] = backend.container_name
         flow.metadata["wakeproxy.group"] = backend.group
 

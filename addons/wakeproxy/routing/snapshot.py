@@ -226,6 +226,7 @@ class Snapshot:
     # Hosts (and "*.d" wildcards) with no site whose owner's only claims on them come from
     # skipped containers → why, per container ("container 'x': label …; …").
     misconfigured: Mapping[str, str] = field(default_factory=dict)
+    debug_hosts: frozenset[str] = frozenset()  # site hosts shown in the debug UI by label (wakeproxy.debug)
     _misconfigured_under: Mapping[str, str] = field(init=False, repr=False, compare=False)  # "d" for "*.d"
 
     def __post_init__(self) -> None:
@@ -609,6 +610,7 @@ def build_snapshot(
     acme, acme_refused = _acme_names(parsed, keys, owners, own_hosts, policy)
     cert_names: dict[str, str] = {}
     no_redirect: set[str] = set()
+    debug_hosts: set[str] = set()
     for cid, hosts in own_hosts.items():
         st = settings[cid]
         for host in hosts:
@@ -616,6 +618,8 @@ def build_snapshot(
                 cert_names.setdefault(host, st.cert_name)
             if st.https_redirect is False and policy.trust.https_redirect:
                 no_redirect.add(host)
+            if st.debug and policy.trust.debug and host in by_host:
+                debug_hosts.add(host)
     misconfigured: dict[str, list[str]] = {}
     for cid, (info, skip) in sorted(broken.items(), key=lambda kv: kv[1][0].name):
         for host in skip.hosts:
@@ -628,7 +632,7 @@ def build_snapshot(
                     {cid: tuple(bs) for cid, bs in endpoints.items()}, skipped, synced,
                     tuple(sorted([*refused, *acme_refused], key=lambda r: (r.name, r.group))),
                     acme, cert_names, frozenset(no_redirect),
-                    {host: "; ".join(why) for host, why in misconfigured.items()})
+                    {host: "; ".join(why) for host, why in misconfigured.items()}, frozenset(debug_hosts))
 
 
 def _acme_names(parsed: Mapping[str, tuple[ContainerInfo, _Parsed]], keys: Mapping[str, tuple[GroupId, str]],
