@@ -55,7 +55,11 @@ class UI:
                                    headers={"Authorization": f"Bearer {token}"})
         r = self.client.get("/")
         assert r.status_code == 200, r.text
-        xsrf = next((v for k, v in self.client.cookies.items() if "xsrf" in k), None)
+        for path in ("/", "/updates"):  # mitmproxy 11 sets the XSRF cookie with the page, 12 with the WebSocket
+            self.client.get(path)
+            xsrf = next((v for k, v in self.client.cookies.items() if "xsrf" in k), None)
+            if xsrf:
+                break
         assert xsrf, dict(self.client.cookies)
         self.client.headers["X-XSRFToken"] = xsrf
 

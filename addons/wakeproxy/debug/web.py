@@ -302,7 +302,7 @@ def _options(args: argparse.Namespace, known: set[str]) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "mode": ["regular@127.0.0.1:0"],
         "web_host": args.web_host, "web_port": args.web_port, "web_open_browser": False,
-        "confdir": args.confdir, "ssl_insecure": True, "stream_large_bodies": f"{args.max_body}b",
+        "confdir": args.confdir, "ssl_insecure": True, "stream_large_bodies": f"{max(1, args.max_body // 1024)}k",
         "termlog_verbosity": "warn", "command_history": False, "connection_strategy": "lazy",
     }
     return {k: v for k, v in opts.items() if k in known}

@@ -15,6 +15,7 @@ from wakeproxy.config import Config, ForwardedConfig, SourcesConfig, parse_confi
 from wakeproxy.routing.labels import ContainerInfo
 from wakeproxy.routing.router import WEBSOCKET_HISTORY, Router
 from wakeproxy.routing.snapshot import Policy, Snapshot, build_snapshot
+from wakeproxy.routing.watch import Watch
 from wakeproxy.runtime import Runtime
 from wakeproxy.wake.waker import CONTROL_PREFIX, Waker
 
@@ -775,3 +776,51 @@ def test_misconfigured_wildcard_and_it_beats_the_default_host():
 def test_an_unknown_host_is_still_unknown():
     f = route(make_router(BROKEN), make_flow("other.test"))
     assert f.response.status_code == 404 and "Unknown site" in body(f)
+
+
+# --- the debug UI (routing/watch.py) -----------------------------------------------------------
+
+
+def _watched_router(watch: Watch) -> Router:
+    r = make_router(WEB, c("other", "b.test", project="other"))
+    r.runtime.watch = watch
+    return r
+
+
+def test_a_watched_site_goes_through_the_debug_ui_and_the_rest_directly():
+    r = _watched_router(Watch(hosts=frozenset({"a.test"}), proxy=("127.0.0.1", 4321), key="k"))
+    shared = make_flow("a.test").server_conn
+    f = route(r, make_flow("a.test"))
+    assert f.server_conn.via == ("http", ("127.0.0.1", 4321))
+    assert f.server_conn is not shared and (f.request.host, f.request.port) == ("172.17.0.2", 8080)
+    assert f.server_conn.address == ("172.17.0.2", 8080)
+    other = route(r, make_flow("b.test"))
+    assert other.server_conn.via is None
+    assert other.request.host_header == "b.test"
+
+
+def test_a_watched_group_covers_its_sites_and_a_ui_that_is_not_up_watches_nothing():
+    r = _watched_router(Watch(groups=frozenset({"proj"}), proxy=("127.0.0.1", 4321), key="k"))
+    assert route(r, make_flow("a.test")).server_conn.via is not None
+    assert route(r, make_flow("b.test")).server_conn.via is None
+    down = _watched_router(Watch(hosts=frozenset({"a.test"}), proxy=None, key="k"))
+    assert route(down, make_flow("a.test")).server_conn.via is None
+
+
+def test_the_connect_to_the_debug_ui_carries_the_workers_key_and_no_other_connect_does():
+    r = _watched_router(Watch(hosts=frozenset({"a.test"}), proxy=("127.0.0.1", 4321), key="sekrit"))
+    f = tflow.tflow()
+    f.server_conn.address = ("127.0.0.1", 4321)
+    r.http_connect_upstream(f)
+    assert f.request.headers["Proxy-Authorization"] == "Bearer sekrit"
+    g = tflow.tflow()
+    g.server_conn.address = ("203.0.113.9", 3128)
+    r.http_connect_upstream(g)
+    assert "Proxy-Authorization" not in g.request.headers
+
+
+def test_the_watch_crosses_the_channel_as_it_is():
+    from wakeproxy.planes.wire import roundtrip
+
+    w = Watch(frozenset({"a.test", "*.b.test"}), frozenset({"proj"}), ("127.0.0.1", 1), "k")
+    assert roundtrip(w) == w

@@ -789,3 +789,21 @@ def test_a_host_network_container_is_not_loopback_of_the_proxys_container():
     assert only_backend(build(host, drivers={"host": "host"}), "a.test").address == "127.0.0.1"
     b = only_backend(build(host, drivers={"host": "host"}, reach=frozenset({"bridge"})), "a.test")
     assert b.address is None and "host's network" in b.problem
+
+
+def test_the_debug_label_names_its_own_hosts_only_where_the_operator_trusts_it():
+    containers = (c("shown", "a.test, b.test", labels={"wakeproxy.debug": "true", **P}),
+                  c("plain", "c.test", labels={"wakeproxy.debug": "false"}))
+    assert build(*containers).debug_hosts == frozenset()  # labels.debug is off by default
+    trusting = Policy(trust=LabelTrustConfig(debug=True))
+    assert build(*containers, policy=trusting).debug_hosts == {"a.test", "b.test"}
+    # A name the container claims but does not own (an earlier group's) is never watched for it.
+    thief = c("thief", "a.test", labels={"wakeproxy.debug": "true"}, created=10.0)
+    owner = c("owner", "a.test", created=1.0)
+    assert build(owner, thief, policy=trusting).debug_hosts == frozenset()
+
+
+def test_a_bad_debug_label_skips_the_container_with_a_reason():
+    snap = build(c("bad", "a.test", labels={"wakeproxy.debug": "maybe"}))
+    assert snap.lookup("a.test") is None
+    assert "wakeproxy.debug" in snap.skipped["bad"]
