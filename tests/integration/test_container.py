@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import docker.errors
 import docker.types
 import pytest
 from container_harness import ProxyContainer
-from harness import Relay, backend_of, choose_free_block, free_port, remove_network, wait_for
+from harness import Relay, backend_of, children_of, choose_free_block, free_port, remove_network, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "acme"))
 from acme_harness import Pebble, https_get, leaf_of, wait_issued  # noqa: E402
@@ -112,6 +113,7 @@ def deployed(request, docker_client, run_id, image, tmp_path_factory):
         "docker": {"networks": []},
         "wake": {"per_client": 0, "timeout": "30s"},
         "shutdown": {"drain": "15s"},
+        "debug": {"listen": f"127.0.0.1:{free_port()}"},  # (with --network host: the host's loopback)
         "acme": {"enabled": True, "directory": directory, "ca_bundle": "/etc/wakeproxy/pebble-api.pem",
                  "email": "admin@example.test"},
     }
@@ -306,6 +308,47 @@ def test_status_and_health_through_docker_exec(deployed, sandboxes, host):
     # The old workers drain (shutdown.drain) and exit; their replacements serve meanwhile.
     wait_for(lambda: set(proxy.children("worker")).isdisjoint(workers), 30, 0.2, "the old workers to exit")
     assert proxy.get(name).status_code == 200
+
+
+def test_debug_through_docker_exec_on_mitmproxy_12(deployed, sandboxes, host):
+    """`wakeproxy debug` in the container: mitmweb 12 with its own token check, run as the image's account
+    without the Docker socket; its API (asked from inside the container, where its loopback is) lists the
+    watched sandbox's flow and none of the other's."""
+    mode, proxy, _ = deployed
+    watched, other = host(f"dbg-{mode}"), host(f"dbg-other-{mode}")
+    sandboxes.project(f"dbg-{mode}", watched)
+    sandboxes.project(f"dbg-other-{mode}", other)
+    wait_for(lambda: proxy.get(watched).status_code == 200 and proxy.get(other).status_code == 200, 15, 0.1,
+             "both routed")
+    code, out = proxy.exec("wakeproxy", "debug", watched, "--for", "2m")
+    assert code == 0, out
+    m = re.search(r"mitmweb: (http://\S+)/\?token=(\S+)", out)
+    assert m, out
+    base, token = m.groups()
+    assert proxy.get(watched, "/seen-by-mitmweb").status_code == 200
+    assert proxy.get(other, "/not-recorded").status_code == 200
+    ask = ("import json,sys,urllib.request\n"
+           f"r=urllib.request.Request({base + '/flows'!r})\n"
+           "r.add_header('Authorization','Bearer '+sys.argv[1])\n"
+           "print(json.dumps([f['request']['path'] for f in json.load(urllib.request.urlopen(r,timeout=5))]))\n")
+
+    def paths() -> list[str]:
+        code, out = proxy.exec("python3.13", "-c", ask, token)
+        assert code == 0, out
+        return list(json.loads(out))
+    wait_for(lambda: "/seen-by-mitmweb" in paths(), 10, 0.2, "the flow in mitmweb")
+    assert "/not-recorded" not in paths()
+    code, out = proxy.exec("python3.13", "-c", ask, "wrong-token")
+    assert code != 0 and "403" in out, out
+    def ui_pids() -> list[int]:
+        return [pid for c in proxy.children("controller") for pid in children_of(c, "wakeproxy.debug.web")]
+    (ui,) = ui_pids()
+    uids = next(line for line in Path(f"/proc/{ui}/status").read_text().splitlines() if line.startswith("Uid:"))
+    assert uids.split()[1:] == ["10001"] * 4, uids
+    code, out = proxy.exec("wakeproxy", "debug", "--off")
+    assert code == 0 and "nothing is watched" in out, out
+    wait_for(lambda: not ui_pids(), 10, 0.1, "the UI stops")
+    assert proxy.get(watched).status_code == 200
 
 
 def test_sigterm_drains_and_docker_logs_show_the_proxys_lines(deployed, sandboxes, host):
