@@ -12,7 +12,7 @@ from wpbench.common import REPO, Section
 from wpbench.core import Bench
 from wpbench.report import write_report
 
-SECTIONS = ("throughput", "wake", "convergence", "scale", "soak", "swarm", "metrics")
+SECTIONS = ("throughput", "wake", "convergence", "scale", "soak", "swarm", "metrics", "debug")
 
 
 def main() -> int:

@@ -32,6 +32,7 @@ from wpbench.common import (
     wait_port,
 )
 from wpbench.convergence import ConvergenceSection
+from wpbench.debugui import DebugSection
 from wpbench.metrics import MetricsSection
 from wpbench.scale import ScaleSection
 from wpbench.soak import SoakSection
@@ -44,7 +45,7 @@ from wpbench.wake import WakeSection
 
 
 class Bench(ThroughputSection, WakeSection, ConvergenceSection, ScaleSection, SoakSection, SwarmSection,
-            MetricsSection):
+            MetricsSection, DebugSection):
     """Owns everything one benchmark run starts; `close()` removes it all."""
 
     def __init__(self, args: argparse.Namespace) -> None:
