@@ -379,7 +379,7 @@ def _debug(config: Any, name: str | None, length: str | None, off: bool, as_json
     else:
         why = answer.get("problem") or f"it is {answer.get('state')}"
         print(f"mitmweb: not up ({why}); the watched sandboxes are routed directly meanwhile")
-    rows = [("WATCHED", "WHAT", "ENDS IN", "BY")]
+    rows: list[tuple[str, ...]] = [("WATCHED", "WHAT", "ENDS IN", "BY")]
     rows += [(w["target"], w["kind"], format_duration(float(w["left"])), "wakeproxy debug") for w in watches]
     rows += [(h, "host", "-", "label wakeproxy.debug") for h in labels]
     _table(rows)

@@ -330,7 +330,7 @@ async def serve(args: argparse.Namespace) -> int:
     known = set(opts.keys())
     opts.update(**_options(args, known))
     if "web_password" in known:  # mitmproxy ≥ 11.1: its own token check, with our token
-        import argon2
+        import argon2  # type: ignore[import-not-found,unused-ignore]  # (mitmproxy ≥ 11.1 depends on it)
 
         opts.update(web_password=argon2.PasswordHasher().hash(gate.token))
     if args.user:
