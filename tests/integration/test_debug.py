@@ -99,12 +99,14 @@ def two(backend_container, host):
 
 
 def start(proxy, **extra: Any) -> ProxyProcess:
-    return proxy({"workers": 2, "debug": {"listen": f"127.0.0.1:{free_port()}", **extra.pop("debug", {})}, **extra})
+    return proxy({"workers": extra.pop("workers", 2),
+                  "debug": {"listen": f"127.0.0.1:{free_port()}", **extra.pop("debug", {})}, **extra})
 
 
-def test_watching_one_sandbox_shows_its_flows_only(proxy, two):
+@pytest.mark.parametrize("workers", [2, 0], ids=["workers", "one-process"])
+def test_watching_one_sandbox_shows_its_flows_only(proxy, two, workers):
     watched, other, a, b = two
-    p = start(proxy)
+    p = start(proxy, workers=workers)
     assert "nothing is watched" in debug_cmd(p).stdout
     assert proxied(p, watched).status_code == 200  # before: not recorded
     out = debug_cmd(p, watched, "--for", "5m").stdout
@@ -142,6 +144,11 @@ def test_watching_one_sandbox_shows_its_flows_only(proxy, two):
             assert browser.get(f"{base}/flows").status_code == 200
     finally:
         ui.close()
+    if workers:
+        # The UI runs as the workers' account (when it can read mitmweb's files; else as root, said once).
+        (pid,) = ui_pids(p)
+        uids = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("Uid:"))
+        assert uids.split()[1:] == ["65534"] * 4 or "runs as root" in p.log(), uids
     # The proxy's status (readable by any local user) says what is watched, without the token.
     status = httpx.get(f"http://127.0.0.1:{p.status_port}/status", trust_env=False).text
     assert token not in status

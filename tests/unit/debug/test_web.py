@@ -206,3 +206,20 @@ def _wait(predicate: Any, timeout: float = 10.0) -> None:
             return
         time.sleep(0.1)
     raise AssertionError("timed out")
+
+
+def test_a_taken_ui_port_is_reported_not_hidden(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "wakeproxy.debug.web", "--web-port", str(port),
+                                 "--confdir", str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps({"token": TOKEN, "key": KEY, "allow": []}) + "\n")
+        proc.stdin.flush()
+        report = json.loads(proc.stdout.readline())
+        proc.stdin.close()
+        assert proc.wait(15) != 0
+    assert "error" in report and str(port) in report["error"], report
