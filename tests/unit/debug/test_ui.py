@@ -89,10 +89,13 @@ def test_the_admin_socket_is_the_operators_and_survives_bad_requests(tmp_path: P
             with socket.socket(socket.AF_UNIX) as s:
                 s.settimeout(10)
                 s.connect(str(path))
-                s.sendall(data)
                 out = b""
-                while chunk := s.recv(65536):
-                    out += chunk
+                try:
+                    s.sendall(data)
+                    while chunk := s.recv(65536):
+                        out += chunk
+                except ConnectionResetError:  # an oversized request: the proxy hung up
+                    pass
                 return out
         assert b"a bad request" in await loop.run_in_executor(None, raw, b"not json\n")
         assert b"a bad request" in await loop.run_in_executor(None, raw, b"[1, 2]\n")
