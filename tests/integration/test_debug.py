@@ -280,6 +280,7 @@ def test_a_screenshot_of_mitmweb_with_the_watched_flow(proxy, two, browser):
     base, token = url_of(debug_cmd(p, watched).stdout)
     assert proxied(p, watched, "/shown-in-mitmweb").status_code == 200
     driver = browser
+    driver.set_window_size(1400, 900)
     driver.get(f"{base}/?token={token}")
     wait_for(lambda: "/shown-in-mitmweb" in driver.page_source, 20, 0.2, "the flow in mitmweb's list")
     driver.find_element("xpath", "//*[contains(text(), '/shown-in-mitmweb')]").click()
