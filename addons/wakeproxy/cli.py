@@ -275,6 +275,10 @@ def _status(config_path: str, url: str | None, as_json: bool) -> int:
         print(f"projects: {counts.get('groups', 0)}{f' ({states})' if states else ''}; "
               f"{counts.get('permanent', 0)} never put to sleep" + (f"; {retire} removed within a day (unused)"
                                                                      if retire else ""))
+    debug = report.get("debug")
+    if isinstance(debug, dict) and (debug.get("watches") or debug.get("labels")):
+        watched = [str(w["target"]) for w in debug.get("watches") or []] + [str(h) for h in debug.get("labels") or []]
+        print(f"debug UI: {debug.get('state')}, watching {', '.join(watched)} (`wakeproxy debug` for its address)")
     removal = any(g.get("removed_in") is not None for g in report["groups"])  # idle.remove_after is on
     rows = [("GROUP", "STATE", "HOSTS", "CONTAINERS", "IN FLIGHT", "OPEN", "LAST ACTIVITY", "STOPS IN")
             + (("REMOVED IN",) if removal else ())]

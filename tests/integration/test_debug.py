@@ -151,7 +151,10 @@ def test_watching_one_sandbox_shows_its_flows_only(proxy, two, workers):
         assert uids.split()[1:] == ["65534"] * 4 or "runs as root" in p.log(), uids
     # The proxy's status (readable by any local user) says what is watched, without the token.
     status = httpx.get(f"http://127.0.0.1:{p.status_port}/status", trust_env=False).text
-    assert token not in status
+    assert token not in status and watched in status
+    shown = subprocess.run([sys.executable, "-m", "wakeproxy", "status", "--config", str(p.config_path)],
+                           capture_output=True, text=True, timeout=30).stdout
+    assert f"debug UI: ready, watching {watched}" in shown, shown
     # --off: the UI stops; both sandboxes answer, and nothing more is recorded.
     assert "nothing is watched" in debug_cmd(p, "--off", watched).stdout
     wait_for(lambda: not ui_pids(p), 10, 0.1, "the UI process ends after --off")
