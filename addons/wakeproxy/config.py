@@ -164,6 +164,7 @@ class DebugConfig:
     listen: Address = Address("127.0.0.1", 8081)  # mitmweb's UI (token required); keep it on loopback
     max_flows: int = 500  # flows the UI keeps (the oldest finished ones go first)
     max_body: int = 1024 * 1024  # bodies above this are passed through, not kept (stream_large_bodies)
+    max_memory: int = 128 * 1024 * 1024  # bytes of bodies and WebSocket messages it keeps in all
     default_for: float = 1800.0  # `wakeproxy debug NAME` without --for
     max_for: float = 86400.0  # the longest --for accepted
 
@@ -623,6 +624,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[_Reader, yaml.Node, str], A
                                 "max_groups": _scalar_field(_positive_int)}),
     "debug": (DebugConfig, {"listen": _scalar_field(_required_address), "max_flows": _scalar_field(_positive_int),
                             "max_body": _scalar_field(_int_at_least(1024, "bytes")),
+                            "max_memory": _scalar_field(_int_at_least(1024 * 1024, "bytes")),
                             "default_for": _scalar_field(_positive_duration),
                             "max_for": _scalar_field(_positive_duration)}),
     "tls": (TlsConfig, {

@@ -10,6 +10,7 @@ all leave both sandboxes answering. A screenshot of mitmweb in headless Chromium
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -138,6 +139,8 @@ def test_watching_one_sandbox_shows_its_flows_only(proxy, two, workers):
         assert httpx.get(f"{base}/flows", headers={"Authorization": "Bearer wrong"}, trust_env=False).status_code == 403
         assert httpx.get(f"{base}/flows", headers={"Authorization": f"Bearer {token}", "Host": "rebind.example"},
                          trust_env=False).status_code == 403
+        # A mistyped address with the token in it: never in the proxy's log.
+        assert httpx.get(f"{base}/no-such-page?token={token}", trust_env=False).status_code in (403, 404)
         # A browser: the address with its token once, then a cookie.
         with httpx.Client(trust_env=False, follow_redirects=True) as browser:
             assert browser.get(f"{base}/?token={token}").status_code == 200
@@ -152,6 +155,7 @@ def test_watching_one_sandbox_shows_its_flows_only(proxy, two, workers):
     # The proxy's status (readable by any local user) says what is watched, without the token.
     status = httpx.get(f"http://127.0.0.1:{p.status_port}/status", trust_env=False).text
     assert token not in status and watched in status
+    assert token not in p.log()
     shown = subprocess.run([sys.executable, "-m", "wakeproxy", "status", "--config", str(p.config_path)],
                            capture_output=True, text=True, timeout=30).stdout
     assert f"debug UI: ready, watching {watched}" in shown, shown
@@ -208,7 +212,7 @@ def test_websocket_replay_and_the_proxy_listener(proxy, two):
         state = ui.client.get("/options").json()
         assert "scripts" in state
         r = ui.client.put("/options", json={"scripts": ["/tmp/x.py"]})
-        assert r.status_code == 400, r.text
+        assert r.status_code == 403, r.text
         r = ui.client.post("/commands/script.run", json={"arguments": []})
         assert r.status_code == 403, r.text
     finally:
@@ -256,6 +260,18 @@ def test_the_time_is_up_and_a_killed_ui(proxy, two):
         codes += [proxied(p, watched).status_code, proxied(p, other).status_code]
     assert set(codes) == {200}, codes
     assert "routed directly" in p.log()
+    # Started again after its pause; then a UI that hangs (stopped) is found out by its pings and ended.
+    wait_for(lambda: listing(p)["state"] == "ready", 30, 0.2, "the UI started again")
+    (pid,) = ui_pids(p)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: listing(p)["state"] == "paused", 20, 0.2, "the controller ends a UI that does not answer")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    assert "has not answered" in p.log()
+    for h in (watched, other):
+        assert proxied(p, h).status_code == 200
 
 
 def test_the_label_is_honoured_only_where_the_operator_trusts_it(proxy, backend_container, host):

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 import socket
 import sys
@@ -47,6 +48,8 @@ STOP_TIMEOUT = 5.0  # after SIGTERM, before SIGKILL
 FIRST_PAUSE, LONGEST_PAUSE = 5.0, 300.0  # before the UI is started again after it died
 LOG_LINES = 20  # lines of the UI's own log passed on per LOG_WINDOW (the rest are counted)
 LOG_WINDOW = 10.0
+PING_EVERY, PING_TIMEOUT = 2.0, 8.0  # the UI answers a ping on its event loop; silent this long: killed
+TOKEN_IN = re.compile(r"((?:token|Bearer)[=\s]+)[A-Za-z0-9_\-]+")  # never in our log, whatever the UI logs
 
 
 @dataclass
@@ -64,8 +67,8 @@ class DebugUI:
         self.runtime = runtime
         self.watches: dict[tuple[str, str], Watching] = {}
         self.watchers: list[Callable[[], None]] = []  # told when runtime.watch changes (the plane)
-        self.token = secrets.token_urlsafe(24)  # for the UI, the lifetime of this controller
-        self.key = ""  # for the workers, per UI process
+        self.token = ""  # for the UI's users, new with every UI process (a leaked one ends with it)
+        self.key = ""  # for the workers, likewise
         self.proc: asyncio.subprocess.Process | None = None
         self.proxy: tuple[str, int] | None = None
         self.state = "off"  # off | starting | ready | stopping | paused
@@ -79,6 +82,7 @@ class DebugUI:
         self._path: str | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._log_window = (0.0, 0, 0)  # (start, lines passed, lines dropped)
+        self._pinged = self._answered = 0.0  # monotonic: the last ping sent, the last pong heard
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -129,7 +133,25 @@ class DebugUI:
         self._tasks = [t for t in self._tasks if not t.done()]
         if self.state == "ready":
             self._send_allow(hosts, groups)
+            self._check_alive()
         self._publish(hosts, groups)
+
+    def _check_alive(self) -> None:
+        """A UI that stops answering (stopped, stuck) would hold the watched sites' requests: kill it, and its
+        exit routes them directly again."""
+        now = time.monotonic()
+        proc = self.proc
+        if proc is None or proc.stdin is None:
+            return
+        if now - self._answered > PING_TIMEOUT:
+            logger.warning(f"debug: the UI has not answered for {now - self._answered:.0f} s; ending it")
+            self._answered = now  # said once
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            return
+        if now - self._pinged >= PING_EVERY:
+            self._pinged = now
+            proc.stdin.write((json.dumps({"ping": int(now)}) + "\n").encode())
 
     def targets(self) -> tuple[frozenset[str], frozenset[str]]:
         hosts = {w.target for w in self.watches.values() if w.kind == "host"}
@@ -149,13 +171,15 @@ class DebugUI:
         self.problem, self._allow_sent = None, None
         loop = asyncio.get_running_loop()
         self._reported = loop.create_future()
-        self.key = secrets.token_urlsafe(24)
+        self.token, self.key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+        self._pinged = self._answered = time.monotonic()
         cfg = self.runtime.config
         confdir = self._confdir()
         account = _account()
         cmd = [sys.executable, "-m", "wakeproxy.debug.web", "--web-host", cfg.debug.listen.host,
                "--web-port", str(cfg.debug.listen.port), "--confdir", str(confdir),
-               "--max-flows", str(cfg.debug.max_flows), "--max-body", str(cfg.debug.max_body)]
+               "--max-flows", str(cfg.debug.max_flows), "--max-body", str(cfg.debug.max_body),
+               "--max-memory", str(cfg.debug.max_memory)]
         if account is not None:
             cmd += ["--user", f"{account[0]}:{account[1]}"]
         child_env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "TZ")}
@@ -203,17 +227,20 @@ class DebugUI:
         return confdir
 
     async def _read_reports(self, proc: asyncio.subprocess.Process, out: asyncio.StreamReader) -> None:
-        with contextlib.suppress(ValueError, OSError):
+        with contextlib.suppress(ValueError, OSError, KeyError, TypeError, IndexError):
             while line := await out.readline():
                 try:
                     message = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):
                     continue
                 if not isinstance(message, dict):
                     continue
-                if "ready" in message and proc is self.proc:
+                if "pong" in message and proc is self.proc:
+                    self._answered = time.monotonic()
+                elif "ready" in message and proc is self.proc:
                     proxy = message["ready"]["proxy"]
                     self.proxy = (str(proxy[0]), int(proxy[1]))
+                    self._answered = time.monotonic()
                     self._resolve(None)
                 elif "error" in message:
                     self._resolve(str(message["error"])[:500])
@@ -229,7 +256,7 @@ class DebugUI:
                         logger.warning(f"debug UI: {dropped} more log lines not shown")
                     start, passed, dropped = now, 0, 0
                 if passed < LOG_LINES:
-                    text = line.decode(errors="replace").rstrip()[:500]
+                    text = TOKEN_IN.sub(r"\1…", line.decode(errors="replace").rstrip()[:500])
                     if text:
                         logger.warning(f"debug UI: {text}")
                     passed += 1
@@ -307,12 +334,12 @@ class DebugUI:
         """(kind, target) for a host or a group name, else why not."""
         snap = self.runtime.snapshot
         raw = name.strip()
-        if raw in snap.groups:
-            return "group", raw
         host = normalize_host(raw)
         site = snap.lookup(host) if host else None
-        if site is not None:
+        if site is not None:  # a host first: a container may be named like another sandbox's host
             return "host", site.host
+        if raw in snap.groups:
+            return "group", raw
         return f"no site serves {raw!r} and no group is called that (`wakeproxy status` lists both)"
 
     async def command(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -421,7 +448,7 @@ class DebugUI:
                 request = json.loads(line)
                 if not isinstance(request, dict):
                     raise ValueError("not an object")
-            except (ValueError, TimeoutError, asyncio.LimitOverrunError) as e:
+            except (ValueError, TimeoutError, asyncio.LimitOverrunError, RecursionError) as e:
                 answer: dict[str, Any] = {"error": f"a bad request ({e})"}
             else:
                 answer = await self.command(request)

@@ -7,26 +7,32 @@ talks to the real backend, so the flows show in mitmweb with every feature of it
 
 Talking to the controller: one JSON object a line.
 - stdin: first `{"token", "key", "allow"}`, later `{"allow": [[ip, port], …]}` (the watched
-  backends); end of input: the process stops (a controller that dies never leaves a UI behind);
-- stdout: `{"ready": {"proxy": [host, port], "web": [host, port]}}` or `{"error": "…"}`;
+  backends) and `{"ping": N}`; end of input: the process stops (a controller that dies never leaves a
+  UI behind);
+- stdout: `{"ready": {"proxy": [host, port], "web": [host, port]}}` or `{"error": "…"}`, `{"pong": N}`;
   mitmproxy's own log goes to stderr.
 
 Who may use it (the `Gate`):
 - the proxy listener admits a CONNECT only with `Proxy-Authorization: Bearer KEY` (the workers'
-  key); any other request on it gets 403: it is not an open proxy into the sandboxes' networks;
+  key) and only to a backend of a watched sandbox; any other request on it gets 403: it is not an
+  open proxy into the sandboxes' networks;
 - an upstream connection goes only to the target of the worker's CONNECT it serves, or (a replay,
   a flow edited or made in the UI) to a backend of a watched sandbox: the UI cannot reach another
   tenant's containers, the Docker host or anything else;
-- the web UI wants the token (`?token=`, once, then a cookie; or `Authorization: Bearer`) and a Host
+- the web UI wants the token (`?token=`, once, then a session cookie; or `Authorization: Bearer`) and a Host
   header that is an IP address or `localhost` (DNS rebinding). mitmproxy ≥ 11.1 checks the token
   itself (`web_password`, set to the token's argon2 hash); on 11.0, whose UI accepts anyone, the gate
   checks it in front of every handler (`Application.find_handler`: one place every request, page,
   API call and WebSocket of tornado passes). When that cannot be installed the UI does not start;
-- the UI may change only view-side options (intercept, filters, order) and run only the commands
-  its own buttons use (export, replay, resume, kill, a new flow): no scripts, listeners, files.
+- the UI may change only view-side options (intercept, filters, order), checked before mitmweb applies
+  anything, and run only the commands its own buttons use (export, replay, resume, kill, a new flow):
+  no scripts, listeners, files.
 
-Bounded: at most `max_flows` flows (the oldest finished ones are dropped), bodies over `max_body`
-pass through without being kept, and a WebSocket keeps its last `MAX_MESSAGES` messages.
+Bounded: at most `max_flows` flows and `max_memory` bytes of bodies and messages in all (the oldest
+finished flows are dropped first), bodies over `max_body` pass through without being kept, and a
+WebSocket keeps at most its last `MAX_MESSAGES` messages and 4 × `max_body` bytes of them (only its
+last message while the UI is over `max_memory`). The controller pings it every few seconds: a UI that
+stops answering is killed, and the watched sites are routed directly again.
 """
 
 from __future__ import annotations
@@ -34,10 +40,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import hmac
 import ipaddress
 import json
 import logging
+import secrets
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -51,6 +59,7 @@ COOKIE = "wakeproxy_debug"
 MAX_MESSAGES = 500  # WebSocket messages a flow keeps
 MAX_INPUT_LINE = 4 * 1024 * 1024
 MAX_TUNNEL_TARGETS = 10_000
+ALLOW_WAIT = 3.0  # a worker's CONNECT to a backend not (yet) in the controller's list waits this long for it
 # What the UI may change, and run, once the process is up (everything else is fixed at start).
 UI_OPTIONS = frozenset({"intercept", "intercept_active", "view_filter", "view_order", "view_order_reversed",
                         "showhost", "web_columns", "content_view_lines_cutoff", "anticache", "anticomp"})
@@ -91,14 +100,22 @@ def command_of(path: str) -> str | None:
 class Gate:
     """The addon in the UI's mitmweb: who may use it, and how much it keeps (see the module docstring)."""
 
-    def __init__(self, max_flows: int, report: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, max_flows: int, report: Callable[[dict[str, Any]], None], max_body: int = 1024 * 1024,
+                 max_memory: int = 128 * 1024 * 1024) -> None:
         self.max_flows = max_flows
+        self.max_body = max_body
+        self.max_memory = max_memory  # bytes of bodies and messages kept in all
+        self.ws_budget = 4 * max_body  # bytes of messages one WebSocket keeps
         self.report = report
         self.token = ""
         self.key = ""
+        self.session = secrets.token_urlsafe(24)  # the browser's cookie (never the token itself)
         self.allow: frozenset[Address] = frozenset()
+        self._allow_changed = asyncio.Event()
         self.tunnels: dict[str, Address] = {}  # client connection id → its authorised CONNECT target
         self.order: collections.deque[str] = collections.deque()  # flow ids as they came
+        self.kept: dict[str, int] = {}  # flow id → bytes of its bodies and messages
+        self.total = 0
         self.sealed = False  # once running: options outside UI_OPTIONS are fixed
         self.own_auth = False  # mitmweb checks the token itself (mitmproxy ≥ 11.1)
 
@@ -110,10 +127,15 @@ class Gate:
             self.key = str(message["key"])
         if "allow" in message:
             self.allow = frozenset(_address(a) for a in message["allow"])
+            self._allow_changed.set()
+            self._allow_changed = asyncio.Event()
+        if "ping" in message:
+            self.report({"pong": message["ping"]})
 
     # --- options ----------------------------------------------------------------------------------
 
     def configure(self, updated: set[str]) -> None:
+        # The second line: the UI's option API is checked before anything changes (install_gate).
         if self.sealed and updated - UI_OPTIONS:
             raise exceptions.OptionsError(
                 f"wakeproxy debug UI: {', '.join(sorted(updated - UI_OPTIONS))} cannot be changed here")
@@ -136,17 +158,35 @@ class Gate:
 
     # --- the proxy listener -------------------------------------------------------------------------
 
-    def http_connect(self, flow: http.HTTPFlow) -> None:
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
         given = flow.request.headers.get("proxy-authorization", "")
         if not self.key or not hmac.compare_digest(given.encode(), f"Bearer {self.key}".encode()):
             flow.response = http.Response.make(407, b"wakeproxy debug UI: not a proxy\n",
                                                {"Proxy-Authenticate": "Bearer", "Content-Type": "text/plain"})
             return
         del flow.request.headers["proxy-authorization"]
-        if len(self.tunnels) < MAX_TUNNEL_TARGETS:
-            self.tunnels[flow.client_conn.id] = (flow.request.host, flow.request.port)
-        else:
+        target = (flow.request.host, flow.request.port)
+        if not await self._allowed(target):
+            flow.response = http.Response.make(403, b"wakeproxy debug UI: not a watched sandbox\n",
+                                               {"Content-Type": "text/plain"})
+            return
+        if len(self.tunnels) >= MAX_TUNNEL_TARGETS:
             flow.response = http.Response.make(503, b"wakeproxy debug UI: too many connections\n")
+            return
+        self.tunnels[flow.client_conn.id] = target
+
+    async def _allowed(self, target: Address) -> bool:
+        """Is `target` a watched backend? A container that just started may reach the worker's table a
+        moment before the controller's list reaches us: wait for that list, briefly."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ALLOW_WAIT
+        while target not in self.allow:
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._allow_changed.wait(), left)
+        return True
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.is_replay or flow.request.method == "CONNECT" or flow.client_conn.id in self.tunnels:
@@ -171,38 +211,57 @@ class Gate:
         self.order.append(flow.id)
         self._trim()
 
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._count(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._count(flow)
+
+    def _count(self, flow: http.HTTPFlow, messages: int = 0) -> None:
+        size = len(flow.request.raw_content or b"") + messages
+        if flow.response is not None:
+            size += len(flow.response.raw_content or b"")
+        self.total += size - self.kept.get(flow.id, 0)
+        self.kept[flow.id] = size
+        self._trim()
+
     def _trim(self) -> None:
         view: Any = ctx.master.view  # type: ignore[attr-defined]
         kept: list[str] = []
-        while len(self.order) > self.max_flows:
+        while self.order and (len(self.order) > self.max_flows or self.total > self.max_memory):
             fid = self.order.popleft()
             f = view.get_by_id(fid)
-            if f is None:
-                continue
-            if f.live:
+            if f is not None and f.live:
                 kept.append(fid)  # in progress or intercepted: dropped once it is done
                 continue
-            view.remove([f])
+            self.total -= self.kept.pop(fid, 0)
+            if f is not None:
+                view.remove([f])
         self.order.extendleft(reversed(kept))
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         ws = flow.websocket
         assert ws is not None
         if len(ws.messages) > 1:
-            _shrink(ws.messages[-2], ctx.options.stream_large_bodies)  # the previous one is sent by now
-        if len(ws.messages) > MAX_MESSAGES:
-            del ws.messages[:-MAX_MESSAGES]
+            _shrink(ws.messages[-2], self.max_body)  # the previous one is sent by now
+        budget = self.ws_budget if self.total <= self.max_memory else 0
+        kept = sum(len(m.content) for m in ws.messages[:-1])
+        drop = 0
+        while drop < len(ws.messages) - 1 and (kept > budget or len(ws.messages) - drop > MAX_MESSAGES):
+            kept -= len(ws.messages[drop].content)
+            drop += 1
+        if drop:
+            del ws.messages[:drop]
+        self._count(flow, kept)
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         if flow.websocket is not None and flow.websocket.messages:
-            _shrink(flow.websocket.messages[-1], ctx.options.stream_large_bodies)
+            _shrink(flow.websocket.messages[-1], self.max_body)
+            self._count(flow, sum(len(m.content) for m in flow.websocket.messages))
 
 
-def _shrink(message: Any, limit: str | None) -> None:
-    from mitmproxy.utils import human
-
-    most = human.parse_size(limit) if limit else None
-    if most is not None and len(message.content) > most:
+def _shrink(message: Any, most: int) -> None:
+    if len(message.content) > most:
         message.content = f"[{len(message.content)} bytes, not kept by the debug UI]".encode()
 
 
@@ -213,6 +272,9 @@ def install_gate(app: Any, gate: Gate) -> str | None:
 
     if not callable(getattr(app, "find_handler", None)) or not callable(getattr(app, "get_handler_delegate", None)):
         return "tornado Application.find_handler/get_handler_delegate"
+    why = _guard_options_api()
+    if why is not None:
+        return why
     gate.own_auth = "is_valid_password" in getattr(app, "settings", {})
 
     class Refused(tornado.web.RequestHandler):
@@ -241,14 +303,13 @@ def install_gate(app: Any, gate: Gate) -> str | None:
         if not ui_host_allowed(request.headers.get("Host", "")):
             return answer(403, "wakeproxy debug UI: open it by IP address (http://127.0.0.1:PORT/), not by name\n")
         if not gate.own_auth:
-            given = _token_of(request)
-            if not gate.token or given is None or not hmac.compare_digest(given.encode(), gate.token.encode()):
+            if not _authorised(request, gate):
                 return answer(403, "wakeproxy debug UI: the token is missing or wrong; `wakeproxy debug` "
                                    "prints the address with its token\n")
             if request.method == "GET" and "token" in request.query_arguments and request.path == "/":
                 rest = {k: v for k, v in request.query_arguments.items() if k != "token"}
                 query = urlencode([(k, x.decode()) for k, vs in rest.items() for x in vs])
-                return answer(302, "", cookie=gate.token, location="/" + (f"?{query}" if query else ""))
+                return answer(302, "", cookie=gate.session, location="/" + (f"?{query}" if query else ""))
         cmd = command_of(request.path)
         if (cmd is not None and cmd not in UI_COMMANDS) or request.path in REFUSED_PATHS or \
                 (request.path == "/flows/dump" and request.method != "GET"):
@@ -259,15 +320,56 @@ def install_gate(app: Any, gate: Gate) -> str | None:
     return None
 
 
-def _token_of(request: Any) -> str | None:
+def _authorised(request: Any, gate: Gate) -> bool:
+    """The token (`Authorization: Bearer`, `?token=`), or the session cookie given for it: a cookie of an
+    IP address goes to every port of it, so it holds a value of this UI process only, never the token."""
+    def same(given: str, expected: str) -> bool:
+        return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+
     auth = request.headers.get("Authorization", "")
     if auth.startswith("Bearer "):
-        return str(auth[len("Bearer "):].strip())
+        return same(auth[len("Bearer "):].strip(), gate.token)
     values = request.query_arguments.get("token")
     if values:
-        return str(values[-1].decode(errors="replace"))
+        return same(values[-1].decode(errors="replace"), gate.token)
     cookie = request.cookies.get(COOKIE)
-    return str(cookie.value) if cookie is not None else None
+    return cookie is not None and same(str(cookie.value), gate.session)
+
+
+_OPTIONS_MARK = "_wakeproxy_view_options_only"
+
+
+def _guard_options_api() -> str | None:
+    """mitmweb's `PUT /options` applies any option, and its addons act on a new value before an addon that
+    vetoes it in `configure` could roll it back (files written, the proxy listener moved). Check the keys
+    first: only UI_OPTIONS pass. (A guarded adaptation: None when in place, else what is missing.)"""
+    import tornado.web
+
+    try:
+        from mitmproxy.tools.web import app as web_app
+    except ImportError as e:
+        return f"mitmproxy.tools.web.app ({e})"
+    handler = getattr(web_app, "Options", None)
+    put = getattr(handler, "put", None)
+    if handler is None or not callable(put):
+        return "mitmweb's Options.put"
+    if getattr(put, _OPTIONS_MARK, False):
+        return None
+
+    def guarded_put(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            update = json.loads(self.request.body or b"{}")
+        except (ValueError, RecursionError):
+            raise tornado.web.HTTPError(400) from None
+        if not isinstance(update, dict) or set(update) - UI_OPTIONS:
+            self.set_status(403)
+            self.finish("wakeproxy debug UI: only the view's options (intercept, filters, order) can be changed here\n")
+            return None
+        return put(self, *args, **kwargs)
+
+    setattr(guarded_put, _OPTIONS_MARK, True)
+    handler.put = guarded_put
+    return None
 
 
 # --- the process -------------------------------------------------------------------------------------
@@ -291,7 +393,7 @@ async def _follow_stdin(reader: asyncio.StreamReader, gate: Gate, master: Any) -
             try:
                 message = json.loads(line)
                 gate.take(message)
-            except (ValueError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError, RecursionError) as e:
                 logger.warning(f"wakeproxy debug UI: a bad line from the controller ({e}); ignored")
     except (ValueError, OSError):
         pass
@@ -316,8 +418,9 @@ async def serve(args: argparse.Namespace) -> int:
     from wakeproxy.mitm import errorpages
 
     errorpages.install()  # a backend that fails gets our bare page, never mitmproxy's (addresses, Server)
+    logging.getLogger("tornado.access").setLevel(logging.CRITICAL)  # its lines hold request URIs (`?token=`)
     reader = await _stdin()
-    gate = Gate(args.max_flows, _write)
+    gate = Gate(args.max_flows, _write, args.max_body, args.max_memory)
     try:
         gate.take(json.loads(await reader.readline()))
     except (ValueError, KeyError, TypeError):
@@ -394,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--confdir", required=True)
     parser.add_argument("--max-flows", type=int, default=500)
     parser.add_argument("--max-body", type=int, default=1024 * 1024)
+    parser.add_argument("--max-memory", type=int, default=128 * 1024 * 1024)
     parser.add_argument("--user", help="uid:gid to become (when started as root)")
     args = parser.parse_args(argv)
     try:

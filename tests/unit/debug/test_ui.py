@@ -38,6 +38,11 @@ def test_a_name_is_a_group_or_the_site_that_serves_a_host(tmp_path: Path) -> Non
     assert ui.resolve("proj") == ("group", "proj")
     assert ui.resolve("A.test.") == ("host", "a.test")
     assert ui.resolve("x.b.test") == ("host", "*.b.test")  # the wildcard site: all of its names
+    # A lone container named like another sandbox's host does not take that host's watch.
+    named = c("o.test", "shadow.test", "172.17.0.10", "")
+    ui.runtime.snapshot = build_snapshot((*ui.runtime.snapshot.containers.values(), named), SourcesConfig(), (), {},
+                                         synced=True)
+    assert ui.resolve("o.test") == ("host", "o.test")
     assert isinstance(ui.resolve("nobody.test"), str) and "wakeproxy status" in str(ui.resolve("nobody.test"))
 
 
@@ -70,7 +75,7 @@ def test_the_clock_ends_a_watch_and_status_shows_no_token(tmp_path: Path) -> Non
         ui.tick()
     asyncio.run(go())
     assert ui.watches == {} and ui.state == "off" and not ui.runtime.watch.active
-    ui.state = "ready"
+    ui.state, ui.token = "ready", "a-token-of-the-ui"
     assert ui.listing()["url"] is not None and ui.token in ui.listing()["url"]
     assert "url" not in ui.status() and ui.token not in repr(ui.status())
 
@@ -99,6 +104,7 @@ def test_the_admin_socket_is_the_operators_and_survives_bad_requests(tmp_path: P
                 return out
         assert b"a bad request" in await loop.run_in_executor(None, raw, b"not json\n")
         assert b"a bad request" in await loop.run_in_executor(None, raw, b"[1, 2]\n")
+        assert b"a bad request" in await loop.run_in_executor(None, raw, b"[" * 30000 + b"\n")
         big = await loop.run_in_executor(None, raw, b"x" * (ui_mod.MAX_REQUEST * 4) + b"\n")
         assert big == b"" or b"error" in big
         assert (await loop.run_in_executor(None, ask, tmp_path, {"op": "list"}))["state"] == "off"

@@ -53,13 +53,13 @@ def backend() -> Iterator[tuple[str, int]]:
 
 
 class Child:
-    def __init__(self, tmp: Path, max_flows: int = 3) -> None:
+    def __init__(self, tmp: Path, max_flows: int = 3, allow: tuple[tuple[str, int], ...] = ()) -> None:
         self.web_port = _free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "wakeproxy.debug.web", "--web-port", str(self.web_port), "--confdir", str(tmp),
              "--max-flows", str(max_flows)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.send({"token": TOKEN, "key": KEY, "allow": []})
+        self.send({"token": TOKEN, "key": KEY, "allow": [list(a) for a in allow]})
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         self.ready = json.loads(line)["ready"]
@@ -122,8 +122,8 @@ def _read_head(s: socket.socket) -> bytes:
 
 
 @pytest.fixture
-def child(tmp_path: Path) -> Iterator[Child]:
-    c = Child(tmp_path)
+def child(tmp_path: Path, backend) -> Iterator[Child]:
+    c = Child(tmp_path, allow=(backend,))
     try:
         yield c
     finally:
@@ -142,6 +142,9 @@ def test_the_ui_wants_the_token_and_an_ip_host(child: Child) -> None:
     with httpx.Client(trust_env=False, timeout=10, follow_redirects=True) as browser:
         assert browser.get(f"{child.base}/?token={TOKEN}").status_code == 200
         assert browser.get(f"{child.base}/flows").status_code == 200  # a cookie from here on
+        # (on mitmproxy 11.0 ours: a session value, never the token, which a browser would send to every
+        # port of 127.0.0.1)
+        assert TOKEN not in repr(dict(browser.cookies))
     plain.close()
 
 
@@ -155,7 +158,13 @@ def test_the_proxy_listener_admits_only_the_workers_and_goes_only_where_they_ask
     assert b" 200 " in got.split(b"\r\n", 1)[0] and b'"/through-the-ui"' in got
     (flow,) = [f for f in child.flows() if f["request"]["path"] == "/through-the-ui"]
     assert flow["response"]["status_code"] == 200
+    # Even with the key, a CONNECT goes only to a backend the controller lists as watched.
+    with socket.socket() as elsewhere:
+        elsewhere.bind(("127.0.0.1", 0))
+        elsewhere.listen()
+        assert child.tunnel_get(elsewhere.getsockname(), "/x").startswith(b"HTTP/1.1 403")
     # A replay comes from the UI, not a worker: only to a backend the controller lists as watched.
+    child.send({"allow": []})
     before = _Hello.seen.count("/through-the-ui")
     take_xsrf(child.api)
     assert child.api.post(f"/flows/{flow['id']}/replay").status_code == 200
@@ -166,12 +175,20 @@ def test_the_proxy_listener_admits_only_the_workers_and_goes_only_where_they_ask
           and _Hello.seen.count("/through-the-ui") > before)
 
 
-def test_options_and_commands_beyond_the_view_are_refused(child: Child) -> None:
+def test_options_and_commands_beyond_the_view_are_refused(child: Child, backend, tmp_path: Path) -> None:
     take_xsrf(child.api)
-    for change in ({"scripts": ["/tmp/evil.py"]}, {"mode": ["regular@0.0.0.0:1"]}, {"confdir": "/"},
-                   {"save_stream_file": "/tmp/all-flows"}, {"stream_large_bodies": None}):
+    precious = tmp_path / "precious"
+    precious.write_text("data")
+    for change in ({"scripts": ["/tmp/evil.py"]}, {"mode": ["regular@127.0.0.1:1"]}, {"confdir": str(tmp_path / "c")},
+                   {"save_stream_file": str(precious)}, {"stream_large_bodies": None},
+                   {"rfile": "/dev/null", "web_static_viewer": str(tmp_path / "static")},
+                   {"view_filter": "~u x", "scripts": []}):
         r = child.api.put("/options", json=change)
-        assert r.status_code == 400, (change, r.text)
+        assert r.status_code == 403, (change, r.text)
+    # Refused before mitmweb's addons acted on it: no file written or cut, the proxy listener where it was.
+    assert precious.read_text() == "data"
+    assert not (tmp_path / "c").exists() and not (tmp_path / "static").exists()
+    assert b" 200 " in child.tunnel_get(backend, "/still-here").split(b"\r\n", 1)[0]
     assert child.api.put("/options", json={"view_filter": "~u hello"}).status_code == 200
     assert child.api.put("/options", json={"intercept": "~u hello"}).status_code == 200
     for cmd in ("script.run", "save.file", "export.file", "options.save", "set"):
@@ -223,3 +240,45 @@ def test_a_taken_ui_port_is_reported_not_hidden(tmp_path: Path) -> None:
         proc.stdin.close()
         assert proc.wait(15) != 0
     assert "error" in report and str(port) in report["error"], report
+
+
+def test_bodies_and_websocket_messages_are_kept_within_their_budgets() -> None:
+    from mitmproxy import websocket
+    from mitmproxy.addons import view as view_addon
+    from mitmproxy.test import taddons, tflow
+    from wakeproxy.debug.web import Gate
+
+    kib = 1024
+    gate = Gate(max_flows=100, report=lambda m: None, max_body=300 * kib, max_memory=1024 * kib)
+    with taddons.context(gate) as tctx:
+        v = view_addon.View()
+        tctx.master.view = v  # type: ignore[attr-defined]
+        flows = []
+        for _ in range(6):  # 6 finished flows of 250 KiB each: over the 1 MiB budget
+            f = tflow.tflow(resp=True)
+            f.response.content = b"x" * 250 * kib
+            f.live = False
+            v.add([f])
+            gate.request(f)
+            gate.response(f)
+            flows.append(f)
+        left = [f.id for f in v]
+        assert left == [f.id for f in flows[-4:]] and gate.total <= 1024 * kib
+        # A WebSocket: big messages shrunk once sent, at most 4 × max_body of messages kept.
+        ws = tflow.twebsocketflow()
+        ws.websocket.messages.clear()
+        v.add([ws])
+        gate.request(ws)
+        for _ in range(20):
+            ws.websocket.messages.append(websocket.WebSocketMessage(2, True, b"y" * 250 * kib))
+            gate.websocket_message(ws)
+        kept = sum(len(m.content) for m in ws.websocket.messages[:-1])
+        assert kept <= 4 * 300 * kib
+        huge = websocket.WebSocketMessage(2, True, b"z" * 400 * kib)
+        ws.websocket.messages.append(huge)
+        gate.websocket_message(ws)
+        assert len(huge.content) == 400 * kib  # the message being sent is never changed …
+        ws.websocket.messages.append(websocket.WebSocketMessage(2, True, b"small"))
+        gate.websocket_message(ws)
+        assert huge.content.startswith(b"[409600 bytes, not kept")  # … the sent one is shrunk
+        assert gate.total <= 1024 * kib + 4 * 300 * kib
