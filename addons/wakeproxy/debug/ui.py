@@ -207,9 +207,11 @@ class DebugUI:
             problem = f"the debug UI did not start within {START_TIMEOUT:.0f} s"
             await self._stop(problem)
             self.state = "starting"
-        if self.state != "starting":
+        if self.state != "starting":  # stopped meanwhile: nothing is watched any more
+            if self.proc is proc and proc.returncode is None:
+                await self._stop("nothing is watched any more")  # (asked to stop before it was running)
             self._outcome(problem or "the debug UI was stopped")
-            return  # stopped meanwhile: nothing is watched any more
+            return
         if problem is not None:
             self._failed(problem)
             self._outcome(problem)

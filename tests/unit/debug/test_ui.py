@@ -116,3 +116,22 @@ def test_the_admin_socket_is_the_operators_and_survives_bad_requests(tmp_path: P
         await ui.done()
         assert not path.exists()
     asyncio.run(go())
+
+
+def test_watching_ended_while_the_ui_starts_leaves_no_ui_behind(tmp_path: Path) -> None:
+    ui = make_ui(tmp_path)
+
+    async def go() -> None:
+        task = asyncio.ensure_future(ui.command({"op": "watch", "name": "a.test"}))
+        await asyncio.sleep(0)  # the start is under way …
+        assert ui.state == "starting"
+        off = await ui.command({"op": "off", "name": ""})  # … and nothing is watched any more
+        assert off["watches"] == []
+        await asyncio.wait_for(task, 60)
+        for _ in range(100):
+            if ui.proc is None and ui.state == "off":
+                break
+            await asyncio.sleep(0.1)
+        assert ui.proc is None and ui.state == "off"
+        await ui.done()
+    asyncio.run(go())
