@@ -30,16 +30,16 @@ class DebugSection:
             with process(argv, self.tmp / "debug.log", ready=(ports["http"], watched), timeout=60):
                 wrk(url, watched, 1, conns)  # warm-up
                 for _ in range(rounds):
-                    for tag, host, c in (("plain", watched, conns), ("other_plain", other, conns),
-                                         ("one_plain", watched, 1)):
-                        r = wrk(url, host, seconds, c)
+                    for tag, host in (("plain", watched), ("other_plain", other)):
+                        r = wrk(url, host, seconds, conns)
                         rows[tag].append((r.rps, r.p50, r.p99))
+                    rows["one_plain"].append(_one_connection(ports["http"], watched))
                     self._debug_cmd(cfg, watched)
                     self.cmd(wrk_cmd(url, watched, seconds, conns))
-                    for tag, host, c in (("watched", watched, conns), ("other_watched", other, conns),
-                                         ("one_watched", watched, 1)):
-                        r = wrk(url, host, seconds, c)
+                    for tag, host in (("watched", watched), ("other_watched", other)):
+                        r = wrk(url, host, seconds, conns)
                         rows[tag].append((r.rps, r.p50, r.p99))
+                    rows["one_watched"].append(_one_connection(ports["http"], watched))
                     rss.append(_ui_rss())
                     self._debug_cmd(cfg, "--off")
         finally:
@@ -58,7 +58,7 @@ class DebugSection:
             "Debug UI: the cost of a watched request, and the others while one is watched",
             f"""Two sites on one backend (nginx, host network), the proxy with its default workers;
 `wakeproxy debug {watched}` between the runs (`--off` after), `wrk -c{conns}` for {seconds} s a run and
-`wrk -c1` for the latency of one request, {rounds} round(s), medians. A watched request goes from the
+{ONE_CONNECTION} requests one after the other on one keep-alive connection for the latency, {rounds} round(s), medians. A watched request goes from the
 worker through the UI's mitmweb (CONNECT on loopback, then a second HTTP parse and its flow kept, at
 most `debug.max_flows`) to the backend.
 
@@ -97,6 +97,31 @@ most `debug.max_flows`) to the backend.
         self.cmd(argv)
         subprocess.run(argv, check=True, capture_output=True, timeout=60)
         time.sleep(0.5)
+
+
+ONE_CONNECTION = 300
+
+
+def _one_connection(port: int, host: str) -> tuple[float, float, float]:
+    """(req/s, p50 ms, p99 ms) of ONE_CONNECTION GETs, one after the other, on one keep-alive connection."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    times = []
+    t_all = time.perf_counter()
+    try:
+        for _ in range(ONE_CONNECTION):
+            t0 = time.perf_counter()
+            conn.request("GET", "/small", headers={"Host": host})
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"{host}: {resp.status}")
+            times.append(time.perf_counter() - t0)
+    finally:
+        conn.close()
+    total = time.perf_counter() - t_all
+    return ONE_CONNECTION / total, quantile(times, 0.5) * 1000, quantile(times, 0.99) * 1000
 
 
 def _ui_rss() -> int:
