@@ -24,7 +24,8 @@ class DebugSection:
         self.cmd(argv)
         url = f"http://127.0.0.1:{ports['http']}/small"
         rows: dict[str, list[tuple[float, float, float]]] = {k: [] for k in (
-            "plain", "other_plain", "watched", "other_watched", "one_plain", "one_watched")}
+            "plain", "other_plain", "watched", "other_watched", "one_plain", "one_watched", "both_plain",
+            "both_watched")}
         rss: list[int] = []
         try:
             with process(argv, self.tmp / "debug.log", ready=(ports["http"], watched), timeout=60):
@@ -34,12 +35,14 @@ class DebugSection:
                         r = wrk(url, host, seconds, conns)
                         rows[tag].append((r.rps, r.p50, r.p99))
                     rows["one_plain"].append(_one_connection(ports["http"], watched))
+                    rows["both_plain"].append(_at_once(url, watched, other, seconds, conns))
                     self._debug_cmd(cfg, watched)
                     self.cmd(wrk_cmd(url, watched, seconds, conns))
                     for tag, host in (("watched", watched), ("other_watched", other)):
                         r = wrk(url, host, seconds, conns)
                         rows[tag].append((r.rps, r.p50, r.p99))
                     rows["one_watched"].append(_one_connection(ports["http"], watched))
+                    rows["both_watched"].append(_at_once(url, watched, other, seconds, conns))
                     rss.append(_ui_rss())
                     self._debug_cmd(cfg, "--off")
         finally:
@@ -67,15 +70,20 @@ most `debug.max_flows`) to the backend.
 | the site, not watched | {med('plain', 0):.0f} | {med('plain', 1):.2f} | {med('plain', 2):.2f} |
 | the site, watched | {med('watched', 0):.0f} | {med('watched', 1):.2f} | {med('watched', 2):.2f} |
 | another site, nothing watched | {med('other_plain', 0):.0f} | {med('other_plain', 1):.2f} | {med('other_plain', 2):.2f} |
-| another site, while the first is watched (and loaded) | {med('other_watched', 0):.0f} | {med('other_watched', 1):.2f} | {med('other_watched', 2):.2f} |
+| another site, while the first is watched | {med('other_watched', 0):.0f} | {med('other_watched', 1):.2f} | {med('other_watched', 2):.2f} |
+| another site, loaded at the same time as the first, nothing watched | {med('both_plain', 0):.0f} | {med('both_plain', 1):.2f} | {med('both_plain', 2):.2f} |
+| another site, loaded at the same time as the first, which is watched | {med('both_watched', 0):.0f} | {med('both_watched', 1):.2f} | {med('both_watched', 2):.2f} |
 | one connection, not watched | {med('one_plain', 0):.0f} | {med('one_plain', 1):.2f} | {med('one_plain', 2):.2f} |
 | one connection, watched | {med('one_watched', 0):.0f} | {med('one_watched', 1):.2f} | {med('one_watched', 2):.2f} |
 
 - A watched request costs **+{added:.2f} ms** (p50, one connection), and the watched site serves
   **{ratio_watched:.2f}×** its unwatched rate under load: mitmweb is one Python process for every watched
   request (debugging traffic, not load).
-- Another site while nothing is watched vs while the first is watched (not loaded at the same time):
-  ratio **{ratio_other:.3f}**: its requests take the same path as before (one set lookup more).
+- Another site while nothing is watched vs while the first is watched: ratio **{ratio_other:.3f}**: its
+  requests take the same path as before (one set lookup more).
+- Both sites loaded at once, the first watched vs not: the other site's rate is
+  **{med('both_watched', 0) / med('both_plain', 0):.2f}×**. On this 2-core machine the UI's process takes CPU
+  the workers would otherwise have; nothing of the other site goes through it.
 - The UI process after each watched run ({', '.join(f'{r / 1024 / 1024:.0f}' for r in rss)} MiB RSS):
   flows are capped at `debug.max_flows` (500), bodies over `debug.max_body` (1 MiB) are not kept.
 """)
@@ -100,6 +108,18 @@ most `debug.max_flows`) to the backend.
 
 
 ONE_CONNECTION = 300
+
+
+def _at_once(url: str, first: str, other: str, seconds: int, conns: int) -> tuple[float, float, float]:
+    """wrk on both sites at the same time: the other site's (req/s, p50, p99)."""
+    import threading
+
+    load = threading.Thread(target=wrk, args=(url, first, seconds + 1, conns), daemon=True)
+    load.start()
+    time.sleep(0.5)
+    r = wrk(url, other, seconds, conns)
+    load.join(seconds + 40)
+    return r.rps, r.p50, r.p99
 
 
 def _one_connection(port: int, host: str) -> tuple[float, float, float]:

@@ -45,6 +45,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import secrets
 import sys
 from collections.abc import Callable
@@ -59,6 +60,7 @@ COOKIE = "wakeproxy_debug"
 MAX_MESSAGES = 500  # WebSocket messages a flow keeps
 MAX_INPUT_LINE = 4 * 1024 * 1024
 MAX_TUNNEL_TARGETS = 10_000
+NICE = 10  # the UI's CPU priority below the workers' (debugging traffic yields to serving)
 ALLOW_WAIT = 3.0  # a worker's CONNECT to a backend not (yet) in the controller's list waits this long for it
 # What the UI may change, and run, once the process is up (everything else is fixed at start).
 UI_OPTIONS = frozenset({"intercept", "intercept_active", "view_filter", "view_order", "view_order_reversed",
@@ -417,6 +419,8 @@ async def serve(args: argparse.Namespace) -> int:
 
     from wakeproxy.mitm import errorpages
 
+    with contextlib.suppress(OSError):
+        os.nice(NICE)  # the serving workers come first when the machine is busy
     errorpages.install()  # a backend that fails gets our bare page, never mitmproxy's (addresses, Server)
     logging.getLogger("tornado.access").setLevel(logging.CRITICAL)  # its lines hold request URIs (`?token=`)
     reader = await _stdin()
