@@ -141,7 +141,7 @@ class DebugUI:
         exit routes them directly again."""
         now = time.monotonic()
         proc = self.proc
-        if proc is None or proc.stdin is None:
+        if proc is None or proc.stdin is None or proc.stdin.is_closing():
             return
         if now - self._answered > PING_TIMEOUT:
             logger.warning(f"debug: the UI has not answered for {now - self._answered:.0f} s; ending it")
@@ -325,7 +325,7 @@ class DebugUI:
 
     def _send_allow(self, hosts: frozenset[str], groups: frozenset[str]) -> None:
         allow = frozenset(backends_of(self.runtime.snapshot, hosts, groups))
-        if allow == self._allow_sent or self.proc is None or self.proc.stdin is None:
+        if allow == self._allow_sent or self.proc is None or self.proc.stdin is None or self.proc.stdin.is_closing():
             return
         self._allow_sent = allow
         self.proc.stdin.write((json.dumps({"allow": sorted([a, p] for a, p in allow)}) + "\n").encode())
