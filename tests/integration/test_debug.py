@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,25 @@ def test_websocket_replay_and_the_proxy_listener(proxy, two):
         assert ui.client.post(f"/flows/{fid}/replay").status_code == 200
         wait_for(lambda: any(f["id"] == fid and f.get("error") for f in ui.flows()), 10, 0.1, "the refusal")
         assert "/via-edit" not in b.logs().decode()
+        # Export as curl, as the UI's menu does it.
+        r = ui.client.post("/commands/export", json={"arguments": ["curl", f"@{fid}"]})
+        assert r.status_code == 200 and "curl" in r.json()["value"] and watched in r.json()["value"], r.text
+        # Intercept and edit: the request waits in mitmweb, is changed there, and goes on when resumed.
+        assert ui.client.put("/options", json={"intercept": "~u /intercept-me"}).status_code == 200
+        answer: dict[str, Any] = {}
+
+        def held() -> None:
+            answer["r"] = proxied(p, watched, "/intercept-me", timeout=30)
+        t = threading.Thread(target=held)
+        t.start()
+        wait_for(lambda: any(f["request"]["path"] == "/intercept-me" and f.get("intercepted") for f in ui.flows()),
+                 10, 0.1, "the intercepted flow")
+        iid = next(f["id"] for f in ui.flows() if f["request"]["path"] == "/intercept-me")
+        assert ui.client.put(f"/flows/{iid}", json={"request": {"path": "/edited-in-mitmweb"}}).status_code == 200
+        assert ui.client.post(f"/flows/{iid}/resume").status_code == 200
+        t.join(30)
+        assert answer["r"].status_code == 200 and answer["r"].json()["path"] == "/edited-in-mitmweb"
+        assert ui.client.put("/options", json={"intercept": ""}).status_code == 200
         state = ui.client.get("/options").json()
         assert "scripts" in state
         r = ui.client.put("/options", json={"scripts": ["/tmp/x.py"]})
