@@ -310,7 +310,7 @@ def install_gate(app: Any, gate: Gate) -> str | None:
                                    "prints the address with its token\n")
             if request.method == "GET" and "token" in request.query_arguments and request.path == "/":
                 rest = {k: v for k, v in request.query_arguments.items() if k != "token"}
-                query = urlencode([(k, x.decode()) for k, vs in rest.items() for x in vs])
+                query = urlencode([(k, x.decode(errors="replace")) for k, vs in rest.items() for x in vs])
                 return answer(302, "", cookie=gate.session, location="/" + (f"?{query}" if query else ""))
         cmd = command_of(request.path)
         if (cmd is not None and cmd not in UI_COMMANDS) or request.path in REFUSED_PATHS or \
