@@ -46,8 +46,10 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import secrets
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
@@ -61,6 +63,7 @@ MAX_MESSAGES = 500  # WebSocket messages a flow keeps
 MAX_INPUT_LINE = 4 * 1024 * 1024
 MAX_TUNNEL_TARGETS = 10_000
 NICE = 10  # the UI's CPU priority below the workers' (debugging traffic yields to serving)
+SWEEP_EVERY = 1.0  # seconds: how often quiet WebSockets' large last messages are shrunk
 ALLOW_WAIT = 3.0  # a worker's CONNECT to a backend not (yet) in the controller's list waits this long for it
 # What the UI may change, and run, once the process is up (everything else is fixed at start).
 UI_OPTIONS = frozenset({"intercept", "intercept_active", "view_filter", "view_order", "view_order_reversed",
@@ -118,7 +121,10 @@ class Gate:
         self.order: collections.deque[str] = collections.deque()  # flow ids as they came
         self.kept: dict[str, int] = {}  # flow id → bytes of its bodies and messages
         self.total = 0
+        self.live: set[str] = set()  # flows whose request or response may still be buffered
+        self.sockets: set[str] = set()  # flows with an open WebSocket
         self.sealed = False  # once running: options outside UI_OPTIONS are fixed
+        self._sweeper: asyncio.Task[None] | None = None
         self.own_auth = False  # mitmweb checks the token itself (mitmproxy ≥ 11.1)
 
     # --- what the controller says ---------------------------------------------------------------
@@ -155,8 +161,13 @@ class Gate:
             master.shutdown()
             return
         self.sealed = True
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
         self.report({"ready": {"proxy": list(proxy[0][:2]),
                                "web": [ctx.options.web_host, ctx.options.web_port]}})
+
+    def done(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
 
     # --- the proxy listener -------------------------------------------------------------------------
 
@@ -191,9 +202,24 @@ class Gate:
         return True
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.is_replay or flow.request.method == "CONNECT" or flow.client_conn.id in self.tunnels:
+        if flow.request.method == "CONNECT":
             return
-        flow.response = http.Response.make(403, b"wakeproxy debug UI: not a proxy\n", {"Content-Type": "text/plain"})
+        if not flow.is_replay and flow.client_conn.id not in self.tunnels:
+            flow.response = http.Response.make(403, b"wakeproxy debug UI: not a proxy\n",
+                                               {"Content-Type": "text/plain"})
+            return
+        self.live.add(flow.id)
+        if self._pressed():
+            flow.request.stream = True  # passed through, not kept: the UI is at its memory budget
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None and self._pressed():
+            flow.response.stream = True
+
+    def _pressed(self) -> bool:
+        """Would the bodies that flows in progress may still buffer (up to max_body each way) take the UI
+        over max_memory?"""
+        return self.total + 2 * len(self.live) * self.max_body > self.max_memory
 
     def server_connect(self, data: Any) -> None:
         address = data.server.address
@@ -214,9 +240,12 @@ class Gate:
         self._trim()
 
     def response(self, flow: http.HTTPFlow) -> None:
+        self.live.discard(flow.id)
         self._count(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self.live.discard(flow.id)
+        self.sockets.discard(flow.id)
         self._count(flow)
 
     def _count(self, flow: http.HTTPFlow, messages: int = 0) -> None:
@@ -237,9 +266,13 @@ class Gate:
                 kept.append(fid)  # in progress or intercepted: dropped once it is done
                 continue
             self.total -= self.kept.pop(fid, 0)
+            self.live.discard(fid)
             if f is not None:
                 view.remove([f])
         self.order.extendleft(reversed(kept))
+
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        self.sockets.add(flow.id)
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         ws = flow.websocket
@@ -254,12 +287,32 @@ class Gate:
             drop += 1
         if drop:
             del ws.messages[:drop]
-        self._count(flow, kept)
+        self._count(flow, kept + len(ws.messages[-1].content))  # the one being sent is held too, for now
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self.sockets.discard(flow.id)
         if flow.websocket is not None and flow.websocket.messages:
             _shrink(flow.websocket.messages[-1], self.max_body)
             self._count(flow, sum(len(m.content) for m in flow.websocket.messages))
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_EVERY)
+            self.sweep(time.time())
+
+    def sweep(self, now: float) -> None:
+        """The last message of a WebSocket that has gone quiet is sent by now: shrink it when it is large
+        (mitmproxy holds it until the next message, which may never come)."""
+        view: Any = ctx.master.view  # type: ignore[attr-defined]
+        for fid in list(self.sockets):
+            f = view.get_by_id(fid)
+            if f is None or f.websocket is None:
+                self.sockets.discard(fid)
+                continue
+            messages = f.websocket.messages
+            if messages and len(messages[-1].content) > self.max_body and messages[-1].timestamp < now - SWEEP_EVERY:
+                _shrink(messages[-1], self.max_body)
+                self._count(f, sum(len(m.content) for m in messages))
 
 
 def _shrink(message: Any, most: int) -> None:
@@ -377,6 +430,15 @@ def _guard_options_api() -> str | None:
 # --- the process -------------------------------------------------------------------------------------
 
 
+_QUERY = re.compile(r"\?\S*")
+
+
+def _no_queries(record: logging.LogRecord) -> bool:
+    """tornado's warnings name the request (`403 POST /path?query`): never its query, which may hold the token."""
+    record.msg, record.args = _QUERY.sub("?…", record.getMessage()), None
+    return True
+
+
 def _write(message: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(message) + "\n")
     sys.stdout.flush()
@@ -417,12 +479,17 @@ async def serve(args: argparse.Namespace) -> int:
     from mitmproxy.addons import termlog
     from mitmproxy.tools.web.master import WebMaster
 
+    from wakeproxy.config import Config
     from wakeproxy.mitm import errorpages
+    from wakeproxy.mitm.limits import ConnectionLimits, connection_cap, raise_nofile_limit
+    from wakeproxy.runtime import Runtime
 
     with contextlib.suppress(OSError):
         os.nice(NICE)  # the serving workers come first when the machine is busy
     errorpages.install()  # a backend that fails gets our bare page, never mitmproxy's (addresses, Server)
     logging.getLogger("tornado.access").setLevel(logging.CRITICAL)  # its lines hold request URIs (`?token=`)
+    for name in ("tornado.application", "tornado.general"):  # and its warnings may (a request's summary)
+        logging.getLogger(name).addFilter(_no_queries)
     reader = await _stdin()
     gate = Gate(args.max_flows, _write, args.max_body, args.max_memory)
     try:
@@ -433,7 +500,9 @@ async def serve(args: argparse.Namespace) -> int:
     opts = options.Options()
     master = WebMaster(opts, with_termlog=False)
     master.addons.add(termlog.TermLog(out=sys.stderr))
-    master.addons.add(gate)
+    limits = ConnectionLimits(Runtime())  # the workers' deadlines for idle and slow clients, and a cap
+    limits.cap = connection_cap(raise_nofile_limit(), Config().limits.connection_reserve, None)
+    master.addons.add(limits, gate)
     known = set(opts.keys())
     opts.update(**_options(args, known))
     if "web_password" in known:  # mitmproxy ≥ 11.1: its own token check, with our token

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -282,3 +283,60 @@ def test_bodies_and_websocket_messages_are_kept_within_their_budgets() -> None:
         gate.websocket_message(ws)
         assert huge.content.startswith(b"[409600 bytes, not kept")  # … the sent one is shrunk
         assert gate.total <= 1024 * kib + 4 * 300 * kib
+
+
+def test_under_memory_pressure_bodies_pass_through_and_a_quiet_sockets_last_message_shrinks() -> None:
+    from mitmproxy import websocket
+    from mitmproxy.addons import view as view_addon
+    from mitmproxy.test import taddons, tflow
+    from wakeproxy.debug.web import Gate
+
+    kib = 1024
+    gate = Gate(max_flows=100, report=lambda m: None, max_body=100 * kib, max_memory=1024 * kib)
+    with taddons.context(gate) as tctx:
+        v = view_addon.View()
+        tctx.master.view = v  # type: ignore[attr-defined]
+        stalled = []
+        for _ in range(8):  # requests in progress: each may still buffer up to max_body either way
+            f = tflow.tflow()
+            f.is_replay = "request"
+            gate.requestheaders(f)
+            stalled.append(f)
+        assert not stalled[0].request.stream and stalled[-1].request.stream  # past the budget: streamed
+        late = tflow.tflow(resp=True)
+        gate.live.add(late.id)
+        gate.responseheaders(late)
+        assert late.response.stream
+        for f in stalled:
+            f.response = tflow.tresp()
+            gate.response(f)
+        assert not gate.live - {late.id}
+        # One huge message and then silence: it is counted while it is sent, and shrunk once quiet.
+        ws = tflow.twebsocketflow()
+        ws.websocket.messages.clear()
+        v.add([ws])
+        gate.websocket_start(ws)
+        big = websocket.WebSocketMessage(2, True, b"q" * 500 * kib, timestamp=time.time() - 5)
+        ws.websocket.messages.append(big)
+        gate.websocket_message(ws)
+        assert gate.kept[ws.id] >= 500 * kib and len(big.content) == 500 * kib
+        gate.sweep(time.time())
+        assert big.content.startswith(b"[512000 bytes, not kept") and gate.kept[ws.id] < kib
+
+
+def test_tornado_warnings_lose_their_query() -> None:
+    import logging
+
+    from wakeproxy.debug.web import _no_queries
+
+    record = logging.LogRecord("tornado.general", logging.WARNING, __file__, 1, "%d %s (%s): %s", (403,
+                               "POST /flows/x/replay?%74oken=SECRET", "127.0.0.1", "'_xsrf' missing"), None)
+    assert _no_queries(record)
+    assert "SECRET" not in record.getMessage() and "/flows/x/replay?…" in record.getMessage()
+
+
+def test_a_silent_connection_to_the_proxy_listener_is_closed(child: Child) -> None:
+    with socket.create_connection(("127.0.0.1", child.proxy_port), timeout=30) as s:
+        t0 = time.monotonic()
+        assert s.recv(1) == b""  # closed by the UI (limits.header_timeout), not left open for good
+        assert time.monotonic() - t0 < 25
