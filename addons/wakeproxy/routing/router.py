@@ -29,9 +29,10 @@ _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE", "CONNECT"})
 # A request that arrives before the first Docker listing is held this long for it (then routed).
 STARTUP_HOLD = 10.0
 
-# How many WebSocket messages a flow keeps for mitmweb; mitmproxy would keep all of them
-# for the life of the connection.
+# How many WebSocket messages a flow keeps for mitmweb (`mitmweb -s`), and how many bytes of those
+# already sent; mitmproxy would keep all of them for the life of the connection.
 WEBSOCKET_HISTORY = 100
+WEBSOCKET_HISTORY_BYTES = 1024 * 1024
 
 
 class Router:
@@ -128,9 +129,15 @@ class Router:
             flow.request.headers["Proxy-Authorization"] = f"Bearer {watch.key}"
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
-        assert flow.websocket is not None
-        if len(flow.websocket.messages) > WEBSOCKET_HISTORY:
-            del flow.websocket.messages[:-WEBSOCKET_HISTORY]
+        messages = flow.websocket.messages if flow.websocket is not None else []
+        if len(messages) > WEBSOCKET_HISTORY:
+            del messages[:-WEBSOCKET_HISTORY]
+        kept, drop = 0, len(messages) - 1  # the last one is being sent: never touched
+        while drop > 0 and kept + len(messages[drop - 1].content) <= WEBSOCKET_HISTORY_BYTES:
+            kept += len(messages[drop - 1].content)
+            drop -= 1
+        if drop > 0:
+            del messages[:drop]
 
     # --- routing ----------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from mitmproxy.test import taddons, tflow
 from mitmproxy.test.tutils import treq, tresp
 from wakeproxy.config import Config, ForwardedConfig, SourcesConfig, parse_config
 from wakeproxy.routing.labels import ContainerInfo
-from wakeproxy.routing.router import WEBSOCKET_HISTORY, Router
+from wakeproxy.routing.router import WEBSOCKET_HISTORY, WEBSOCKET_HISTORY_BYTES, Router
 from wakeproxy.routing.snapshot import Policy, Snapshot, build_snapshot
 from wakeproxy.routing.watch import Watch
 from wakeproxy.runtime import Runtime
@@ -608,6 +608,16 @@ def test_websocket_history_is_trimmed_to_the_last_100():
     plain_router().websocket_message(f)
     assert len(f.websocket.messages) == 100
     assert [m.content for m in f.websocket.messages] == [f"m{i}".encode() for i in range(50, 150)]
+
+
+def test_websocket_history_keeps_at_most_a_mebibyte_of_sent_messages():
+    f = tflow.twebsocketflow()
+    big = [websocket.WebSocketMessage(2, True, bytes([i]) * 300_000) for i in range(10)]
+    f.websocket.messages = list(big)
+    plain_router().websocket_message(f)
+    assert f.websocket.messages[-1] is big[-1]  # the one being sent stays, whatever its size
+    sent = f.websocket.messages[:-1]
+    assert sum(len(m.content) for m in sent) <= WEBSOCKET_HISTORY_BYTES and sent == big[-4:-1]
 
 
 @pytest.mark.parametrize("n", [0, 1, 99, 100])
