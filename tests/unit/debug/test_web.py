@@ -5,6 +5,7 @@ ends with its input."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import socket
@@ -243,17 +244,29 @@ def test_a_taken_ui_port_is_reported_not_hidden(tmp_path: Path) -> None:
     assert "error" in report and str(port) in report["error"], report
 
 
-def test_bodies_and_websocket_messages_are_kept_within_their_budgets() -> None:
-    from mitmproxy import websocket
+KIB = 1024
+
+
+@contextlib.contextmanager
+def gate_with_view(max_body: int) -> Iterator[tuple[Any, Any]]:
+    """A Gate (1 MiB budget) in mitmproxy's test context, with the View mitmweb's master has: (gate, view)."""
     from mitmproxy.addons import view as view_addon
-    from mitmproxy.test import taddons, tflow
+    from mitmproxy.test import taddons
     from wakeproxy.debug.web import Gate
 
-    kib = 1024
-    gate = Gate(max_flows=100, report=lambda m: None, max_body=300 * kib, max_memory=1024 * kib)
+    gate = Gate(max_flows=100, report=lambda m: None, max_body=max_body, max_memory=1024 * KIB)
     with taddons.context(gate) as tctx:
         v = view_addon.View()
         tctx.master.view = v  # type: ignore[attr-defined]
+        yield gate, v
+
+
+def test_bodies_and_websocket_messages_are_kept_within_their_budgets() -> None:
+    from mitmproxy import websocket
+    from mitmproxy.test import tflow
+
+    kib = KIB
+    with gate_with_view(300 * kib) as (gate, v):
         flows = []
         for _ in range(6):  # 6 finished flows of 250 KiB each: over the 1 MiB budget
             f = tflow.tflow(resp=True)
@@ -287,15 +300,10 @@ def test_bodies_and_websocket_messages_are_kept_within_their_budgets() -> None:
 
 def test_under_memory_pressure_bodies_pass_through_and_a_quiet_sockets_last_message_shrinks() -> None:
     from mitmproxy import websocket
-    from mitmproxy.addons import view as view_addon
-    from mitmproxy.test import taddons, tflow
-    from wakeproxy.debug.web import Gate
+    from mitmproxy.test import tflow
 
-    kib = 1024
-    gate = Gate(max_flows=100, report=lambda m: None, max_body=100 * kib, max_memory=1024 * kib)
-    with taddons.context(gate) as tctx:
-        v = view_addon.View()
-        tctx.master.view = v  # type: ignore[attr-defined]
+    kib = KIB
+    with gate_with_view(100 * kib) as (gate, v):
         stalled = []
         for _ in range(8):  # requests in progress: each may still buffer up to max_body either way
             f = tflow.tflow()
