@@ -57,6 +57,16 @@ def test_state_dir_below_a_regular_file(tmp_path):
     assert out.returncode == 2 and "state_dir" in out.stderr and "is a file" in out.stderr, out
 
 
+def test_a_state_dir_the_workers_cannot_reach_is_a_config_error(tmp_path):
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    closed.chmod(0o700)
+    path = write(tmp_path, {"state_dir": str(closed / "state"), "workers": 1, "user": "nobody"})
+    out = run("--config", str(path))
+    assert out.returncode == 2, out
+    assert f"{closed} is closed to other users" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
 def test_a_broken_operator_certificate_is_a_config_error(tmp_path):
     (tmp_path / "c.pem").write_text("not a certificate")
     (tmp_path / "k.pem").write_text("not a key")

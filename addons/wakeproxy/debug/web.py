@@ -529,38 +529,18 @@ def _become(user: str, confdir: str) -> None:
 
     import mitmproxy.tools.web
 
+    from wakeproxy.files import blocked_for
     from wakeproxy.planes.worker import drop_privileges
 
     uid_s, _, gid_s = user.partition(":")
     uid, gid = int(uid_s), int(gid_s)
     web = Path(mitmproxy.tools.web.__file__).parent
-    blocked = next((p for p in [web, *sorted(web.rglob("*"))] if not readable_by(p, uid, gid)), None)
+    blocked = next((b for p in [web, *sorted(web.rglob("*"))] if (b := blocked_for(p, uid, gid)) is not None), None)
     if blocked is not None:
         logger.warning(f"the debug UI runs as root: uid {uid} cannot read {blocked} (make the install "
                        f"readable to other users to run it unprivileged)")
         return
     drop_privileges(uid, gid, Path(confdir))
-
-
-def readable_by(path: Any, uid: int, gid: int) -> bool:
-    """Can `uid`:`gid` (no other groups) read `path` (and list it, for a folder), through every parent?"""
-    import os
-    import stat
-    from pathlib import Path
-
-    p = Path(path).resolve()
-    for i, part in enumerate([*reversed(p.parents), p]):
-        try:
-            st = os.stat(part)
-        except OSError:
-            return False
-        shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
-        bits = (st.st_mode >> shift) & 7
-        last = i == len(p.parents)
-        need = (5 if stat.S_ISDIR(st.st_mode) else 4) if last else 1
-        if bits & need != need:
-            return False
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wakeproxy.config import Config, ConfigError, load_config
+from wakeproxy.files import blocked_for
 from wakeproxy.mitm import listeners
 
 logger = logging.getLogger("wakeproxy.supervisor")
@@ -111,10 +112,10 @@ class Supervisor:
             mode = state.stat().st_mode
             if not mode & 0o001:
                 os.chmod(state, mode | 0o001)  # traversal only: the workers reach run/ and workers/
-            blocked = [p for p in state.parents if not p.stat().st_mode & 0o001]
-            if blocked and self.uid != 0:
+            blocked = blocked_for(state, self.uid, self.gid, read=False)
+            if blocked is not None:
                 raise ConfigError(f"{cfg.source}: state_dir {state}: the workers' user ({cfg.user}) cannot reach it: "
-                                  f"{blocked[0]} is closed to other users (chmod o+x, or another state_dir)")
+                                  f"{blocked} is closed to other users (chmod o+x, or another state_dir)")
         for slot in range(cfg.worker_count()):
             self._worker_dir(slot)
         (state / PID_FILE).write_text(f"{os.getpid()}\n")

@@ -19,7 +19,8 @@ from typing import Any
 
 import httpx
 import pytest
-from wakeproxy.debug.web import command_of, readable_by, ui_host_allowed
+from wakeproxy.debug.web import command_of, ui_host_allowed
+from wakeproxy.files import blocked_for
 
 TOKEN, KEY = "the-ui-token", "the-workers-key"
 
@@ -212,8 +213,8 @@ def test_hosts_commands_and_permissions() -> None:
     assert ui_host_allowed("127.0.0.1:8081") and ui_host_allowed("[::1]:8081") and ui_host_allowed("localhost")
     assert not ui_host_allowed("evil.example:8081") and not ui_host_allowed("") and not ui_host_allowed("127.0.0.1.nip.io")
     assert command_of("/commands/script.run") == "script.run" and command_of("/flows") is None
-    assert readable_by("/", 65534, 65534)
-    assert not readable_by("/root/.nonexistent", 65534, 65534)
+    assert blocked_for("/", 65534, 65534) is None
+    assert blocked_for("/root/.nonexistent", 65534, 65534) is not None
 
 
 def _wait(predicate: Any, timeout: float = 10.0) -> None:
