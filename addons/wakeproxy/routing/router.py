@@ -33,6 +33,7 @@ STARTUP_HOLD = 10.0
 # already sent; mitmproxy would keep all of them for the life of the connection.
 WEBSOCKET_HISTORY = 100
 WEBSOCKET_HISTORY_BYTES = 1024 * 1024
+_WS_BYTES = "wakeproxy.ws_history_bytes"
 
 
 class Router:
@@ -129,15 +130,21 @@ class Router:
             flow.request.headers["Proxy-Authorization"] = f"Bearer {watch.key}"
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
+        """Keep at most WEBSOCKET_HISTORY messages and WEBSOCKET_HISTORY_BYTES of those sent (the last one is
+        being sent: never touched). The bytes kept are counted as messages come, not summed each time."""
         messages = flow.websocket.messages if flow.websocket is not None else []
-        if len(messages) > WEBSOCKET_HISTORY:
-            del messages[:-WEBSOCKET_HISTORY]
-        kept, drop = 0, len(messages) - 1  # the last one is being sent: never touched
-        while drop > 0 and kept + len(messages[drop - 1].content) <= WEBSOCKET_HISTORY_BYTES:
-            kept += len(messages[drop - 1].content)
-            drop -= 1
-        if drop > 0:
+        sent = flow.metadata.get(_WS_BYTES)
+        if sent is None:
+            sent = sum(len(m.content) for m in messages[:-1])
+        elif len(messages) > 1:
+            sent += len(messages[-2].content)  # sent since the previous call
+        drop = 0
+        while drop < len(messages) - 1 and (len(messages) - drop > WEBSOCKET_HISTORY or sent > WEBSOCKET_HISTORY_BYTES):
+            sent -= len(messages[drop].content)
+            drop += 1
+        if drop:
             del messages[:drop]
+        flow.metadata[_WS_BYTES] = sent
 
     # --- routing ----------------------------------------------------------------
 

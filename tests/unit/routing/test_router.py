@@ -620,6 +620,22 @@ def test_websocket_history_keeps_at_most_a_mebibyte_of_sent_messages():
     assert sum(len(m.content) for m in sent) <= WEBSOCKET_HISTORY_BYTES and sent == big[-4:-1]
 
 
+def test_websocket_history_counted_as_messages_come_holds_both_bounds():
+    import random
+
+    rnd = random.Random(7)
+    f = tflow.twebsocketflow()
+    f.websocket.messages = []
+    r = plain_router()
+    for i in range(400):
+        f.websocket.messages.append(websocket.WebSocketMessage(2, True, b"x" * rnd.choice([1, 500, 40_000, 300_000])))
+        r.websocket_message(f)
+        sent = f.websocket.messages[:-1]
+        assert len(f.websocket.messages) <= WEBSOCKET_HISTORY
+        assert sum(len(m.content) for m in sent) <= WEBSOCKET_HISTORY_BYTES
+        assert f.metadata["wakeproxy.ws_history_bytes"] == sum(len(m.content) for m in sent), i
+
+
 @pytest.mark.parametrize("n", [0, 1, 99, 100])
 def test_websocket_history_short_is_untouched(n):
     f = tflow.twebsocketflow()
