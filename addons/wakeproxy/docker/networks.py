@@ -191,6 +191,12 @@ def plan(wanted: Mapping[str, frozenset[str]], on: frozenset[str], ours: frozens
     refused: dict[str, str] = {}
     # Per group: its networks in name order; the first MAX_PER_GROUP that need a join are its share.
     share: dict[str, int] = {}
+    # What the proxy has joined already counts first: containers started one after another (depends_on)
+    # would otherwise each get a share of their own.
+    for net in wanted:
+        if net in on and net in ours and net not in protected:
+            for t in {tenant_of(g) for g in wanted[net]}:
+                share[t] = share.get(t, 0) + 1
     allowed: set[str] = set()
     over: dict[str, str] = {}
     for net in sorted(wanted):

@@ -269,6 +269,23 @@ def test_one_group_gets_at_most_its_share_of_joins_and_a_shared_network_counts_f
     assert all("the most per project" in why for why in refused.values())
 
 
+def test_networks_joined_already_count_toward_the_share():
+    """Containers of one project started one after another (depends_on): each new snapshot wants one more
+    network, and the ones joined before count, so the project still gets MAX_PER_GROUP in all."""
+    on: frozenset[str] = frozenset({"proxy_net"})
+    ours: frozenset[str] = frozenset()
+    wanted: dict[str, frozenset[str]] = {"mine": frozenset({"other"})}
+    for i in range(nw.MAX_PER_GROUP + 2):
+        wanted[f"t{i}"] = frozenset({"tenant"})
+        join, _, refused = nw.plan(wanted, on=on, ours=ours, protected=frozenset({"proxy_net"}),
+                                   drivers=dict.fromkeys([*wanted, "proxy_net"], "bridge"), failed={})
+        on, ours = on | set(join), ours | set(join)
+    tenant = sorted(n for n in on if n.startswith("t"))
+    assert tenant == [f"t{i}" for i in range(nw.MAX_PER_GROUP)]
+    assert "the most per project" in refused[f"t{nw.MAX_PER_GROUP + 1}"]
+    assert "mine" in on  # the other project is not crowded out
+
+
 @pytest.mark.parametrize(("subnet", "avoid", "fragment"), [
     ("8.8.8.0/24", (), "public addresses"),
     ("2001:4860::/32", (), "public addresses"),
