@@ -27,6 +27,7 @@ from wakeproxy.routing.labels import (
     LabelError,
     Route,
     check_group_labels,
+    docksal_note,
     group_of,
     normalize_host,
     path_matches,
@@ -142,6 +143,8 @@ class Group:
     wake_timeout: float | None = None
     idle_timeout: float | None = None  # the longest of the members' labels; 0 (any member) = never
     idle_action: str | None = None
+    permanent: bool = False  # a member's io.docksal.permanent=true: never removed as abandoned
+    gid: str = ""  # who the group is ("compose:NAME", "container:NAME", …): `name` can pass to another group
 
     def stop_order(self, snapshot: Snapshot) -> list[list[str]]:
         """Members in layers, dependents before their dependencies (reverse `depends_on`)."""
@@ -202,11 +205,12 @@ class Policy:
     idle_timeout: float = 1800.0  # the config's; labels may not exceed it unless trust.keep_awake
     acme_max: int = 10  # names one group may have certificates for
     max_replicas: int = 10  # docker.max_replicas: what a service's replicas label may ask for
+    permanent_sleeps: bool = False  # idle.permanent_sleeps: io.docksal.permanent only keeps a group from removal
 
     @classmethod
     def from_config(cls, config: Config) -> Policy:
         return cls(NamePolicy.from_config(config), config.labels, config.idle.timeout,
-                   config.acme.max_names_per_group, config.docker.max_replicas)
+                   config.acme.max_names_per_group, config.docker.max_replicas, config.idle.permanent_sleeps)
 
 
 @dataclass(frozen=True)
@@ -371,6 +375,8 @@ def _parse(info: ContainerInfo, sources: SourcesConfig, allowed: tuple[str, ...]
                 notes.append(f"its network label '{r.network}' is ignored: not in docker.networks "
                              "(labels.network: true honours it)")
                 routes[i] = dataclasses.replace(r, network=None)
+    if sources.docksal and (note := docksal_note(info.labels)):
+        notes.append(note)
     if settings.cert_name and not trust.cert_name:
         notes.append("its cert-name label is ignored (labels.cert_name: true honours it)")
     if settings.https_redirect is False and not trust.https_redirect:
@@ -378,6 +384,8 @@ def _parse(info: ContainerInfo, sources: SourcesConfig, allowed: tuple[str, ...]
     if settings.replicas is not None and settings.replicas > policy.max_replicas:
         notes.append(f"its replicas label is capped at docker.max_replicas ({policy.max_replicas})")
         settings = dataclasses.replace(settings, replicas=policy.max_replicas)
+    if settings.permanent and not policy.permanent_sleeps:
+        settings = dataclasses.replace(settings, idle_timeout=0.0)  # never put to sleep (idle.permanent_sleeps: false)
     t = settings.idle_timeout
     if t is not None and not trust.keep_awake and policy.idle_timeout > 0 and (t <= 0 or t > policy.idle_timeout):
         notes.append(f"its idle timeout is capped at idle.timeout ({policy.idle_timeout:g} s; "
@@ -603,10 +611,12 @@ def build_snapshot(
         # A global Swarm service cannot be scaled: it is never stopped, and has no say in when the rest is.
         idle = [t for i in ids if (t := settings[i].idle_timeout) is not None and not _is_global(all_containers[i])]
         actions = [settings[i].idle_action for i in ids if settings[i].idle_action]
+        gid = keys[infos[0].id][0] if infos else None
         groups[name] = Group(name, ids, group_routed, strategies[0] if strategies else None,
                              max(timeouts) if timeouts else None,
                              (0.0 if 0.0 in idle else max(idle)) if idle else None,
-                             actions[0] if actions else None)
+                             actions[0] if actions else None, any(settings[i].permanent for i in ids),
+                             f"{gid.kind}:{gid.base}" if gid else "")
     acme, acme_refused = _acme_names(parsed, keys, owners, own_hosts, policy)
     cert_names: dict[str, str] = {}
     no_redirect: set[str] = set()

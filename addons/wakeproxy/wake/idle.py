@@ -92,6 +92,9 @@ class IdleKeeper:
         # Last real use per group (a request or a byte, wall clock), kept across sleeps and restarts: what
         # idle.remove_after counts from. A group never used since the proxy first saw it counts from then.
         self.used: dict[str, float] = {}
+        # Who each name means (Group.gid): a name can pass to another group, and clocks belong to groups.
+        self._identity: dict[str, str] = {}
+        self._loaded_identity: dict[str, str] = {}
         self.retiring: set[str] = set()
         self._said_no_pause: set[str] = set()  # groups told once that services cannot be paused
         self.stops: list[Callable[[str, str, str], None]] = []  # told (group, action, reason) after a stop
@@ -239,6 +242,7 @@ class IdleKeeper:
         if not snap.synced or not self.runtime.manage:
             return  # (a debugging copy never puts anything to sleep)
         remove_after = self.runtime.config.idle.remove_after
+        self._follow_identities(snap, now)
         for name, group in snap.groups.items():
             if name not in self.used:
                 self.used[name] = self._loaded_used.pop(name, now)  # first sight: a full remove_after from now
@@ -248,6 +252,11 @@ class IdleKeeper:
                 (c := snap.containers.get(cid)) is not None and c.state == "running"
                 and not (c.is_service and c.replicas is None) for cid in group.members
             )
+            if running:
+                # A group that runs is not abandoned, used or not: idle.remove_after counts from when it
+                # stopped at the latest (a Docker restart that stops a long-running group never makes it
+                # look abandoned). Saved with the next change, not written for this alone.
+                self.used[name] = max(self.used[name], now)
             if remove_after > 0 and not running and self._retirable(snap, group, now):
                 self._retire(snap, group, now - self.used[name])
                 continue
@@ -279,16 +288,41 @@ class IdleKeeper:
                 continue
             self._put_to_sleep(snap, group, now - act.last)
 
+    def _follow_identities(self, snap: Snapshot, now: float) -> None:
+        """Clocks belong to groups, not names. A name can pass from one group to another (a Compose project
+        named like a lone container takes the bare name, and gives it back when it goes): a name that now
+        means another group starts afresh, as if first seen. Names that are gone are forgotten, saved ones
+        included, so a sandbox made again later under the same name is a new one."""
+        for name, group in snap.groups.items():
+            before = self._identity.get(name) or self._loaded_identity.pop(name, None)
+            if before is not None and group.gid and before != group.gid:
+                self.activity.pop(name, None)
+                self._loaded.pop(name, None)
+                self._loaded_used.pop(name, None)
+                self.used[name] = now
+                self._dirty = True
+            self._identity[name] = group.gid
+        for table in (self._identity, self.used, self.activity, self._loaded, self._loaded_used,
+                      self._loaded_identity):
+            gone = [name for name in table if name not in snap.groups]
+            for name in gone:
+                del table[name]
+            self._dirty |= bool(gone) and table is not self._loaded_identity
+
     # --- retiring abandoned groups (idle.remove_after; Docksal's "dangling" projects) -----------------
 
     def removes_in(self, group: Group, now: float) -> float | None:
         """Seconds until `group` is removed as abandoned; None when it never is (off, or permanent)."""
         remove_after = self.runtime.config.idle.remove_after
-        if remove_after <= 0 or group.idle_timeout == 0.0:  # io.docksal.permanent, wakeproxy.idle-timeout=0
+        if remove_after <= 0 or group.permanent or group.idle_timeout == 0.0:  # io.docksal.permanent, idle-timeout=0
             return None
         containers = self.runtime.snapshot.containers
-        if any((c := containers.get(cid)) is not None and c.is_service for cid in group.members):
+        members = [c for cid in group.members if (c := containers.get(cid)) is not None]
+        if any(c.is_service for c in members):
             return None  # a stack or service is removed with `docker stack rm` / `service rm`, never here
+        label = self.runtime.config.idle.remove_label
+        if label and not any(label in c.labels for c in members):
+            return None  # idle.remove_label (Docksal's io.docksal.project-root): only the groups it marks
         return max(0.0, self.used.get(group.name, now) + remove_after - now)
 
     def _retirable(self, snap: Snapshot, group: Group, now: float) -> bool:
@@ -429,7 +463,8 @@ class IdleKeeper:
             clocks = {name: t for name, t in clocks.items() if name in snap.groups}
             used = {name: t for name, t in used.items() if name in snap.groups}
             self.used = {name: t for name, t in self.used.items() if name in snap.groups}
-        return {"version": 1, "saved": time.time(), "last_activity": clocks, "last_used": used}
+        identity = {name: gid for name, gid in {**self._loaded_identity, **self._identity}.items() if name in used}
+        return {"version": 1, "saved": time.time(), "last_activity": clocks, "last_used": used, "identity": identity}
 
     def _write(self, state: dict[str, Any]) -> None:
         try:
@@ -455,7 +490,9 @@ class IdleKeeper:
             used = {str(k): float(v) for k, v in (data.get("last_used") or {}).items()}
             if not all(math.isfinite(v) for v in [*loaded.values(), *used.values()]):
                 raise ValueError("a clock is not a finite number")
+            identity = {str(k): str(v)[:300] for k, v in (data.get("identity") or {}).items()}
             self._loaded_used = {k: min(v, now) for k, v in used.items()}
+            self._loaded_identity = identity
             return {k: min(v, now) for k, v in loaded.items()}
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             logger.warning(f"idle: {path} is corrupt ({type(e).__name__}: {e}); every running group counts as active now")

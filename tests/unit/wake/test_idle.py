@@ -776,7 +776,8 @@ def test_what_is_never_removed(tmp_path, case):
         await asyncio.sleep(0.05)
     asyncio.run(run())
     assert not [call for call in keeper.ops.calls if call[1] in ("rm", "network rm")]
-    expected = None if case in ("permanent", "off") else (3590.0 if case == "recent" else 0.0)
+    # A running group is not abandoned: its clock counts from now (it is removed only after it stopped).
+    expected = None if case in ("permanent", "off") else {"recent": 3590.0, "running": 3600.0}.get(case, 0.0)
     assert keeper.removes_in(keeper.runtime.snapshot.groups["p"], 1000.0) == expected
 
 
@@ -859,3 +860,96 @@ def test_only_the_projects_own_networks_are_removed(tmp_path):
     _retire_p_now(keeper)
     removed = [name for step, what, name, _ in keeper.ops.calls if step == "end" and what == "network rm"]
     assert removed == ["p_default"]
+
+
+def test_permanent_sleeps_puts_a_permanent_group_to_sleep_and_never_removes_it(tmp_path):
+    from wakeproxy.routing.snapshot import Policy
+
+    containers = (c("web", "web.test", project="p", labels={"io.docksal.permanent": "true"}),
+                  c("other", "other.test", project="o"))
+    # Default (issue 4): permanent means never put to sleep.
+    k = make_keeper(*containers, tmp_path=tmp_path, remove_after=3600.0)
+    now = time.time()
+    k.check(now)
+    k.check(now + 1e6)
+    assert k.slept == [("o", 1e6)]
+    # idle.permanent_sleeps (Docksal's meaning): it sleeps like any other, and is never removed.
+    k = make_keeper(*containers, tmp_path=tmp_path, remove_after=3600.0, permanent_sleeps=True)
+    k.runtime.snapshot = build_snapshot(containers, SourcesConfig(), (), {}, policy=Policy(permanent_sleeps=True))
+    k.check(now)
+    k.check(now + 1e6)
+    assert sorted(k.slept) == [("o", 1e6), ("p", 1e6)]
+    groups = k.runtime.snapshot.groups
+    assert groups["p"].permanent and not groups["o"].permanent
+    assert k.removes_in(groups["p"], now) is None and k.removes_in(groups["o"], now) is not None
+
+
+def test_remove_label_limits_retiring_to_the_groups_it_marks(tmp_path):
+    docksal = {"io.docksal.project-root": "/projects/a"}
+    k = make_keeper(c("a-web", "a.test", state="exited", project="a", labels=docksal),
+                    c("a-db", None, state="exited", project="a"),
+                    c("lone", "lone.test", state="exited"),
+                    tmp_path=tmp_path, remove_after=3600.0, remove_label="io.docksal.project-root")
+    groups = k.runtime.snapshot.groups
+    assert k.removes_in(groups["a"], 1000.0) is not None  # one member carries it: the whole project
+    assert k.removes_in(groups["lone"], 1000.0) is None
+
+
+def test_clocks_belong_to_groups_not_names(tmp_path):
+    """A tenant's Compose project named like an operator's lone container takes the bare name (and its clock)
+    while it exists; when it goes, the container's group gets the name back with a fresh clock, not the
+    project's stale one (it was removed as abandoned seconds after its last use)."""
+    lone = c("landing", "landing.test", state="exited")
+    k = make_keeper(lone, tmp_path=tmp_path, remove_after=3600.0)
+    k.check(1000.0)
+    assert k.runtime.snapshot.groups["landing"].gid == "container:landing"
+    squatter = c("squat", "squat.test", state="exited", project="landing")
+    k.runtime.snapshot = snap(lone, squatter)
+    assert k.runtime.snapshot.groups["landing"].gid == "compose:landing"
+    k.check(2000.0)
+    assert k.used["landing"] == 2000.0  # the name means another group now: afresh
+    k.used["landing"] = -1e9  # the project's clock goes stale
+    k.runtime.snapshot = snap(lone)
+    k.check(3000.0)
+    assert k.used["landing"] == 3000.0
+    assert k.removes_in(k.runtime.snapshot.groups["landing"], 3000.0) == 3600.0
+
+
+def test_names_that_are_gone_are_forgotten_saved_ones_too(tmp_path):
+    k = make_keeper(c("a", "a.test", state="exited"), tmp_path=tmp_path, remove_after=3600.0)
+    k._loaded_used = {"a": 10.0, "gone": 10.0}
+    k._loaded_identity = {"a": "container:a", "gone": "container:gone"}
+    k.check(1000.0)
+    assert k.used == {"a": 10.0}  # the same group as saved: its saved clock
+    assert "gone" not in k._loaded_used and "gone" not in k._loaded_identity
+    # A group made later under a forgotten name is new: a whole remove_after from first sight.
+    k.runtime.snapshot = snap(c("a", "a.test", state="exited"), c("gone", "gone.test", state="exited"))
+    k.check(2000.0)
+    assert k.used["gone"] == 2000.0
+    # A saved clock of another group under the same name is not taken over.
+    k2 = make_keeper(c("b", "b.test", state="exited", project="b"), tmp_path=tmp_path, remove_after=3600.0)
+    k2._loaded_used, k2._loaded_identity = {"b": 10.0}, {"b": "container:b"}
+    k2.check(1000.0)
+    assert k2.used["b"] == 1000.0
+
+
+def test_the_identity_is_saved_with_the_clocks(tmp_path):
+    k = make_keeper(c("a", "a.test", state="exited", project="p"), tmp_path=tmp_path, remove_after=3600.0)
+    k.check(1000.0)
+    k._write(k._state())
+    k2 = make_keeper(c("a", "a.test", state="exited", project="p"), tmp_path=tmp_path, remove_after=3600.0)
+    k2._loaded = k2._load()
+    assert k2._loaded_identity == {"p": "compose:p"} and k2._loaded_used == {"p": 1000.0}
+
+
+def test_a_permanent_group_is_never_removed_even_with_keep_awake_off(tmp_path):
+    from wakeproxy.config import LabelTrustConfig
+    from wakeproxy.routing.snapshot import Policy
+
+    perm = c("web", "web.test", state="exited", project="p", labels={"io.docksal.permanent": "true"})
+    k = make_keeper(perm, tmp_path=tmp_path, remove_after=3600.0)
+    k.runtime.snapshot = build_snapshot((perm,), SourcesConfig(), (), {},
+                                        policy=Policy(trust=LabelTrustConfig(keep_awake=False), idle_timeout=60.0))
+    group = k.runtime.snapshot.groups["p"]
+    assert group.idle_timeout == 60.0 and group.permanent  # capped for sleeping, still permanent
+    assert k.removes_in(group, 1000.0) is None
