@@ -148,6 +148,8 @@ def _check(path: str) -> int:
         return EXIT_CONFIG
     for taken in preflight.taken_ports(cfg):  # the running proxy itself may hold them: a note, not an error
         print(f"note: {taken}")
+    for note in preflight.notes(cfg, os.environ):
+        print(f"note: {note}")
     from mitmproxy import version
 
     from wakeproxy.mitm import shapes
@@ -273,8 +275,8 @@ def _status(config_path: str, url: str | None, as_json: bool) -> int:
                                                           "removing") if counts.get(k))
         retire = counts.get("removed_within_a_day")
         print(f"projects: {counts.get('groups', 0)}{f' ({states})' if states else ''}; "
-              f"{counts.get('permanent', 0)} never put to sleep" + (f"; {retire} removed within a day (unused)"
-                                                                     if retire else ""))
+              f"{counts.get('never_sleeps', 0)} never put to sleep; {counts.get('permanent', 0)} permanent (never "
+              f"removed)" + (f"; {retire} removed within a day (unused)" if retire else ""))
     debug = report.get("debug")
     if isinstance(debug, dict) and (debug.get("watches") or debug.get("labels")):
         watched = [str(w["target"]) for w in debug.get("watches") or []] + [str(h) for h in debug.get("labels") or []]
@@ -487,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wakeproxy: {config.source}: {problem}", file=sys.stderr)
     if found:
         return EXIT_CONFIG
+    for note in preflight.notes(config, os.environ):
+        print(f"wakeproxy: note: {note}", file=sys.stderr)
     if command == "web":
         script = Path(__file__).resolve().parent.parent / "wakeproxy.py"  # addons/wakeproxy.py
         mitmweb = Path(sys.executable).parent / "mitmweb"

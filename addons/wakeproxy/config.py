@@ -141,6 +141,8 @@ class IdleConfig:
     stop_timeout: float = 10.0  # `docker stop -t`
     remove_after: float = 0.0  # a sleeping group unused this long is removed (containers, its own networks); 0 = never
     remove_volumes: bool = False  # with remove_after: also the containers' anonymous volumes (never named ones)
+    remove_label: str | None = None  # with remove_after: only groups with a member carrying this label
+    permanent_sleeps: bool = False  # io.docksal.permanent=true only keeps a group from removal (Docksal's meaning)
 
 
 @dataclass(frozen=True)
@@ -616,6 +618,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[_Reader, yaml.Node, str], A
         "stop_timeout": _scalar_field(parse_duration),
         "remove_after": _scalar_field(parse_duration),
         "remove_volumes": _scalar_field(_bool),
+        "remove_label": _scalar_field(_opt_str),
+        "permanent_sleeps": _scalar_field(_bool),
     }),
     "status": (StatusConfig, {"listen": _scalar_field(parse_address)}),
     "log": (LogConfig, {"access": _scalar_field(_opt_str), "access_format": _scalar_field(_choice("combined", "json")),
@@ -690,6 +694,7 @@ _ENV_KEYS: dict[str, tuple[str, str]] = {  # variable → (dotted key, kind: str
     "WAKEPROXY_IDLE_TIMEOUT": ("idle.timeout", "str"),
     "WAKEPROXY_IDLE_ACTION": ("idle.action", "str"),
     "WAKEPROXY_REMOVE_AFTER": ("idle.remove_after", "str"),
+    "WAKEPROXY_PERMANENT_SLEEPS": ("idle.permanent_sleeps", "bool"),
     "WAKEPROXY_STATUS_LISTEN": ("status.listen", "opt"),
     "WAKEPROXY_METRICS_LISTEN": ("metrics.listen", "opt"),
     "WAKEPROXY_DEBUG_LISTEN": ("debug.listen", "str"),
@@ -700,6 +705,7 @@ _ENV_KEYS: dict[str, tuple[str, str]] = {  # variable → (dotted key, kind: str
     "WAKEPROXY_DEFAULT_CERT": ("tls.default_cert", "opt"),
     "WAKEPROXY_DEFAULT_KEY": ("tls.default_key", "opt"),
     "WAKEPROXY_HTTPS_REDIRECT": ("tls.redirect", "bool"),
+    "WAKEPROXY_LABELS_CERT_NAME": ("labels.cert_name", "bool"),
     "WAKEPROXY_HSTS": ("tls.hsts", "str"),
     "WAKEPROXY_ACME": ("acme.enabled", "bool"),
     "WAKEPROXY_ACME_EMAIL": ("acme.email", "opt"),
@@ -712,8 +718,14 @@ _ENV_KEYS: dict[str, tuple[str, str]] = {  # variable → (dotted key, kind: str
 _DOCKSAL_KEYS: dict[str, tuple[str, str]] = {
     "PROJECT_INACTIVITY_TIMEOUT": ("idle.timeout", "str"),  # 0 = never, as in Docksal
     "PROJECT_AUTOSTART": ("wake.autostart", "bool"),
-    "PROJECT_DANGLING_TIMEOUT": ("idle.remove_after", "str"),  # 0 = never
+    "PROJECT_DANGLING_TIMEOUT": ("idle.remove_after", "str"),  # 0 = never; only Docksal projects (below)
+    "ACCESS_LOG": ("log.access", "stdout"),  # 1 = the access log on standard output, 0 = none
 }
+# Docksal removes only projects whose containers carry this label (`proxyctl cleanup`): so does
+# PROJECT_DANGLING_TIMEOUT here, unless idle.remove_label or WAKEPROXY_REMOVE_AFTER says otherwise.
+DOCKSAL_PROJECT_LABEL = "io.docksal.project-root"
+DOCKSAL_DANGLING = "PROJECT_DANGLING_TIMEOUT"
+DOCKSAL_UNUSED = ("DEBUG_LOG", "STATS_LOG")  # Docksal's variables with nothing to map to (preflight notes)
 DOCKSAL_DEFAULT_CERT = "DEFAULT_CERT"
 DOCKSAL_CERTS_DIR = Path("/etc/certs/custom")  # Docksal's custom certificate folder: used when it exists
 
@@ -758,6 +770,10 @@ def _env_node(name: str, value: str, kind: str) -> yaml.Node:
         node = scalar("bool", "true" if text.lower() in _TRUE else "false")
     elif kind == "opt" and text.lower() in _OFF:
         node = scalar("null", "null")
+    elif kind == "stdout":
+        if text.lower() not in _TRUE | _FALSE:
+            raise ConfigError(f"environment variable {name}: expected 1 or 0, got {text[:100]!r}")
+        node = scalar("str", "-") if text.lower() in _TRUE else scalar("null", "null")
     elif kind in ("int", "auto") and re.fullmatch(r"-?\d{1,9}", text):
         node = scalar("int", text)
     else:
@@ -856,20 +872,42 @@ def parse_config(text: str, source: str = "<string>", env: Mapping[str, str] | N
     return Config(**kwargs)
 
 
-def _docksal_certs(cfg: Config, env: Mapping[str, str]) -> Config:
+def _docksal_layout(cfg: Config, env: Mapping[str, str]) -> Config:
     """Docksal's certificate layout: /etc/certs/custom (NAME.crt + NAME.key) when no tls.certs_dir is set
-    and that folder exists, and DEFAULT_CERT=NAME as the default certificate from it."""
-    tls = cfg.tls
+    and that folder exists (its io.docksal.cert-name labels honoured then, unless WAKEPROXY_LABELS_CERT_NAME
+    says otherwise), and DEFAULT_CERT=NAME as the default certificate from it; and Docksal's scope
+    of PROJECT_DANGLING_TIMEOUT (its projects only: DOCKSAL_PROJECT_LABEL)."""
+    tls, trust = cfg.tls, cfg.labels
     if tls.certs_dir is None and DOCKSAL_CERTS_DIR.is_dir():
         tls = dataclasses.replace(tls, certs_dir=DOCKSAL_CERTS_DIR)
+        if "WAKEPROXY_LABELS_CERT_NAME" not in env:  # Docksal's folder: its io.docksal.cert-name labels count
+            trust = dataclasses.replace(trust, cert_name=True)
     name = env.get(DOCKSAL_DEFAULT_CERT, "").strip()
     if name and tls.default_cert is None:
         if not re.fullmatch(r"[A-Za-z0-9_*][A-Za-z0-9_.*-]{0,252}", name) or ".." in name:
             raise ConfigError(f"environment variable {DOCKSAL_DEFAULT_CERT}: {name[:100]!r} is not a certificate "
                               "name (NAME for NAME.crt and NAME.key in the certificate folder)")
         folder = tls.certs_dir or DOCKSAL_CERTS_DIR
-        tls = dataclasses.replace(tls, default_cert=folder / f"{name}.crt", default_key=folder / f"{name}.key")
-    return dataclasses.replace(cfg, tls=tls) if tls is not cfg.tls else cfg
+        # As Docksal does: a name without its two files (`docksal`, its image's default, names its own
+        # built-in certificate) leaves the generated default in place; preflight.notes says so.
+        if docksal_default_cert_missing(name, folder) is None:
+            tls = dataclasses.replace(tls, default_cert=folder / f"{name}.crt", default_key=folder / f"{name}.key")
+    idle = cfg.idle
+    if env.get(DOCKSAL_DANGLING, "").strip() and "WAKEPROXY_REMOVE_AFTER" not in env \
+            and idle.remove_label is None:
+        idle = dataclasses.replace(idle, remove_label=DOCKSAL_PROJECT_LABEL)
+    if tls is cfg.tls and idle is cfg.idle and trust is cfg.labels:
+        return cfg
+    return dataclasses.replace(cfg, tls=tls, idle=idle, labels=trust)
+
+
+def docksal_default_cert_missing(name: str, folder: Path) -> str | None:
+    """Why DEFAULT_CERT=name gives no default certificate from `folder`, else None."""
+    missing = [f"{name}.{ext}" for ext in ("crt", "key") if not (folder / f"{name}.{ext}").is_file()]
+    if not missing:
+        return None
+    return (f"{DOCKSAL_DEFAULT_CERT}={name}: {' and '.join(missing)} not in {folder}; the proxy's generated default "
+            "certificate is served instead")
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
@@ -888,7 +926,7 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
 
     if not cfg.state_dir.is_absolute():
         cfg = dataclasses.replace(cfg, state_dir=(base / cfg.state_dir).resolve())
-    cfg = _docksal_certs(cfg, os.environ if env is None else env)
+    cfg = _docksal_layout(cfg, os.environ if env is None else env)
     tls = cfg.tls
     cfg = dataclasses.replace(cfg, tls=dataclasses.replace(
         tls,

@@ -13,6 +13,7 @@ import datetime
 import errno
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 
 from wakeproxy.config import Address, Config
@@ -52,6 +53,27 @@ def problems(config: Config) -> list[str]:
     why = _unusable_dir(config.state_dir)
     if why:
         out.append(f"state_dir: {why}")
+    return out
+
+
+def notes(config: Config, env: Mapping[str, str]) -> list[str]:
+    """What the proxy does differently from what the environment may have meant (Docksal's variables):
+    said once at start and by `wakeproxy check`, never an error."""
+    from wakeproxy.config import DOCKSAL_CERTS_DIR, DOCKSAL_DEFAULT_CERT, DOCKSAL_UNUSED, docksal_default_cert_missing
+
+    out: list[str] = []
+    name = env.get(DOCKSAL_DEFAULT_CERT, "").strip()
+    if name and config.tls.default_cert is None:
+        why = docksal_default_cert_missing(name, config.tls.certs_dir or DOCKSAL_CERTS_DIR)
+        if why:
+            out.append(why)
+    for var in DOCKSAL_UNUSED:
+        if env.get(var, "").strip() not in ("", "0"):
+            out.append(f"{var}: Docksal's variable has no counterpart and is not used (wakeproxy status, metrics "
+                       "and log.access tell what the proxy does)")
+    if config.idle.remove_after > 0 and Path("/projects").is_dir():
+        out.append("/projects is mounted: abandoned projects are removed with their containers and own networks, "
+                   "never their folders (Docksal's cleanup deleted them)")
     return out
 
 

@@ -899,9 +899,22 @@ def test_docksal_default_cert_names_a_file_in_the_certificate_folder(tmp_path, m
 
     f = tmp_path / "wp.yaml"
     f.write_text(f"tls:\n  certs_dir: {tmp_path / 'certs'}\n")
+    (tmp_path / "certs").mkdir()
+    for ext in ("crt", "key"):
+        (tmp_path / "certs" / f"example.com.{ext}").write_text("x")
     cfg = load_config(f, {"DEFAULT_CERT": "example.com"})
     assert cfg.tls.default_cert == tmp_path / "certs" / "example.com.crt"
     assert cfg.tls.default_key == tmp_path / "certs" / "example.com.key"
+    # As in Docksal: a name without its files (its image's own `docksal`) keeps the generated default, and
+    # says so once at start (preflight.notes), instead of refusing to start.
+    from wakeproxy import preflight
+
+    for name in ("docksal", "missing"):
+        cfg = load_config(f, {"DEFAULT_CERT": name})
+        assert cfg.tls.default_cert is None
+        (note,) = preflight.notes(cfg, {"DEFAULT_CERT": name})
+        assert f"DEFAULT_CERT={name}" in note and "generated default" in note
+    assert preflight.notes(load_config(f, {"DEFAULT_CERT": "example.com"}), {"DEFAULT_CERT": "example.com"}) == []
     with pytest.raises(ConfigError) as exc:
         load_config(f, {"DEFAULT_CERT": "../../etc/shadow"})
     assert "DEFAULT_CERT" in str(exc.value)
@@ -910,9 +923,50 @@ def test_docksal_default_cert_names_a_file_in_the_certificate_folder(tmp_path, m
     docksal.mkdir()
     monkeypatch.setattr(config_mod, "DOCKSAL_CERTS_DIR", docksal)
     f.write_text("")
+    for ext in ("crt", "key"):
+        (docksal / f"example.com.{ext}").write_text("x")
     cfg = load_config(f, {"DEFAULT_CERT": "example.com"})
     assert cfg.tls.certs_dir == docksal and cfg.tls.default_cert == docksal / "example.com.crt"
     assert load_config(f, {}).tls.default_cert is None
+    # Docksal's folder: its io.docksal.cert-name labels are honoured, unless the variable says otherwise.
+    assert load_config(f, {}).labels.cert_name is True
+    assert load_config(f, {"WAKEPROXY_LABELS_CERT_NAME": "false"}).labels.cert_name is False
+    monkeypatch.setattr(config_mod, "DOCKSAL_CERTS_DIR", tmp_path / "absent")
+    assert load_config(f, {}).labels.cert_name is False
+
+
+def test_docksal_dangling_timeout_removes_only_docksal_projects(tmp_path):
+    f = tmp_path / "wp.yaml"
+    f.write_text("")
+    cfg = load_config(f, {"PROJECT_DANGLING_TIMEOUT": "168h"})
+    assert (cfg.idle.remove_after, cfg.idle.remove_label) == (168 * 3600, "io.docksal.project-root")
+    # Our own key removes any group the proxy manages (the label filter only when asked for).
+    assert load_config(f, {"WAKEPROXY_REMOVE_AFTER": "7d"}).idle.remove_label is None
+    cfg = load_config(f, {"PROJECT_DANGLING_TIMEOUT": "168h", "WAKEPROXY_REMOVE_AFTER": "7d"})
+    assert (cfg.idle.remove_after, cfg.idle.remove_label) == (7 * 86400, None)
+    f.write_text("idle:\n  remove_label: my.team/retire\n")
+    assert load_config(f, {"PROJECT_DANGLING_TIMEOUT": "1d"}).idle.remove_label == "my.team/retire"
+
+
+def test_docksal_access_log_and_the_variables_without_a_counterpart(tmp_path):
+    from wakeproxy import preflight
+
+    f = tmp_path / "wp.yaml"
+    f.write_text("")
+    assert load_config(f, {"ACCESS_LOG": "1"}).log.access == "-"
+    assert load_config(f, {"ACCESS_LOG": "0"}).log.access is None
+    with pytest.raises(ConfigError) as exc:
+        load_config(f, {"ACCESS_LOG": "maybe"})
+    assert "ACCESS_LOG" in str(exc.value)
+    cfg = load_config(f, {"STATS_LOG": "1", "DEBUG_LOG": "0"})
+    (note,) = preflight.notes(cfg, {"STATS_LOG": "1", "DEBUG_LOG": "0"})
+    assert note.startswith("STATS_LOG: ")
+
+
+def test_permanent_sleeps_key_and_variable():
+    assert parse_config("").idle.permanent_sleeps is False
+    assert parse_config("idle:\n  permanent_sleeps: true\n").idle.permanent_sleeps is True
+    assert parse_config("", env={"WAKEPROXY_PERMANENT_SLEEPS": "1"}).idle.permanent_sleeps is True
 
 
 @pytest.mark.parametrize("value", ["9" * 400, "\u0663s", "inf", "1e400"])

@@ -96,6 +96,7 @@ class StatusServer:
                 "open": act.open if act else 0,
                 "last_activity": _iso(act.last if act else self.idle.saved_clock(name)),
                 "idle_timeout": timeout,
+                "permanent": group.permanent,  # io.docksal.permanent: never removed as abandoned
                 "stops_in": idle_in,
                 "removed_in": self.idle.removes_in(group, now),  # idle.remove_after; None: never
                 "last_wake": self._last_wake(name),
@@ -112,10 +113,11 @@ class StatusServer:
     @staticmethod
     def counts(groups: list[dict[str, Any]]) -> dict[str, int]:
         out = {"groups": len(groups), "running": 0, "asleep": 0, "paused": 0, "waking": 0, "stopping": 0,
-               "removing": 0, "permanent": 0, "removed_within_a_day": 0}
+               "removing": 0, "permanent": 0, "never_sleeps": 0, "removed_within_a_day": 0}
         for g in groups:
             out[g["state"]] = out.get(g["state"], 0) + 1
-            out["permanent"] += g["idle_timeout"] <= 0
+            out["permanent"] += bool(g.get("permanent"))
+            out["never_sleeps"] += g["idle_timeout"] <= 0
             out["removed_within_a_day"] += g.get("removed_in") is not None and g["removed_in"] < 86400
         return out
 

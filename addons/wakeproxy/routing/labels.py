@@ -230,7 +230,7 @@ class ContainerSettings:
     ready_path: str | None = None
     service: str | None = None  # com.docker.compose.service
     depends_on: tuple[Dependency, ...] = ()
-    idle_timeout: float | None = None  # wakeproxy.idle-timeout; 0 = never (io.docksal.permanent=true too)
+    idle_timeout: float | None = None  # wakeproxy.idle-timeout; 0 = never
     idle_action: str | None = None  # wakeproxy.idle-action: stop | pause
     acme: bool = False  # wakeproxy.acme=true: certificates for the container's own hosts
     letsencrypt: tuple[str, ...] = ()  # env LETSENCRYPT_HOST (acme-companion's convention)
@@ -238,6 +238,7 @@ class ContainerSettings:
     https_redirect: bool | None = None  # wakeproxy.https-redirect
     replicas: int | None = None  # a service's replicas when awake: wakeproxy.replicas / sablier.active.replicas
     debug: bool = False  # wakeproxy.debug=true: its hosts' traffic in the debug UI (honoured where labels.debug)
+    permanent: bool = False  # io.docksal.permanent=true: never removed as abandoned (it still sleeps when idle)
 
 
 @dataclass(frozen=True)
@@ -445,14 +446,40 @@ def _ours(info: ContainerInfo, out: _Declaration) -> list[Route]:
     return out.routes("wakeproxy", hosts, paths, port, scheme, labels.get("wakeproxy.network") or None)
 
 
+def _trailing_wildcard(part: str) -> bool:
+    return part.endswith(".*")
+
+
+def docksal_note(labels: Mapping[str, str]) -> str | None:
+    """What is not served of io.docksal.virtual-host: nginx's trailing wildcards (`name.*`), if any.
+    Docksal's default label is `${VIRTUAL_HOST},*.${VIRTUAL_HOST},${VIRTUAL_HOST}.*`, so nearly every
+    Docksal project has one: its other names are served (this note is logged once), rather than the
+    whole container skipped."""
+    left = [p for p in labels.get("io.docksal.virtual-host", "").replace(",", " ").split() if _trailing_wildcard(p)]
+    if not left:
+        return None
+    shown = ", ".join(_shown(p) for p in left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
+    return (f"its io.docksal.virtual-host entries {shown} are not served: wakeproxy does not support trailing "
+            "wildcards (name.*); its other names are")
+
+
+def _docksal_hosts(value: str) -> list[str]:
+    kept = [p for p in value.replace(",", " ").split() if not _trailing_wildcard(p)]
+    if not kept and value.split():
+        raise LabelError("label io.docksal.virtual-host: it has only trailing wildcards (name.*), which wakeproxy "
+                         "does not support (use exact names or *.domain)")
+    return parse_hosts(" ".join(kept), "label io.docksal.virtual-host")
+
+
 def _docksal(info: ContainerInfo, out: _Declaration) -> list[Route]:
     labels = info.labels
     if "io.docksal.virtual-host" not in labels:
         return []
     check = out.errors.check
-    hosts = check(parse_hosts, labels["io.docksal.virtual-host"], "label io.docksal.virtual-host")
+    hosts = check(_docksal_hosts, labels["io.docksal.virtual-host"])
+    # Docksal's rule, as nginx-proxy's: the only exposed port, else 80.
     port = check(parse_port, labels["io.docksal.virtual-port"], "label io.docksal.virtual-port") \
-        if "io.docksal.virtual-port" in labels else 80
+        if "io.docksal.virtual-port" in labels else _default_port(info)
     return out.routes("docksal", hosts, ["/"], port, "http")
 
 
@@ -747,7 +774,9 @@ def _ready_path(value: str) -> str:
 
 
 def _cert_name(labels: Mapping[str, str]) -> str | None:
-    cert_name = next((labels[k].strip().lower() for k in CERT_NAME_LABELS if labels.get(k, "").strip()), None)
+    # `none` is "not set": Docksal's stacks write io.docksal.cert-name=${VIRTUAL_HOST_CERT_NAME:-none}.
+    cert_name = next((v for k in CERT_NAME_LABELS if (v := labels.get(k, "").strip().lower()) not in ("", "none")),
+                     None)
     if cert_name is not None and not _CERT_BASE.fullmatch(cert_name):
         raise LabelError(f"label cert-name: {cert_name[:80]!r} is not a certificate file name")
     return cert_name
@@ -789,8 +818,8 @@ def settings_for(info: ContainerInfo) -> ContainerSettings:
         deps = check(parse_depends_on, labels["com.docker.compose.depends_on"],
                      "label com.docker.compose.depends_on") or ()
     idle_timeout = check(_duration_label, labels, "wakeproxy.idle-timeout")
-    if check(_flag, labels.get("io.docksal.permanent"), "label io.docksal.permanent"):
-        idle_timeout = 0.0
+    # Docksal's meaning: a permanent project is never cleaned up, and still hibernates when inactive.
+    permanent = check(_flag, labels.get("io.docksal.permanent"), "label io.docksal.permanent") is True
     check(check_group_labels, labels)
     acme = check(_flag, labels.get(ACME_LABEL), f"label {ACME_LABEL}") or False
     letsencrypt: tuple[str, ...] = ()
@@ -804,4 +833,4 @@ def settings_for(info: ContainerInfo) -> ContainerSettings:
     errors.raise_any()
     return ContainerSettings(strategy, timeout, ready_path, labels.get("com.docker.compose.service"), deps,
                              idle_timeout, idle_action, acme, letsencrypt, cert_name, redirect, replicas,
-                             debug is True)
+                             debug is True, permanent)

@@ -10,6 +10,7 @@ from wakeproxy.routing.labels import (
     Dependency,
     LabelError,
     Route,
+    docksal_note,
     normalize_host,
     parse_depends_on,
     parse_hosts,
@@ -171,8 +172,32 @@ def test_docksal_host_and_port():
     assert rs == [Route("site.docksal", 8080, "http", None, "docksal"), Route("*.site.docksal", 8080, "http", None, "docksal")]
 
 
-def test_docksal_default_port_is_80_even_with_one_exposed_port():
-    assert routes({"io.docksal.virtual-host": "a.test"}, exposed=(3000,))[0].port == 80
+def test_docksal_default_port_is_the_only_exposed_one_else_80():
+    # Docksal's template: one exposed port is the upstream; else virtual-port, else 80 (ours: a label wins).
+    assert routes({"io.docksal.virtual-host": "a.test"}, exposed=(3000,))[0].port == 3000
+    assert routes({"io.docksal.virtual-host": "a.test"}, exposed=(3000, 4000))[0].port == 80
+    assert routes({"io.docksal.virtual-host": "a.test", "io.docksal.virtual-port": "4000"},
+                  exposed=(3000,))[0].port == 4000
+
+
+def test_docksal_default_label_serves_its_names_without_the_trailing_wildcard():
+    # Docksal's default: ${VIRTUAL_HOST},*.${VIRTUAL_HOST},${VIRTUAL_HOST}.*
+    labels = {"io.docksal.virtual-host": "p1.docksal.site,*.p1.docksal.site,p1.docksal.site.*"}
+    assert {r.host for r in routes(labels)} == {"p1.docksal.site", "*.p1.docksal.site"}
+    note = docksal_note(labels)
+    assert note is not None and "'p1.docksal.site.*'" in note and "not served" in note
+    assert docksal_note({"io.docksal.virtual-host": "a.test"}) is None
+    assert "only trailing wildcards" in label_error({"io.docksal.virtual-host": "a.*, b.*"})
+    # A bounded note: three shown, the rest counted.
+    many = {"io.docksal.virtual-host": "a.test " + " ".join(f"x{i}.*" for i in range(50))}
+    assert (n := docksal_note(many)) is not None and "and 47 more" in n and len(n) < 400
+
+
+def test_docksal_cert_name_none_is_unset():
+    # Docksal's stacks write io.docksal.cert-name=${VIRTUAL_HOST_CERT_NAME:-none}
+    assert settings_for(info({"io.docksal.cert-name": "none"})).cert_name is None
+    assert settings_for(info({"io.docksal.cert-name": " None "})).cert_name is None
+    assert settings_for(info({"io.docksal.cert-name": "example.com"})).cert_name == "example.com"
 
 
 def test_docksal_bad_port_names_the_label():
@@ -479,8 +504,11 @@ def test_idle_settings():
     s = settings_for(info({"wakeproxy.idle-timeout": " 45m ", "wakeproxy.idle-action": " PAUSE "}))
     assert (s.idle_timeout, s.idle_action) == (2700.0, "pause")
     assert settings_for(info({"wakeproxy.idle-timeout": "0"})).idle_timeout == 0.0
-    assert settings_for(info({"io.docksal.permanent": "true", "wakeproxy.idle-timeout": "1h"})).idle_timeout == 0.0
-    assert settings_for(info({"io.docksal.permanent": "false", "wakeproxy.idle-timeout": "1h"})).idle_timeout == 3600.0
+    # io.docksal.permanent is its own setting: the snapshot decides what it means (idle.permanent_sleeps).
+    s = settings_for(info({"io.docksal.permanent": "true", "wakeproxy.idle-timeout": "1h"}))
+    assert (s.permanent, s.idle_timeout) == (True, 3600.0)
+    s = settings_for(info({"io.docksal.permanent": "false", "wakeproxy.idle-timeout": "1h"}))
+    assert (s.permanent, s.idle_timeout) == (False, 3600.0)
     assert settings_for(info({"io.docksal.permanent": "false"})).idle_timeout is None
 
 

@@ -953,3 +953,14 @@ def test_a_permanent_group_is_never_removed_even_with_keep_awake_off(tmp_path):
     group = k.runtime.snapshot.groups["p"]
     assert group.idle_timeout == 60.0 and group.permanent  # capped for sleeping, still permanent
     assert k.removes_in(group, 1000.0) is None
+
+
+def test_status_counts_permanent_apart_from_never_put_to_sleep(tmp_path):
+    keeper = make_keeper(c("perm", "perm.test", project="p", labels={"io.docksal.permanent": "true"}),
+                         c("zero", "zero.test", project="z", labels={"wakeproxy.idle-timeout": "0"}),
+                         c("plain", "plain.test", project="n"), tmp_path=tmp_path)
+    keeper.check(time.time())
+    report = StatusServer(keeper.runtime, FakeWaker(), keeper).report()  # type: ignore[arg-type]
+    by = {g["group"]: g for g in report["groups"]}
+    assert (by["p"]["permanent"], by["z"]["permanent"], by["n"]["permanent"]) == (True, False, False)
+    assert (report["counts"]["permanent"], report["counts"]["never_sleeps"]) == (1, 2)
