@@ -57,8 +57,8 @@ def docksal(docker_client, run_id, image, tmp_path_factory):
     _cert(certs, "fallback", "fallback.invalid")  # DEFAULT_CERT=fallback
     for p in (workdir, certs, *certs.iterdir()):
         p.chmod(0o755 if p.is_dir() else 0o644)
-    config = {"docker": {"networks": []}, "wake": {"per_client": 0},
-              "labels": {"cert_name": True}}  # io.docksal.cert-name, trusted as on a Docksal server
+    # No labels.cert_name here: with Docksal's folder mounted, io.docksal.cert-name labels count by themselves.
+    config = {"docker": {"networks": []}, "wake": {"per_client": 0}}
     proxy = ProxyContainer(docker_client, image, f"{run_id}-docksal", "host", workdir, config,
                            env={"PROJECT_INACTIVITY_TIMEOUT": f"{INACTIVITY:g}s",
                                 "PROJECT_DANGLING_TIMEOUT": f"{DANGLING:g}s", "PROJECT_AUTOSTART": "1",
@@ -76,7 +76,9 @@ def docksal(docker_client, run_id, image, tmp_path_factory):
 
 class Projects:
     """Docksal-shaped Compose projects: `<run_id>-<name>` with a `<project>_default` network, a web container
-    labelled `io.docksal.virtual-host`, and optionally a db beside it with a named volume."""
+    labelled as Docksal's stacks label it (`io.docksal.virtual-host=${VIRTUAL_HOST},*.${VIRTUAL_HOST},
+    ${VIRTUAL_HOST}.*`, `io.docksal.cert-name=none` unless set, `io.docksal.project-root`), and optionally a
+    db beside it with a named volume."""
 
     def __init__(self, client, run_id: str, factory) -> None:
         self.client, self.run_id, self.factory = client, run_id, factory
@@ -92,7 +94,8 @@ class Projects:
         compose = {"com.docker.compose.project": project}
         env = {"PORT": str(port)} if port else {}
         web = self.factory(f"{name}-web", network=net.name, keep_awake=False, env=env, start=start, labels={
-            **compose, "com.docker.compose.service": "web", "io.docksal.virtual-host": host,
+            **compose, "com.docker.compose.service": "web", "io.docksal.virtual-host": f"{host},*.{host},{host}.*",
+            "io.docksal.cert-name": "none", "io.docksal.project-root": f"/home/docker/projects/{name}",
             **({"io.docksal.virtual-port": str(port)} if port else {}), **(labels or {})})
         out = [web]
         if db:
@@ -230,6 +233,9 @@ def test_a_dangling_project_is_removed_but_a_permanent_and_a_recently_used_one_s
     net, dangling = projects("dk-dang", f"dang.{domain}", db=True, start=False)
     _, perm = projects("dk-perm2", f"perm2.{domain}", start=False, labels={"io.docksal.permanent": "true"})
     _, used = projects("dk-used", f"used.{domain}", start=False)
+    # Not a Docksal project (no io.docksal.project-root): Docksal's cleanup never removes it, nor does ours.
+    lone = projects.factory("dk-lone-dang", keep_awake=False, start=False,
+                            labels={"io.docksal.virtual-host": f"lone-dang.{domain}"})
     volume = f"{projects.run_id}-dk-dang_db_data"
     t0 = time.monotonic()
     code, out = proxy.exec("wakeproxy", "status")
@@ -240,10 +246,13 @@ def test_a_dangling_project_is_removed_but_a_permanent_and_a_recently_used_one_s
     with pytest.raises(docker.errors.NotFound):
         docker_client.networks.get(net.id)  # its own network is gone
     assert docker_client.volumes.get(volume) is not None  # its volume is kept
-    assert all(_exists(c) for c in perm + used)
+    assert all(_exists(c) for c in [*perm, *used, lone])
     log = proxy.log()
     assert f"retire {projects.run_id}-dk-dang: removed container(s)" in log and "volumes kept" in log, log[-3000:]
     assert f"retire {projects.run_id}-dk-perm2" not in log and f"retire {projects.run_id}-dk-used" not in log
+    assert "dk-lone-dang" not in "".join(line for line in log.splitlines() if "retire" in line)
+    # Docksal's default label: its trailing wildcard is noted once, its other names served.
+    assert f"'dang.{domain}.*'" in log and "trailing wildcards" in log
     assert "REMOVED IN" in out, out
 
 
@@ -260,9 +269,11 @@ def test_project_autostart_0_answers_a_page_and_starts_nothing(docker_client, ru
     is a 503 without Retry-After), and the project stays stopped."""
     proxy = ProxyContainer(docker_client, image, f"{run_id}-docksal-noauto", "host", tmp_path,
                            {"docker": {"networks": []}, "wake": {"per_client": 0}},
-                           env={"PROJECT_AUTOSTART": "0", "PROJECT_INACTIVITY_TIMEOUT": "0"})
+                           # `fin` always passes DEFAULT_CERT (docksal: its built-in certificate, no file here)
+                           env={"PROJECT_AUTOSTART": "0", "PROJECT_INACTIVITY_TIMEOUT": "0", "DEFAULT_CERT": "docksal"})
     try:
         proxy.start()
+        assert "note: DEFAULT_CERT=docksal: docksal.crt and docksal.key not in /etc/certs/custom" in proxy.log()
         host = f"stopped.{run_id.split('-')[-1]}.example.com"
         _, (web,) = projects("dk-noauto", host, start=False)
         r = wait_for(lambda: (resp := proxy.get(host)).status_code != 404 and resp, 10, 0.1, "the site known")

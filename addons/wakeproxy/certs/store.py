@@ -305,6 +305,7 @@ class CertRegistry:
     hosts: frozenset[str] = frozenset()  # the sites' exact names (a wildcard two labels up does not cover them)
     acme: dict[str, LoadedCert] = field(default_factory=dict)  # name → cert
     version: int = 0  # bumped on every change, so installers know to re-sync
+    _said: set[tuple[str, str]] = field(default_factory=set, repr=False, compare=False)  # label misfits logged
 
     def changed(self) -> None:
         self.version += 1
@@ -316,8 +317,14 @@ class CertRegistry:
         out.update(custom_table(self.custom))
         for host, base in self.label_names.items():
             named = self.custom.get(base)
-            if named is not None:
+            # A label chooses among the certificates that cover its host, never one that does not (a tenant
+            # naming the operator's bank.example.com file for its own host would serve a wrong certificate).
+            if named is not None and named.covers(host):
                 out[host] = named
+            elif named is not None and (host, base) not in self._said:
+                self._said.add((host, base))
+                logger.warning(f"certificates: the cert-name label of {host} names {base}, which does not cover "
+                               "it; its certificate is chosen by the names it covers instead")
         out.update(self.acme)
         # mitmproxy looks up `*.parent` at every level: a site two labels under a wildcard certificate
         # would get it, though it does not cover the site. Such a site gets the default instead.

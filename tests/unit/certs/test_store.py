@@ -276,3 +276,18 @@ def test_custom_certificates_are_chosen_by_the_names_they_cover_closest_file_fir
     assert reg.choose("shop.example.com") is other  # io.docksal.cert-name / wakeproxy.cert-name still wins
     for host in ("project2.example.com", "x.b.example.com", "shop.test", "right.example.net"):
         assert reg.choose(host).covers(host)
+
+
+def test_a_cert_name_label_never_picks_a_certificate_that_does_not_cover_its_host(tmp_path, caplog):
+    bank = load_cert(make_cert(tmp_path, "bank.example.com", "bank.example.com"), tmp_path / "bank.example.com.key")
+    team = load_cert(make_cert(tmp_path, "team", "*.sandbox.test"), tmp_path / "team.key")
+    default = load_cert(make_cert(tmp_path, "default", "localhost", split=False), None, "default")
+    reg = CertRegistry(default=default, custom={"bank.example.com": bank, "team": team},
+                       label_names={"pr-1.sandbox.test": "bank.example.com", "pr-2.sandbox.test": "team"},
+                       hosts=frozenset({"pr-1.sandbox.test", "pr-2.sandbox.test"}))
+    with caplog.at_level("WARNING"):
+        assert reg.choose("pr-1.sandbox.test") is team  # the label's bank certificate does not cover it
+        reg.table()
+    assert reg.choose("pr-2.sandbox.test") is team
+    said = [r for r in caplog.records if "does not cover" in r.getMessage()]
+    assert len(said) == 1 and "pr-1.sandbox.test" in said[0].getMessage()  # once, however often it is asked
