@@ -271,6 +271,9 @@ class Config:
 # `\s*+` (possessive): without it the two whitespace runs around an absent unit backtrack into each
 # other, quadratic in the spaces of `1      x` (85 ms for 4 KB of them). Labels reach this (labels.py).
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*+(ms|s|m|h|d)?\s*$", re.ASCII)
+# Go's compound form (`1h30m`, `10m0s`: Docksal's variables go to `docker logs --since`, which takes it).
+_COMPOUND = re.compile(r"^\s*(?:\d+(?:\.\d+)?(?:ms|s|m|h|d)){2,8}\s*$", re.ASCII)
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", re.ASCII)
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
@@ -285,12 +288,16 @@ def parse_duration(value: Any) -> float:
             raise ValueError("a duration cannot be negative")
         return float(value)
     if isinstance(value, str):
-        m = _DURATION.match(value)
+        m = _DURATION.match(value) if len(value) <= 400 else None
         if m:
             seconds = float(m.group(1)) * _UNITS[m.group(2)]
             if seconds != float("inf"):  # 400 nines is a number, not a duration
                 return seconds
-    raise ValueError(f"{str(value)[:60]!r} is not a duration (write 30s, 5m, 2h or a number of seconds)")
+        elif len(value) <= 100 and _COMPOUND.match(value):
+            seconds = sum(float(n) * _UNITS[unit] for n, unit in _PART.findall(value))
+            if seconds != float("inf"):
+                return seconds
+    raise ValueError(f"{str(value)[:60]!r} is not a duration (write 30s, 5m, 2h, 1h30m or a number of seconds)")
 
 
 def format_duration(seconds: float) -> str:

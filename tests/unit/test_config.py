@@ -599,6 +599,13 @@ def test_config_is_frozen():
         (0, 0.0),
         (12, 12.0),
         (2.5, 2.5),
+        ("1h30m", 5400.0),  # Go's compound form (Docksal's variables take it)
+        ("10m0s", 600.0),
+        ("0.5h", 1800.0),
+        ("168h", 604800.0),
+        ("2m05s", 125.0),  # what format_duration writes reads back
+        ("1d12h", 129600.0),
+        ("1s500ms", 1.5),
     ],
 )
 def test_parse_duration(value, seconds):
@@ -608,7 +615,8 @@ def test_parse_duration(value, seconds):
 
 
 @pytest.mark.parametrize(
-    "value", [True, False, -1, -0.5, "-5s", "5x", "s", "", "5 m s", "1e3", "5M", None, [], "ten", "1.s"]
+    "value", [True, False, -1, -0.5, "-5s", "5x", "s", "", "5 m s", "1e3", "5M", None, [], "ten", "1.s",
+              "1h30", "1h 30m", "h30m", "1h" * 9, "9" * 400 + "h1m"]
 )
 def test_parse_duration_rejects(value):
     with pytest.raises(ValueError):
