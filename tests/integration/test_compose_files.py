@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from harness import READY_LINE, REPO, free_port, wait_for
+from harness import READY_LINE, REPO, free_port, proxied, wait_for
 
 MODES = {"host": "compose.yaml", "bridge": "compose.bridge.yaml"}
 
@@ -28,11 +28,14 @@ MODES = {"host": "compose.yaml", "bridge": "compose.bridge.yaml"}
 class Compose:
     """`docker compose` for one project: a folder, its files, a project name."""
 
-    def __init__(self, folder: Path, project: str, files: tuple[str, ...]) -> None:
+    def __init__(self, folder: Path, project: str | None, files: tuple[str, ...]) -> None:
+        """`project` None: the project name is the files' own (`name:`), as a plain `docker compose up`."""
         self.folder, self.project, self.files = folder, project, files
 
     def run(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-        cmd = ["docker", "compose", "--project-directory", str(self.folder), "-p", self.project]
+        cmd = ["docker", "compose", "--project-directory", str(self.folder)]
+        if self.project is not None:
+            cmd += ["-p", self.project]
         for f in self.files:
             cmd += ["-f", str(self.folder / f)]
         out = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout)
@@ -52,16 +55,20 @@ def inspect(cid: str) -> dict:
     return json.loads(out.stdout)[0]
 
 
-def sandbox_compose(folder: Path, image: str, host: str) -> None:
-    """A one-service Compose project: busybox's httpd behind a wakeproxy.host label. Its shell stops on
-    SIGTERM (a PID 1 without a handler would make `docker compose down` wait its 10 s)."""
+def sandbox_compose(folder: Path, image: str, host: str, body: str = "hello from compose", service: str = "web",
+                    name: str | None = None) -> None:
+    """A one-service Compose project: busybox's httpd behind a wakeproxy.host label (`name`: the file's own
+    project name). Its shell stops on SIGTERM (a PID 1 without a handler would make `down` wait its 10 s)."""
     folder.mkdir(parents=True)
-    (folder / "compose.yaml").write_text(yaml.safe_dump({"services": {"web": {
+    spec: dict = {"services": {service: {
         "image": image,
-        "command": ["sh", "-c", "mkdir -p /www && echo hello from compose > /www/index.html && "
+        "command": ["sh", "-c", f"mkdir -p /www && echo {body} > /www/index.html && "
                     "trap 'exit 0' TERM; httpd -f -p 80 -h /www & wait"],
         "labels": {"wakeproxy.host": host, "wakeproxy.idle-timeout": "0"},
-    }}}))
+    }}}
+    if name is not None:
+        spec["name"] = name
+    (folder / "compose.yaml").write_text(yaml.safe_dump(spec))
 
 
 @pytest.fixture(params=list(MODES))
@@ -167,3 +174,30 @@ def test_the_shipped_compose_files_run_the_proxy_for_a_compose_sandbox(shipped, 
     assert after["Status"] == "exited" and after["ExitCode"] == 0, after
     assert took < 20, took
     assert "Traceback" not in proxy.run("logs", "wakeproxy").stdout
+
+
+def test_a_sandbox_whose_file_names_another_sandboxs_project_gets_none_of_its_traffic(proxy, tmp_path, busybox_image,
+                                                                                    run_id, host):
+    """The victim runs as `docker compose -p <run>-dcvictim`; the attacker's own compose file says
+    `name: <run>-dcvictim` and is run with a plain `docker compose up` in its folder. Compose labels the
+    attacker's container as the victim's project; it was merged into the victim's group and took half of
+    its requests. Now it is skipped (made from another folder), and every request reaches the victim."""
+    p = proxy({"docker": {"networks": []}})
+    name = host("dcvictim")
+    project = f"{run_id}-dcvictim"
+    victim = Compose(tmp_path / "victim", project, ("compose.yaml",))
+    attacker = Compose(tmp_path / "attacker", None, ("compose.yaml",))
+    sandbox_compose(victim.folder, busybox_image, name, body="victim")
+    sandbox_compose(attacker.folder, busybox_image, name, body="attacker", service="evil", name=project)
+    try:
+        victim.run("up", "-d")
+        wait_for(lambda: proxied(p, name).text.strip() == "victim", 20, 0.1, f"{name} routed")
+        attacker.run("up", "-d")
+        evil = f"{project}-evil-1"
+        wait_for(lambda: f"container '{evil}' skipped: its Compose project" in p.log(), 20, 0.1,
+                 "the attacker's container skipped")
+        bodies = {proxied(p, name).text.strip() for _ in range(20)}
+        assert bodies == {"victim"}, bodies
+    finally:
+        attacker.run("down", "--timeout", "1", check=False)
+        victim.run("down", "--timeout", "1", check=False)

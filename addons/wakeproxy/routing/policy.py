@@ -216,7 +216,17 @@ class Ownership:
     def __init__(self) -> None:
         self._records: dict[str, _Record] = {}
         self._logged: set[tuple[str, str, str]] = set()
+        self._said: set[tuple[str, str]] = set()  # (container, reason) of containers skipped by build_snapshot
+        # A Compose project's folder (its working_dir label), as first seen: the project is that folder's.
+        self.project_folders: dict[str, str] = {}
         self.dirty = False
+
+    def say_new(self, skipped: Mapping[str, str]) -> list[tuple[str, str]]:
+        """Of these skipped containers (name → why), those not skipped for that reason last time."""
+        current = set(skipped.items())
+        new = sorted(current - self._said)
+        self._said = current
+        return new
 
     # --- the decision -------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from typing import TypeVar
 from wakeproxy.config import Config, LabelTrustConfig, SourcesConfig
 from wakeproxy.observe.logsafe import get_logger
 from wakeproxy.routing.labels import (
+    PROJECT_LABEL,
     SWARM_SERVICE_LABEL,
     SWARM_TASK_LABEL,
     ContainerInfo,
@@ -419,6 +420,38 @@ def _group_keys(infos: Iterable[ContainerInfo]) -> dict[str, tuple[GroupId, str]
     return out
 
 
+WORKING_DIR_LABEL = "com.docker.compose.project.working_dir"  # Compose sets it; a service's labels cannot
+
+
+def _made_elsewhere(infos: Iterable[ContainerInfo], known: dict[str, str]) -> dict[str, str]:
+    """Container id → why, for containers of a Compose project made from another folder than the project's.
+
+    A project is the folder (`working_dir` label) it was first seen with (`known`, updated here: kept while a
+    container of that folder exists), else its oldest container's. Containers without the label, as the
+    SDK makes them, are not judged."""
+    folders: dict[str, dict[str, tuple[float, str]]] = {}  # project → folder → (its oldest container)
+    for info in infos:
+        project = (info.labels.get(PROJECT_LABEL) or "").strip()
+        folder = info.labels.get(WORKING_DIR_LABEL)
+        if info.is_service or not project or not folder:
+            continue
+        seen = folders.setdefault(project, {})
+        seen[folder] = min(seen.get(folder, (info.created, info.name)), (info.created, info.name))
+    for project in [p for p in known if p not in folders or known[p] not in folders[p]]:
+        del known[project]
+    for project, seen in folders.items():
+        known.setdefault(project, min(seen, key=lambda f: seen[f]))
+    out: dict[str, str] = {}
+    for info in infos:
+        project = (info.labels.get(PROJECT_LABEL) or "").strip()
+        folder = info.labels.get(WORKING_DIR_LABEL)
+        if project in known and folder and folder != known[project] and not info.is_service:
+            out[info.id] = (f"its Compose project '{project}' belongs to containers made from another folder: "
+                            "another sandbox's project name (run each sandbox as its own project: "
+                            "docker compose -p NAME)")
+    return out
+
+
 def _is_global(info: ContainerInfo) -> bool:
     return info.is_service and info.replicas is None
 
@@ -537,6 +570,15 @@ def build_snapshot(
                 broken[info.id] = (info, result)
             continue
         parsed[info.id] = (info, result)
+
+    # A Compose project is one folder's: containers that say they are of it but were made from another
+    # folder (a sandbox whose own file chose `name: <another sandbox>`) are skipped, not merged into it.
+    elsewhere = _made_elsewhere([i for i, _ in parsed.values()], ownership.project_folders)
+    for cid, why in elsewhere.items():
+        info = parsed.pop(cid)[0]
+        skipped[info.name] = why
+    for name, why in ownership.say_new({all_containers[c].name: w for c, w in elsewhere.items()}):
+        logger.warning(f"container '{name}' skipped: {why}")
 
     keys = _group_keys([*(i for i, _ in parsed.values()), *(i for i, _ in broken.values())])
     # Every routed host is a claim, and so is every LETSENCRYPT_HOST name: a certificate is as

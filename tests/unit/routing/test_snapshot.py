@@ -807,3 +807,38 @@ def test_a_bad_debug_label_skips_the_container_with_a_reason():
     snap = build(c("bad", "a.test", labels={"wakeproxy.debug": "maybe"}))
     assert snap.lookup("a.test") is None
     assert "wakeproxy.debug" in snap.skipped["bad"]
+
+
+def test_a_compose_project_name_taken_from_another_folder_is_not_merged_into_it(caplog):
+    """A sandbox whose own file says `name: victim` (or COMPOSE_PROJECT_NAME in its .env) makes containers
+    labelled as the victim's project; they were split 3/3 with the victim's traffic. Now skipped, said once."""
+    from wakeproxy.routing.policy import Ownership
+
+    def member(name, folder, created, host="victim.test"):
+        return c(name, host, created=created, cid=f"id-{name}", labels={
+            "com.docker.compose.project": "victim", "com.docker.compose.service": "web",
+            "com.docker.compose.project.working_dir": folder})
+
+    victim = member("victim-web-1", "/srv/sandboxes/victim", 1.0)
+    db = member("victim-db-1", "/srv/sandboxes/victim", 2.0, host=None)
+    evil = member("victim-web-2", "/srv/sandboxes/pr-666", 3.0)
+    ownership = Ownership()
+    with caplog.at_level("WARNING"):
+        snap = build(victim, db, evil, ownership=ownership)
+        again = build(victim, db, evil, ownership=ownership)
+    assert [b.container_name for b in snap.lookup("victim.test").backends] == ["victim-web-1"]
+    assert snap.groups["victim"].members == ("id-victim-db-1", "id-victim-web-1")
+    assert "another sandbox's project name" in snap.skipped["victim-web-2"]
+    assert again.skipped == snap.skipped
+    said = [r for r in caplog.records if "victim-web-2" in r.getMessage()]
+    assert len(said) == 1 and "/srv/sandboxes" not in said[0].getMessage()  # once; no folder named
+    # The folder first seen keeps the project, even against an older container or a tie on the second
+    # (creation times are whole seconds); a new proxy (no memory) goes by age.
+    early = member("victim-web-0", "/srv/sandboxes/pr-666", 0.0)
+    assert "victim-web-0" in build(victim, db, evil, early, ownership=ownership).skipped
+    assert "victim-web-1" in build(victim, db, evil, early).skipped
+    # When the first folder's containers are gone, the project is the other folder's.
+    assert build(evil, ownership=ownership).skipped == {}
+    # Containers made by the SDK (no working_dir label) and one folder's containers are judged as before.
+    plain = c("p", "p.test", labels={"com.docker.compose.project": "victim"})
+    assert "p" not in build(victim, plain).skipped
