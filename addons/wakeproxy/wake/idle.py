@@ -39,6 +39,9 @@ CHECK_INTERVAL = 0.5  # seconds between idle checks: groups stop within timeout 
 _ING = {"stop": "stopping", "pause": "pausing"}
 _ED = {"stop": "stopped", "pause": "paused"}
 SAVE_INTERVAL = 10.0  # the state file is written at most this often
+# ... and at least this often while the proxy runs: its `saved` time then tells, at the next start, how long
+# the proxy was away, and that time is not counted as a group unused (idle.remove_after).
+HEARTBEAT = 600.0
 STATE_FILE = "idle-state.json"
 
 
@@ -226,7 +229,8 @@ class IdleKeeper:
         while True:
             try:
                 self.check(time.time())
-                if self._dirty and time.monotonic() - self._saved_at >= SAVE_INTERVAL and (
+                since = time.monotonic() - self._saved_at
+                if (self._dirty and since >= SAVE_INTERVAL or since >= HEARTBEAT) and (
                     self._saving is None or self._saving.done()
                 ):
                     self._saved_at = time.monotonic()
@@ -491,7 +495,11 @@ class IdleKeeper:
             if not all(math.isfinite(v) for v in [*loaded.values(), *used.values()]):
                 raise ValueError("a clock is not a finite number")
             identity = {str(k): str(v)[:300] for k, v in (data.get("identity") or {}).items()}
-            self._loaded_used = {k: min(v, now) for k, v in used.items()}
+            # While the proxy was away nobody could use a sandbox through it: that time does not count
+            # toward idle.remove_after (the file is written at least every HEARTBEAT while it runs).
+            saved = float(data.get("saved") or now)
+            away = max(0.0, now - saved) if math.isfinite(saved) else 0.0
+            self._loaded_used = {k: min(v + away, now) for k, v in used.items()}
             self._loaded_identity = identity
             return {k: min(v, now) for k, v in loaded.items()}
         except (ValueError, KeyError, TypeError, AttributeError) as e:
