@@ -151,6 +151,11 @@ def resolver_addresses(text: str) -> tuple[IPAddress, ...]:
     return tuple(out)
 
 
+# Not public, and still not a sandbox's to take: link-local (169.254.169.254 answers a cloud VM's metadata)
+# and the shared address space of carrier-grade NAT and VPN overlays (100.64.0.0/10, Tailscale's).
+_SPECIAL = tuple(ipaddress.ip_network(n) for n in ("169.254.0.0/16", "100.64.0.0/10", "fe80::/10"))
+
+
 def subnet_problem(net: str, subnets: tuple[str, ...], avoid: tuple[IPAddress, ...]) -> str | None:
     """Why joining a network with these subnets would hand the proxy's own traffic to it, if it would.
 
@@ -166,6 +171,9 @@ def subnet_problem(net: str, subnets: tuple[str, ...], avoid: tuple[IPAddress, .
         if subnet.is_global:
             return (f"network '{net}' uses public addresses ({subnet}): joining it would route the proxy's "
                     "traffic for them into the sandbox")
+        if any(subnet.version == r.version and subnet.overlaps(r) for r in _SPECIAL):
+            return (f"network '{net}' ({subnet}) overlaps link-local or carrier-grade NAT addresses (cloud "
+                    "metadata, VPN overlays): joining it would route the proxy's traffic for them into the sandbox")
         for ip in avoid:
             if ip.version == subnet.version and ip in subnet:
                 return (f"network '{net}' ({subnet}) holds {ip}, an address the proxy itself talks to "

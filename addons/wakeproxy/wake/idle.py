@@ -261,6 +261,13 @@ class IdleKeeper:
                 # stopped at the latest (a Docker restart that stops a long-running group never makes it
                 # look abandoned). Saved with the next change, not written for this alone.
                 self.used[name] = max(self.used[name], now)
+            else:
+                # Nor is one whose containers were just made (a CI job's `docker compose up` between its
+                # create and its start): a member's creation counts as use.
+                newest = max((c.created for cid in group.members if (c := snap.containers.get(cid)) is not None),
+                             default=0.0)
+                if newest > self.used[name]:
+                    self.used[name] = min(newest, now)
             if remove_after > 0 and not running and self._retirable(snap, group, now):
                 self._retire(snap, group, now - self.used[name])
                 continue

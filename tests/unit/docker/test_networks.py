@@ -291,6 +291,10 @@ def test_networks_joined_already_count_toward_the_share():
     ("2001:4860::/32", (), "public addresses"),
     ("10.9.0.0/16", ("10.9.1.5",), "holds 10.9.1.5"),
     ("not-a-net", (), "cannot be read"),
+    ("169.254.0.0/16", (), "link-local"),
+    ("169.254.169.0/24", (), "link-local"),
+    ("100.100.0.0/16", (), "carrier-grade NAT"),
+    ("fe80::/64", (), "link-local"),
 ])
 def test_a_network_whose_subnet_would_take_the_proxys_own_traffic_is_not_joined(subnet, avoid, fragment):
     import ipaddress

@@ -738,8 +738,10 @@ def _net(info: ContainerInfo, *nets: str) -> ContainerInfo:
 
 
 def test_an_abandoned_group_is_removed_with_its_own_networks_only(tmp_path, caplog):
-    old = [_net(c("old-web", "old.test", state="exited", project="old"), "old_default", "shared"),
-           _net(c("old-db", state="exited", project="old"), "old_default")]
+    made = -1e6  # long before the last use (a member's creation counts as use)
+    old = [dataclasses.replace(_net(c("old-web", "old.test", state="exited", project="old"), "old_default", "shared"),
+                               created=made),
+           dataclasses.replace(_net(c("old-db", state="exited", project="old"), "old_default"), created=made)]
     other = _net(c("other", "other.test", state="exited", project="other"), "shared")
     keeper = make_keeper(*old, other, tmp_path=tmp_path, remove_after=3600.0)
     keeper.runtime.publish(build_snapshot([*old, other], SourcesConfig(), (), {"old_default": "bridge",
@@ -979,3 +981,16 @@ def test_time_the_proxy_was_away_does_not_count_as_unused(tmp_path):
     k.check(now)
     assert k.used["p"] == pytest.approx(now - 5 * day, abs=5)
     assert k.removes_in(k.runtime.snapshot.groups["p"], now) == pytest.approx(2 * day, abs=5)
+
+
+def test_a_container_just_made_counts_as_use(tmp_path):
+    """A CI job's `docker compose up` recreates an old sandbox's containers: between create and start they
+    are 'created', and the group must not be removed as abandoned with them."""
+    k = make_keeper(c("web", "web.test", state="exited", project="p"), tmp_path=tmp_path, remove_after=3600.0)
+    k.check(1000.0)
+    k.used["p"] = -1e6  # long unused
+    fresh = dataclasses.replace(c("web2", "web.test", state="created", project="p"), created=990.0)
+    k.runtime.snapshot = snap(c("web", "web.test", state="exited", project="p"), fresh)
+    k.check(1000.0)
+    assert k.used["p"] == 990.0
+    assert k.removes_in(k.runtime.snapshot.groups["p"], 1000.0) == 3590.0
