@@ -421,6 +421,30 @@ def _version() -> str:
     return f"wakeproxy {v('wakeproxy')} (mitmproxy {v('mitmproxy')}, Python {sys.version.split()[0]})"
 
 
+PROXYCTL_AUTOMATIC = {
+    "stop": "wakeproxy stops idle projects by itself (idle.timeout, PROJECT_INACTIVITY_TIMEOUT)",
+    "cleanup": "wakeproxy removes abandoned projects by itself (idle.remove_after, PROJECT_DANGLING_TIMEOUT)",
+    "start": "wakeproxy starts a sleeping project on the first request for it",
+}
+
+
+def proxyctl(argv: list[str] | None = None) -> int:
+    """`proxyctl`, for the habits of Docksal's vhost-proxy users (`docker exec … proxyctl stats`): `stats` is
+    `wakeproxy status`; what Docksal's cron ran by hand, wakeproxy does by itself, and says so."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    what = argv[0] if argv else ""
+    config = os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG
+    if what == "stats":
+        return _status(config, None, "--json" in argv[1:])
+    if what in PROXYCTL_AUTOMATIC:
+        print(f"proxyctl {what}: {PROXYCTL_AUTOMATIC[what]}; nothing to do. `wakeproxy status` shows what it "
+              "does and when.")
+        return 0
+    print("usage: proxyctl stats   (wakeproxy's status; stop, start and cleanup happen by themselves)",
+          file=sys.stderr)
+    return EXIT_CONFIG
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "run"

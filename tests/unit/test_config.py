@@ -994,3 +994,18 @@ def test_the_swarm_keys():
         parse_config("docker:\n  swarm: sometimes\n")
     with pytest.raises(ConfigError, match=r"docker.max_replicas"):
         parse_config("docker:\n  max_replicas: 0\n")
+
+
+def test_proxyctl_speaks_for_docksal_habits(capsys, tmp_path, monkeypatch):
+    from wakeproxy import cli
+
+    assert cli.proxyctl(["cleanup"]) == 0
+    assert "removes abandoned projects by itself" in capsys.readouterr().out
+    assert cli.proxyctl(["stop"]) == 0 and cli.proxyctl(["start"]) == 0
+    assert cli.proxyctl([]) == 2 and cli.proxyctl(["nginx"]) == 2
+    assert "usage: proxyctl stats" in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr(cli, "_status", lambda config, url, as_json: seen.append((config, url, as_json)) or 0)
+    monkeypatch.setenv("WAKEPROXY_CONFIG", str(tmp_path / "wp.yaml"))
+    assert cli.proxyctl(["stats"]) == 0
+    assert seen == [(str(tmp_path / "wp.yaml"), None, False)]
