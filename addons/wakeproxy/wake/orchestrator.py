@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from wakeproxy.observe.logsafe import get_logger
-from wakeproxy.routing.labels import ContainerInfo
+from wakeproxy.routing.labels import PROJECT_LABEL, SERVICE_LABEL, ContainerInfo
 from wakeproxy.routing.snapshot import Backend, Group, Site, Snapshot
 from wakeproxy.runtime import ContainerEvent, Runtime
 from wakeproxy.wake import readiness
@@ -45,6 +45,15 @@ class OpError(Exception):
         self.status, self.title = status, title
 
 
+@dataclass(frozen=True)
+class Attachment:
+    """A container to connect to a network made again, under its Compose service's name (its alias)."""
+
+    container_id: str
+    name: str
+    alias: str  # "" : none
+
+
 class ContainerOps(Protocol):
     """What a wake needs from the engine (docker.ops.DockerOps in the proxy)."""
 
@@ -54,6 +63,11 @@ class ContainerOps(Protocol):
 
     async def scale(self, service_id: str, name: str, replicas: int) -> None:
         """A Swarm service to at least `replicas` (never fewer than it has)."""
+        ...
+
+    async def recreate_network(self, network: str, project: str, attach: tuple[Attachment, ...]) -> None:
+        """Create the removed network `network` of Compose project `project` (a bridge with Compose's
+        labels) and connect `attach` to it; never a network that exists."""
         ...
 
 
@@ -129,6 +143,11 @@ def _reachable_endpoints(snap: Snapshot, member: str) -> tuple[Backend, ...]:
     if problem:
         raise WakeFailed(502, "Site unreachable", problem)
     return endpoints
+
+
+async def _attached(snap: Snapshot, net: str, attach: tuple[Attachment, ...]) -> bool:
+    """Does the snapshot show every container of `attach` (that still exists) on network `net`?"""
+    return all(net in info.networks for a in attach if (info := snap.containers.get(a.container_id)) is not None)
 
 
 def replicas_of(snap: Snapshot, service_id: str) -> int:
@@ -285,6 +304,7 @@ class Orchestrator:
             await self.runtime.changed(0.2)  # let the stop's events reach the snapshot
             wake.status = {}
         snap = self.runtime.snapshot
+        await self._recreate_networks(wake, snap)
         infos = [snap.containers[c] for c in wake.members if c in snap.containers]
         by_service = {
             snap.settings[i.id].service: i.id for i in infos if i.id in snap.settings and snap.settings[i.id].service
@@ -323,6 +343,28 @@ class Orchestrator:
         await asyncio.gather(*(bring_and_signal(i) for i in infos))
         wake.mark("start calls")
         await self._until(wake, lambda s: self._group_ready(wake, s))
+
+    async def _recreate_networks(self, wake: Wake, snap: Snapshot) -> None:
+        """Make the removed `<project>_default` networks the group needs again (Docksal's stop removes
+        them), connect the project's stopped containers to them, and wait until the snapshot has them
+        attached (a member would otherwise look unreachable between the network's event and theirs)."""
+        for net, cids in snap.networks_to_recreate(wake.members).items():
+            infos = [i for c in cids if (i := snap.containers.get(c)) is not None]
+            if not infos:
+                continue
+            project = infos[0].labels.get(PROJECT_LABEL) or ""
+            attach = tuple(Attachment(i.id, i.name, i.labels.get(SERVICE_LABEL) or "") for i in infos)
+            wake.status["network"] = f"creating network {net} (it was removed)"
+            try:
+                await self.ops.recreate_network(net, project, attach)
+            except OpError as e:
+                raise WakeFailed(e.status, e.title, str(e), cools=True) from None
+            logger.info(f"wake {wake.group}: network {net} did not exist; created it and connected "
+                        f"{', '.join(i.name for i in infos)}")
+            wake.status["network"] = f"waiting for network {net} in Docker's events"
+            await self._until(wake, lambda s, n=net, a=attach: _attached(s, n, a))
+            del wake.status["network"]
+            wake.mark("network")
 
     async def _start(self, wake: Wake, cid: str) -> None:
         info = self.runtime.snapshot.containers.get(cid)
