@@ -145,9 +145,9 @@ def _reachable_endpoints(snap: Snapshot, member: str) -> tuple[Backend, ...]:
     return endpoints
 
 
-async def _attached(snap: Snapshot, net: str, attach: tuple[Attachment, ...]) -> bool:
-    """Does the snapshot show every container of `attach` (that still exists) on network `net`?"""
-    return all(net in info.networks for a in attach if (info := snap.containers.get(a.container_id)) is not None)
+async def _attached(snap: Snapshot, remade: dict[str, str]) -> bool:
+    """Does the snapshot show each member (that still exists) on the network made for it (member → network)?"""
+    return all(net in info.networks for cid, net in remade.items() if (info := snap.containers.get(cid)) is not None)
 
 
 def replicas_of(snap: Snapshot, service_id: str) -> int:
@@ -304,7 +304,7 @@ class Orchestrator:
             await self.runtime.changed(0.2)  # let the stop's events reach the snapshot
             wake.status = {}
         snap = self.runtime.snapshot
-        await self._recreate_networks(wake, snap)
+        remade = await self._recreate_networks(wake, snap)
         infos = [snap.containers[c] for c in wake.members if c in snap.containers]
         by_service = {
             snap.settings[i.id].service: i.id for i in infos if i.id in snap.settings and snap.settings[i.id].service
@@ -342,12 +342,16 @@ class Orchestrator:
 
         await asyncio.gather(*(bring_and_signal(i) for i in infos))
         wake.mark("start calls")
+        if remade:
+            # Docker tells of a stopped container's connect by no event: only the start's inspect shows it,
+            # and until then the member looks unreachable (its network exists, it is not on it).
+            await self._until(wake, lambda s: _attached(s, remade))
         await self._until(wake, lambda s: self._group_ready(wake, s))
 
-    async def _recreate_networks(self, wake: Wake, snap: Snapshot) -> None:
+    async def _recreate_networks(self, wake: Wake, snap: Snapshot) -> dict[str, str]:
         """Make the removed `<project>_default` networks the group needs again (Docksal's stop removes
-        them), connect the project's stopped containers to them, and wait until the snapshot has them
-        attached (a member would otherwise look unreachable between the network's event and theirs)."""
+        them) and connect the project's stopped containers to them. Returns member → network made."""
+        remade: dict[str, str] = {}
         for net, cids in snap.networks_to_recreate(wake.members).items():
             infos = [i for c in cids if (i := snap.containers.get(c)) is not None]
             if not infos:
@@ -361,10 +365,10 @@ class Orchestrator:
                 raise WakeFailed(e.status, e.title, str(e), cools=True) from None
             logger.info(f"wake {wake.group}: network {net} did not exist; created it and connected "
                         f"{', '.join(i.name for i in infos)}")
-            wake.status["network"] = f"waiting for network {net} in Docker's events"
-            await self._until(wake, lambda s, n=net, a=attach: _attached(s, n, a))
             del wake.status["network"]
             wake.mark("network")
+            remade.update((i.id, net) for i in infos if i.id in wake.members)
+        return remade
 
     async def _start(self, wake: Wake, cid: str) -> None:
         info = self.runtime.snapshot.containers.get(cid)
