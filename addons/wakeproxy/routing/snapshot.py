@@ -292,13 +292,11 @@ def lost_network(info: ContainerInfo, drivers: Mapping[str, str]) -> str | None:
     container is not attached to it (Docksal's stop disconnects it and removes the network). Only that
     exact name, made of the container's own project label: never a network a label names otherwise,
     never one that exists (`drivers`: every network the engine has)."""
-    if info.is_service or info.state not in _RECREATE_STATES:
-        return None
-    project = info.labels.get(PROJECT_LABEL) or ""
     net = info.network_mode
+    if not net or net in drivers or net in info.networks or info.state not in _RECREATE_STATES or info.is_service:
+        return None  # (the common case first: its network exists)
+    project = info.labels.get(PROJECT_LABEL) or ""
     if not _COMPOSE_PROJECT.fullmatch(project) or net != COMPOSE_DEFAULT_NETWORK.format(project=project):
-        return None
-    if net in drivers or net in info.networks:
         return None
     return net
 
