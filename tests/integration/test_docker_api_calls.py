@@ -6,7 +6,8 @@ The proxy runs as users run it (its image, bridge mode, joining the sandboxes' n
 (keep-alive included) is parsed on its way to the engine and kept as `METHOD /path` with the API version
 prefix stripped and IDs and names made `{id}`. The test then drives every kind of call the controller
 makes: listing and inspecting, the event stream, joining and leaving a sandbox's network, pausing and
-unpausing one sandbox, stopping and starting another, and checks the calls against ALLOWED.
+unpausing one sandbox, stopping and starting another, waking one whose network Docksal's stop removed
+(the network made again, the container connected), and checks the calls against ALLOWED.
 
 Other test sessions may run proxies on the same engine at the same time (test_container.py's see every
 network). So the two sandboxes that go to sleep carry no `wakeproxy.idle-timeout` label: the 2 s timeout is
@@ -49,6 +50,8 @@ ALLOWED: dict[str, str] = {
     "POST /containers/{id}/unpause": "waking a paused site",
     "POST /containers/{id}/stop": "putting an idle site to sleep (wakeproxy.idle-action: stop, the default)",
     "POST /containers/{id}/pause": "putting an idle site to sleep (wakeproxy.idle-action: pause)",
+    # A wake of a Compose project whose `<project>_default` Docksal's stop removed (connect: see above).
+    "POST /networks/create": "making a removed <project>_default network again (then connecting its containers)",
 }
 
 # On a Swarm manager, besides ALLOWED (recorded by test_swarm.py, which drives each of SWARM_ESSENTIAL).
@@ -66,11 +69,11 @@ ESSENTIAL = {
     "GET /containers/json", "GET /containers/{id}/json", "GET /events", "GET /networks",
     "POST /containers/{id}/start", "POST /containers/{id}/stop",
     "POST /containers/{id}/pause", "POST /containers/{id}/unpause",
-    "POST /networks/{id}/connect", "POST /networks/{id}/disconnect",
+    "POST /networks/{id}/connect", "POST /networks/{id}/disconnect", "POST /networks/create",
 }
 
 # This test's Compose projects (`<run_id>-<name>`, network `<run_id>-<name>_default`).
-PROJECTS = ("api-awake", "api-nap", "api-doze")
+PROJECTS = ("api-awake", "api-nap", "api-doze", "api-gone")
 
 # Resources whose second path segment is an ID or a name, except for these collection-level words.
 _COLLECTION_WORDS = {
@@ -334,6 +337,16 @@ def test_the_proxy_calls_only_the_documented_docker_endpoints(recorded, sandboxe
         assert r.status_code == 200, r.text[:500]
         assert backend_of(r) == c.name.removeprefix(f"{sandboxes.run_id}-")
     assert doze_net.name in proxy.networks()
+
+    # 4. A project put to sleep Docksal's way (its network removed): the wake makes the network again.
+    gone_net, gone = sandboxes.project("api-gone", host("api-gone"), keep_awake=False, start=False)
+    gone_name = gone_net.name
+    gone_net.disconnect(gone, force=True)
+    gone_net.remove()
+    r = wait_for(lambda: (resp := proxy.get(host("api-gone"), "/api", timeout=60)).status_code != 404 and resp,
+                 20, 0.2, "the project without its network routed")
+    assert r.status_code == 200 and backend_of(r) == "api-gone-web", r.text[:500]
+    sandboxes.networks.append(sandboxes.client.networks.get(gone_name))  # removed with the others
     time.sleep(0.5)  # the calls that follow the wakes (inspects after their events) are in
     calls = relay.snapshot()
     elapsed = time.monotonic() - t0
@@ -357,11 +370,12 @@ def test_the_proxy_calls_only_the_documented_docker_endpoints(recorded, sandboxe
             print(f"  {e} ?{q}")
     print("  versions in paths:", sorted({m.group(0) for c in calls if (m := _VERSION.match(c.path))}))
 
-    # Never anything that creates, executes, deletes or touches images, volumes or builds.
+    # Never anything that creates (but a removed project network), executes, deletes or touches images,
+    # volumes or builds.
     for c in calls:
         assert c.method != "DELETE", c
-        assert not re.search(r"/(create|exec|build|images|volumes|commit|archive|attach|kill|update|rename)\b",
-                             c.pattern), c
+        assert c.pattern == "/networks/create" or not re.search(
+            r"/(create|exec|build|images|volumes|commit|archive|attach|kill|update|rename)\b", c.pattern), c
     assert not any(c.method == "POST" and c.pattern.startswith(("/containers/create", "/exec", "/images", "/build",
                                                                 "/volumes"))
                    for c in calls)

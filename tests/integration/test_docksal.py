@@ -320,3 +320,54 @@ def test_a_wake_on_a_network_without_free_addresses_is_a_503_naming_the_fix(prox
     finally:
         backend_container.cleanup()
         remove_network(net)
+
+
+def _docksal_stop(net, containers: list) -> None:
+    """What Docksal's `fin stop` and its vhost-proxy do to put a project to sleep: `docker compose stop`,
+    `docker network disconnect -f <project>_default` for each container, `docker network rm` the network."""
+    for c in containers:
+        c.stop(timeout=5)
+    for c in containers:
+        net.disconnect(c, force=True)
+    net.remove()
+
+
+def test_a_project_whose_network_docksal_removed_is_listed_asleep_and_woken_by_making_it_again(
+        proxy, projects, docker_client, run_id, host):
+    """A Docksal server switching over has sleeping projects without a network: a request makes
+    `<project>_default` again as Compose would (its labels), connects the project's containers under
+    their service names, and starts them."""
+    from harness import free_port
+
+    project, site = f"{run_id}-dk-gone", host("dk-gone")
+    net, (web, db) = projects("dk-gone", site, db=True)
+    name = net.name
+    status_port = free_port()
+    p = proxy({"docker": {"networks": []}, "wake": {"per_client": 0},
+               "status": {"listen": f"127.0.0.1:{status_port}"}})
+
+    def state() -> str | None:
+        r = httpx.get(f"http://127.0.0.1:{status_port}/status", timeout=5, trust_env=False)
+        return next((g["state"] for g in r.json()["groups"] if g["group"] == project), None)
+
+    try:
+        wait_for(lambda: proxied(p, site).status_code == 200, 15, 0.1, "the project served")
+        _docksal_stop(net, [web, db])
+        wait_for(lambda: state() == "asleep", 10, 0.1, "the project listed asleep without its network")
+        r = proxied(p, site, "/api", headers={"Accept": "application/json"}, timeout=30)
+        assert r.status_code == 200 and backend_of(r) == "dk-gone-web", (r.status_code, r.text[:500])
+        made = docker_client.networks.get(name)
+        projects.networks.append(made)
+        assert made.attrs["Driver"] == "bridge"
+        assert made.attrs["Labels"] == {"com.docker.compose.project": project, "com.docker.compose.network": "default"}
+        for c, service in ((web, "web"), (db, "db")):
+            c.reload()
+            assert c.status == "running"
+            assert service in (c.attrs["NetworkSettings"]["Networks"][name].get("Aliases") or []), c.attrs[
+                "NetworkSettings"]["Networks"]
+        assert f"network {name} did not exist; created it" in p.log()
+    finally:
+        try:
+            remove_network(docker_client.networks.get(name))
+        except docker.errors.NotFound:
+            pass

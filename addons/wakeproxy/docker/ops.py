@@ -1,5 +1,6 @@
 """The one place that changes containers: start, unpause, stop, pause (and, for idle.remove_after,
-removing a retired group's containers and its own networks).
+removing a retired group's containers and its own networks; for a wake, making a Compose project's
+removed `<project>_default` network again).
 
 Each call runs the blocking SDK call in a worker thread (never on the event
 loop) with a client of that thread's own, and turns Docker's errors into a
@@ -20,12 +21,19 @@ import docker.errors
 from wakeproxy.config import DockerConfig
 from wakeproxy.docker.client import OPERATION_TIMEOUT, connect
 from wakeproxy.observe.logsafe import get_logger
-from wakeproxy.wake.orchestrator import OpError
+from wakeproxy.routing.labels import PROJECT_LABEL
+from wakeproxy.wake.orchestrator import Attachment, OpError
 
 logger = get_logger(__name__)
 
 
 SCALE_ATTEMPTS = 4  # a scale that keeps meeting "update out of sequence" gives up after this many tries
+COMPOSE_NETWORK_LABEL = "com.docker.compose.network"  # with PROJECT_LABEL: `docker compose up` takes the network
+
+
+def compose_network_labels(project: str) -> dict[str, str]:
+    """The labels Compose gives a project's default network (and checks on one it finds)."""
+    return {PROJECT_LABEL: project, COMPOSE_NETWORK_LABEL: "default"}
 
 
 def _post_update(api: Any, service_id: str, version: int, spec: dict[str, Any]) -> Any:
@@ -69,10 +77,19 @@ def explain(what: str, name: str, detail: str) -> DockerOpError:
     return DockerOpError(f"docker {what} {name} failed: {detail}")
 
 
+def _api_error(what: str, name: str, e: docker.errors.APIError) -> DockerOpError:
+    detail = e.explanation or str(e)
+    if isinstance(detail, bytes):
+        detail = detail.decode(errors="replace")
+    return explain(what, name, detail)
+
+
 class DockerOps:
     def __init__(self, config: DockerConfig) -> None:
         self.config = config
         self._local = threading.local()
+        self._network_locks: dict[str, asyncio.Lock] = {}
+        self._made: dict[str, str] = {}  # network name → the ID of the one this proxy made last
 
     def _api(self) -> Any:
         client = getattr(self._local, "client", None)
@@ -93,10 +110,7 @@ class DockerOps:
         except DockerOpError:
             raise
         except docker.errors.APIError as e:
-            detail = e.explanation or str(e)
-            if isinstance(detail, bytes):
-                detail = detail.decode(errors="replace")
-            raise explain(what, name, detail) from None
+            raise _api_error(what, name, e) from None
         except Exception as e:  # the engine is unreachable, or the socket broke
             raise DockerOpError(f"docker {what} {name} failed: {type(e).__name__}: {e}") from None
 
@@ -147,6 +161,54 @@ class DockerOps:
                 return
 
         await self._run("service scale", f"{name}={replicas}", run)
+
+    async def recreate_network(self, network: str, project: str, attach: tuple[Attachment, ...]) -> None:
+        """`docker network create` NETWORK as Compose makes it (a bridge with Compose's labels), then
+        `docker network connect --alias SERVICE` each of `attach`: the way Docksal's `proxyctl start`
+        wakes a project whose stop removed its network. Never a network that exists: Docker refuses the
+        name (check_duplicate), and that is a failure, unless it is the one this proxy just made for
+        another wake of the same project (its containers were connected then). One at a time per name."""
+        lock = self._network_locks.setdefault(network, asyncio.Lock())
+        async with lock:
+            await self._run("network create", network, lambda: self._recreate(network, project, attach))
+
+    def _recreate(self, network: str, project: str, attach: tuple[Attachment, ...]) -> None:
+        """In a worker thread: create, connect; a connect that fails removes the network again."""
+        api = self._api()
+        try:
+            made = api.create_network(network, driver="bridge", labels=compose_network_labels(project),
+                                      check_duplicate=True)
+        except docker.errors.APIError as e:
+            if e.status_code == 409 and self._made.get(network) and self._made[network] == self._id_of(api, network):
+                return  # made by this proxy for another group of the project a moment ago
+            raise _api_error("network create", network, e) from None
+        net_id = str(made.get("Id") or network)
+        self._made[network] = net_id
+        connected: list[Attachment] = []
+        for a in attach:
+            try:
+                api.connect_container_to_network(a.container_id, net_id, aliases=[a.alias] if a.alias else None)
+            except docker.errors.NotFound:
+                logger.info(f"docker: {a.name} is gone; not connected to {network}")
+                continue
+            except docker.errors.APIError as e:
+                self._undo(api, network, net_id, connected)
+                raise _api_error("network connect", f"{network} {a.name}", e) from None
+            connected.append(a)
+
+    def _id_of(self, api: Any, network: str) -> str | None:
+        """The ID of the network called exactly `network`, from the listing (None: there is none)."""
+        return next((str(n.get("Id")) for n in api.networks(names=[network]) if n.get("Name") == network), None)
+
+    def _undo(self, api: Any, network: str, net_id: str, connected: list[Attachment]) -> None:
+        """Remove the network just made (after a connect failed), so that the next wake makes it again."""
+        try:
+            for a in connected:
+                api.disconnect_container_from_network(a.container_id, net_id, force=True)
+            api.remove_network(net_id)
+            self._made.pop(network, None)
+        except Exception as e:  # noqa: BLE001 - the wake fails anyway, with the connect's error
+            logger.warning(f"docker: could not remove the network {network} made for this wake again: {e}")
 
     # Retiring an abandoned group (idle.remove_after): never a named volume, never a host folder.
     async def remove(self, container_id: str, name: str, volumes: bool) -> None:

@@ -191,7 +191,14 @@ def info_from_inspect(data: dict[str, Any]) -> ContainerInfo:
         health=health if status == "running" else None,
         exit_code=state.get("ExitCode") if status in ("exited", "dead") else None,
         created=_created(data.get("Created")),
+        network_mode=_network_mode(data),
     )
+
+
+def _network_mode(data: Mapping[str, Any]) -> str:
+    """HostConfig.NetworkMode, in the listing and in `docker inspect` alike ("" when absent)."""
+    mode = (data.get("HostConfig") or {}).get("NetworkMode")
+    return mode if isinstance(mode, str) else ""
 
 
 def _health_from_status(status: str) -> str | None:
@@ -216,6 +223,7 @@ def info_from_listing(entry: dict[str, Any], static: _Static) -> ContainerInfo:
         networks={name: (n or {}).get("IPAddress") or "" for name, n in nets.items()},
         health=_health_from_status(entry.get("Status") or "") if state == "running" else None,
         created=_created(entry.get("Created")),
+        network_mode=_network_mode(entry),
     )
 
 

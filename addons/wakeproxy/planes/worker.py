@@ -40,7 +40,7 @@ from wakeproxy.routing.snapshot import Site, Snapshot
 from wakeproxy.routing.watch import Watch
 from wakeproxy.runtime import ContainerEvent, EngineState, Runtime
 from wakeproxy.wake.idle import IdleKeeper
-from wakeproxy.wake.orchestrator import Orchestrator, Wake, WakeFailed
+from wakeproxy.wake.orchestrator import Attachment, Orchestrator, Wake, WakeFailed
 
 logger = get_logger(__name__)
 
@@ -66,6 +66,9 @@ class _NoOps:
 
     async def scale(self, service_id: str, name: str, replicas: int) -> None:
         raise AssertionError("a worker never scales services")
+
+    async def recreate_network(self, network: str, project: str, attach: tuple[Attachment, ...]) -> None:
+        raise AssertionError("a worker never creates networks")
 
 
 class RemoteWakes(Orchestrator):

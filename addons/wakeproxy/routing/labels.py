@@ -150,6 +150,7 @@ class ContainerInfo:
     replicas: int | None = None  # a service's replica count in its spec (None: a global service)
     tasks: tuple[TaskInfo, ...] = ()  # a service's tasks that are meant to run, by name
     one_shot: bool = False  # a service whose tasks are not started again after a clean exit (a migration)
+    network_mode: str = ""  # HostConfig.NetworkMode: the network `docker create` put it on (its name), or bridge/host/…
 
     @property
     def running(self) -> bool:
@@ -171,6 +172,7 @@ class ContainerInfo:
 
 GROUP_LABEL = "wakeproxy.group"
 PROJECT_LABEL = "com.docker.compose.project"
+SERVICE_LABEL = "com.docker.compose.service"  # the Compose service: its alias on the project's network
 STACK_LABEL = "com.docker.stack.namespace"  # set by `docker stack deploy` on a stack's services
 SWARM_SERVICE_LABEL = "com.docker.swarm.service.id"  # on the containers of a service's tasks
 SWARM_TASK_LABEL = "com.docker.swarm.task.id"  # … together with this one

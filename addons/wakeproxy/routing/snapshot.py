@@ -12,6 +12,7 @@ processes.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,10 @@ logger = get_logger(__name__)
 ROUTABLE_DRIVERS = frozenset({"bridge", "host"})
 # A Swarm service's tasks are reached on an overlay the proxy's own container is attached to.
 INGRESS = "ingress"  # the view's driver name for the routing mesh's network: never routed to
+# A Compose project's own network is `<project>_default`; Docksal's stop removes it (README "Coming from Docksal").
+COMPOSE_DEFAULT_NETWORK = "{project}_default"
+_COMPOSE_PROJECT = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # Compose's rule for a project name
+_RECREATE_STATES = frozenset({"created", "exited"})  # stopped: the only states a network is made again for
 
 
 @dataclass(frozen=True)
@@ -232,6 +237,8 @@ class Snapshot:
     # skipped containers → why, per container ("container 'x': label …; …").
     misconfigured: Mapping[str, str] = field(default_factory=dict)
     debug_hosts: frozenset[str] = frozenset()  # site hosts shown in the debug UI by label (wakeproxy.debug)
+    # Removed `<project>_default` networks (lost_network) → the stopped containers to connect to it, by name.
+    lost_networks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     _misconfigured_under: Mapping[str, str] = field(init=False, repr=False, compare=False)  # "d" for "*.d"
 
     def __post_init__(self) -> None:
@@ -261,6 +268,13 @@ class Snapshot:
     def hosts(self) -> list[str]:
         return sorted(self.exact) + sorted(f"*.{w}" for w in self.wildcards)
 
+    def networks_to_recreate(self, members: Iterable[str]) -> dict[str, tuple[str, ...]]:
+        """The removed networks that some of `members` need to start → every container to connect to each."""
+        if not self.lost_networks:
+            return {}
+        ids = frozenset(members)
+        return {net: cids for net, cids in self.lost_networks.items() if ids.intersection(cids)}
+
 
 _V = TypeVar("_V")
 
@@ -274,6 +288,21 @@ def _wildcard(by_domain: Mapping[str, _V], host: str) -> _V | None:
             return found
         i = host.find(".", i + 1)
     return None
+
+
+def lost_network(info: ContainerInfo, drivers: Mapping[str, str]) -> str | None:
+    """The network a stopped container of Compose project P must be given again before it can start:
+    `P_default`, named by its HostConfig.NetworkMode, when no network of that name exists and the
+    container is not attached to it (Docksal's stop disconnects it and removes the network). Only that
+    exact name, made of the container's own project label: never a network a label names otherwise,
+    never one that exists (`drivers`: every network the engine has)."""
+    net = info.network_mode
+    if not net or net in drivers or net in info.networks or info.state not in _RECREATE_STATES or info.is_service:
+        return None  # (the common case first: its network exists)
+    project = info.labels.get(PROJECT_LABEL) or ""
+    if not _COMPOSE_PROJECT.fullmatch(project) or net != COMPOSE_DEFAULT_NETWORK.format(project=project):
+        return None
+    return net
 
 
 def _choose_address(
@@ -541,6 +570,7 @@ def build_snapshot(
     policy = policy or Policy()
     ownership = ownership if ownership is not None else Ownership()
     all_containers: dict[str, ContainerInfo] = {}
+    lost: dict[str, list[ContainerInfo]] = {}  # a removed <project>_default network → its stopped containers
     skipped: dict[str, str] = {}
     parsed: dict[str, tuple[ContainerInfo, _Parsed]] = {}
     broken: dict[str, tuple[ContainerInfo, _Skipped]] = {}
@@ -548,6 +578,10 @@ def build_snapshot(
         if not info.is_service and SWARM_SERVICE_LABEL in info.labels and SWARM_TASK_LABEL in info.labels:
             continue  # a task's container: its service is the site
         all_containers[info.id] = info
+        if (net := lost_network(info, network_drivers)) is not None:
+            # Routed as if still attached (asleep, no address): a wake makes the network again first.
+            lost.setdefault(net, []).append(info)
+            info = dataclasses.replace(info, networks={**info.networks, net: ""})
         cached = route_cache.get(info.id) if route_cache is not None else None
         result: _Parsed | _Skipped
         if cached is not None and cached[0].labels == info.labels and cached[0].env == info.env \
@@ -571,6 +605,8 @@ def build_snapshot(
             continue
         parsed[info.id] = (info, result)
 
+    if lost:  # a removed network is a bridge again once made: routable while asleep
+        network_drivers = {**network_drivers, **dict.fromkeys(lost, "bridge")}
     # A Compose project is one folder's: containers that say they are of it but were made from another
     # folder (a sandbox whose own file chose `name: <another sandbox>`) are skipped, not merged into it.
     elsewhere = _made_elsewhere([i for i, _ in parsed.values()], ownership.project_folders)
@@ -684,7 +720,8 @@ def build_snapshot(
                     {cid: tuple(bs) for cid, bs in endpoints.items()}, skipped, synced,
                     tuple(sorted([*refused, *acme_refused], key=lambda r: (r.name, r.group))),
                     acme, cert_names, frozenset(no_redirect),
-                    {host: "; ".join(why) for host, why in misconfigured.items()}, frozenset(debug_hosts))
+                    {host: "; ".join(why) for host, why in misconfigured.items()}, frozenset(debug_hosts),
+                    {net: tuple(i.id for i in sorted(infos, key=lambda i: i.name)) for net, infos in lost.items()})
 
 
 def _acme_names(parsed: Mapping[str, tuple[ContainerInfo, _Parsed]], keys: Mapping[str, tuple[GroupId, str]],

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from wakeproxy.observe.logsafe import get_logger
-from wakeproxy.routing.labels import ContainerInfo
+from wakeproxy.routing.labels import PROJECT_LABEL, SERVICE_LABEL, ContainerInfo
 from wakeproxy.routing.snapshot import Backend, Group, Site, Snapshot
 from wakeproxy.runtime import ContainerEvent, Runtime
 from wakeproxy.wake import readiness
@@ -45,6 +45,15 @@ class OpError(Exception):
         self.status, self.title = status, title
 
 
+@dataclass(frozen=True)
+class Attachment:
+    """A container to connect to a network made again, under its Compose service's name (its alias)."""
+
+    container_id: str
+    name: str
+    alias: str  # "" : none
+
+
 class ContainerOps(Protocol):
     """What a wake needs from the engine (docker.ops.DockerOps in the proxy)."""
 
@@ -54,6 +63,11 @@ class ContainerOps(Protocol):
 
     async def scale(self, service_id: str, name: str, replicas: int) -> None:
         """A Swarm service to at least `replicas` (never fewer than it has)."""
+        ...
+
+    async def recreate_network(self, network: str, project: str, attach: tuple[Attachment, ...]) -> None:
+        """Create the removed network `network` of Compose project `project` (a bridge with Compose's
+        labels) and connect `attach` to it; never a network that exists."""
         ...
 
 
@@ -129,6 +143,11 @@ def _reachable_endpoints(snap: Snapshot, member: str) -> tuple[Backend, ...]:
     if problem:
         raise WakeFailed(502, "Site unreachable", problem)
     return endpoints
+
+
+async def _attached(snap: Snapshot, remade: dict[str, str]) -> bool:
+    """Does the snapshot show each member (that still exists) on the network made for it (member → network)?"""
+    return all(net in info.networks for cid, net in remade.items() if (info := snap.containers.get(cid)) is not None)
 
 
 def replicas_of(snap: Snapshot, service_id: str) -> int:
@@ -285,6 +304,7 @@ class Orchestrator:
             await self.runtime.changed(0.2)  # let the stop's events reach the snapshot
             wake.status = {}
         snap = self.runtime.snapshot
+        remade = await self._recreate_networks(wake, snap)
         infos = [snap.containers[c] for c in wake.members if c in snap.containers]
         by_service = {
             snap.settings[i.id].service: i.id for i in infos if i.id in snap.settings and snap.settings[i.id].service
@@ -322,7 +342,33 @@ class Orchestrator:
 
         await asyncio.gather(*(bring_and_signal(i) for i in infos))
         wake.mark("start calls")
+        if remade:
+            # Docker tells of a stopped container's connect by no event: only the start's inspect shows it,
+            # and until then the member looks unreachable (its network exists, it is not on it).
+            await self._until(wake, lambda s: _attached(s, remade))
         await self._until(wake, lambda s: self._group_ready(wake, s))
+
+    async def _recreate_networks(self, wake: Wake, snap: Snapshot) -> dict[str, str]:
+        """Make the removed `<project>_default` networks the group needs again (Docksal's stop removes
+        them) and connect the project's stopped containers to them. Returns member → network made."""
+        remade: dict[str, str] = {}
+        for net, cids in snap.networks_to_recreate(wake.members).items():
+            infos = [i for c in cids if (i := snap.containers.get(c)) is not None]
+            if not infos:
+                continue
+            project = infos[0].labels.get(PROJECT_LABEL) or ""
+            attach = tuple(Attachment(i.id, i.name, i.labels.get(SERVICE_LABEL) or "") for i in infos)
+            wake.status["network"] = f"creating network {net} (it was removed)"
+            try:
+                await self.ops.recreate_network(net, project, attach)
+            except OpError as e:
+                raise WakeFailed(e.status, e.title, str(e), cools=True) from None
+            logger.info(f"wake {wake.group}: network {net} did not exist; created it and connected "
+                        f"{', '.join(i.name for i in infos)}")
+            del wake.status["network"]
+            wake.mark("network")
+            remade.update((i.id, net) for i in infos if i.id in wake.members)
+        return remade
 
     async def _start(self, wake: Wake, cid: str) -> None:
         info = self.runtime.snapshot.containers.get(cid)

@@ -506,3 +506,15 @@ def test_a_swarm_made_after_the_start_is_noticed_within_a_minute(tmp_path: Path)
     view._role_at -= ROLE_AGAIN
     with pytest.raises(_RoleChanged, match="from none to manager"):
         view._follow(FakeClient(api), queue.Queue())  # type: ignore[arg-type]
+
+
+def test_the_network_mode_is_read_from_the_listing_and_from_inspect():
+    data = FakeAPI()
+    i = data.add(1)
+    data.data[i]["HostConfig"] = {"NetworkMode": "p_default"}
+    assert info_from_inspect(data.data[i]).network_mode == "p_default"
+    from wakeproxy.docker.view import _Static, info_from_listing
+
+    entry = {"Id": i, "Names": ["/x"], "State": "exited", "HostConfig": {"NetworkMode": "p_default"}}
+    assert info_from_listing(entry, _Static({}, ())).network_mode == "p_default"
+    assert info_from_listing({"Id": i, "HostConfig": None}, _Static({}, ())).network_mode == ""

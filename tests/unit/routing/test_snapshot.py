@@ -842,3 +842,60 @@ def test_a_compose_project_name_taken_from_another_folder_is_not_merged_into_it(
     # Containers made by the SDK (no working_dir label) and one folder's containers are judged as before.
     plain = c("p", "p.test", labels={"com.docker.compose.project": "victim"})
     assert "p" not in build(victim, plain).skipped
+
+
+# --- a Compose project whose network Docksal's stop removed -------------------------------------------
+
+
+def gone(name, host=None, project="p", mode=None, state="exited", networks=None, **labels) -> ContainerInfo:
+    """A stopped member of Compose project `project` after Docksal's stop: on no network, its
+    HostConfig.NetworkMode still `<project>_default`."""
+    info = c(name, host, state=state, networks=networks or {},
+             labels={"com.docker.compose.project": project, "com.docker.compose.service": name, **labels})
+    return ContainerInfo(**{**info.__dict__, "network_mode": f"{project}_default" if mode is None else mode})
+
+
+def test_a_stopped_project_without_its_network_stays_a_sleeping_site_and_names_the_network_to_make():
+    web, db = gone("web", "a.test"), gone("db")
+    snap = build(web, db, drivers={"bridge": "bridge"})
+    b = only_backend(snap, "a.test")
+    assert b.problem is None and b.address is None and b.network == "p_default" and b.state == "exited"
+    assert snap.groups["p"].members == ("id-db", "id-web") and snap.groups["p"].routed == {"id-web"}
+    assert snap.lost_networks == {"p_default": ("id-db", "id-web")}
+    assert snap.networks_to_recreate(snap.groups["p"].members) == {"p_default": ("id-db", "id-web")}
+    assert snap.containers["id-web"].networks == {}  # the container as Docker has it
+    assert snap.networks_to_recreate(["id-other"]) == {}
+    # docker.networks naming it: the same; naming only others: not the proxy's to use.
+    assert only_backend(build(web, allowed=["p_default"]), "a.test").problem is None
+    assert only_backend(build(web, allowed=["other"]), "a.test").problem is not None
+
+
+@pytest.mark.parametrize("info", [
+    gone("web", "a.test", mode="q_default"),  # another project's network
+    gone("web", "a.test", mode="p_other"),  # a network the Compose file names otherwise
+    gone("web", "a.test", mode="bridge"),
+    gone("web", "a.test", mode="P_default", project="P"),  # not a Compose project name
+    gone("web", "a.test", project="p/x", mode="p/x_default"),
+    gone("web", "a.test", state="running"),
+    gone("web", "a.test", state="paused"),
+    gone("web", "a.test", state="dead"),
+])
+def test_no_network_is_made_for_any_other_name_or_state(info):
+    snap = build(info)
+    assert snap.lost_networks == {}
+    site = snap.lookup("a.test")  # (none: a container whose project label is not a name is skipped)
+    assert site is None or site.backends[0].problem is not None  # on no network: unreachable, as ever
+
+
+def test_an_existing_network_is_never_made_again():
+    snap = build(gone("web", "a.test"), drivers={"p_default": "bridge"})  # it exists; the container is not on it
+    assert snap.lost_networks == {}
+    assert "cannot be reached" in (only_backend(snap, "a.test").problem or "")
+    on_it = gone("web", "a.test", networks={"p_default": ""})  # attached (a removed network is listed as gone)
+    snap = build(on_it)
+    assert snap.lost_networks == {}
+
+
+def test_a_container_without_a_project_label_is_never_given_a_network():
+    info = ContainerInfo("id-web", "web", "exited", labels={"wakeproxy.host": "a.test"}, network_mode="_default")
+    assert build(info).lost_networks == {}

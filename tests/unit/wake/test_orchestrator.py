@@ -180,3 +180,78 @@ def test_only_failed_starts_and_engine_refusals_cool_down():
     assert not WakeFailed(503, "Site asleep", "the controller is not there").cools  # passes: ask again soon
     assert not WakeFailed(504, "Wake-up timed out", "x").cools
     assert WakeFailed(503, "Out of network addresses", "x", cools=True).cools
+
+
+class NetworkEngine(FakeEngine):
+    """A FakeEngine whose containers lost their `p_default` (Docksal's stop): recreate_network makes it
+    (the next snapshot has it, but not the connects: Docker has no event for a stopped container's
+    connect), and a start puts the container on it."""
+
+    def __init__(self, runtime: Runtime, fails_with: OpError | None = None) -> None:
+        super().__init__(runtime)
+        self.fails_with = fails_with
+        self.attached: list[orch_mod.Attachment] = []
+
+    async def recreate_network(self, network: str, project: str, attach: tuple[orch_mod.Attachment, ...]) -> None:
+        self.calls.append(("network", f"{project}:{network}"))
+        await asyncio.sleep(0)
+        if self.fails_with is not None:
+            raise self.fails_with
+        self.attached.extend(attach)
+        self.runtime.publish(build_snapshot(list(self.runtime.snapshot.containers.values()), SourcesConfig(), (),
+                                            {network: "bridge"}))
+
+    async def _change(self, what: str, cid: str, name: str) -> None:
+        self.calls.append((what, name))
+        await asyncio.sleep(0.02)  # the start's event comes a moment later
+        infos = [dataclasses.replace(i, state="running", networks={"p_default": "127.0.0.1"}) if i.id == cid else i
+                 for i in self.runtime.snapshot.containers.values()]
+        self.runtime.publish(build_snapshot(infos, SourcesConfig(), (), {"p_default": "bridge"}))
+        self.runtime.emit(ContainerEvent(what, cid, name))
+
+
+def helper(name: str) -> ContainerInfo:
+    """A member of project p that serves no host (a database)."""
+    return ContainerInfo(f"id-{name}", name, "exited", labels={
+        "com.docker.compose.project": "p", "com.docker.compose.service": name})
+
+
+def lost(info: ContainerInfo) -> ContainerInfo:
+    return dataclasses.replace(info, networks={}, network_mode="p_default")
+
+
+def test_a_removed_project_network_is_made_once_before_the_members_start(listening):
+    async def run():
+        server, port = await listening()
+        rt = Runtime(config=Config(wake=WakeConfig(timeout=2.0, retry_after=30.0)),
+                     snapshot=build_snapshot([lost(sleeper("web", port)), lost(helper("db"))],
+                                             SourcesConfig(), (), {}))
+        engine = NetworkEngine(rt)
+        o = Orchestrator(rt, engine)
+        group = rt.snapshot.groups["p"]
+        await asyncio.wait_for(asyncio.gather(*(o.wake_until_ready(group) for _ in range(5))), 5)
+        server.close()
+        return engine, o
+
+    engine, o = asyncio.run(run())
+    assert engine.calls[0] == ("network", "p:p_default") and sorted(engine.calls[1:]) == [("start", "db"),
+                                                                                         ("start", "web")]
+    assert [(a.container_id, a.alias) for a in engine.attached] == [("id-db", "db"), ("id-web", "web")]
+    assert "network" in o.recent["p"][2]  # the wake's timing names the step
+
+
+def test_a_network_that_cannot_be_made_fails_the_wake_with_the_engines_status_and_starts_nothing():
+    async def run():
+        rt = Runtime(config=Config(wake=WakeConfig(timeout=2.0, retry_after=30.0)),
+                     snapshot=build_snapshot([lost(sleeper("web", 9))], SourcesConfig(), (), {}))
+        engine = NetworkEngine(rt, fails_with=OpError("docker network create p_default failed: out of pools", 503,
+                                                      "Out of network addresses"))
+        o = Orchestrator(rt, engine)
+        with pytest.raises(WakeFailed) as e:
+            await o.wake_until_ready(rt.snapshot.groups["p"])
+        return engine, o, e.value
+
+    engine, o, failure = asyncio.run(run())
+    assert failure.status == 503 and failure.title == "Out of network addresses"
+    assert "docker network create p_default failed" in failure.message
+    assert engine.calls == [("network", "p:p_default")] and o.cooling_now()
