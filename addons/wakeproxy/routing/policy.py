@@ -81,6 +81,12 @@ class Refusal:
 
 
 @dataclass
+class ProjectFolder:
+    folder: str
+    gone: float | None = None  # since when no container of the folder is left
+
+
+@dataclass
 class _Record:
     group: str  # the owner's key (as last seen)
     gid: GroupId
@@ -217,9 +223,44 @@ class Ownership:
         self._records: dict[str, _Record] = {}
         self._logged: set[tuple[str, str, str]] = set()
         self._said: set[tuple[str, str]] = set()  # (container, reason) of containers skipped by build_snapshot
-        # A Compose project's folder (its working_dir label), as first seen: the project is that folder's.
-        self.project_folders: dict[str, str] = {}
+        # A Compose project's folder (its working_dir label), as first seen: the project is that folder's,
+        # and stays so for release_after once no container of that folder is left (a `down` and `up`).
+        self._folders: dict[str, ProjectFolder] = {}
         self.dirty = False
+
+    def project_folder(self, project: str, folders: Mapping[str, tuple[float, str]], now: float,
+                       release_after: float) -> str | None:
+        """The folder Compose project `project` belongs to, given the folders its containers come from now
+        (folder → (created, name) of its oldest container): the one seen first, while it has a container
+        or was left less than release_after ago; else the oldest container's. None: no folder."""
+        rec = self._folders.get(project)
+        if rec is not None:
+            if rec.folder in folders:
+                if rec.gone is not None:
+                    rec.gone = None
+                    self.dirty = True
+                return rec.folder
+            if rec.gone is None:
+                rec.gone = now
+                self.dirty = True
+            if now - rec.gone < release_after:
+                return rec.folder  # held: every other folder's containers are skipped meanwhile
+            del self._folders[project]
+            self.dirty = True
+        if not folders:
+            return None
+        first = min(folders, key=lambda f: folders[f])
+        self._folders[project] = ProjectFolder(first)
+        self.dirty = True
+        return first
+
+    def folder_projects(self) -> list[str]:
+        return list(self._folders)
+
+    def forget_folders(self, projects: Iterable[str], now: float, release_after: float) -> None:
+        """Projects of which no container is left: their folders are held for release_after, then forgotten."""
+        for project in projects:
+            self.project_folder(project, {}, now, release_after)
 
     def say_new(self, skipped: Mapping[str, str]) -> list[tuple[str, str]]:
         """Of these skipped containers (name → why), those not skipped for that reason last time."""
@@ -331,6 +372,7 @@ class Ownership:
                 name: {"group": r.group, "kind": r.gid.kind, "base": r.gid.base, "since": r.since, "gone": r.gone}
                 for name, r in sorted(self._records.items())
             },
+            "projects": {p: {"folder": f.folder, "gone": f.gone} for p, f in sorted(self._folders.items())},
         }
         return json.dumps(data, indent=1, sort_keys=True).encode()
 
@@ -346,10 +388,24 @@ class Ownership:
             return
         try:
             self._records = _decode(raw)
+            self._folders = _decode_folders(raw)
         except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
             logger.warning(f"names: {path} is corrupt ({type(e).__name__}: {e}); ignored, owners are "
                            "decided by creation time")
-            self._records = {}
+            self._records, self._folders = {}, {}
+
+
+def _decode_folders(raw: bytes) -> dict[str, ProjectFolder]:
+    data = json.loads(raw.decode("utf-8"))
+    out: dict[str, ProjectFolder] = {}
+    for project, f in (data.get("projects") or {}).items():
+        folder, gone = f["folder"], f.get("gone")
+        if not (isinstance(project, str) and isinstance(folder, str) and len(project) <= 256 and len(folder) <= 4096):
+            raise ValueError(f"the project entry {str(project)[:60]!r} is not {{folder, gone}}")
+        if gone is not None and not math.isfinite(float(gone)):
+            raise ValueError("a time is not a finite number")
+        out[project] = ProjectFolder(folder, None if gone is None else float(gone))
+    return out
 
 
 def _decode(raw: bytes) -> dict[str, _Record]:

@@ -414,6 +414,10 @@ def _parse(info: ContainerInfo, sources: SourcesConfig, allowed: tuple[str, ...]
     if settings.replicas is not None and settings.replicas > policy.max_replicas:
         notes.append(f"its replicas label is capped at docker.max_replicas ({policy.max_replicas})")
         settings = dataclasses.replace(settings, replicas=policy.max_replicas)
+    if settings.permanent and not trust.keep_awake:
+        # Like a never-sleep label: it spends the server's resources, so the operator's switch decides.
+        notes.append("its io.docksal.permanent label is not honoured (labels.keep_awake: true honours it)")
+        settings = dataclasses.replace(settings, permanent=False)
     if settings.permanent and not policy.permanent_sleeps:
         settings = dataclasses.replace(settings, idle_timeout=0.0)  # never put to sleep (idle.permanent_sleeps: false)
     t = settings.idle_timeout
@@ -452,12 +456,14 @@ def _group_keys(infos: Iterable[ContainerInfo]) -> dict[str, tuple[GroupId, str]
 WORKING_DIR_LABEL = "com.docker.compose.project.working_dir"  # Compose sets it; a service's labels cannot
 
 
-def _made_elsewhere(infos: Iterable[ContainerInfo], known: dict[str, str]) -> dict[str, str]:
+def _made_elsewhere(infos: Iterable[ContainerInfo], ownership: Ownership, now: float,
+                    release_after: float) -> dict[str, str]:
     """Container id → why, for containers of a Compose project made from another folder than the project's.
 
-    A project is the folder (`working_dir` label) it was first seen with (`known`, updated here: kept while a
-    container of that folder exists), else its oldest container's. Containers without the label, as the
-    SDK makes them, are not judged."""
+    A project is the folder (`working_dir` label) it was first seen with, held for `release_after` after
+    its last container of that folder is gone, and kept across restarts (Ownership); else its oldest
+    container's. Containers without the label, as the SDK makes them, are not judged."""
+    infos = list(infos)
     folders: dict[str, dict[str, tuple[float, str]]] = {}  # project → folder → (its oldest container)
     for info in infos:
         project = (info.labels.get(PROJECT_LABEL) or "").strip()
@@ -466,15 +472,13 @@ def _made_elsewhere(infos: Iterable[ContainerInfo], known: dict[str, str]) -> di
             continue
         seen = folders.setdefault(project, {})
         seen[folder] = min(seen.get(folder, (info.created, info.name)), (info.created, info.name))
-    for project in [p for p in known if p not in folders or known[p] not in folders[p]]:
-        del known[project]
-    for project, seen in folders.items():
-        known.setdefault(project, min(seen, key=lambda f: seen[f]))
+    ownership.forget_folders([p for p in ownership.folder_projects() if p not in folders], now, release_after)
+    known = {project: ownership.project_folder(project, seen, now, release_after) for project, seen in folders.items()}
     out: dict[str, str] = {}
     for info in infos:
         project = (info.labels.get(PROJECT_LABEL) or "").strip()
         folder = info.labels.get(WORKING_DIR_LABEL)
-        if project in known and folder and folder != known[project] and not info.is_service:
+        if known.get(project) and folder and folder != known[project] and not info.is_service:
             out[info.id] = (f"its Compose project '{project}' belongs to containers made from another folder: "
                             "another sandbox's project name (run each sandbox as its own project: "
                             "docker compose -p NAME)")
@@ -609,10 +613,16 @@ def build_snapshot(
         network_drivers = {**network_drivers, **dict.fromkeys(lost, "bridge")}
     # A Compose project is one folder's: containers that say they are of it but were made from another
     # folder (a sandbox whose own file chose `name: <another sandbox>`) are skipped, not merged into it.
-    elsewhere = _made_elsewhere([i for i, _ in parsed.values()], ownership.project_folders)
+    clock = time.time() if now is None else now
+    elsewhere = _made_elsewhere([i for i, _ in parsed.values()], ownership, clock, policy.names.release_after)
     for cid, why in elsewhere.items():
         info = parsed.pop(cid)[0]
         skipped[info.name] = why
+    # Nothing is made or connected for them either: a removed network is the project's folder's to make.
+    for net in list(lost):
+        lost[net] = [i for i in lost[net] if i.id not in elsewhere]
+        if not lost[net]:
+            del lost[net]
     for name, why in ownership.say_new({all_containers[c].name: w for c, w in elsewhere.items()}):
         logger.warning(f"container '{name}' skipped: {why}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import FrozenInstanceError
 
 import pytest
@@ -809,7 +810,7 @@ def test_a_bad_debug_label_skips_the_container_with_a_reason():
     assert "wakeproxy.debug" in snap.skipped["bad"]
 
 
-def test_a_compose_project_name_taken_from_another_folder_is_not_merged_into_it(caplog):
+def test_a_compose_project_name_taken_from_another_folder_is_not_merged_into_it(caplog, tmp_path):
     """A sandbox whose own file says `name: victim` (or COMPOSE_PROJECT_NAME in its .env) makes containers
     labelled as the victim's project; they were split 3/3 with the victim's traffic. Now skipped, said once."""
     from wakeproxy.routing.policy import Ownership
@@ -837,8 +838,20 @@ def test_a_compose_project_name_taken_from_another_folder_is_not_merged_into_it(
     early = member("victim-web-0", "/srv/sandboxes/pr-666", 0.0)
     assert "victim-web-0" in build(victim, db, evil, early, ownership=ownership).skipped
     assert "victim-web-1" in build(victim, db, evil, early).skipped
-    # When the first folder's containers are gone, the project is the other folder's.
-    assert build(evil, ownership=ownership).skipped == {}
+    # A `down` and `up` of the victim (none of its containers for a while) does not hand the project over:
+    # its folder is held for names.release_after (60 s), across a restart too (the owners file)...
+    t = time.time()
+    assert "victim-web-2" in build(evil, ownership=ownership, now=t).skipped
+    assert "victim-web-2" in build(evil, ownership=ownership, now=t + 59).skipped
+    (tmp_path / "owners.json").write_bytes(ownership.encode())
+    restarted = Ownership()
+    restarted.load(tmp_path / "owners.json")
+    assert "victim-web-2" in build(evil, ownership=restarted, now=t + 30).skipped
+    back = build(victim, db, evil, ownership=ownership, now=t + 59.5)
+    assert "victim-web-2" in back.skipped and back.lookup("victim.test").backends[0].container_name == "victim-web-1"
+    # ... and only a folder gone for longer gives the project to the other one (a project moved folders).
+    build(evil, ownership=ownership, now=t + 100)
+    assert build(evil, ownership=ownership, now=t + 161).skipped == {}
     # Containers made by the SDK (no working_dir label) and one folder's containers are judged as before.
     plain = c("p", "p.test", labels={"com.docker.compose.project": "victim"})
     assert "p" not in build(victim, plain).skipped
@@ -899,3 +912,16 @@ def test_an_existing_network_is_never_made_again():
 def test_a_container_without_a_project_label_is_never_given_a_network():
     info = ContainerInfo("id-web", "web", "exited", labels={"wakeproxy.host": "a.test"}, network_mode="_default")
     assert build(info).lost_networks == {}
+
+
+def test_a_removed_network_is_made_again_only_for_the_projects_own_folder():
+    """Another folder's containers that say they are of the project (skipped) are never connected to the
+    network a wake makes again: they would take the project's service names on it."""
+    folder = {"com.docker.compose.project.working_dir": "/srv/p"}
+    web = gone("web", "a.test", **folder)
+    db = gone("db", **folder)
+    squat = gone("squat", **{"com.docker.compose.project.working_dir": "/srv/pr-666"})
+    squat = ContainerInfo(**{**squat.__dict__, "created": 5.0})
+    snap = build(web, db, squat, drivers={"bridge": "bridge"})
+    assert "squat" in snap.skipped
+    assert snap.lost_networks == {"p_default": ("id-db", "id-web")}
