@@ -307,7 +307,8 @@ class IdleKeeper:
         for name, group in snap.groups.items():
             before = self._identity.get(name) or self._loaded_identity.pop(name, None)
             if before is not None and group.gid and before != group.gid:
-                self.activity.pop(name, None)
+                if (act := self.activity.get(name)) is not None:
+                    act.last = now  # (what is in flight or open stays counted: requests end later)
                 self._loaded.pop(name, None)
                 self._loaded_used.pop(name, None)
                 self.used[name] = now
@@ -358,6 +359,11 @@ class IdleKeeper:
         snap = self.runtime.snapshot
         current = snap.groups.get(group.name)
         if current is None or not _asleep(snap, current):
+            return False
+        if not set(current.members) <= set(group.members) or current.gid != group.gid:
+            # A member made meanwhile (a CI job's `compose up` between create and start) is use; another
+            # group under the name is not the one decided on.
+            self.used[group.name] = time.time()
             return False
         group = current
         assert self.ops is not None

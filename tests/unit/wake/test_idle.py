@@ -852,6 +852,24 @@ def test_a_member_started_during_the_quiesce_keeps_the_group(tmp_path):
     assert keeper.used["p"] > 1000.0 - 1  # counted as used: a full remove_after again
 
 
+def test_a_member_created_during_the_quiesce_keeps_the_group(tmp_path):
+    """A CI job's `compose up` makes a new container (state created, not started yet) while the retire
+    waits for the workers: asleep still, but new: nothing is removed."""
+    web = _net(c("web", "web.test", state="exited", project="p"), "p_default")
+    keeper = make_keeper(web, tmp_path=tmp_path, remove_after=60.0)
+    keeper.runtime.publish(build_snapshot([web], SourcesConfig(), (), {"p_default": "bridge"}))
+
+    async def quiesce(group: str) -> bool:
+        made = _net(c("web2", "web.test", state="created", project="p"), "p_default")
+        keeper.runtime.publish(build_snapshot([web, made], SourcesConfig(), (), {"p_default": "bridge"}))
+        return True
+    keeper.quiesce = quiesce
+
+    _retire_p_now(keeper)
+    assert not [call for call in keeper.ops.calls if call[1] in ("rm", "network rm")]
+    assert keeper.used["p"] > 1000.0 - 1
+
+
 def test_only_the_projects_own_networks_are_removed(tmp_path):
     """An empty `external:` network, or one the operator made, stays: only networks labelled with the
     group's Compose project are removed."""
@@ -944,7 +962,7 @@ def test_the_identity_is_saved_with_the_clocks(tmp_path):
     assert k2._loaded_identity == {"p": "compose:p"} and k2._loaded_used == {"p": pytest.approx(1000.0, abs=1)}
 
 
-def test_a_permanent_group_is_never_removed_even_with_keep_awake_off(tmp_path):
+def test_a_permanent_label_is_the_operators_to_honour(tmp_path):
     from wakeproxy.config import LabelTrustConfig
     from wakeproxy.routing.snapshot import Policy
 
@@ -953,8 +971,11 @@ def test_a_permanent_group_is_never_removed_even_with_keep_awake_off(tmp_path):
     k.runtime.snapshot = build_snapshot((perm,), SourcesConfig(), (), {},
                                         policy=Policy(trust=LabelTrustConfig(keep_awake=False), idle_timeout=60.0))
     group = k.runtime.snapshot.groups["p"]
-    assert group.idle_timeout == 60.0 and group.permanent  # capped for sleeping, still permanent
-    assert k.removes_in(group, 1000.0) is None
+    # labels.keep_awake: false: labels that keep a sandbox's resources are capped, this one too
+    assert group.idle_timeout is None and not group.permanent  # the config's timeout applies
+    assert k.removes_in(group, 1000.0) is not None
+    k.runtime.snapshot = build_snapshot((perm,), SourcesConfig(), (), {}, policy=Policy(idle_timeout=60.0))
+    assert k.removes_in(k.runtime.snapshot.groups["p"], 1000.0) is None  # honoured (the default)
 
 
 def test_status_counts_permanent_apart_from_never_put_to_sleep(tmp_path):
