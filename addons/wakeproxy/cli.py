@@ -275,8 +275,8 @@ def _status(config_path: str, url: str | None, as_json: bool) -> int:
                                                           "removing") if counts.get(k))
         retire = counts.get("removed_within_a_day")
         print(f"projects: {counts.get('groups', 0)}{f' ({states})' if states else ''}; "
-              f"{counts.get('never_sleeps', 0)} never put to sleep; {counts.get('permanent', 0)} permanent (never "
-              f"removed)" + (f"; {retire} removed within a day (unused)" if retire else ""))
+              f"{counts.get('never_sleeps', 0)} never put to sleep; {counts.get('permanent', 0)} permanent "
+              f"(io.docksal.permanent)" + (f"; {retire} removed within a day (unused)" if retire else ""))
     debug = report.get("debug")
     if isinstance(debug, dict) and (debug.get("watches") or debug.get("labels")):
         watched = [str(w["target"]) for w in debug.get("watches") or []] + [str(h) for h in debug.get("labels") or []]

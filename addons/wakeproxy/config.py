@@ -111,7 +111,8 @@ class LabelTrustConfig:
     """Labels that weaken the server's posture are honoured only when the operator allows them."""
 
     network: bool = False  # wakeproxy.network / traefik.docker.network outside docker.networks
-    cert_name: bool = False  # wakeproxy.cert-name / io.docksal.cert-name
+    # wakeproxy.cert-name / io.docksal.cert-name; None (not set): off, and on with Docksal's /etc/certs/custom
+    cert_name: bool | None = None
     https_redirect: bool = False  # wakeproxy.https-redirect=false
     keep_awake: bool = True  # io.docksal.permanent, wakeproxy.idle-timeout=0 or above idle.timeout
     debug: bool = False  # wakeproxy.debug=true: the container's traffic shown in the debug UI (`wakeproxy debug`)
@@ -566,6 +567,10 @@ def _bool(value: Any) -> bool:
     return value
 
 
+def _opt_bool(value: Any) -> bool | None:
+    return None if value is None else _bool(value)
+
+
 def _str(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError("expected a non-empty string")
@@ -609,7 +614,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[_Reader, yaml.Node, str], A
         "reserved": lambda r, n, k: r.pairs(n, k, _hostname_or_wildcard, _group_ref),
         "release_after": _scalar_field(parse_duration),
     }),
-    "labels": (LabelTrustConfig, {f.name: _scalar_field(_bool) for f in dataclasses.fields(LabelTrustConfig)}),
+    "labels": (LabelTrustConfig, {f.name: _scalar_field(_opt_bool if f.name == "cert_name" else _bool)
+                                  for f in dataclasses.fields(LabelTrustConfig)}),
     "forwarded": (ForwardedConfig, {"trusted_proxies": _list_field(_network)}),
     "wake": (WakeConfig, {
         "strategy": _scalar_field(_choice("auto", "hold", "page")),
@@ -794,7 +800,9 @@ def _apply_env(root: yaml.Node | None, env: Mapping[str, str], source: str) -> y
     if unknown:
         raise ConfigError(f"environment variable {unknown[0]}: unknown (known: {', '.join(sorted(_ENV_KEYS))})")
     # Docksal's first: a WAKEPROXY_* variable for the same key replaces it.
-    wanted = [(name, *_DOCKSAL_KEYS[name]) for name in sorted(_DOCKSAL_KEYS) if name in env]
+    # (ACCESS_LOG=0, which `fin` may pass, leaves a configured log.access alone: only 1 turns it on.)
+    wanted = [(name, *_DOCKSAL_KEYS[name]) for name in sorted(_DOCKSAL_KEYS) if name in env
+              and not (_DOCKSAL_KEYS[name][1] == "stdout" and env[name].strip().lower() in _FALSE)]
     wanted += [(name, *_ENV_KEYS[name]) for name in sorted(_ENV_KEYS) if name in env]
     if not wanted:
         return root
@@ -879,7 +887,7 @@ def parse_config(text: str, source: str = "<string>", env: Mapping[str, str] | N
     return Config(**kwargs)
 
 
-def _docksal_layout(cfg: Config, env: Mapping[str, str]) -> Config:
+def _docksal_layout(cfg: Config, env: Mapping[str, str], base: Path) -> Config:
     """Docksal's certificate layout: /etc/certs/custom (NAME.crt + NAME.key) when no tls.certs_dir is set
     and that folder exists (its io.docksal.cert-name labels honoured then, unless WAKEPROXY_LABELS_CERT_NAME
     says otherwise), and DEFAULT_CERT=NAME as the default certificate from it; and Docksal's scope
@@ -887,8 +895,10 @@ def _docksal_layout(cfg: Config, env: Mapping[str, str]) -> Config:
     tls, trust = cfg.tls, cfg.labels
     if tls.certs_dir is None and DOCKSAL_CERTS_DIR.is_dir():
         tls = dataclasses.replace(tls, certs_dir=DOCKSAL_CERTS_DIR)
-        if "WAKEPROXY_LABELS_CERT_NAME" not in env:  # Docksal's folder: its io.docksal.cert-name labels count
+        if trust.cert_name is None:  # Docksal's folder: its io.docksal.cert-name labels count, unless set
             trust = dataclasses.replace(trust, cert_name=True)
+    if trust.cert_name is None:
+        trust = dataclasses.replace(trust, cert_name=False)
     name = env.get(DOCKSAL_DEFAULT_CERT, "").strip()
     if name and tls.default_cert is None:
         if not re.fullmatch(r"[A-Za-z0-9_*][A-Za-z0-9_.*-]{0,252}", name) or ".." in name:
@@ -897,7 +907,7 @@ def _docksal_layout(cfg: Config, env: Mapping[str, str]) -> Config:
         folder = tls.certs_dir or DOCKSAL_CERTS_DIR
         # As Docksal does: a name without its two files (`docksal`, its image's default, names its own
         # built-in certificate) leaves the generated default in place; preflight.notes says so.
-        if docksal_default_cert_missing(name, folder) is None:
+        if docksal_default_cert_missing(name, folder if folder.is_absolute() else base / folder) is None:
             tls = dataclasses.replace(tls, default_cert=folder / f"{name}.crt", default_key=folder / f"{name}.key")
     idle = cfg.idle
     if env.get(DOCKSAL_DANGLING, "").strip() and "WAKEPROXY_REMOVE_AFTER" not in env \
@@ -933,7 +943,7 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
 
     if not cfg.state_dir.is_absolute():
         cfg = dataclasses.replace(cfg, state_dir=(base / cfg.state_dir).resolve())
-    cfg = _docksal_layout(cfg, os.environ if env is None else env)
+    cfg = _docksal_layout(cfg, os.environ if env is None else env, base)
     tls = cfg.tls
     cfg = dataclasses.replace(cfg, tls=dataclasses.replace(
         tls,

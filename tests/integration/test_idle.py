@@ -574,7 +574,7 @@ def test_wakeproxy_status_shows_the_states(mk, idle_proxy, docker_client, host):
         # Then Docksal's `proxyctl stats` counts: 5 projects, "wake" waking, none without a timeout.
         counts = text.splitlines()[1]
         assert counts.startswith("projects: 5 (") and "1 stopping" in counts and "1 asleep" in counts \
-            and "1 paused" in counts and counts.endswith("; 0 never put to sleep; 0 permanent (never removed)"), text
+            and "1 paused" in counts and counts.endswith("; 0 never put to sleep; 0 permanent (io.docksal.permanent)"), text
         assert text.splitlines()[2].split() == ["GROUP", "STATE", "HOSTS", "CONTAINERS", "IN", "FLIGHT", "OPEN",
                                                 "LAST", "ACTIVITY", "STOPS", "IN"], text
         row = cli_row(text, names["stop"])

@@ -923,6 +923,11 @@ def test_docksal_default_cert_names_a_file_in_the_certificate_folder(tmp_path, m
         (note,) = preflight.notes(cfg, {"DEFAULT_CERT": name})
         assert f"DEFAULT_CERT={name}" in note and "generated default" in note
     assert preflight.notes(load_config(f, {"DEFAULT_CERT": "example.com"}), {"DEFAULT_CERT": "example.com"}) == []
+    # A relative certs_dir is the config file's folder's, for DEFAULT_CERT too (wherever the proxy starts).
+    f.write_text("tls:\n  certs_dir: certs\n")
+    monkeypatch.chdir("/")
+    assert load_config(f, {"DEFAULT_CERT": "example.com"}).tls.default_cert == tmp_path / "certs" / "example.com.crt"
+    f.write_text(f"tls:\n  certs_dir: {tmp_path / 'certs'}\n")
     with pytest.raises(ConfigError) as exc:
         load_config(f, {"DEFAULT_CERT": "../../etc/shadow"})
     assert "DEFAULT_CERT" in str(exc.value)
@@ -939,6 +944,9 @@ def test_docksal_default_cert_names_a_file_in_the_certificate_folder(tmp_path, m
     # Docksal's folder: its io.docksal.cert-name labels are honoured, unless the variable says otherwise.
     assert load_config(f, {}).labels.cert_name is True
     assert load_config(f, {"WAKEPROXY_LABELS_CERT_NAME": "false"}).labels.cert_name is False
+    f.write_text("labels:\n  cert_name: false\n")  # the operator's file says no: so be it
+    assert load_config(f, {}).labels.cert_name is False
+    f.write_text("")
     monkeypatch.setattr(config_mod, "DOCKSAL_CERTS_DIR", tmp_path / "absent")
     assert load_config(f, {}).labels.cert_name is False
 
@@ -963,6 +971,9 @@ def test_docksal_access_log_and_the_variables_without_a_counterpart(tmp_path):
     f.write_text("")
     assert load_config(f, {"ACCESS_LOG": "1"}).log.access == "-"
     assert load_config(f, {"ACCESS_LOG": "0"}).log.access is None
+    f.write_text("log:\n  access: /var/log/wakeproxy/access.log\n")  # ACCESS_LOG=0 leaves it alone
+    assert str(load_config(f, {"ACCESS_LOG": "0"}).log.access) == "/var/log/wakeproxy/access.log"
+    f.write_text("")
     with pytest.raises(ConfigError) as exc:
         load_config(f, {"ACCESS_LOG": "maybe"})
     assert "ACCESS_LOG" in str(exc.value)

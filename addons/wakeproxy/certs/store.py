@@ -315,6 +315,7 @@ class CertRegistry:
         if self.default is not None:
             out["*"] = self.default
         out.update(custom_table(self.custom))
+        self._said &= set(self.label_names.items())  # (what is no longer labelled may be said again)
         for host, base in self.label_names.items():
             named = self.custom.get(base)
             # A label chooses among the certificates that cover its host, never one that does not (a tenant

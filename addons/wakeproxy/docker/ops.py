@@ -84,6 +84,9 @@ def _api_error(what: str, name: str, e: docker.errors.APIError) -> DockerOpError
     return explain(what, name, detail)
 
 
+MAX_REMEMBERED = 256  # networks made again whose name and lock are kept (the rest is forgotten)
+
+
 class DockerOps:
     def __init__(self, config: DockerConfig) -> None:
         self.config = config
@@ -168,6 +171,9 @@ class DockerOps:
         wakes a project whose stop removed its network. Never a network that exists: Docker refuses the
         name (check_duplicate), and that is a failure, unless it is the one this proxy just made for
         another wake of the same project (its containers were connected then). One at a time per name."""
+        if len(self._network_locks) > MAX_REMEMBERED:  # one per name ever made: forget the idle ones
+            for name in [n for n, lk in self._network_locks.items() if not lk.locked()]:
+                del self._network_locks[name]
         lock = self._network_locks.setdefault(network, asyncio.Lock())
         async with lock:
             await self._run("network create", network, lambda: self._recreate(network, project, attach))
@@ -179,11 +185,17 @@ class DockerOps:
             made = api.create_network(network, driver="bridge", labels=compose_network_labels(project),
                                       check_duplicate=True)
         except docker.errors.APIError as e:
-            if e.status_code == 409 and self._made.get(network) and self._made[network] == self._id_of(api, network):
-                return  # made by this proxy for another group of the project a moment ago
-            raise _api_error("network create", network, e) from None
+            if not (e.status_code == 409 and self._made.get(network) and self._made[network] == self._id_of(api, network)):
+                raise _api_error("network create", network, e) from None
+            # Made by this proxy for another group of the project a moment ago: connect what is not yet.
+            made, ours = {"Id": self._made[network]}, False
+        else:
+            ours = True
         net_id = str(made.get("Id") or network)
+        self._made.pop(network, None)
         self._made[network] = net_id
+        while len(self._made) > MAX_REMEMBERED:
+            del self._made[next(iter(self._made))]
         connected: list[Attachment] = []
         for a in attach:
             try:
@@ -192,7 +204,10 @@ class DockerOps:
                 logger.info(f"docker: {a.name} is gone; not connected to {network}")
                 continue
             except docker.errors.APIError as e:
-                self._undo(api, network, net_id, connected)
+                if not ours and "already exists" in str(e.explanation or e):
+                    continue  # connected by the wake that made it
+                if ours:
+                    self._undo(api, network, net_id, connected)
                 raise _api_error("network connect", f"{network} {a.name}", e) from None
             connected.append(a)
 

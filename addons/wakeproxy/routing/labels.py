@@ -467,7 +467,7 @@ def docksal_note(labels: Mapping[str, str]) -> str | None:
 
 def _docksal_hosts(value: str) -> list[str]:
     kept = [p for p in value.replace(",", " ").split() if not _trailing_wildcard(p)]
-    if not kept and value.split():
+    if not kept and value.replace(",", " ").split():
         raise LabelError("label io.docksal.virtual-host: it has only trailing wildcards (name.*), which wakeproxy "
                          "does not support (use exact names or *.domain)")
     return parse_hosts(" ".join(kept), "label io.docksal.virtual-host")

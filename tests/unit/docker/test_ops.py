@@ -30,6 +30,7 @@ class NetAPI:
         self.nets: dict[str, str] = dict(exists or {})  # name → id
         self.calls: list[tuple[Any, ...]] = []
         self.connect_fails = connect_fails or set()
+        self.connected: set[tuple[str, str]] = set()
         self.create_fails = create_fails
 
     def create_network(self, name: str, **kw: Any) -> dict[str, str]:
@@ -43,6 +44,9 @@ class NetAPI:
 
     def connect_container_to_network(self, container: str, net_id: str, aliases: list[str] | None = None) -> None:
         self.calls.append(("connect", container, net_id, aliases))
+        if (container, net_id) in self.connected:
+            raise api_error(403, f"endpoint with name {container} already exists in network {net_id}")
+        self.connected.add((container, net_id))
         if container == "id-gone":
             raise docker.errors.NotFound("No such container: id-gone")
         if container in self.connect_fails:
@@ -94,8 +98,11 @@ def test_the_network_this_proxy_just_made_for_the_project_is_not_made_or_connect
     api = NetAPI()
     ops = ops_for(api)
     recreate(ops, WEB)
-    recreate(ops, WEB)  # another group of the project, from a snapshot that has not seen the network yet
-    assert [c[0] for c in api.calls] == ["create", "connect", "create"]
+    # Another group of the project, from a snapshot that has not seen the network yet: not made twice; what
+    # the first wake connected already stays as it is, and a container it did not have is connected now.
+    recreate(ops, WEB, DB)
+    assert [c[0] for c in api.calls] == ["create", "connect", "create", "connect", "connect"]
+    assert ("id-db", "netid-1") in api.connected and not [c for c in api.calls if c[0] in ("rm", "disconnect")]
     api.nets["p_default"] = "made-by-someone-else-since"  # removed and made again by another hand
     with pytest.raises(DockerOpError, match="already exists"):
         recreate(ops, WEB)

@@ -924,3 +924,7 @@ def test_the_number_of_errors_named_is_bounded():
     assert len(exc.value.errors) == MAX_ERRORS + 1
     assert exc.value.errors[-1] == f"and {20 - MAX_ERRORS} more errors"
     assert len(exc.value.hosts) == 20
+
+
+def test_docksal_host_label_of_commas_only_says_no_hostname():
+    assert "no hostname given" in label_error({"io.docksal.virtual-host": ",,,"})
