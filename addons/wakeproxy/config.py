@@ -732,7 +732,7 @@ _DOCKSAL_KEYS: dict[str, tuple[str, str]] = {
     "PROJECT_INACTIVITY_TIMEOUT": ("idle.timeout", "str"),  # 0 = never, as in Docksal
     "PROJECT_AUTOSTART": ("wake.autostart", "bool"),
     "PROJECT_DANGLING_TIMEOUT": ("idle.remove_after", "str"),  # 0 = never; only Docksal projects (below)
-    "ACCESS_LOG": ("log.access", "stdout"),  # 1 = the access log on standard output, 0 = none
+    "ACCESS_LOG": ("log.access", "stdout"),  # 1 = the access log on standard output; 0 leaves log.access as it is
 }
 # Docksal removes only projects whose containers carry this label (`proxyctl cleanup`): so does
 # PROJECT_DANGLING_TIMEOUT here, unless idle.remove_label or WAKEPROXY_REMOVE_AFTER says otherwise.

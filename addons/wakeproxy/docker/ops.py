@@ -93,6 +93,7 @@ class DockerOps:
         self._local = threading.local()
         self._network_locks: dict[str, asyncio.Lock] = {}
         self._made: dict[str, str] = {}  # network name → the ID of the one this proxy made last
+        self._made_lock = threading.Lock()
 
     def _api(self) -> Any:
         client = getattr(self._local, "client", None)
@@ -172,7 +173,8 @@ class DockerOps:
         name (check_duplicate), and that is a failure, unless it is the one this proxy just made for
         another wake of the same project (its containers were connected then). One at a time per name."""
         if len(self._network_locks) > MAX_REMEMBERED:  # one per name ever made: forget the idle ones
-            for name in [n for n, lk in self._network_locks.items() if not lk.locked()]:
+            for name in [n for n, lk in self._network_locks.items()
+                         if not lk.locked() and not getattr(lk, "_waiters", None)]:  # (no one waits for it)
                 del self._network_locks[name]
         lock = self._network_locks.setdefault(network, asyncio.Lock())
         async with lock:
@@ -192,10 +194,11 @@ class DockerOps:
         else:
             ours = True
         net_id = str(made.get("Id") or network)
-        self._made.pop(network, None)
-        self._made[network] = net_id
-        while len(self._made) > MAX_REMEMBERED:
-            del self._made[next(iter(self._made))]
+        with self._made_lock:  # (worker threads, one per network name at a time)
+            self._made.pop(network, None)
+            self._made[network] = net_id
+            while len(self._made) > MAX_REMEMBERED:
+                del self._made[next(iter(self._made))]
         connected: list[Attachment] = []
         for a in attach:
             try:
@@ -221,7 +224,8 @@ class DockerOps:
             for a in connected:
                 api.disconnect_container_from_network(a.container_id, net_id, force=True)
             api.remove_network(net_id)
-            self._made.pop(network, None)
+            with self._made_lock:
+                self._made.pop(network, None)
         except Exception as e:  # noqa: BLE001 - the wake fails anyway, with the connect's error
             logger.warning(f"docker: could not remove the network {network} made for this wake again: {e}")
 

@@ -454,6 +454,7 @@ def _group_keys(infos: Iterable[ContainerInfo]) -> dict[str, tuple[GroupId, str]
 
 
 WORKING_DIR_LABEL = "com.docker.compose.project.working_dir"  # Compose sets it; a service's labels cannot
+MAX_FOLDER = 4096  # characters of a working_dir kept (the owners file keeps at most this)
 
 
 def _made_elsewhere(infos: Iterable[ContainerInfo], ownership: Ownership, now: float,
@@ -462,23 +463,24 @@ def _made_elsewhere(infos: Iterable[ContainerInfo], ownership: Ownership, now: f
 
     A project is the folder (`working_dir` label) it was first seen with, held for `release_after` after
     its last container of that folder is gone, and kept across restarts (Ownership); else its oldest
-    container's. Containers without the label, as the SDK makes them, are not judged."""
-    infos = list(infos)
-    folders: dict[str, dict[str, tuple[float, str]]] = {}  # project → folder → (its oldest container)
-    for info in infos:
+    container's. Containers without the label, as the SDK makes them, count as one folder of their own."""
+    def project_and_folder(info: ContainerInfo) -> tuple[str, str] | None:
         project = (info.labels.get(PROJECT_LABEL) or "").strip()
-        folder = info.labels.get(WORKING_DIR_LABEL)
-        if info.is_service or not project or not folder:
-            continue
+        if info.is_service or not _COMPOSE_PROJECT.fullmatch(project):
+            return None
+        # No label (a container the SDK made, not Compose) is a folder of its own: "".
+        return project, (info.labels.get(WORKING_DIR_LABEL) or "")[:MAX_FOLDER]
+
+    judged = [(info, pf) for info in infos if (pf := project_and_folder(info)) is not None]
+    folders: dict[str, dict[str, tuple[float, str]]] = {}  # project → folder → (its oldest container)
+    for info, (project, folder) in judged:
         seen = folders.setdefault(project, {})
         seen[folder] = min(seen.get(folder, (info.created, info.name)), (info.created, info.name))
     ownership.forget_folders([p for p in ownership.folder_projects() if p not in folders], now, release_after)
     known = {project: ownership.project_folder(project, seen, now, release_after) for project, seen in folders.items()}
     out: dict[str, str] = {}
-    for info in infos:
-        project = (info.labels.get(PROJECT_LABEL) or "").strip()
-        folder = info.labels.get(WORKING_DIR_LABEL)
-        if known.get(project) and folder and folder != known[project] and not info.is_service:
+    for info, (project, folder) in judged:
+        if known.get(project) is not None and folder != known[project]:
             out[info.id] = (f"its Compose project '{project}' belongs to containers made from another folder: "
                             "another sandbox's project name (run each sandbox as its own project: "
                             "docker compose -p NAME)")
@@ -614,10 +616,12 @@ def build_snapshot(
     # A Compose project is one folder's: containers that say they are of it but were made from another
     # folder (a sandbox whose own file chose `name: <another sandbox>`) are skipped, not merged into it.
     clock = time.time() if now is None else now
-    elsewhere = _made_elsewhere([i for i, _ in parsed.values()], ownership, clock, policy.names.release_after)
+    # Every container is judged, those with label errors too (they still claim names and would be connected).
+    elsewhere = _made_elsewhere(all_containers.values(), ownership, clock, policy.names.release_after)
     for cid, why in elsewhere.items():
-        info = parsed.pop(cid)[0]
-        skipped[info.name] = why
+        parsed.pop(cid, None)
+        broken.pop(cid, None)
+        skipped[all_containers[cid].name] = why
     # Nothing is made or connected for them either: a removed network is the project's folder's to make.
     for net in list(lost):
         lost[net] = [i for i in lost[net] if i.id not in elsewhere]

@@ -4,6 +4,7 @@ network made again as Compose makes it, never one that exists, and undone when a
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import docker.errors
@@ -65,7 +66,7 @@ class NetAPI:
 
 def ops_for(api: NetAPI) -> DockerOps:
     ops = DockerOps.__new__(DockerOps)
-    ops._network_locks, ops._made = {}, {}
+    ops._network_locks, ops._made, ops._made_lock = {}, {}, threading.Lock()
     ops._api = lambda: api  # type: ignore[method-assign]
     return ops
 

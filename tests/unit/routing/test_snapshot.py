@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import FrozenInstanceError
@@ -852,9 +853,28 @@ def test_a_compose_project_name_taken_from_another_folder_is_not_merged_into_it(
     # ... and only a folder gone for longer gives the project to the other one (a project moved folders).
     build(evil, ownership=ownership, now=t + 100)
     assert build(evil, ownership=ownership, now=t + 161).skipped == {}
-    # Containers made by the SDK (no working_dir label) and one folder's containers are judged as before.
-    plain = c("p", "p.test", labels={"com.docker.compose.project": "victim"})
-    assert "p" not in build(victim, plain).skipped
+    # A container the SDK made (no working_dir label) is a folder of its own: it does not join a
+    # project made by Compose, nor the other way round.
+    plain = c("p", "victim.test", created=9.0, labels={"com.docker.compose.project": "victim"})
+    assert "p" in build(victim, db, plain).skipped
+    assert "victim-web-1" in build(dataclasses.replace(plain, created=0.5), victim).skipped
+    # One folder's containers, SDK-made ones among themselves, are one project as before.
+    plain2 = c("p2", None, labels={"com.docker.compose.project": "victim"})
+    assert build(plain, plain2).skipped == {}
+
+
+def test_a_squatter_with_a_label_error_is_judged_by_its_folder_too():
+    """A container with a bad label is skipped for that, but its hosts are still claims, and it would be
+    connected to a network made again: it is judged by its folder like the others."""
+    folder = {"com.docker.compose.project.working_dir": "/srv/p"}
+    web = gone("web", "a.test", **folder)
+    squat = gone("db", "x1.test", **{"com.docker.compose.project.working_dir": "/srv/pr-666",
+                                     "wakeproxy.port": "nope"})
+    squat = dataclasses.replace(squat, created=5.0)
+    snap = build(web, squat, drivers={"bridge": "bridge"})
+    assert "another sandbox's project name" in snap.skipped["db"]
+    assert snap.lost_networks == {"p_default": ("id-web",)}
+    assert "x1.test" not in snap.misconfigured and snap.lookup("x1.test") is None
 
 
 # --- a Compose project whose network Docksal's stop removed -------------------------------------------
