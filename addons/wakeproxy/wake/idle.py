@@ -379,6 +379,9 @@ class IdleKeeper:
         # Its own networks: those of its members that no other container is on (any state, any group), and
         # that its Compose project made (labelled so): never an `external:` one or one the operator made.
         gone = {i.id for i in members}
+        # Docker as it is after the removals: a container made meanwhile (a CI job's `compose up`) keeps its
+        # network, which Docker would let go while the container is only created (its start then fails).
+        snap = self.runtime.snapshot
         others = {n for c in snap.containers.values() if c.id not in gone for n in c.networks}
         nets = sorted({n for i in members for n in i.networks} - others - {"bridge", "host", "none"})
         project = group.name.split("/", 1)[0]  # a project split by wakeproxy.group labels: "P/G"

@@ -870,6 +870,24 @@ def test_a_member_created_during_the_quiesce_keeps_the_group(tmp_path):
     assert keeper.used["p"] > 1000.0 - 1
 
 
+def test_a_container_made_during_the_removals_keeps_its_network(tmp_path):
+    """A CI job's `compose up` creates a container while the retire's `docker rm` calls run: created, not
+    started, so Docker would let its network be removed (and its start would fail). The network stays."""
+    web = _net(c("web", "web.test", state="exited", project="p"), "p_default")
+    keeper = make_keeper(web, tmp_path=tmp_path, remove_after=60.0)
+    keeper.runtime.publish(build_snapshot([web], SourcesConfig(), (), {"p_default": "bridge"}))
+    remove = keeper.ops.remove
+
+    async def remove_while_made(cid, name, volumes):
+        await remove(cid, name, volumes)
+        made = _net(c("job-web", "job.test", state="created", project="q"), "p_default")
+        keeper.runtime.publish(build_snapshot([made], SourcesConfig(), (), {"p_default": "bridge"}))
+    keeper.ops.remove = remove_while_made
+
+    _retire_p_now(keeper)
+    assert [call[1:3] for call in keeper.ops.calls if call[0] == "end"] == [("rm", "web")]  # no network rm
+
+
 def test_only_the_projects_own_networks_are_removed(tmp_path):
     """An empty `external:` network, or one the operator made, stays: only networks labelled with the
     group's Compose project are removed."""
