@@ -228,39 +228,30 @@ class Ownership:
         self._folders: dict[str, ProjectFolder] = {}
         self.dirty = False
 
-    def project_folder(self, project: str, folders: Mapping[str, tuple[float, str]], now: float,
-                       release_after: float) -> str | None:
-        """The folder Compose project `project` belongs to, given the folders its containers come from now
-        (folder → (created, name) of its oldest container): the one seen first, while it has a container
-        or was left less than release_after ago; else the oldest container's. None: no folder."""
-        rec = self._folders.get(project)
-        if rec is not None:
-            if rec.folder in folders:
-                if rec.gone is not None:
-                    rec.gone = None
-                    self.dirty = True
-                return rec.folder
-            if rec.gone is None:
-                rec.gone = now
+    def project_folders(self, seen: Mapping[str, Mapping[str, tuple[float, str]]], now: float,
+                        release_after: float) -> dict[str, str]:
+        """Compose project → the folder it belongs to, given the folders each project's containers come from
+        now (project → folder → (created, name) of its oldest container there): the folder seen first,
+        while it has a container or was left less than release_after ago; else the oldest container's.
+        Projects with no container left are held as long, then forgotten."""
+        out: dict[str, str] = {}
+        for project in [*seen, *(p for p in self._folders if p not in seen)]:
+            folders = seen.get(project, {})
+            rec = self._folders.get(project)
+            if rec is not None and rec.folder not in folders:
+                if rec.gone is None:
+                    rec.gone, self.dirty = now, True
+                if now - rec.gone >= release_after:
+                    del self._folders[project]
+                    rec, self.dirty = None, True
+            elif rec is not None and rec.gone is not None:
+                rec.gone, self.dirty = None, True  # its folder is back
+            if rec is None and folders:
+                rec = self._folders[project] = ProjectFolder(min(folders, key=lambda f: folders[f]))
                 self.dirty = True
-            if now - rec.gone < release_after:
-                return rec.folder  # held: every other folder's containers are skipped meanwhile
-            del self._folders[project]
-            self.dirty = True
-        if not folders:
-            return None
-        first = min(folders, key=lambda f: folders[f])
-        self._folders[project] = ProjectFolder(first)
-        self.dirty = True
-        return first
-
-    def folder_projects(self) -> list[str]:
-        return list(self._folders)
-
-    def forget_folders(self, projects: Iterable[str], now: float, release_after: float) -> None:
-        """Projects of which no container is left: their folders are held for release_after, then forgotten."""
-        for project in projects:
-            self.project_folder(project, {}, now, release_after)
+            if rec is not None and project in seen:
+                out[project] = rec.folder  # (held: every other folder's containers are skipped meanwhile)
+        return out
 
     def say_new(self, skipped: Mapping[str, str]) -> list[tuple[str, str]]:
         """Of these skipped containers (name → why), those not skipped for that reason last time."""

@@ -476,11 +476,10 @@ def _made_elsewhere(infos: Iterable[ContainerInfo], ownership: Ownership, now: f
     for info, (project, folder) in judged:
         seen = folders.setdefault(project, {})
         seen[folder] = min(seen.get(folder, (info.created, info.name)), (info.created, info.name))
-    ownership.forget_folders([p for p in ownership.folder_projects() if p not in folders], now, release_after)
-    known = {project: ownership.project_folder(project, seen, now, release_after) for project, seen in folders.items()}
+    known = ownership.project_folders(folders, now, release_after)
     out: dict[str, str] = {}
     for info, (project, folder) in judged:
-        if known.get(project) is not None and folder != known[project]:
+        if project in known and folder != known[project]:
             out[info.id] = (f"its Compose project '{project}' belongs to containers made from another folder: "
                             "another sandbox's project name (run each sandbox as its own project: "
                             "docker compose -p NAME)")
